@@ -1,0 +1,1 @@
+"""moa_plan.evals: lm-eval model, LongEval-style retrieval, effective context and benchmarks."""

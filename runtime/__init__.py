@@ -1,0 +1,1 @@
+"""moa_plan.runtime: attention that follows a plan (dense reference, Triton kernels, KV cache, transformers)."""

@@ -1,0 +1,1 @@
+"""moa_plan.search: calibration data, attention-influence profiling and the plan optimiser."""
