@@ -128,9 +128,27 @@ def load_plan(path: str | os.PathLike) -> Plan:
     return plan_from_json(read_text_limited(path))
 
 
+def dumps_readable(value: Any, indent: str = "") -> str:
+    """Plain JSON for hand editing: an object or list holding only scalars (a rule, a short
+    list) stays on one line when short; everything else is indented by two spaces."""
+    flat = json.dumps(value, allow_nan=False)
+    if not isinstance(value, (dict, list)):
+        return flat
+    scalars = all(not isinstance(v, (dict, list)) for v in (value.values() if isinstance(value, dict) else value))
+    if not value or (scalars and len(flat) + len(indent) <= 100):
+        return flat
+    inner = indent + "  "
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k)}: {dumps_readable(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    items = [inner + dumps_readable(v, inner) for v in value]
+    return "[\n" + ",\n".join(items) + "\n" + indent + "]"
+
+
 def plan_to_json(plan: Plan) -> str:
+    """The plan as plain JSON text, one rule per line."""
     data = plan.model_dump(mode="json", exclude_none=True)
-    return json.dumps(data, indent=1, allow_nan=False) + "\n"
+    return dumps_readable(data) + "\n"
 
 
 def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:

@@ -138,9 +138,11 @@ class Plan(_Strict):
                 for layer in self.spans(n)]
 
     def density(self, n: int) -> float:
-        """Exact plan density at length ``n``: mean over all heads."""
-        per_layer = self.layer_densities(n)
-        return sum(per_layer) / len(per_layer)
+        """Exact plan density at length ``n``: mean over all heads, as one correctly rounded
+        division of exact integer counts."""
+        spans = self.spans(n)
+        visible = sum(semantics.visible_pairs(s, self.sink, n) for layer in spans for s in layer)
+        return visible / (semantics.causal_pairs(n) * sum(len(layer) for layer in spans))
 
     def kv_spans(self, n: int) -> list[list[int]]:
         """Per layer, per KV head: the largest span among the query heads sharing it."""
