@@ -1,9 +1,333 @@
-"""Plan-format subcommands of ``moa-plan`` (validate, show, density, uniform, import/export, schema)."""
+"""Plan-format subcommands of ``moa-plan`` (validate, show, density, uniform, import/export, schema).
+
+Every handler turns bad input (unreadable files, malformed JSON, invalid plans, unwritable
+outputs) into located ``FILE: location: message`` lines and exit 1; every output file goes
+through ``io.write_atomic``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import io as _io
+import json
+import sys
+from pathlib import Path
 
+from moa_plan import build, io
+from moa_plan.cli import UserError, report
+from moa_plan.plan import ModelShape, Plan, PlanError
+
+DEFAULT_LENGTHS = (1024, 4096)
+MAX_REPORTED = 50  # problem lines per file; the rest are counted
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _guarded(source: str, fn, *args):
+    """Call ``fn``; turn PlanError and unexpected I/O or parsing errors into UserError(source)."""
+    try:
+        return fn(*args)
+    except PlanError as exc:
+        raise UserError(source, exc) from None
+    except OSError as exc:
+        raise UserError(source, PlanError([("", exc.strerror or str(exc))])) from None
+    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
+        raise UserError(source, PlanError([("", f"cannot process: {type(exc).__name__}: {exc}")])) from None
+
+
+def load(path: str) -> Plan:
+    """A plan file, or UserError naming the file."""
+    return _guarded(path, io.load_plan, path)
+
+
+def load_shape(path: str) -> ModelShape:
+    """A model shape from a config.json or a model folder, or UserError naming the config file."""
+    p = Path(path)
+    source = str(p / "config.json") if p.is_dir() else path
+    return _guarded(source, io.load_model_shape, path)
+
+
+def write(path: str, text: str | bytes) -> None:
+    """Write an output file atomically, or UserError naming it."""
+    try:
+        io.write_atomic(path, text)
+    except OSError as exc:
+        raise UserError(path, PlanError([("", f"cannot write: {exc.strerror or exc}")])) from None
+
+
+def lengths_of(plan: Plan, requested: list[int] | None) -> list[int]:
+    """Requested lengths, else 1024, 4096 and the model's max_position_embeddings."""
+    if requested:
+        return list(dict.fromkeys(requested))
+    out = list(DEFAULT_LENGTHS)
+    if plan.model.max_position_embeddings:
+        out.append(plan.model.max_position_embeddings)
+    return sorted(set(out))
+
+
+def summary_length(plan: Plan) -> int:
+    return plan.model.max_position_embeddings or DEFAULT_LENGTHS[-1]
+
+
+def describe(plan: Plan) -> str:
+    m = plan.model
+    return f"{m.num_layers} layers x {m.num_attention_heads} heads, {m.num_key_value_heads} KV heads"
+
+
+# ---- validate --------------------------------------------------------------------------------
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    shape = load_shape(args.model) if args.model else None
+    failed = False
+    for path in args.plans:
+        try:
+            plan = load(path)
+            if shape is not None:
+                _guarded(path, io.check_fits, plan, shape)
+        except UserError as exc:
+            problems = exc.error.problems
+            if len(problems) > MAX_REPORTED:
+                problems = problems[:MAX_REPORTED] + [("", f"... and {len(problems) - MAX_REPORTED} more problems")]
+            report(exc.source, PlanError(problems))
+            failed = True
+            continue
+        n = args.length or summary_length(plan)
+        print(f"{path}: ok ({describe(plan)}, density {plan.density(n):.4f} at N={n})")
+    return 1 if failed else 0
+
+
+# ---- show ------------------------------------------------------------------------------------
+
+def _kv_fraction(plan: Plan, n: int) -> float:
+    """KV cache the plan keeps at length n, as a fraction of the dense cache."""
+    slots = plan.kv_slots(n)
+    return sum(map(sum, slots)) / (n * len(slots) * len(slots[0]))
+
+
+def _form(plan: Plan) -> str:
+    if plan.layers is None:
+        return "compact (one global default rule)"
+    if all(layer.heads is not None for layer in plan.layers) and plan.default is None:
+        return "canonical (every head listed)"
+    return "compact (defaults with overrides)"
+
+
+def show_text(plan: Plan, source: str, lengths: list[int]) -> str:
+    m = plan.model
+    lines = [source,
+             f"  model       {m.name or '(unnamed)'}{' @ ' + m.revision if m.revision else ''}",
+             f"  shape       {describe(plan)}, head_dim {m.head_dim}, "
+             f"max_position_embeddings {m.max_position_embeddings or 'unknown'}",
+             f"  sink        {plan.sink}",
+             f"  block_size  {plan.block_size}",
+             f"  form        {_form(plan)}"]
+    method = plan.provenance.get("method") if isinstance(plan.provenance, dict) else None
+    if method:
+        lines.append(f"  provenance  {method}")
+    lines += ["", f"  {'N':>8}  {'density':>8}  {'mean span':>10}  {'KV cache':>8}"]
+    means = {}
+    for n in lengths:
+        spans = plan.spans(n)
+        flat = [s for layer in spans for s in layer]
+        means[n] = [sum(layer) / len(layer) for layer in spans]
+        lines.append(f"  {n:>8}  {plan.density(n):>8.4f}  {sum(flat) / len(flat):>10.1f}  "
+                     f"{_kv_fraction(plan, n):>8.4f}")
+    lines += ["", "  mean span per layer", "  " + f"{'layer':>5}" + "".join(f"  {'N=' + str(n):>9}" for n in lengths)]
+    for layer in range(m.num_layers):
+        lines.append("  " + f"{layer:>5}" + "".join(f"  {means[n][layer]:>9.1f}" for n in lengths))
+    return "\n".join(lines) + "\n"
+
+
+def span_map_png(plan: Plan, n: int, title: str) -> bytes:
+    """PNG of the span map (layers x heads) at length n, drawn with matplotlib's Agg backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlanError([("--plot", "needs matplotlib: pip install 'moa-plan[plot]'")]) from None
+    spans = plan.spans(n)
+    heads = plan.model.num_attention_heads
+    fig, ax = plt.subplots(figsize=(min(16, 2 + 0.35 * heads), min(14, 1.5 + 0.25 * len(spans))))
+    try:
+        image = ax.imshow(spans, aspect="auto", cmap="viridis", vmin=1, vmax=n, interpolation="nearest")
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{title}\nspan at N={n} (density {plan.density(n):.3f}, sink {plan.sink})", fontsize=9)
+        fig.colorbar(image, ax=ax, label="span (tokens)")
+        buf = _io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    plan = load(args.plan)
+    if args.expanded:
+        sys.stdout.write(io.plan_to_json(plan.expanded()))
+        return 0
+    lengths = lengths_of(plan, args.length)
+    sys.stdout.write(show_text(plan, args.plan, lengths))
+    if args.plot:
+        n = args.plot_length or max(lengths)
+        write(args.plot, span_map_png(plan, n, Path(args.plan).name))
+        print(f"wrote {args.plot} (span map at N={n})")
+    return 0
+
+
+# ---- density ---------------------------------------------------------------------------------
+
+def cmd_density(args: argparse.Namespace) -> int:
+    plan = load(args.plan)
+    for n in dict.fromkeys(args.length):
+        print(f"density at N={n}: {plan.density(n)!r}")
+        if args.per_layer:
+            for layer, d in enumerate(plan.layer_densities(n)):
+                print(f"  layer {layer}: {d!r}")
+    return 0
+
+
+# ---- uniform / import / export / schema ------------------------------------------------------
+
+def cmd_uniform(args: argparse.Namespace) -> int:
+    shape = load_shape(args.model)
+    n = args.length or shape.max_position_embeddings
+    if n is None:
+        raise PlanError([("--length", "required: the model config has no max_position_embeddings")])
+    plan = build.uniform_plan(shape, args.density, n, sink=args.sink, block_size=args.block_size)
+    write(args.out, io.plan_to_json(plan))
+    print(f"wrote {args.out}: span {plan.provenance['span']} for every head, "
+          f"density {plan.provenance['achieved_density']:.6f} at N={n} (target {args.density})")
+    return 0
+
+
+def _read_json(path: str):
+    return io.parse_json(io.read_text_limited(path))
+
+
+def cmd_import_moa(args: argparse.Namespace) -> int:
+    shape = load_shape(args.model)
+    data = _guarded(args.file, _read_json, args.file)
+    plan = _guarded(args.file, build.plan_from_moa, data, shape, args.sink, args.block_size)
+    plan.provenance["source"] = Path(args.file).name
+    write(args.out, io.plan_to_json(plan))
+    print(f"wrote {args.out} ({describe(plan)}, density {plan.density(summary_length(plan)):.4f} "
+          f"at N={summary_length(plan)})")
+    return 0
+
+
+def moa_json(data: dict[str, list[list[float]]]) -> str:
+    """The MoA reference JSON, one layer per line."""
+    parts = []
+    for key in ("alphas", "betas"):
+        rows = ",\n  ".join(json.dumps(row, allow_nan=False) for row in data[key])
+        parts.append(f'"{key}": [\n  {rows}\n ]')
+    return "{" + ",\n ".join(parts) + "}\n"
+
+
+def cmd_export_moa(args: argparse.Namespace) -> int:
+    plan = load(args.plan)
+    write(args.out, moa_json(build.plan_to_moa(plan)))
+    print(f"wrote {args.out} ({describe(plan)})")
+    if plan.sink != build.MOA_REFERENCE_SINK:
+        print(f"note: the MoA format has no sink field (its runtime uses {build.MOA_REFERENCE_SINK}); "
+              f"this plan's sink is {plan.sink}", file=sys.stderr)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    text = io.plan_schema_json()
+    if args.out:
+        write(args.out, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# ---- registration ----------------------------------------------------------------------------
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the plan-format subcommands."""
+    model_help = "a transformers config.json or a model folder holding one"
+
+    p = sub.add_parser("validate", help="check plan files (exit 1 and one line per problem)")
+    p.add_argument("plans", nargs="+", metavar="PLAN")
+    p.add_argument("--model", metavar="CONFIG_OR_DIR", help=f"also check the shape against {model_help}")
+    p.add_argument("--length", type=_positive_int, metavar="N",
+                   help="length of the density in the ok line (default: max_position_embeddings or 4096)")
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("show", help="summary table of a plan; --plot draws its span map")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("--length", type=_positive_int, nargs="+", metavar="N",
+                   help="lengths of the table (default: 1024, 4096 and max_position_embeddings)")
+    p.add_argument("--plot", metavar="PNG", help="write the span map (layers x heads) to this PNG")
+    p.add_argument("--plot-length", type=_positive_int, metavar="N",
+                   help="length of the span map (default: the largest --length)")
+    p.add_argument("--expanded", action="store_true", help="print the canonical expanded JSON instead")
+    p.set_defaults(handler=cmd_show)
+
+    p = sub.add_parser("density", help="exact plan density at lengths")
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("--length", type=_positive_int, nargs="+", required=True, metavar="N")
+    p.add_argument("--per-layer", action="store_true", help="also each layer's density")
+    p.set_defaults(handler=cmd_density)
+
+    p = sub.add_parser("uniform", help="StreamingLLM baseline plan with a density budget")
+    p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help=model_help)
+    p.add_argument("--density", type=_density, required=True, metavar="D", help="density budget in (0, 1]")
+    p.add_argument("--length", type=_positive_int, metavar="N",
+                   help="length of the budget (default: max_position_embeddings)")
+    p.add_argument("--sink", type=_nonnegative_int, default=64)
+    p.add_argument("--block-size", type=_positive_int, default=64)
+    p.add_argument("--out", required=True, metavar="PLAN")
+    p.set_defaults(handler=cmd_uniform)
+
+    p = sub.add_parser("import-moa", help='convert a MoA reference {"alphas", "betas"} file to a plan')
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help=model_help)
+    p.add_argument("--sink", type=_nonnegative_int, default=build.MOA_REFERENCE_SINK)
+    p.add_argument("--block-size", type=_positive_int, default=64)
+    p.add_argument("--out", required=True, metavar="PLAN")
+    p.set_defaults(handler=cmd_import_moa)
+
+    p = sub.add_parser("export-moa", help='convert a plan to the MoA reference {"alphas", "betas"} format')
+    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.set_defaults(handler=cmd_export_moa)
+
+    p = sub.add_parser("schema", help="print the plan JSON Schema (spec/plan.schema.json)")
+    p.add_argument("--out", metavar="FILE", help="write it to FILE instead")
+    p.set_defaults(handler=cmd_schema)

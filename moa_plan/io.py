@@ -52,6 +52,8 @@ def _message(err: dict[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     if kind == "greater_than_equal":
         return f"must be >= {ctx.get('ge')}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx.get('le')}"
     if kind == "literal_error":
         return f"must be {ctx.get('expected')}"
     msg = err["msg"]
@@ -92,17 +94,43 @@ def plan_from_data(data: Any) -> Plan:
         raise PlanError(validation_problems(exc)) from None
 
 
-def plan_from_json(text: str) -> Plan:
-    """Parse plan JSON text. NaN / Infinity literals and malformed JSON are located problems."""
+class _Constant(str):
+    """Marks where a NaN / Infinity literal sat, to locate it after parsing."""
+
+
+def _constant_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], str]]:
+    if isinstance(value, _Constant):
+        return [(path, str(value))]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [found for key, item in items for found in _constant_paths(item, path + (key,))]
+
+
+def parse_json(text: str) -> Any:
+    """Parse JSON text strictly. Malformed JSON (line, column) and NaN / Infinity literals
+    (field path) are located problems."""
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise PlanError([(f"line {exc.lineno}, column {exc.colno}", f"invalid JSON: {exc.msg}")]) from None
-    except ValueError as exc:  # NaN / Infinity
-        raise PlanError([("", str(exc))]) from None
     except RecursionError:
         raise PlanError([("", "JSON nested too deeply")]) from None
-    return plan_from_data(data)
+    except ValueError as exc:  # NaN / Infinity, or an integer literal too long to convert
+        message = str(exc)
+    found = []
+    if message.endswith("is not valid JSON"):
+        try:
+            found = _constant_paths(json.loads(text, parse_constant=_Constant))
+        except (ValueError, RecursionError):
+            pass
+    if not found:
+        raise PlanError([("", message)])
+    raise PlanError([(format_location(path), f"{name} is not valid JSON; must be a finite number")
+                     for path, name in found[:20]])
+
+
+def plan_from_json(text: str) -> Plan:
+    """Parse and validate plan JSON text; every problem is a located PlanError."""
+    return plan_from_data(parse_json(text))
 
 
 def read_text_limited(path: str | os.PathLike, limit: int = MAX_PLAN_BYTES) -> str:
@@ -151,6 +179,17 @@ def plan_to_json(plan: Plan) -> str:
     return dumps_readable(data) + "\n"
 
 
+def plan_schema() -> dict[str, Any]:
+    """The JSON Schema of a plan file, generated from the models (spec/plan.schema.json)."""
+    schema = Plan.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://github.com/moa-plan/moa-plan/spec/plan.schema.json", **schema}
+
+
+def plan_schema_json() -> str:
+    return json.dumps(plan_schema(), indent=2) + "\n"
+
+
 def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
     """Write a file through a temporary sibling and rename, so no half-written file is ever seen."""
     path = Path(path)
@@ -179,11 +218,7 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    text = read_text_limited(path, limit=16 * 1024 * 1024)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError([(f"line {exc.lineno}, column {exc.colno}", f"invalid JSON: {exc.msg}")]) from None
+    data = parse_json(read_text_limited(path, limit=16 * 1024 * 1024))
     if not isinstance(data, dict):
         raise PlanError([("", "a model config must be a JSON object")])
     return data

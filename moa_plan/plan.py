@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_valid
 from moa_plan import semantics
 
 FORMAT_VERSION = 1
+# Sanity bounds (real models have <= 128 of each): a compact plan cannot make tools expand
+# billions of heads.
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
 
 
 class PlanError(Exception):
@@ -32,7 +36,8 @@ class Rule(_Strict):
     """Elastic span rule of one query head: span(N) = min(N, max(1, floor(alpha + beta*N)))."""
 
     alpha: float = Field(description="Span offset in tokens; may be negative.")
-    beta: float = Field(description="Span growth per token of input length, in [0, 1].")
+    beta: float = Field(description="Span growth per token of input length, in [0, 1].",
+                        json_schema_extra={"minimum": 0, "maximum": 1})
 
     @field_validator("beta")
     @classmethod
@@ -54,11 +59,12 @@ class ModelShape(_Strict):
 
     name: str | None = Field(default=None, description="Model name or path, informative.")
     revision: str | None = Field(default=None, description="Model revision, informative.")
-    num_layers: int = Field(ge=1)
-    num_attention_heads: int = Field(ge=1)
-    num_key_value_heads: int = Field(ge=1)
-    head_dim: int = Field(ge=1)
-    max_position_embeddings: int | None = Field(default=None, ge=1)
+    num_layers: int = Field(ge=1, le=MAX_LAYERS, description="Decoder layers (config num_hidden_layers).")
+    num_attention_heads: int = Field(ge=1, le=MAX_HEADS, description="Query heads per layer.")
+    num_key_value_heads: int = Field(ge=1, description="KV heads per layer; divides num_attention_heads (GQA).")
+    head_dim: int = Field(ge=1, description="Size of one head's query / key vector.")
+    max_position_embeddings: int | None = Field(default=None, ge=1,
+                                                description="Longest context the model was trained for.")
 
     @model_validator(mode="after")
     def _gqa_groups_divide(self) -> ModelShape:
@@ -78,7 +84,8 @@ class Layer(_Strict):
     heads: list[Rule] | None = Field(default=None, description="One rule per query head (canonical form).")
     default: Rule | None = Field(default=None, description="Rule of heads not listed in overrides.")
     overrides: dict[str, Rule] | None = Field(
-        default=None, description="Per-head rules keyed by the head index as a decimal string.")
+        default=None, description="Per-head rules keyed by the head index as a decimal string.",
+        json_schema_extra={"propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"}})
 
 
 class Plan(_Strict):
