@@ -27,7 +27,8 @@ class UserError(Exception):
         super().__init__(str(error))
 
 
-def report(source: str, error: PlanError, stream=sys.stderr) -> None:
+def report(source: str, error: PlanError, stream=None) -> None:
+    stream = stream or sys.stderr  # looked up per call, so redirected / captured stderr works
     for loc, msg in error.problems:
         print(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}", file=stream)
 
