@@ -1,0 +1,48 @@
+"""Loading a local transformers causal LM and its tokenizer for calibration and profiling (offline)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from moa_plan.io import load_model_shape
+from moa_plan.plan import ModelShape, PlanError
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """A folder holding a transformers config.json, or a located error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PlanError([("--model", f"{path} is not a folder (expected a transformers model folder)")])
+    if not (path / "config.json").is_file():
+        raise PlanError([("--model", f"{path} has no config.json")])
+    return path
+
+
+def model_shape(path: str | os.PathLike) -> ModelShape:
+    shape = load_model_shape(check_model_dir(path))
+    return shape.model_copy(update={"name": shape.name or Path(path).name})
+
+
+def load(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: str = "float32") -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer), CPU unless CUDA is available; never touches the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_dir(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model folder
+        raise PlanError([("--model", f"cannot load a tokenizer from {path}: {exc}")]) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attn_implementation)
+    except Exception as exc:  # noqa: BLE001
+        raise PlanError([("--model", f"cannot load a causal LM from {path}: {exc}")]) from None
+    model.eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model, tok

@@ -1,0 +1,290 @@
+"""The plan optimiser: a Pyomo MILP choosing one candidate rule per head (or per KV group).
+
+Variables: binary x[u, r], unit u = one query head (or, in GQA mode, one KV group whose query
+heads share a rule), r = candidate rule; ``sum_r x[u, r] == 1``. For every constrained length
+N_k: ``sum_{u,r} heads(u) * density_r(N_k) * x[u, r] <= d_k * total_heads`` (plan density is the
+mean over heads). Optional: at most ``max_rules_per_layer`` distinct rules per layer (binary
+y[l, r] >= x[u, r]).
+
+Multi-objective: the influence loss at each objective length. We use **weighted sums**: for
+each weight vector on a simplex grid (each objective divided by its range over the
+instance so the weights are comparable; every weight floored at ``WEIGHT_FLOOR`` so no
+optimum is weakly dominated) solve one MILP; the distinct non-dominated solutions form the
+Pareto set (its supported points). Selection happens in ``select.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from moa_plan.plan import PlanError
+
+WEIGHT_FLOOR = 1e-3
+DENSITY_SLACK = 1e-9  # relative margin under the budget, so solver tolerances never exceed it
+
+
+@dataclass
+class Instance:
+    """One optimisation problem. ``cost[u][r][k]``, ``dens[r][k]`` over all ``lengths``."""
+
+    cost: list[list[list[float]]]
+    dens: list[list[float]]
+    weight: list[int]
+    layer: list[int]
+    lengths: list[int]
+    objectives: list[int]
+    budgets: dict[int, float]
+    max_rules_per_layer: int | None = None
+
+    @property
+    def total_heads(self) -> int:
+        return sum(self.weight)
+
+    def loss(self, assign: list[int], k: int) -> float:
+        return sum(self.cost[u][r][k] for u, r in enumerate(assign))
+
+    def density(self, assign: list[int], k: int) -> float:
+        return sum(self.weight[u] * self.dens[r][k] for u, r in enumerate(assign)) / self.total_heads
+
+
+@dataclass
+class Solution:
+    assign: list[int]
+    weights: list[float]
+    status: str
+    termination: str
+    gap: float | None
+    seconds: float
+    losses: dict[int, float] = field(default_factory=dict)
+    densities: dict[int, float] = field(default_factory=dict)
+
+
+def min_density(inst: Instance, k: int) -> float:
+    """Smallest mean density reachable at length k (every unit on its sparsest rule)."""
+    return min(row[k] for row in inst.dens)
+
+
+def check_feasible(inst: Instance) -> None:
+    """Per-length infeasibility: a located error naming the smallest achievable density."""
+    problems = []
+    for k, budget in inst.budgets.items():
+        lo = min_density(inst, k)
+        if budget < lo - 1e-12:
+            problems.append((f"density at length {inst.lengths[k]}",
+                             f"budget {budget:.4f} is infeasible: the smallest achievable density with these "
+                             f"candidate rules and sink is {lo:.4f}"))
+    if problems:
+        raise PlanError(problems)
+
+
+SOLVER_ALIASES = {"highs": "appsi_highs"}
+
+
+def make_solver(name: str) -> Any:
+    """A Pyomo solver by name, or a located error when it is unknown or not installed."""
+    import logging
+
+    import pyomo.environ  # noqa: F401 - registers the solver plugins
+    from pyomo.opt import SolverFactory
+
+    pyomo_name = SOLVER_ALIASES.get(name, name)
+    log = logging.getLogger("pyomo")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # pyomo logs a traceback for unknown names; we report one line
+    try:
+        opt = SolverFactory(pyomo_name)
+        ok = opt is not None and bool(opt.available(exception_flag=False))
+    except Exception:  # noqa: BLE001 - unknown plugins raise all sorts of errors
+        ok = False
+    finally:
+        log.setLevel(level)
+    if not ok:
+        hint = " (GLPK: install the `glpsol` program, e.g. apt-get install glpk-utils)" if name == "glpk" else ""
+        raise PlanError([("--solver", f"solver '{name}' is not installed or not usable by Pyomo{hint}")])
+    return opt
+
+
+def _apply_limits(opt: Any, name: str, time_limit: float | None, mip_gap: float | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if name in {"highs", "appsi_highs"}:
+        if time_limit is not None:
+            opt.config.time_limit = float(time_limit)
+        if mip_gap is not None:
+            opt.config.mip_gap = float(mip_gap)
+        return kwargs
+    keys = {"glpk": ("tmlim", "mipgap"), "cbc": ("sec", "ratio"), "gurobi": ("TimeLimit", "MIPGap"),
+            "gurobi_direct": ("TimeLimit", "MIPGap"), "cplex": ("timelimit", "mipgap"), "scip": ("limits/time", "limits/gap")}
+    tkey, gkey = keys.get(name, (None, None))
+    if time_limit is not None:
+        if tkey:
+            opt.options[tkey] = max(1, math.ceil(time_limit)) if name == "glpk" else time_limit
+        else:
+            kwargs["timelimit"] = time_limit
+    if mip_gap is not None and gkey:
+        opt.options[gkey] = mip_gap
+    return kwargs
+
+
+def build_model(inst: Instance) -> Any:
+    """The Pyomo model of an instance, without objective."""
+    import pyomo.environ as pyo
+    from pyomo.core.expr.numeric_expr import LinearExpression
+
+    units, rules = len(inst.cost), len(inst.dens)
+    m = pyo.ConcreteModel()
+    m.U = pyo.RangeSet(0, units - 1)
+    m.R = pyo.RangeSet(0, rules - 1)
+    m.x = pyo.Var(m.U, m.R, domain=pyo.Binary)
+    m.one = pyo.Constraint(m.U, rule=lambda m, u: sum(m.x[u, r] for r in range(rules)) == 1)
+    total = inst.total_heads
+    m.density = pyo.ConstraintList()
+    for k, budget in sorted(inst.budgets.items()):
+        coefs, xs = [], []
+        for u in range(units):
+            for r in range(rules):
+                coefs.append(inst.weight[u] * inst.dens[r][k])
+                xs.append(m.x[u, r])
+        expr = LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=xs)
+        m.density.add(expr <= budget * total * (1 - DENSITY_SLACK))
+    cap = inst.max_rules_per_layer
+    if cap is not None:
+        if cap < 1:
+            raise PlanError([("--max-rules-per-layer", "must be >= 1")])
+        layers = sorted(set(inst.layer))
+        m.L = pyo.Set(initialize=layers)
+        m.y = pyo.Var(m.L, m.R, domain=pyo.Binary)
+        m.link = pyo.Constraint(m.U, m.R, rule=lambda m, u, r: m.x[u, r] <= m.y[inst.layer[u], r])
+        m.cap = pyo.Constraint(m.L, rule=lambda m, l: sum(m.y[l, r] for r in range(rules)) <= cap)
+    return m
+
+
+def objective_scales(inst: Instance) -> dict[int, float]:
+    """Range of each objective over the instance (best-per-unit vs worst-per-unit sums)."""
+    scales = {}
+    for k in inst.objectives:
+        lo = sum(min(c[k] for c in row) for row in inst.cost)
+        hi = sum(max(c[k] for c in row) for row in inst.cost)
+        scales[k] = max(hi - lo, 1e-12)
+    return scales
+
+
+def weight_grid(n_obj: int, steps: int) -> list[list[float]]:
+    """Weight vectors on the simplex with ``steps`` divisions (a single [1.0] for one objective)."""
+    if n_obj == 1:
+        return [[1.0]]
+    out = []
+    for combo in itertools.product(range(steps + 1), repeat=n_obj):
+        if sum(combo) == steps:
+            out.append([max(c / steps, WEIGHT_FLOOR) for c in combo])
+    return out
+
+
+def _set_objective(m: Any, inst: Instance, weights: list[float], scales: dict[int, float]) -> None:
+    import pyomo.environ as pyo
+    from pyomo.core.expr.numeric_expr import LinearExpression
+
+    if hasattr(m, "obj"):
+        m.del_component(m.obj)
+    coefs, xs = [], []
+    for u, row in enumerate(inst.cost):
+        for r, c in enumerate(row):
+            coefs.append(sum(w * c[k] / scales[k] for w, k in zip(weights, inst.objectives)))
+            xs.append(m.x[u, r])
+    m.obj = pyo.Objective(expr=LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=xs),
+                          sense=pyo.minimize)
+
+
+def _gap(results: Any) -> float | None:
+    try:
+        lb, ub = float(results.problem.lower_bound), float(results.problem.upper_bound)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    if not (math.isfinite(lb) and math.isfinite(ub)):
+        return None
+    return abs(ub - lb) / max(abs(ub), 1e-12)
+
+
+def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit: float | None = None,
+          mip_gap: float | None = None, model: Any = None, opt: Any = None) -> Solution:
+    """Solve one weighted MILP; a time limit keeps the best feasible solution and reports its gap."""
+    import pyomo.environ as pyo
+    from pyomo.opt import TerminationCondition as TC
+
+    check_feasible(inst)
+    opt = opt or make_solver(solver)
+    m = model or build_model(inst)
+    _set_objective(m, inst, weights, objective_scales(inst))
+    kwargs = _apply_limits(opt, SOLVER_ALIASES.get(solver, solver), time_limit, mip_gap)
+    t0 = time.perf_counter()
+    try:
+        results = opt.solve(m, load_solutions=False, **kwargs)
+    except RuntimeError as exc:  # e.g. appsi raising on infeasible with load_solutions
+        raise PlanError([("solver", f"{solver} failed: {exc}")]) from None
+    seconds = time.perf_counter() - t0
+    term = results.solver.termination_condition
+    if term in (TC.infeasible, TC.infeasibleOrUnbounded):
+        lows = ", ".join(f"{inst.lengths[k]}: {min_density(inst, k):.4f}" for k in sorted(inst.budgets))
+        raise PlanError([("density", f"the budgets {dict((inst.lengths[k], b) for k, b in inst.budgets.items())} "
+                          f"cannot be met together (solver: infeasible); smallest achievable density per "
+                          f"length on its own: {lows}")])
+    n_solutions = len(getattr(results, "solution", []) or [])
+    if n_solutions == 0 and term not in (TC.optimal, TC.locallyOptimal, TC.feasible):
+        raise PlanError([("solver", f"{solver} found no feasible plan (termination: {term}, "
+                          f"status: {results.solver.status})")])
+    try:
+        m.solutions.load_from(results)
+    except Exception as exc:  # noqa: BLE001
+        raise PlanError([("solver", f"{solver} returned no loadable solution (termination: {term}): {exc}")]) from None
+    assign = []
+    for u in range(len(inst.cost)):
+        vals = [pyo.value(m.x[u, r], exception=False) or 0.0 for r in range(len(inst.dens))]
+        assign.append(max(range(len(vals)), key=vals.__getitem__))
+    gap = _gap(results)
+    if term == TC.optimal and gap is None:
+        gap = 0.0
+    sol = Solution(assign=assign, weights=list(weights), status=str(results.solver.status),
+                   termination=str(term), gap=gap, seconds=seconds)
+    for k in range(len(inst.lengths)):
+        sol.losses[k] = inst.loss(assign, k)
+        sol.densities[k] = inst.density(assign, k)
+    for k, budget in inst.budgets.items():
+        if sol.densities[k] > budget + 1e-9:
+            raise PlanError([("solver", f"{solver} returned a plan of density {sol.densities[k]:.6f} at length "
+                              f"{inst.lengths[k]}, over the budget {budget}")])
+    return sol
+
+
+def pareto(inst: Instance, solver: str = "glpk", steps: int = 4, time_limit: float | None = None,
+           mip_gap: float | None = None, progress: bool = True) -> tuple[list[Solution], list[Solution]]:
+    """(non-dominated distinct solutions, every solve) over the weight grid."""
+    from tqdm import tqdm
+
+    check_feasible(inst)
+    opt = make_solver(solver)
+    m = build_model(inst)
+    solves = []
+    for w in tqdm(weight_grid(len(inst.objectives), steps), desc="optimize", disable=not progress):
+        solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt))
+    unique: dict[tuple[int, ...], Solution] = {}
+    for s in solves:
+        unique.setdefault(tuple(s.assign), s)
+    cands = list(unique.values())
+
+    def dominated(a: Solution, b: Solution) -> bool:  # b dominates a
+        le = all(b.losses[k] <= a.losses[k] + 1e-12 for k in inst.objectives)
+        lt = any(b.losses[k] < a.losses[k] - 1e-12 for k in inst.objectives)
+        return le and lt
+
+    front = [a for a in cands if not any(dominated(a, b) for b in cands if b is not a)]
+    front.sort(key=lambda s: [s.losses[k] for k in inst.objectives])
+    return front, solves
+
+
+def solver_path(name: str) -> str | None:
+    """Executable of a command-line solver (informative, for provenance)."""
+    return shutil.which({"glpk": "glpsol"}.get(name, name))

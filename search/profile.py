@@ -1,0 +1,166 @@
+"""Profiling: per-sample attention influence of every (layer, head), saved for the optimiser.
+
+For each calibration sample: forward the dense model over prompt + answer, take the mean
+cross-entropy of the model's own answer tokens, backpropagate through the influence attention
+(``influence.py``) and keep, per (layer, head), the exact diagonal sums of the influence
+(float32 [layers, heads, n_tokens]). A rule's influence on a sample is a suffix sum of that
+vector at the rule's span at the sample's own total length (semantics: N = tokens in the
+forward call); the optimiser averages it over the samples of each nominal length.
+
+Output folder: ``profile.json`` (model, shape, lengths, sink, block size, samples with their
+lengths and dense losses, calibration settings) and ``influence.safetensors`` (one tensor per
+sample). Both are rewritten atomically after every sample: an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moa_plan.io import write_atomic
+from moa_plan.plan import PlanError
+
+META = "profile.json"
+TENSORS = "influence.safetensors"
+
+
+@dataclass
+class Profile:
+    meta: dict[str, Any]
+    diags: dict[str, Any]  # sample id -> torch float32 [layers, heads, n_tokens]
+
+    @property
+    def lengths(self) -> list[int]:
+        return sorted({s["length"] for s in self.meta["samples"]})
+
+
+def _save(out: Path, meta: dict[str, Any], diags: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    write_atomic(out / TENSORS, save({k: v.contiguous() for k, v in diags.items()}))
+    write_atomic(out / META, json.dumps(meta, indent=1) + "\n")
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    """Read a profile folder; located errors for missing or inconsistent files."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not (path / META).is_file():
+        raise PlanError([("--profile", f"{path} has no {META} (run `moa-plan profile` first)")])
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        diags = load((path / TENSORS).read_bytes()) if (path / TENSORS).is_file() else {}
+    except (OSError, json.JSONDecodeError, ValueError) as exc:
+        raise PlanError([("--profile", f"cannot read profile {path}: {exc}")]) from None
+    missing = [s["id"] for s in meta.get("samples", []) if s["id"] not in diags]
+    if missing:
+        raise PlanError([("--profile", f"{path}: samples {missing[:3]} lack influence tensors")])
+    return Profile(meta, diags)
+
+
+def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], recorder: Any) -> tuple[float, Any]:
+    """Dense loss of the answer and the diag sums [layers, heads, n] of one sample."""
+    import torch
+
+    from moa_plan.search import influence
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + answer_ids], device=device)
+    a = len(answer_ids)
+    recorder.reset()
+    influence.set_recorder(recorder)
+    try:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeds, logits_to_keep=a + 1, use_cache=False)
+        logits = out.logits[0, :a].float()
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids, device=device))
+        loss.backward()
+    finally:
+        influence.set_recorder(None)
+    layers = model.config.num_hidden_layers
+    missing = [l for l in range(layers) if l not in recorder.diag]
+    if missing:
+        raise RuntimeError(f"influence attention did not run in layers {missing}")
+    diag = torch.stack([recorder.diag[l] for l in range(layers)]).float().cpu()
+    return float(loss.detach()), diag
+
+
+def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, sink: int = 64,
+                block_size: int = 64, chunk: int = 256, overwrite: bool = False, progress: bool = True) -> Path:
+    """Profile every calibration sample (resuming finished ones); returns the profile folder."""
+    from tqdm import tqdm
+
+    from moa_plan.search import calibration, influence
+    from moa_plan.search import model as model_mod
+
+    if sink < 0:
+        raise PlanError([("--sink", "must be >= 0")])
+    if block_size < 1 or chunk < 1:
+        raise PlanError([("--block-size/--chunk", "must be >= 1")])
+    settings, samples = calibration.load_dataset(data)
+    if not samples:
+        raise PlanError([("--data", f"{data} holds no samples")])
+    shape = model_mod.model_shape(model_dir)
+    out = Path(out)
+    base = {"model": str(Path(model_dir).resolve()), "model_shape": shape.model_dump(mode="json"),
+            "sink": sink, "block_size": block_size, "calibration": str(Path(data).resolve()),
+            "calibration_settings": settings,
+            "convention": "influence = estimated loss increase of hiding key j from query i "
+                          "(A_ij (S_i - G_ij) / (1 - A_ij)); diag[d] sums it over i - j = d, j >= sink"}
+    meta: dict[str, Any] = {**base, "samples": [], "seconds": 0.0}
+    diags: dict[str, Any] = {}
+    if (out / META).is_file() and not overwrite:
+        old = load_profile(out)
+        same = {k: old.meta.get(k) for k in base} == base
+        if not same:
+            raise PlanError([("--out", f"{out} holds a profile with other settings; pass --overwrite or another --out")])
+        meta, diags = old.meta, old.diags
+    done = {s["id"] for s in meta["samples"]}
+    todo = [s for s in samples if s["id"] not in done]
+    if not todo:
+        return out
+    influence.register_attention()
+    model, _ = model_mod.load(model_dir, attn_implementation=influence.ATTN_NAME)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    recorder = influence.InfluenceRecorder(sink=sink, chunk=chunk)
+    for s in tqdm(todo, desc="profile", disable=not progress):
+        t0 = time.perf_counter()
+        loss, diag = profile_sample(model, s["prompt_ids"], s["answer_ids"], recorder)
+        diags[s["id"]] = diag
+        meta["samples"].append({"id": s["id"], "task": s.get("task"), "length": s["length"],
+                                "n_tokens": len(s["prompt_ids"]) + len(s["answer_ids"]), "loss": loss})
+        meta["seconds"] = meta.get("seconds", 0.0) + time.perf_counter() - t0
+        _save(out, meta, diags)
+    return out
+
+
+def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> Any:
+    """float64 [layers*heads, rules, len(lengths)]: mean influence of each rule at each nominal length.
+
+    Each sample contributes the suffix sum of its diag at the rule's span at the sample's own
+    token count; samples are grouped by their nominal length.
+    """
+    import torch
+
+    from moa_plan.search.influence import rule_influence
+
+    shape = profile.meta["model_shape"]
+    units = shape["num_layers"] * shape["num_attention_heads"]
+    table = torch.zeros(units, len(cands), len(lengths), dtype=torch.float64)
+    for k, n in enumerate(lengths):
+        group = [s for s in profile.meta["samples"] if s["length"] == n]
+        if not group:
+            raise PlanError([("lengths", f"the profile has no samples of length {n} "
+                              f"(it has {profile.lengths})")])
+        for s in group:
+            spans = [c.span(s["n_tokens"]) for c in cands]
+            diag = profile.diags[s["id"]].to(torch.float64).reshape(units, -1)
+            table[:, :, k] += rule_influence(diag, spans)
+        table[:, :, k] /= len(group)
+    return table
