@@ -1,0 +1,321 @@
+"""transformers integration: make a Llama-family causal LM attend exactly as a plan says.
+
+Public extension points only: an attention function registered as ``"moa"`` in
+``transformers.AttentionInterface`` (plus a mask function that refuses padded batches), a
+``Cache`` subclass (``MoACache``: per-layer static cache with the plan's per-head layout), and
+an instance-level ``generate`` that supplies a ``MoACache`` sized prompt + max_new_tokens (the
+same pattern transformers uses for ``custom_generate``).
+
+How the attention function learns N: with a ``MoACache``, its ``update`` tags the returned key
+tensor with the step (layer, cached length), so N = cached + q_len; without one (plain forward,
+or a transformers cache that returns all keys) N = k_len.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, Cache, PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
+
+from moa_plan.io import check_fits, load_plan, shape_from_config
+from moa_plan.plan import FORMAT_VERSION, Plan, PlanError, Rule
+from moa_plan.runtime.attention import cached_keys, chunk_attention, decode_attention, prefill_attention
+from moa_plan.runtime.cache import LayerLayout, MemoryReport, allocate, memory_report, write_kv
+
+ATTN_NAME = "moa"
+_STEP_ATTR = "moa_step"
+
+
+# ---- plan state shared by the attention modules -------------------------------------------
+
+class PlanState:
+    """The plan of a model plus a small per-length cache of its spans as device tensors."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.sink = plan.sink
+        self._spans: dict[tuple[int, str], torch.Tensor] = {}
+
+    def spans(self, layer: int, n: int, device: torch.device) -> torch.Tensor:
+        """int32 [Hq]: the layer's spans at total length n (``Plan.spans``), on ``device``."""
+        key = (int(n), str(device))
+        table = self._spans.get(key)
+        if table is None:
+            if len(self._spans) >= 8:
+                self._spans.pop(next(iter(self._spans)))
+            table = torch.tensor(self.plan.spans(int(n)), dtype=torch.int32, device=device)
+            self._spans[key] = table
+        return table[layer]
+
+
+# ---- the static cache ----------------------------------------------------------------------
+
+@dataclass
+class _Step:
+    """What the attention function needs about the current update of one layer."""
+
+    layer: MoALayer
+    past: int  # positions cached before this update
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # cache view before a chunk was written
+
+
+class MoALayer(CacheLayerMixin):
+    """One layer's per-head static cache: flat K/V buffers [B, S, D] with a ``LayerLayout``."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, plan: Plan, layer_idx: int, n_max: int):
+        super().__init__()
+        self.plan, self.layer_idx, self.n_max = plan, layer_idx, n_max
+        self.caps = plan.kv_slots(n_max)[layer_idx]
+        self.layout: LayerLayout | None = None
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, hkv, _, d = key_states.shape
+        if hkv != len(self.caps):
+            raise ValueError(f"layer {self.layer_idx}: the model gives {hkv} KV heads, the plan {len(self.caps)}")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size = batch
+        self.layout = LayerLayout.from_caps(self.caps, self.plan.sink, self.n_max, self.device)
+        self.keys, self.values = allocate(self.layout, batch, d, self.dtype, self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions; return the new K/V tagged with the step for the attention function."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[2]
+        past = self.length
+        if past + t > self.n_max:
+            raise ValueError(f"MoACache holds {self.n_max} positions (n_max); this step needs {past + t}: "
+                             "build the cache with a larger n_max")
+        if key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"batch of {key_states.shape[0]} does not match the cache's {self.keys.shape[0]}")
+        cached = cached_keys(self.keys, self.values, self.layout, past) if past > 0 and t > 1 else None
+        write_kv(self.keys, self.values, self.layout, key_states, value_states, past)
+        self.length = past + t
+        setattr(key_states, _STEP_ATTR, _Step(self, past, cached))
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.n_max
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("MoACache cannot be cropped: its ring buffers drop old positions")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+            self.batch_size = self.keys.shape[0]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+            self.batch_size = self.keys.shape[0]
+
+
+class MoACache(Cache):
+    """Per-head static KV cache of a planned model, serving total lengths up to ``n_max``.
+
+    Pass it as ``past_key_values`` (``generate`` of a model from ``apply_plan`` does so itself).
+    """
+
+    def __init__(self, model_or_plan: PreTrainedModel | Plan, n_max: int):
+        plan = model_or_plan if isinstance(model_or_plan, Plan) else plan_of(model_or_plan)
+        if n_max < 1:
+            raise ValueError(f"n_max must be >= 1, got {n_max}")
+        self.plan, self.n_max = plan, n_max
+        super().__init__(layers=[MoALayer(plan, l, n_max) for l in range(plan.model.num_layers)])
+
+    def memory_report(self, batch: int | None = None, dtype: torch.dtype | None = None) -> MemoryReport:
+        """Bytes of this cache's K/V buffers vs a dense cache (batch/dtype of the allocated buffers by default)."""
+        first = self.layers[0]
+        if batch is None or dtype is None:
+            if not first.is_initialized:
+                raise ValueError("the cache is not allocated yet: pass batch and dtype")
+            batch = first.keys.shape[0] if batch is None else batch
+            dtype = first.keys.dtype if dtype is None else dtype
+        return memory_report(self.plan, self.n_max, batch, dtype)
+
+    def allocated_bytes(self) -> int:
+        """Bytes actually held by the allocated K/V buffers."""
+        return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.layers if layer.is_initialized)
+
+
+# ---- attention and mask functions ------------------------------------------------------------
+
+def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float | None = None,
+                          dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] -> ([B,Lq,Hq,D], None)."""
+    state: PlanState | None = getattr(module, "moa_state", None)
+    if state is None:
+        raise RuntimeError("attn_implementation 'moa' needs moa_plan.runtime.apply_plan(model, plan) first")
+    layer = module.layer_idx
+    q_len = query.shape[2]
+    step: _Step | None = getattr(key, _STEP_ATTR, None)
+    if step is None or step.past == 0:  # every key is in hand: N = k_len
+        spans = state.spans(layer, key.shape[2], query.device)
+        out = prefill_attention(query, key, value, spans, state.sink, scaling)
+    else:
+        n = step.past + q_len
+        spans = state.spans(layer, n, query.device)
+        cache = step.layer
+        if q_len == 1:
+            out = decode_attention(query[:, :, 0], cache.keys, cache.values, cache.layout, spans, state.sink,
+                                   n, scaling).unsqueeze(2)
+        else:
+            out = chunk_attention(query, key, value, step.cached, step.past, spans, state.sink, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def moa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+             mask_function: Any = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+    """The plan's mask is built inside the attention function; only refuse padding it cannot honour."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("moa attention runs batches of equal-length prompts only: the attention_mask has "
+                         "padding (0 entries); run the prompts one by one or batch prompts of the same length")
+    return None
+
+
+def register() -> None:
+    """Register the 'moa' attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, moa_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, moa_mask)
+
+
+# ---- plans for a model ------------------------------------------------------------------------
+
+def model_shape(model: PreTrainedModel):
+    """The attention shape of a transformers model (from its config)."""
+    config = model.config.get_text_config(decoder=True)
+    shape = shape_from_config(config.to_dict())
+    name = getattr(model.config, "_name_or_path", None) or None
+    return shape.model_copy(update={"name": name}) if name else shape
+
+
+def resolve_plan(plan: Plan | str | os.PathLike, model: PreTrainedModel) -> Plan:
+    """A Plan from a Plan, a plan file, 'dense', or 'uniform:<density>[@<length>]'."""
+    if isinstance(plan, Plan):
+        return plan
+    text = str(plan)
+    if text == "dense":  # every span = N: the model's own dense causal attention
+        return Plan(format_version=FORMAT_VERSION, model=model_shape(model), sink=0,
+                    default=Rule(alpha=0.0, beta=1.0), provenance={"method": "dense"})
+    if text.startswith("uniform:"):
+        spec = text.removeprefix("uniform:")
+        density_text, _, length_text = spec.partition("@")
+        shape = model_shape(model)
+        try:
+            density = float(density_text)
+            length = int(length_text) if length_text else (shape.max_position_embeddings or 4096)
+        except ValueError:
+            raise PlanError([("plan", f"{text!r}: expected 'uniform:<density>' or 'uniform:<density>@<length>'")]) from None
+        from moa_plan.build import uniform_plan
+        return uniform_plan(shape, density, length)
+    return load_plan(plan)
+
+
+def plan_of(model: PreTrainedModel) -> Plan:
+    plan = getattr(model, "moa_plan", None)
+    if plan is None:
+        raise ValueError("this model has no plan: call moa_plan.runtime.apply_plan(model, plan) first")
+    return plan
+
+
+def _attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")]
+
+
+def apply_plan(model: PreTrainedModel, plan: Plan | str | os.PathLike) -> PreTrainedModel:
+    """Make ``model`` attend as ``plan`` says (in place; returns the model).
+
+    Checks the plan fits the model's attention shape (PlanError with located problems), registers
+    and selects the 'moa' attention, stores the plan (``model.moa_plan``, ``config.moa_plan``) and
+    makes ``model.generate`` use a ``MoACache`` unless a cache is passed.
+    """
+    plan = resolve_plan(plan, model)
+    check_fits(plan, model_shape(model))
+    modules = _attention_modules(model)
+    found = sorted({m.layer_idx for m in modules})
+    if found != list(range(plan.model.num_layers)):
+        raise PlanError([("model", f"{type(model).__name__}: found attention modules for layers {found}, "
+                          f"expected 0..{plan.model.num_layers - 1} (not a supported Llama-family model?)")])
+    register()
+    model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:
+        raise PlanError([("model", f"{type(model).__name__} does not accept a custom attention implementation")])
+    state = PlanState(plan)
+    for m in modules:
+        m.moa_state = state
+    model.moa_plan = plan
+    model.config.moa_plan = plan.model_dump(mode="json", exclude_none=True)
+    model.generate = functools.partial(_generate, model)
+    return model
+
+
+def _generation_length(model: PreTrainedModel, args: tuple, kwargs: dict) -> int | None:
+    """Prompt + new tokens of a generate call, or None when it cannot be told."""
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if inputs is None and kwargs.get("inputs_embeds") is not None:
+        inputs = kwargs["inputs_embeds"]
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return None
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if new is not None:
+        return inputs.shape[1] + int(new)
+    total = kwargs.get("max_length", config.max_length)
+    return int(total) if total is not None else None
+
+
+def _generate(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+    """``generate`` with a MoACache of n_max = prompt + max_new_tokens unless a cache is given."""
+    wants_cache = (kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False
+                   and kwargs.get("cache_implementation") is None)
+    if wants_cache:
+        n_max = _generation_length(model, args, kwargs)
+        if n_max is not None:
+            kwargs["past_key_values"] = MoACache(model, n_max)
+    return type(model).generate(model, *args, **kwargs)
+
+
+def load_model(pretrained: str | os.PathLike, plan: Plan | str | os.PathLike | None = None,
+               **from_pretrained_kwargs: Any) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)`` with ``plan`` applied.
+
+    ``plan``: a Plan, a plan file, 'dense', 'uniform:<density>[@<length>]', or None for the plan
+    stored in the model's config by ``apply_plan`` + ``save_pretrained``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pretrained, **from_pretrained_kwargs)
+    if plan is None:
+        stored = getattr(model.config, "moa_plan", None)
+        if stored is None:
+            raise PlanError([("plan", f"none given and {pretrained} stores none")])
+        from moa_plan.io import plan_from_data
+        plan = plan_from_data(stored)
+    return apply_plan(model, plan)
