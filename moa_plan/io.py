@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from moa_plan.plan import FORMAT_VERSION, ModelShape, Plan, PlanError
+from moa_plan.plan import FORMAT_VERSION, ModelShape, Plan, PlanError, key_location
 
 MAX_PLAN_BYTES = 64 * 1024 * 1024
 
@@ -27,8 +27,8 @@ def format_location(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
-    return out
+            out += key_location(str(part))
+    return out.removeprefix(".")
 
 
 _MESSAGES = {

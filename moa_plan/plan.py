@@ -7,6 +7,8 @@ head's rule and nothing else.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
@@ -26,6 +28,12 @@ class PlanError(Exception):
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
         super().__init__("; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in problems))
+
+
+def key_location(key: str) -> str:
+    """How an object key appears in a location: ``.name``, or ``["odd key"]`` (JSON-escaped,
+    so a key holding a newline cannot break the one-line-per-problem output)."""
+    return f".{key}" if re.fullmatch(r"[A-Za-z0-9_]+", key) else f"[{json.dumps(key)}]"
 
 
 class _Strict(BaseModel):
@@ -185,7 +193,7 @@ def _shape_problems(plan: Plan) -> list[tuple[str, str]]:
             continue
         for key in layer.overrides or {}:
             if not (key.isdigit() and int(key) < shape.num_attention_heads and str(int(key)) == key):
-                problems.append((f"{where}.overrides.{key}",
+                problems.append((f"{where}.overrides{key_location(key)}",
                                  f"must be a head index in 0..{shape.num_attention_heads - 1}"))
         covered = len(layer.overrides or {}) == shape.num_attention_heads
         if layer.default is None and plan.default is None and not covered:
