@@ -28,7 +28,7 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP: tl.constexpr, GROUP_P: tl.constexpr):
+def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P: tl.constexpr):
     """(slot base, ring size, sink tokens, first window position, window tokens) of KV head kvh."""
     g = tl.arange(0, GROUP_P)
     sp = tl.load(SPANS + kvh * GROUP + g, mask=g < GROUP, other=0)
@@ -48,8 +48,8 @@ def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP: tl.constexpr, GROUP_
 def _decode_kernel(
     Q, K, V, OFFSET, CAP, NSINK, SPANS, O, M_PART, L_PART, O_PART,
     n_arg, sink, qk_scale, chunk, num_splits,
-    stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ob, stride_oh,
-    HKV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+    stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ob, stride_oh, HKV, GROUP,
+    GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, N_PTR: tl.constexpr, IEEE: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -125,8 +125,8 @@ def _decode_kernel(
 @triton.jit(do_not_specialize=["n_arg", "chunk", "num_splits"])
 def _reduce_kernel(
     M_PART, L_PART, O_PART, O, OFFSET, CAP, NSINK, SPANS,
-    n_arg, chunk, num_splits, stride_ob, stride_oh,
-    HQ: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+    n_arg, chunk, num_splits, stride_ob, stride_oh, HQ, GROUP,
+    GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     SPLITS_P: tl.constexpr, N_PTR: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -258,16 +258,16 @@ def decode_attention(
         q, k_cache, v_cache, offset, cap, n_sink, spans, out, m_part, l_part, o_part,
         n_arg, int(sink), scale * _LOG2E, chunk, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
-        HKV=hkv, GROUP=group, GROUP_P=group_p, HEAD_DIM=d, BLOCK_N=block_n,
+        v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), hkv, group,
+        GROUP_P=group_p, HEAD_DIM=d, BLOCK_N=block_n,
         SPLIT=splits > 1, N_PTR=n_ptr, IEEE=q.dtype == torch.float32,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         _reduce_kernel[(batch * hq,)](
             m_part, l_part, o_part, out, offset, cap, n_sink, spans,
-            n_arg, chunk, splits, out.stride(0), out.stride(1),
-            HQ=hq, GROUP=group, GROUP_P=group_p, HEAD_DIM=d,
+            n_arg, chunk, splits, out.stride(0), out.stride(1), hq, group,
+            GROUP_P=group_p, HEAD_DIM=d,
             SPLITS_P=max(2, triton.next_power_of_2(splits)), N_PTR=n_ptr,
             num_warps=4,
         )

@@ -74,8 +74,8 @@ def _prefill_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
-    sink, q_len, k_len, qk_scale,
-    HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    sink, q_len, k_len, qk_scale, HQ, GROUP,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Longest-running query blocks first is irrelevant for windows; keep launch order simple.
@@ -203,8 +203,8 @@ def prefill_attention(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        int(sink), q_len, k_len, scale * _LOG2E,
-        HQ=hq, GROUP=hq // hkv, HEAD_DIM=d,
+        int(sink), q_len, k_len, scale * _LOG2E, hq, hq // hkv,
+        HEAD_DIM=d,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IEEE=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

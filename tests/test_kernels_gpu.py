@@ -49,7 +49,7 @@ def prefill_cases(draw):
                 seed=draw(st.integers(0, 2**16)))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(prefill_cases())
 def test_gpu_prefill_matches_reference(c):
     from moa_plan.runtime.triton_prefill import prefill_attention
@@ -86,7 +86,7 @@ def decode_cases(draw):
                 n_tensor=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(decode_cases())
 def test_gpu_decode_matches_reference(c):
     from moa_plan.runtime.cache import LayerLayout, allocate, write_kv
