@@ -337,7 +337,10 @@ class Bench:
 
         pn, pi = pack(part)
         fn, fi = pack(full)
-        return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(q_len, k_len))
+        try:
+            return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(q_len, k_len))
+        except TypeError:  # older torch: no seq_lengths
+            return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod)
 
     # -- decode
     def decode_kernels(self, shape_name: str) -> None:
@@ -371,7 +374,7 @@ class Bench:
                 vf = torch.randn(gb, hkv, n, d, device=self.dev, dtype=dt)
                 qf = torch.randn(gb, hq, d, device=self.dev, dtype=dt)
                 # timing inputs: random caches, rotated so that L2 (50 MB) never holds them
-                copies = max(1, min(8, math.ceil(256e6 / dense_bytes)))
+                copies = max(1, min(64, math.ceil(256e6 / dense_bytes)))
                 kd = [torch.randn(batch, hkv, n, d, device=self.dev, dtype=dt) for _ in range(copies)]
                 vd = [torch.randn_like(kd[0]) for _ in range(copies)]
                 q = torch.randn(batch, hq, 1, d, device=self.dev, dtype=dt)
@@ -400,7 +403,7 @@ class Bench:
                     del kc, vc
                     read = decode_tokens_read(spans_l, caps, sink, n, group)
                     bytes_read = 2 * batch * sum(read) * d * 2
-                    mcopies = max(1, min(8, math.ceil(256e6 / max(1, 2 * batch * layout.slots * d * 2))))
+                    mcopies = max(1, min(64, math.ceil(256e6 / max(1, 2 * batch * layout.slots * d * 2))))
                     caches = [allocate(layout, batch, d, dt, device=self.dev) for _ in range(mcopies)]
                     for kc, vc in caches:
                         kc.normal_()
