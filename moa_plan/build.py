@@ -62,9 +62,8 @@ def uniform_plan(shape: ModelShape, density: float, length: int, sink: int = 64,
                 default=Rule(alpha=float(s), beta=0.0), provenance={})
     plan.provenance.update({
         "method": "uniform (StreamingLLM: sink + fixed window, beta 0)",
-        "length": length,
-        "target_density": density,
-        "achieved_density": plan.density(length),
+        "target_density": {str(length): density},
+        "achieved_density": {str(length): plan.density(length)},
         "span": s,
     })
     return plan

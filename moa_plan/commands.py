@@ -229,7 +229,7 @@ def cmd_uniform(args: argparse.Namespace) -> int:
     plan = build.uniform_plan(shape, args.density, n, sink=args.sink, block_size=args.block_size)
     write(args.out, io.plan_to_json(plan))
     print(f"wrote {args.out}: span {plan.provenance['span']} for every head, "
-          f"density {plan.provenance['achieved_density']:.6f} at N={n} (target {args.density})")
+          f"density {plan.density(n):.6f} at N={n} (target {args.density})")
     return 0
 
 

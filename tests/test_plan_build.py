@@ -34,8 +34,8 @@ def test_uniform_plan_is_the_largest_span_within_budget(shape, density, n, sink)
     assert plan.density(n) <= density
     if s < n:  # one more token of span would exceed the budget
         assert Fraction(semantics.visible_pairs(s + 1, sink, n), semantics.causal_pairs(n)) > Fraction(density)
-    assert plan.provenance["achieved_density"] == plan.density(n)
-    assert plan.provenance["target_density"] == density
+    assert plan.provenance["achieved_density"] == {str(n): plan.density(n)}
+    assert plan.provenance["target_density"] == {str(n): density}
 
 
 def test_uniform_plan_known_values():
