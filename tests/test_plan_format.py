@@ -218,3 +218,19 @@ def test_plan_models_reject_direct_construction_errors():
     with pytest.raises(PlanError):
         Plan(format_version=1, model={"num_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                                       "head_dim": 4})
+
+
+def _readme_block(marker: str) -> str:
+    text = (SPEC / "README.md").read_text()
+    after = text[text.index(f"<!-- {marker} -->"):]
+    return after[after.index("```json\n") + len("```json\n"):after.index("\n```")]
+
+
+def test_spec_readme_compact_example_expands_as_documented():
+    compact = plan_from_json(_readme_block("compact-example"))
+    assert plan_to_json(compact.expanded()) == _readme_block("expanded-example") + "\n"
+    assert compact.spans(100) == [[89, 96, 89, 89], [50, 50, 50, 100]]
+    assert compact.kv_spans(100) == [[96, 89], [50, 100]]
+    assert compact.kv_slots(100) == [[98, 91], [52, 100]]
+    assert round(compact.density(100), 5) == 0.90926
+    assert [round(d, 5) for d in compact.layer_densities(100)] == [0.99317, 0.82535]
