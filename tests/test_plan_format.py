@@ -223,7 +223,8 @@ def test_plan_models_reject_direct_construction_errors():
 def _readme_block(marker: str) -> str:
     text = (SPEC / "README.md").read_text()
     after = text[text.index(f"<!-- {marker} -->"):]
-    return after[after.index("```json\n") + len("```json\n"):after.index("\n```")]
+    body = after[after.index("```json\n") + len("```json\n"):]
+    return body[:body.index("\n```")]
 
 
 def test_spec_readme_compact_example_expands_as_documented():
