@@ -182,7 +182,10 @@ def span_map_png(plan: Plan, n: int, title: str) -> bytes:
     fig, ax = plt.subplots(figsize=(min(16, 2 + 0.35 * heads), min(14, 1.5 + 0.25 * len(spans))))
     try:
         image = ax.imshow(spans, aspect="auto", cmap="viridis", vmin=1, vmax=n, interpolation="nearest")
-        ax.set_xlabel("query head")
+        g = plan.model.group_size
+        for k in range(1, plan.model.num_key_value_heads if g > 1 else 0):
+            ax.axvline(k * g - 0.5, color="white", linewidth=0.8)  # GQA groups share a KV cache
+        ax.set_xlabel("query head" + (f" (white lines: groups of {g} sharing a KV head)" if g > 1 else ""))
         ax.set_ylabel("layer")
         ax.set_title(f"{title}\nspan at N={n} (density {plan.density(n):.3f}, sink {plan.sink})", fontsize=9)
         fig.colorbar(image, ax=ax, label="span (tokens)")
