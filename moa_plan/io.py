@@ -86,7 +86,7 @@ def plan_from_data(data: Any) -> Plan:
     if not isinstance(data, dict):
         raise PlanError([("", "a plan must be a JSON object")])
     version = data.get("format_version")
-    if "format_version" in data and version != FORMAT_VERSION:
+    if "format_version" in data and (type(version) is not int or version != FORMAT_VERSION):  # not True / 1.0
         raise PlanError([("format_version", f"unsupported version {version!r}; this moa-plan reads {FORMAT_VERSION}")])
     try:
         return Plan.model_validate(data)

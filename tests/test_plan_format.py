@@ -97,6 +97,8 @@ INVALID = [
     (_set(["layers", 0, "heads", 0, "gamma"], 1), "layers[0].heads[0].gamma", "unknown field"),
     (_set(["format_version"], 2), "format_version", "unsupported version 2; this moa-plan reads 1"),
     (_pop(["format_version"]), "format_version", "required field is missing"),
+    (_set(["format_version"], True), "format_version", "unsupported version True; this moa-plan reads 1"),
+    (_set(["format_version"], 1.0), "format_version", "unsupported version 1.0; this moa-plan reads 1"),
     (_pop(["model"]), "model", "required field is missing"),
     (_set(["model", "num_layers"], 0), "model.num_layers", "must be >= 1"),
     (_set(["model", "num_layers"], 5000), "model.num_layers", "must be <= 1024"),
