@@ -1,0 +1,107 @@
+"""PyTorch attention paths of the runtime against the dense reference; backend selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moa_plan.runtime import attention
+from moa_plan.runtime.attention import (cached_keys, chunk_attention, decode_attention, prefill_attention,
+                                        torch_prefill_attention)
+from moa_plan.runtime.cache import LayerLayout, allocate, write_kv
+from moa_plan.runtime.reference import reference_attention
+
+TOL = 1e-5  # float32, absolute and relative
+
+
+@st.composite
+def heads(draw, n: int):
+    hkv = draw(st.integers(1, 3))
+    group = draw(st.integers(1, 3))
+    spans = draw(st.lists(st.sampled_from([1, n]) | st.integers(1, n), min_size=hkv * group,
+                          max_size=hkv * group))
+    return hkv, group, torch.tensor(spans, dtype=torch.int32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_blockwise_prefill_matches_reference(data):
+    k_len = data.draw(st.integers(1, 70))
+    q_len = data.draw(st.integers(1, k_len))
+    hkv, group, spans = data.draw(heads(k_len))
+    sink = data.draw(st.sampled_from([0, 1, 4]) | st.integers(0, k_len + 3))
+    d = data.draw(st.sampled_from([4, 8, 16]))
+    batch = data.draw(st.integers(1, 2))
+    block = data.draw(st.sampled_from([1, 3, 7, 16, 512]))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q = torch.randn(batch, hkv * group, q_len, d, generator=g)
+    k = torch.randn(batch, hkv, k_len, d, generator=g)
+    v = torch.randn(batch, hkv, k_len, d, generator=g)
+    want = reference_attention(q, k, v, spans, sink)
+    got = torch_prefill_attention(q, k, v, spans, sink, block=block)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data())
+def test_chunk_over_cache_matches_reference(data):
+    """Prefill P positions into the static cache, then a chunk of T queries attends over cache ∪ chunk
+    (before the chunk is written) exactly as the reference over all P + T keys at N = P + T."""
+    n_max = data.draw(st.integers(2, 50))
+    total = data.draw(st.integers(2, n_max))
+    past = data.draw(st.integers(1, total - 1))
+    t = total - past
+    hkv, group, spans_nmax = data.draw(heads(n_max))
+    sink = data.draw(st.sampled_from([0, 2]) | st.integers(0, n_max))
+    # the cache must serve the spans used at every length up to n_max: size it from spans at n_max,
+    # and use spans at N = total that do not exceed them (spans never shrink as N grows)
+    spans = torch.minimum(spans_nmax, torch.tensor(total, dtype=torch.int32))
+    caps = [min(n_max, sink + int(spans_nmax[k * group:(k + 1) * group].max())) for k in range(hkv)]
+    layout = LayerLayout.from_caps(caps, sink, n_max)
+    d = data.draw(st.sampled_from([4, 8]))
+    batch = data.draw(st.integers(1, 2))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    q = torch.randn(batch, hkv * group, total, d, generator=g)
+    k = torch.randn(batch, hkv, total, d, generator=g)
+    v = torch.randn(batch, hkv, total, d, generator=g)
+    kc, vc = allocate(layout, batch, d, torch.float32)
+    write_kv(kc, vc, layout, k[:, :, :past], v[:, :, :past], 0)
+    cached = cached_keys(kc, vc, layout, past)
+    got = chunk_attention(q[:, :, past:], k[:, :, past:], v[:, :, past:], cached, past, spans, sink,
+                          block=data.draw(st.sampled_from([1, 4, 512])))
+    want = reference_attention(q[:, :, past:], k, v, spans, sink)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    # then writing the chunk and decoding one more position is also exact
+    write_kv(kc, vc, layout, k[:, :, past:], v[:, :, past:], past)
+    out = decode_attention(q[:, :, -1], kc, vc, layout, spans, sink, total)
+    torch.testing.assert_close(out, want[:, :, -1], atol=TOL, rtol=TOL)
+
+
+def test_prefill_dispatch_uses_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv(attention.BACKEND_ENV, raising=False)
+    q = torch.randn(1, 2, 5, 8)
+    k = torch.randn(1, 1, 5, 8)
+    spans = torch.tensor([2, 5], dtype=torch.int32)
+    torch.testing.assert_close(prefill_attention(q, k, k, spans, 1), reference_attention(q, k, k, spans, 1),
+                               atol=TOL, rtol=TOL)
+
+
+def test_backend_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(attention.BACKEND_ENV, "cuda-please")
+    with pytest.raises(ValueError, match="MOA_ATTENTION_BACKEND"):
+        attention.backend_setting()
+
+
+def test_forced_triton_without_kernels_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(attention.BACKEND_ENV, "triton")
+    monkeypatch.setitem(attention._kernels, "triton_prefill", None)
+    q = torch.randn(1, 1, 3, 8)
+    with pytest.raises(RuntimeError, match="triton_prefill"):
+        prefill_attention(q, q, q, torch.tensor([3], dtype=torch.int32), 0)
+
+
+def test_forced_torch_skips_kernels(monkeypatch):
+    monkeypatch.setenv(attention.BACKEND_ENV, "torch")
+    assert attention._use_triton("triton_prefill", torch.device("cuda")) is None

@@ -1,0 +1,251 @@
+"""End to end on tiny random transformers models: a planned model attends exactly as the plan says.
+
+The oracle is ``reference_attention`` (materialised plan mask) plugged into a copy of the same model
+as a test-only attention function; it reads spans from the plan itself (``Plan.spans(k_len)``).
+Tolerance: float32 everywhere, logits compared with atol = rtol = 1e-4 (TOL).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import (AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from moa_plan.io import save_plan
+from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, PlanError, Rule
+from moa_plan.runtime import MoACache, apply_plan, load_model
+from moa_plan.runtime.cache import memory_report
+from moa_plan.runtime.reference import reference_attention
+
+TOL = 1e-4
+REF = "moa_test_reference"
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+            bos_token_id=0, eos_token_id=None, pad_token_id=0)  # no EOS: every step generates
+SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+         "mistral": (MistralConfig, MistralForCausalLM)}
+
+
+def _reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    plan: Plan = module.ref_plan
+    spans = torch.tensor(plan.spans(key.shape[2])[module.layer_idx], dtype=torch.int32)
+    out = reference_attention(query, key, value, spans, plan.sink, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=None)
+def _base(arch: str) -> torch.nn.Module:
+    config_cls, model_cls = ARCHS[arch]
+    torch.manual_seed(1234)
+    return model_cls(config_cls(**TINY)).eval()
+
+
+def _clone(arch: str, attn: str = "sdpa") -> torch.nn.Module:
+    base = _base(arch)
+    config = copy.deepcopy(base.config)
+    config._attn_implementation = attn
+    model = type(base)(config).eval()
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _planned(arch: str) -> torch.nn.Module:
+    return _clone(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(arch: str) -> torch.nn.Module:
+    AttentionInterface.register(REF, _reference_forward)
+    model = _clone(arch)
+    model.set_attn_implementation(REF)
+    return model
+
+
+def _with_plan(arch: str, plan: Plan) -> tuple[torch.nn.Module, torch.nn.Module]:
+    model = apply_plan(_planned(arch), plan)
+    ref = _reference(arch)
+    for m in ref.modules():
+        if type(m).__name__.endswith("Attention"):
+            m.ref_plan = plan
+    return model, ref
+
+
+def _plan(rules: list[list[Rule]], sink: int) -> Plan:
+    return Plan(format_version=FORMAT_VERSION, model=SHAPE, sink=sink, layers=[Layer(heads=r) for r in rules])
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(1, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+rule_st = st.builds(Rule, alpha=st.integers(-4, 40).map(float),
+                    beta=st.sampled_from([0.0, 0.0, 0.1, 0.25, 0.6, 1.0]))
+plan_st = st.builds(_plan, st.lists(st.lists(rule_st, min_size=4, max_size=4), min_size=2, max_size=2),
+                    st.sampled_from([0, 1, 3, 10, 100]))
+
+
+def _assert_greedy_consistent(logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Generated tokens are the argmax of the oracle's logits wherever the top-2 gap is not a near-tie."""
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 10 * TOL
+    assert torch.equal(logits.argmax(-1)[clear], tokens[clear])
+
+
+# ---- (a) every span = N gives the dense model ------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dense_attn", ["eager", "sdpa"])
+def test_dense_plan_gives_dense_logits(arch, dense_attn):
+    dense = _clone(arch, dense_attn)
+    model = apply_plan(_planned(arch), "dense")
+    ids = _ids(2, 57)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=TOL, rtol=TOL)
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        ref = dense.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    assert isinstance(out.past_key_values, MoACache)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=TOL, rtol=TOL)
+
+
+# ---- (b) a random plan's logits equal the reference with the plan's mask ---------------------
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=plan_st, arch=st.sampled_from(["llama", "qwen2", "mistral"]), n=st.integers(1, 70))
+def test_random_plan_logits_equal_reference(plan, arch, n):
+    model, ref = _with_plan(arch, plan)
+    ids = _ids(2, n, seed=n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids, use_cache=False).logits, atol=TOL, rtol=TOL)
+
+
+# ---- (c) greedy generation through MoACache ---------------------------------------------------
+
+def test_generate_equals_full_forward_at_each_steps_n():
+    """Layer 0 has N-independent spans (beta 0, alpha <= prompt), layer 1 grows (beta > 0) and evicts
+    from its ring: step t's logits are then exactly those of a full reference forward at N = P + t."""
+    prompt, new = 30, 24
+    layer0 = [Rule(alpha=a, beta=0.0) for a in (1.0, 5.0, 12.0, 30.0)]
+    layer1 = [Rule(alpha=a, beta=b) for a, b in ((2.0, 0.1), (-3.0, 0.3), (4.0, 0.05), (0.0, 1.0))]
+    plan = _plan([layer0, layer1], sink=3)
+    model, ref = _with_plan("llama", plan)
+    ids = _ids(2, prompt, seed=7)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True, attention_mask=torch.ones_like(ids))
+        cache = out.past_key_values
+        assert isinstance(cache, MoACache) and cache.n_max == prompt + new
+        seq = out.sequences
+        assert seq.shape[1] == prompt + new
+        for t in range(new):
+            want = ref(seq[:, :prompt + t], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(out.logits[t], want, atol=TOL, rtol=TOL, msg=f"step {t}")
+            _assert_greedy_consistent(want, seq[:, prompt + t])
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=plan_st, chunks=st.lists(st.integers(1, 9), min_size=1, max_size=3), new=st.integers(1, 22))
+def test_cached_steps_equal_stepwise_reference(plan, chunks, new):
+    """Any plan (spans growing in every layer): prefill in chunks then decode through MoACache equals
+    the reference attention run call by call over transformers' dense DynamicCache (same N per call)."""
+    model, ref = _with_plan("llama", plan)
+    prompt = sum(chunks)
+    ids = _ids(1, prompt + new, seed=prompt)
+    cache = MoACache(model, prompt + new)
+    dyn = DynamicCache(config=ref.config)
+    with torch.no_grad():
+        start = 0
+        for size in [*chunks, *([1] * new)]:
+            piece = ids[:, start:start + size]
+            got = model(piece, past_key_values=cache).logits
+            want = ref(piece, past_key_values=dyn).logits
+            torch.testing.assert_close(got, want, atol=TOL, rtol=TOL, msg=f"positions {start}..{start + size - 1}")
+            start += size
+    assert cache.get_seq_length() == prompt + new
+
+
+def test_generate_beyond_the_cache_is_refused():
+    model, _ = _with_plan("llama", _plan([[Rule(alpha=4.0, beta=0.0)] * 4] * 2, sink=1))
+    cache = MoACache(model, 10)
+    with torch.no_grad(), pytest.raises(ValueError, match="n_max"):
+        model(_ids(1, 11), past_key_values=cache)
+
+
+# ---- (d) plans that do not fit; memory ----------------------------------------------------------
+
+def test_plan_that_does_not_fit_is_refused_with_location():
+    wrong = Plan(format_version=FORMAT_VERSION, sink=0, default=Rule(alpha=8.0, beta=0.0),
+                 model=ModelShape(num_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=16))
+    with pytest.raises(PlanError) as err:
+        apply_plan(_clone("llama"), wrong)
+    assert ("model.num_attention_heads", "is 8, the model has 4") in err.value.problems
+    assert ("model.num_layers", "is 3, the model has 2") in err.value.problems
+
+
+def test_memory_equals_the_plans_slots():
+    plan = _plan([[Rule(alpha=0.0, beta=0.5)] * 4, [Rule(alpha=6.0, beta=0.0)] * 4], sink=2)
+    model, _ = _with_plan("llama", plan)
+    ids = _ids(3, 40)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                             attention_mask=torch.ones_like(ids))
+    cache = out.past_key_values
+    n_max = 48
+    slots = sum(map(sum, plan.kv_slots(n_max)))  # layer 0: 2 + 24 per KV head; layer 1: 2 + 6
+    assert slots == 2 * 26 + 2 * 8
+    report = cache.memory_report()
+    assert report.slots == slots
+    assert cache.allocated_bytes() == report.bytes_allocated == slots * 2 * 3 * 16 * 4
+    assert report.bytes_dense == 2 * 2 * n_max * 2 * 3 * 16 * 4
+    assert report == memory_report(plan, n_max, 3, torch.float32)
+
+
+def test_padded_batch_is_refused():
+    model, _ = _with_plan("llama", _plan([[Rule(alpha=4.0, beta=0.0)] * 4] * 2, sink=1))
+    ids = _ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="equal-length prompts"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+def test_load_model_from_saved_dir_and_plan_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _clone("llama").save_pretrained(tmp_path / "model")
+    plan = _plan([[Rule(alpha=3.0, beta=0.2)] * 4, [Rule(alpha=-2.0, beta=0.5)] * 4], sink=2)
+    save_plan(plan, tmp_path / "plan.json")
+    model = load_model(tmp_path / "model", tmp_path / "plan.json", dtype=torch.float32)
+    assert model.moa_plan == plan
+    _, ref = _with_plan("llama", plan)
+    ids = _ids(1, 33)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        assert isinstance(out.past_key_values, MoACache)
+        want = ref(out.sequences[:, :33], use_cache=False).logits[:, -1]
+        torch.testing.assert_close(out.logits[0], want, atol=TOL, rtol=TOL)
+    # a planned model saved with save_pretrained keeps its plan in config.json
+    model.save_pretrained(tmp_path / "planned")
+    again = load_model(tmp_path / "planned", dtype=torch.float32)
+    assert again.moa_plan == plan
+
+
+def test_plan_strings():
+    model = apply_plan(_clone("llama"), "uniform:0.5@512")
+    assert model.moa_plan.model.num_attention_heads == 4
+    assert model.moa_plan.density(512) <= 0.5
+    with pytest.raises(PlanError, match="uniform"):
+        apply_plan(_clone("llama"), "uniform:half")
+    with pytest.raises(PlanError):
+        apply_plan(_clone("llama"), "no-such-plan.json")
