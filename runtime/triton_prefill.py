@@ -78,8 +78,9 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # Longest-running query blocks first is irrelevant for windows; keep launch order simple.
-    pid_m = tl.program_id(0)
+    # Last query blocks first: their windows are never clipped at 0, so the longest programs start
+    # first and the short ones fill the tail of the last wave.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
