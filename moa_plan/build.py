@@ -12,15 +12,15 @@ from fractions import Fraction
 from typing import Any
 
 from moa_plan import semantics
-from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, PlanError, Rule
+from moa_plan.plan import FORMAT_VERSION, MAX_LENGTH, Layer, ModelShape, Plan, PlanError, Rule
 
 MOA_REFERENCE_SINK = 64
 
 
 def uniform_span(density: float, length: int, sink: int) -> int:
     """Largest span whose exact density at ``length`` is <= ``density`` (PlanError if none is)."""
-    if not (isinstance(length, int) and length >= 1):
-        raise PlanError([("length", f"must be an integer >= 1, got {length!r}")])
+    if not (isinstance(length, int) and 1 <= length <= MAX_LENGTH):
+        raise PlanError([("length", f"must be an integer in [1, {MAX_LENGTH}], got {length!r}")])
     if not (isinstance(density, (int, float)) and math.isfinite(density) and 0 < density <= 1):
         raise PlanError([("density", f"must be in (0, 1], got {density!r}")])
     budget = Fraction(density) * semantics.causal_pairs(length)  # exact: pairs <= density * causal

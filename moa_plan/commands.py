@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moa_plan import build, io
 from moa_plan.cli import UserError, report
-from moa_plan.plan import ModelShape, Plan, PlanError
+from moa_plan.plan import MAX_LENGTH, ModelShape, Plan, PlanError
 
 DEFAULT_LENGTHS = (1024, 4096)
 MAX_REPORTED = 50  # problem lines per file; the rest are counted
@@ -28,8 +28,8 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if not 1 <= value <= MAX_LENGTH:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_LENGTH}], got {value}")
     return value
 
 

@@ -237,19 +237,22 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def shape_from_config(config: dict[str, Any]) -> ModelShape:
     """The attention shape of a transformers config (Llama-family field names, text_config aware)."""
-    config = config.get("text_config", config) or config
+    text_config = config.get("text_config")
+    config = text_config if isinstance(text_config, dict) and text_config else config
     try:
         heads = int(config["num_attention_heads"])
         layers = int(config["num_hidden_layers"])
         kv = int(config.get("num_key_value_heads") or heads)
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PlanError([("", f"model config lacks a usable attention shape ({exc})")]) from None
-    max_pos = config.get("max_position_embeddings")
-    name = config.get("_name_or_path") or None
+        max_pos = config.get("max_position_embeddings")
+        max_pos = int(max_pos) if max_pos else None
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+        raise PlanError([("", f"model config lacks a usable attention shape ({type(exc).__name__}: {exc})")]) from None
+    name = config.get("_name_or_path")
+    name = name if isinstance(name, str) and name else None
     try:
         return ModelShape(name=name, num_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                          head_dim=head_dim, max_position_embeddings=int(max_pos) if max_pos else None)
+                          head_dim=head_dim, max_position_embeddings=max_pos)
     except ValidationError as exc:
         raise PlanError([(f"model.{loc}", msg) for loc, msg in validation_problems(exc)]) from None
 

@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 # billions of heads.
 MAX_LAYERS = 1024
 MAX_HEADS = 1024
+MAX_LENGTH = 2**40  # sequence lengths stay far below 2**53, where alpha + beta*N stops being exact
 
 
 class PlanError(Exception):
@@ -71,7 +72,7 @@ class ModelShape(_Strict):
     num_attention_heads: int = Field(ge=1, le=MAX_HEADS, description="Query heads per layer.")
     num_key_value_heads: int = Field(ge=1, description="KV heads per layer; divides num_attention_heads (GQA).")
     head_dim: int = Field(ge=1, description="Size of one head's query / key vector.")
-    max_position_embeddings: int | None = Field(default=None, ge=1,
+    max_position_embeddings: int | None = Field(default=None, ge=1, le=MAX_LENGTH,
                                                 description="Longest context the model was trained for.")
 
     @model_validator(mode="after")

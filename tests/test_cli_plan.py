@@ -331,6 +331,18 @@ def test_fuzz_model_field_replaced(key, value):
     _validate_text(json.dumps(data).encode())
 
 
+@FUZZ
+@given(st.sampled_from(sorted(SMOLLM2_CONFIG) + ["text_config", "head_dim"]), json_values)
+def test_fuzz_model_config_field_replaced(key, value):
+    config = {**SMOLLM2_CONFIG, key: value}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write(Path(tmp) / "config.json", json.dumps(config))
+        code, out, err = run("validate", "--model", path, EXAMPLES[0])
+    assert "Traceback" not in err and code in (0, 1)
+    assert code == 0 or all(line.startswith(f"{path}: ") or line.startswith(f"{EXAMPLES[0]}: ")
+                            for line in err.splitlines())
+
+
 def test_deeply_nested_json_is_a_located_error(tmp_path):
     path = write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000)
     code, _, err = run("validate", path)
