@@ -365,3 +365,18 @@ def test_installed_console_script():
     bad = subprocess.run([exe, "validate", "/nonexistent/plan.json"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert bad.stderr == "/nonexistent/plan.json: cannot read: No such file or directory\n"
+
+
+def test_plan_commands_need_no_heavy_modules(tmp_path):
+    """The format-only install has pydantic and nothing else: block torch & co and run the CLI."""
+    code = ("import sys\n"
+            "for name in ('torch', 'transformers', 'triton', 'numpy', 'matplotlib', 'pyomo', 'tqdm'):\n"
+            "    sys.modules[name] = None\n"
+            "from moa_plan.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "u.json"
+    config = write(tmp_path / "config.json", json.dumps(SMOLLM2_CONFIG))
+    for argv in (["validate", *map(str, EXAMPLES)], ["uniform", "--model", str(config), "--density", "0.5", "--out", str(out)],
+                 ["show", str(out)], ["density", str(out), "--length", "100"], ["schema"]):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (argv, done.stderr)
