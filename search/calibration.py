@@ -210,13 +210,20 @@ def build(model_dir: str | os.PathLike, out: str | os.PathLike, lengths: list[in
                 "text": str(Path(text).resolve()) if text else None, "supervision": "dense greedy answer"}
     out = Path(out)
     done: list[dict[str, Any]] = []
+    old: dict[str, Any] = {}
     if out.exists() and not overwrite:
         old, done = load_dataset(out)
-        same = {k: v for k, v in old.items() if k != "chat_template"} == settings
+        # the sample count and lengths may change (samples are keyed by length and index); the rest may not
+        loose = ("chat_template", "samples_per_length", "lengths")
+        same = all(old.get(k) == v for k, v in settings.items() if k not in loose)
         if not same:
             raise PlanError([("--out", f"{out} exists with different settings; pass --overwrite or another --out")])
-    todo = [s for s in sample_plan(settings) if s["id"] not in {d["id"] for d in done}]
+    wanted = sample_plan(settings)
+    keep = {s["id"] for s in wanted}
+    done = [d for d in done if d["id"] in keep]
+    todo = [s for s in wanted if s["id"] not in {d["id"] for d in done}]
     if not todo:
+        _write(out, {**settings, "chat_template": bool(old.get("chat_template"))}, done)
         return out
     import torch
 

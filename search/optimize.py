@@ -90,7 +90,10 @@ def make_solver(name: str) -> Any:
     import logging
 
     import pyomo.environ  # noqa: F401 - registers the solver plugins
+    from pyomo.common import Executable
     from pyomo.opt import SolverFactory
+
+    Executable.rehash()  # look the solver programs up on the current PATH, not a cached one
 
     pyomo_name = SOLVER_ALIASES.get(name, name)
     log = logging.getLogger("pyomo")

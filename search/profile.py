@@ -14,6 +14,7 @@ sample). Both are rewritten atomically after every sample: an interrupted run re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -61,6 +62,12 @@ def load_profile(path: str | os.PathLike) -> Profile:
     if missing:
         raise PlanError([("--profile", f"{path}: samples {missing[:3]} lack influence tensors")])
     return Profile(meta, diags)
+
+
+def _fingerprint(sample: dict[str, Any]) -> str:
+    """Hash of a calibration sample's tokens: a resumed profile reuses only unchanged samples."""
+    blob = json.dumps([sample["prompt_ids"], sample["answer_ids"]]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], recorder: Any) -> tuple[float, Any]:
@@ -114,15 +121,21 @@ def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
                           "(A_ij (S_i - G_ij) / (1 - A_ij)); diag[d] sums it over i - j = d, j >= sink"}
     meta: dict[str, Any] = {**base, "samples": [], "seconds": 0.0}
     diags: dict[str, Any] = {}
+    strict = ("model", "model_shape", "sink")
     if (out / META).is_file() and not overwrite:
         old = load_profile(out)
-        same = {k: old.meta.get(k) for k in base} == base
-        if not same:
-            raise PlanError([("--out", f"{out} holds a profile with other settings; pass --overwrite or another --out")])
-        meta, diags = old.meta, old.diags
+        if any(old.meta.get(k) != base[k] for k in strict):
+            raise PlanError([("--out", f"{out} holds a profile with another model or sink; "
+                              "pass --overwrite or another --out")])
+        # keep the profiled samples that are still in the data, unchanged (same fingerprint)
+        prints = {s["id"]: _fingerprint(s) for s in samples}
+        kept = [m for m in old.meta["samples"] if prints.get(m["id"]) == m.get("fingerprint")]
+        meta = {**base, "samples": kept, "seconds": old.meta.get("seconds", 0.0)}
+        diags = {m["id"]: old.diags[m["id"]] for m in kept}
     done = {s["id"] for s in meta["samples"]}
     todo = [s for s in samples if s["id"] not in done]
     if not todo:
+        _save(out, meta, diags)
         return out
     influence.register_attention()
     model, _ = model_mod.load(model_dir, attn_implementation=influence.ATTN_NAME)
@@ -134,7 +147,8 @@ def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
         loss, diag = profile_sample(model, s["prompt_ids"], s["answer_ids"], recorder)
         diags[s["id"]] = diag
         meta["samples"].append({"id": s["id"], "task": s.get("task"), "length": s["length"],
-                                "n_tokens": len(s["prompt_ids"]) + len(s["answer_ids"]), "loss": loss})
+                                "n_tokens": len(s["prompt_ids"]) + len(s["answer_ids"]), "loss": loss,
+                                "seconds": round(time.perf_counter() - t0, 2), "fingerprint": _fingerprint(s)})
         meta["seconds"] = meta.get("seconds", 0.0) + time.perf_counter() - t0
         _save(out, meta, diags)
     return out

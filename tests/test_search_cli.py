@@ -1,0 +1,142 @@
+"""`moa-plan search / calibrate / profile / optimize` end to end on a tiny random Llama (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("pyomo")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from search_tiny import char_tokenizer, save_tiny  # noqa: E402
+
+from moa_plan.cli import main  # noqa: E402
+from moa_plan.io import load_plan  # noqa: E402
+from moa_plan.search import calibration  # noqa: E402
+
+needs_glpk = pytest.mark.skipif(shutil.which("glpsol") is None, reason="glpsol (GLPK) not installed")
+
+COMMON = ["--samples", "1", "--sink", "16", "--block-size", "16", "--max-answer-tokens", "4", "--chunk", "64",
+          "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@needs_glpk
+def test_search_end_to_end(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(["search", "--model", str(tiny_dir), "--density", "0.5", "--lengths", "256,512",
+               "--validation-length", "768", "--out", str(out), *COMMON])
+    assert rc == 0, capsys.readouterr().err
+    assert main(["validate", str(out)]) == 0
+    plan = load_plan(out)
+    prov = plan.provenance
+    for n in (256, 512, 768):  # every profiled length within budget, by the plan's own exact density
+        assert plan.density(n) <= 0.5
+        assert prov["achieved_density"][str(n)] == pytest.approx(plan.density(n), abs=1e-7)
+    rules = {(r.alpha, r.beta) for layer in plan.rules() for r in layer}
+    assert len(rules) > 1, "plan should be heterogeneous across heads"
+    assert prov["budget"] == {"256": 0.5, "512": 0.5}
+    assert set(prov["estimated_loss"]) == {"256", "512", "768"}
+    assert prov["solver"]["name"] == "glpk" and prov["solver"]["termination"] == "optimal"
+    assert prov["selection"]["rule"].startswith("lowest estimated loss at the held-out validation length 768")
+    chosen = prov["selection"]["pareto"][prov["selection"]["chosen_index"]]
+    assert all(chosen["loss"]["768"] <= p["loss"]["768"] for p in prov["selection"]["pareto"])
+    assert (tmp_path / "plan.pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "plan.spans.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the profile is reused: another budget, GQA mode and a rule cap are a cheap optimize call
+    work = tmp_path / "plan.json.work"
+    out2 = tmp_path / "plan25.json"
+    rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.3", "--validation-length", "768",
+               "--gqa", "--max-rules-per-layer", "2", "--out", str(out2), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    plan2 = load_plan(out2)
+    for n in (256, 512, 768):
+        assert plan2.density(n) <= 0.3
+    for layer in plan2.rules():
+        assert len({(r.alpha, r.beta) for r in layer}) <= 2
+        g = plan2.model.group_size
+        for kv in range(plan2.model.num_key_value_heads):
+            assert len({(r.alpha, r.beta) for r in layer[kv * g:(kv + 1) * g]}) == 1
+
+    # infeasible budget: exit 1, one line naming the smallest achievable density, no plan written
+    capsys.readouterr()
+    out3 = tmp_path / "never.json"
+    rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.01", "--validation-length", "768",
+               "--out", str(out3), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "smallest achievable density" in err and "Traceback" not in err
+    assert not out3.exists()
+
+    # missing solver: exit 1 with a clear line
+    rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.5", "--solver", "nosuchsolver",
+               "--out", str(out3), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "solver 'nosuchsolver' is not installed" in err
+
+
+def test_bad_model_folder_is_one_line(tmp_path, capsys):
+    rc = main(["calibrate", "--model", str(tmp_path / "nope"), "--lengths", "256", "--out", str(tmp_path / "c.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "is not a folder" in err and "Traceback" not in err
+
+
+def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatch):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("alpha beta gamma " * 200)
+    (docs / "b.jsonl").write_text(json.dumps({"text": "one two three " * 200, "question": "Which word comes first?"})
+                                  + "\n")
+    out = tmp_path / "calib.jsonl"
+    calibration.build(tiny_dir, out, [300], 4, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
+                      progress=False)
+    settings, samples = calibration.load_dataset(out)
+    assert settings["lengths"] == [300] and settings["chat_template"] is False
+    assert [s["task"] for s in samples] == ["kv", "copy", "text", "kv"]
+    tok = char_tokenizer()
+    for s in samples:
+        assert s["n_tokens"] == len(s["prompt_ids"]) + len(s["answer_ids"]) <= 300
+        assert len(s["prompt_ids"]) > 250  # filled close to the target
+        assert 1 <= len(s["answer_ids"]) <= 3
+    assert "Which word comes first?" in tok.decode(samples[2]["prompt_ids"]) or samples[2]["question"]
+
+    # resuming never reloads the model when everything is done
+    from moa_plan.search import model as model_mod
+
+    monkeypatch.setattr(model_mod, "load", lambda *a, **k: pytest.fail("model reloaded on resume"))
+    calibration.build(tiny_dir, out, [300], 4, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
+                      progress=False)
+    # a different seed is refused instead of silently mixing datasets
+    from moa_plan.plan import PlanError
+
+    with pytest.raises(PlanError):
+        calibration.build(tiny_dir, out, [300], 4, ["kv", "copy"], seed=2, max_answer_tokens=3, text=str(docs),
+                          progress=False)
+
+
+def test_task_answers_lie_far_back():
+    import random
+
+    for name, fn in calibration._SYNTHETIC.items():
+        context, question = fn(random.Random(0), 90)
+        lines = context.splitlines()
+        if name == "kv":
+            key = question.split("key ")[1].split("?")[0]
+            pos = next(i for i, line in enumerate(lines) if key in line)
+        elif name == "multihop":
+            var = question.split("what number is ")[1].split(" ")[0]
+            pos = next(i for i, line in enumerate(lines) if line.startswith(var + " ="))
+        else:
+            num = question.split("passage ")[1].split(" ")[0]
+            pos = next(i for i, line in enumerate(lines) if line.startswith(f"Passage {num}:"))
+        assert pos <= len(lines) // 3 + 1, name

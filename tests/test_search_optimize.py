@@ -1,0 +1,154 @@
+"""The Pyomo optimiser against brute-force enumeration, and its error paths."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import shutil
+
+import pytest
+
+pytest.importorskip("pyomo")
+
+from moa_plan import semantics  # noqa: E402
+from moa_plan.plan import PlanError  # noqa: E402
+from moa_plan.search import optimize as opt  # noqa: E402
+from moa_plan.search.rules import candidate_grid, density_table  # noqa: E402
+
+needs_glpk = pytest.mark.skipif(shutil.which("glpsol") is None, reason="glpsol (GLPK) not installed")
+
+
+def _instance(seed: int, units: int = 4, rules: int = 4, lengths=(64, 128),
+              cap: int | None = None, weight=None, layer=None) -> opt.Instance:
+    rng = random.Random(seed)
+    cands = candidate_grid(list(lengths), 16, 0.25)
+    cands = rng.sample(cands, rules)
+    dens = density_table(cands, 8, list(lengths))
+    # structured costs: sparser rules cost more, with per-unit noise
+    cost = [[[(1 - dens[r][k]) * rng.uniform(0.1, 2.0) + rng.uniform(-0.05, 0.05) for k in range(len(lengths))]
+             for r in range(rules)] for _ in range(units)]
+    inst = opt.Instance(cost=cost, dens=dens, weight=weight or [1] * units,
+                        layer=layer or [u // 2 for u in range(units)], lengths=list(lengths),
+                        objectives=list(range(len(lengths))), budgets={}, max_rules_per_layer=cap)
+    # budgets met by one feasible plan (one rule everywhere, so the cap holds too), binding for others
+    r0 = rng.randrange(rules)
+    inst.budgets = {k: inst.density([r0] * units, k) + 1e-6 for k in range(len(lengths))}
+    return inst
+
+
+def _brute(inst: opt.Instance, weights, scales):
+    best, best_assign = float("inf"), None
+    for assign in itertools.product(range(len(inst.dens)), repeat=len(inst.cost)):
+        if any(inst.density(list(assign), k) > b * (1 - opt.DENSITY_SLACK) for k, b in inst.budgets.items()):
+            continue
+        if inst.max_rules_per_layer is not None:
+            per_layer = {}
+            for u, r in enumerate(assign):
+                per_layer.setdefault(inst.layer[u], set()).add(r)
+            if any(len(s) > inst.max_rules_per_layer for s in per_layer.values()):
+                continue
+        val = sum(w * inst.loss(list(assign), k) / scales[k] for w, k in zip(weights, inst.objectives))
+        if val < best:
+            best, best_assign = val, assign
+    return best, best_assign
+
+
+@needs_glpk
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("cap", [None, 1])
+def test_weighted_solves_match_brute_force(seed, cap):
+    inst = _instance(seed, cap=cap)
+    scales = opt.objective_scales(inst)
+    for w in opt.weight_grid(len(inst.objectives), 2):
+        sol = opt.solve(inst, w, "glpk")
+        want, _ = _brute(inst, w, scales)
+        got = sum(wk * sol.losses[k] / scales[k] for wk, k in zip(w, inst.objectives))
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+        for k, b in inst.budgets.items():
+            assert sol.densities[k] <= b
+        assert sol.termination == "optimal" and sol.gap == pytest.approx(0.0, abs=1e-6)
+        if cap is not None:
+            assert len(set(sol.assign[:2])) <= cap and len(set(sol.assign[2:])) <= cap
+
+
+@needs_glpk
+def test_group_weights_and_pareto_front_are_non_dominated():
+    inst = _instance(11, units=3, rules=5, lengths=(64, 128, 256), weight=[2, 1, 3], layer=[0, 0, 1])
+    front, solves = opt.pareto(inst, "glpk", steps=3, progress=False)
+    assert front and len(solves) == len(opt.weight_grid(3, 3))
+    for a in front:
+        for b in front:
+            if a is not b:
+                assert not all(b.losses[k] <= a.losses[k] for k in inst.objectives) or \
+                    all(b.losses[k] == a.losses[k] for k in inst.objectives)
+    scales = opt.objective_scales(inst)
+    for s in solves:
+        want, _ = _brute(inst, s.weights, scales)
+        got = sum(w * s.losses[k] / scales[k] for w, k in zip(s.weights, inst.objectives))
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+def test_highs_matches_glpk_when_installed():
+    pytest.importorskip("highspy")
+    if shutil.which("glpsol") is None:
+        pytest.skip("glpsol not installed")
+    inst = _instance(3, units=5, rules=4)
+    a = opt.solve(inst, [0.5, 0.5], "glpk")
+    b = opt.solve(inst, [0.5, 0.5], "highs")
+    assert a.losses[0] + a.losses[1] == pytest.approx(b.losses[0] + b.losses[1], rel=1e-6)
+
+
+def test_infeasible_budget_names_smallest_density():
+    inst = _instance(0)
+    k = 1
+    lo = opt.min_density(inst, k)
+    inst.budgets[k] = lo / 2
+    with pytest.raises(PlanError) as err:
+        opt.solve(inst, [0.5, 0.5], "glpk")
+    loc, msg = err.value.problems[0]
+    assert "128" in loc and f"{lo:.4f}" in msg and "infeasible" in msg
+
+
+@needs_glpk
+def test_jointly_infeasible_budgets_report_solver_infeasible():
+    # two rules: one sparse at the short length only, one sparse at the long length only
+    a, b = (96.0, 0.0), (0.0, 0.25)
+    lengths = [128, 1024]
+    dens = [[semantics.head_density(x, y, 0, n) for n in lengths] for x, y in (a, b)]
+    inst = opt.Instance(cost=[[[0.0, 0.0], [0.0, 0.0]]], dens=dens, weight=[1], layer=[0], lengths=lengths,
+                        objectives=[0, 1], budgets={0: min(r[0] for r in dens) + 1e-6, 1: min(r[1] for r in dens) + 1e-6})
+    assert dens[0][0] != dens[1][0]
+    with pytest.raises(PlanError) as err:
+        opt.solve(inst, [0.5, 0.5], "glpk")
+    assert "cannot be met together" in str(err.value)
+
+
+def test_missing_solver_is_a_clear_error(monkeypatch):
+    with pytest.raises(PlanError) as err:
+        opt.make_solver("no_such_solver_xyz")
+    assert err.value.problems[0][0] == "--solver" and "no_such_solver_xyz" in err.value.problems[0][1]
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(PlanError) as err:
+        opt.make_solver("glpk")
+    assert "glpsol" in err.value.problems[0][1]
+
+
+@needs_glpk
+def test_time_limit_keeps_a_feasible_plan():
+    inst = _instance(5, units=6, rules=4)
+    sol = opt.solve(inst, [0.5, 0.5], "glpk", time_limit=5)
+    assert len(sol.assign) == 6
+    for k, b in inst.budgets.items():
+        assert sol.densities[k] <= b
+
+
+def test_candidate_grid_validity():
+    lengths = [256, 512, 1024]
+    cands = candidate_grid(lengths, 64, 0.1)
+    assert cands
+    for c in cands:
+        assert c.alpha % 64 == 0 and 0 <= c.beta <= 1
+        assert c.alpha + c.beta * 256 >= 1
+        assert all(c.alpha + c.beta * n <= n for n in lengths)
+    keys = [tuple(c.span(n) for n in lengths) for c in cands]
+    assert len(keys) == len(set(keys))
