@@ -1,4 +1,4 @@
-"""Tiny random Llama + character tokenizer for the search tests (built in code, no downloads)."""
+"""Tiny random Llama + character tokenizer for the search tests (built in code, no downloads); no tests here."""
 
 from __future__ import annotations
 
