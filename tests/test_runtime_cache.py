@@ -43,7 +43,7 @@ def cache_cases(draw):
     return plan, n_max, prompt, batch, seed
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(cache_cases())
 def test_prefill_then_decode_matches_reference(case):
     plan, n_max, prompt, batch, seed = case
