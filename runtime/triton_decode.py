@@ -175,10 +175,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan_splits(batch: int, hkv: int, max_tokens: int, block_n: int, sms: int) -> tuple[int, int]:
-    """(number of splits, chunk tokens): enough programs for ~4 waves, chunks of >= 2 blocks."""
+    """(number of splits, chunk tokens) along the cache.
+
+    Enough programs for about two waves (small batch x heads), and chunks of at most ~1024 tokens
+    even when the batch alone fills the GPU: KV groups of a heterogeneous plan read 3x different
+    lengths, and short chunks even out the work per program. Chunks are >= 2 blocks. (Tuned on an
+    H100 sweep; see evals/results/perf-notes.md.)
+    """
     blocks = max(1, triton.cdiv(max_tokens, block_n))
-    want = max(1, triton.cdiv(4 * sms, max(1, batch * hkv)))
-    splits = max(1, min(want, triton.cdiv(blocks, 2), 128))
+    fill = triton.cdiv(2 * sms, max(1, batch * hkv))
+    balance = triton.cdiv(max_tokens, 1024)
+    splits = max(1, min(max(fill, balance), triton.cdiv(blocks, 2), 128))
     chunk = triton.cdiv(blocks, splits) * block_n
     splits = triton.cdiv(max(1, max_tokens), chunk)
     return splits, chunk

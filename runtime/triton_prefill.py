@@ -41,17 +41,18 @@ def _block_range(
             qk = tl.dot(q, kt, input_precision="ieee")
         else:
             qk = tl.dot(q, kt)
-        qk = qk * qk_scale
         if MASK:
+            qk = qk * qk_scale
             diff = rows[:, None] - cols[None, :]
             seen = (diff >= 0) & ((cols[None, :] < sink) | (diff < span)) & (cols[None, :] < k_len)
             qk = tl.where(seen, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_use[:, None])
+        else:  # scale folded into one FMA per score (fp32), as in the Triton fused-attention tutorial
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
