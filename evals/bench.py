@@ -822,12 +822,15 @@ class RandomDecoder:
                 return decode_attention(q, kk, vv, lay.offset, lay.cap, lay.n_sink, spans[li], plan.sink, n_dev,
                                         max_cap=max(lay.caps))
             kv_bytes = sum(t.numel() * 2 for c in caches for t in c)
+            plan_bytes = 2 * sum(sum(c) for c in plan.kv_slots(ctx)) * d * 2 * batch
+            if kv_bytes != plan_bytes:
+                raise RuntimeError(f"MoA cache holds {kv_bytes} bytes, the plan's slots {plan_bytes}")
         ms = _graph_time([lambda: self._step(tokens, attend)], reps=steps, inner=1)
         if not bool((tokens >= 0).all() and (tokens < s["vocab"]).all()):
             raise RuntimeError("decode produced invalid tokens")
         peak = torch.cuda.max_memory_allocated()
         return {"batch": batch, "ms_per_step": round(ms, 3), "tok_s": round(batch * 1000 / ms, 1),
-                "kv_cache_GB": round(kv_bytes / 1e9, 3), "peak_GB": round(peak / 1e9, 2),
+                "kv_cache_GB": round(kv_bytes / 1e9, 3), "kv_cache_bytes": kv_bytes, "peak_GB": round(peak / 1e9, 2),
                 "peak_bytes_per_context_token": round((peak - base) / (batch * ctx), 1)}
 
 

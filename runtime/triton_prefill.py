@@ -11,6 +11,7 @@ pair may be hidden (the sink/window edges, the diagonal, the end of the keys) pa
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -142,7 +143,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def default_config(head_dim: int, dtype: torch.dtype, q_len: int) -> dict[str, int]:
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_config(head_dim: int, dtype: torch.dtype, q_len: int, programs128: int = 1 << 30,
+                   sms: int = 132) -> dict[str, int]:
     """Block sizes and warps for Hopper (H100/H200); small blocks for short inputs and the CPU."""
     if _interpreting():
         bm = max(16, min(64, triton.next_power_of_2(q_len)))
@@ -150,10 +157,13 @@ def default_config(head_dim: int, dtype: torch.dtype, q_len: int) -> dict[str, i
     big = head_dim * (4 if dtype == torch.float32 else 2)
     if big > 256:  # fp32 with D >= 128, or D = 256: keep shared memory in bounds
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    bm = 128 if q_len > 64 else 64
+    # 128-row query blocks (8 warps) once there are >= ~16 waves of them; below that, 64-row blocks
+    # (4 warps) halve the tail of the last wave (H100 sweep: 4k at 50% density 0.226 -> 0.201 ms).
+    if q_len <= 64 or programs128 < 16 * sms:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     if head_dim <= 64:
-        return {"BLOCK_M": bm, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": bm, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
 def prefill_attention(
@@ -195,7 +205,8 @@ def prefill_attention(
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     spans = spans.to(device=q.device, dtype=torch.int32).contiguous()
-    cfg = dict(default_config(d, q.dtype, q_len))
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 132
+    cfg = dict(default_config(d, q.dtype, q_len, triton.cdiv(q_len, 128) * batch * hq, sms))
     if config:
         cfg.update(config)
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)
