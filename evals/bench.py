@@ -661,13 +661,13 @@ class Bench:
             q = torch.randn(1, hq, n, d, device=self.dev, dtype=torch.bfloat16)
             k = torch.randn(1, hkv, n, d, device=self.dev, dtype=torch.bfloat16)
             v = torch.randn_like(k)
-            for bm, bn, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+            for bm, bn, w, st in [(0, 0, 0, 0), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
                                   (128, 64, 8, 4), (128, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3),
                                   (128, 64, 8, 2), (64, 32, 4, 3)]:
                 if self.over_budget():
                     break
-                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-                name = f"prefill/n{n}/moa0.5/{bm}x{bn}w{w}s{st}"
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st} if bm else None
+                name = f"prefill/n{n}/moa0.5/{bm}x{bn}w{w}s{st}" if bm else f"prefill/n{n}/moa0.5/default"
                 try:
                     ms = _bench_time(lambda: prefill_attention(q, k, v, spans, sink, config=cfg), rep_ms=100)
                     out[name] = round(ms, 4)
