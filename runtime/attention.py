@@ -11,7 +11,9 @@ Three cases (layouts as ``reference_attention``; spans are the layer's spans at 
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 import os
 from types import ModuleType
@@ -111,8 +113,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      scale: float | None = None) -> torch.Tensor:
     """One decode step q [B,Hq,D] -> [B,Hq,D] over the static cache at total length n."""
     module = _use_triton("triton_decode", q.device)
-    fn = module.decode_attention if module is not None else torch_decode_attention
-    return fn(q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans, sink, n, scale)
+    if module is None:
+        return torch_decode_attention(q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans,
+                                      sink, n, scale)
+    extra = {"max_cap": max(layout.caps)} if _takes_max_cap(module.decode_attention) else {}  # no host sync
+    return module.decode_attention(q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans, sink,
+                                   n, scale, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_max_cap(fn) -> bool:
+    return "max_cap" in inspect.signature(fn).parameters
 
 
 def cached_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, layout: LayerLayout,
