@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"heads": len(inst.cost), "rules": len(cands), "lengths": inst.lengths,
                       "binaries": len(inst.cost) * len(cands), "solver": args.solver, "weights": w,
                       "max_rules_per_layer": args.max_rules_per_layer,
-                      "termination": sol.termination, "status": sol.status, "gap": sol.gap,
+                      "termination": sol.termination, "status": sol.status, "gap": sol.gap, "gap_source": sol.gap_source,
                       "solver_seconds": round(sol.seconds, 2), "solve_call_seconds": round(total, 2),
                       "model_build_seconds": round(t_build, 2), "instance_seconds": round(t_inst, 2),
                       "densities": {str(inst.lengths[k]): round(v, 4) for k, v in sol.densities.items()}}))

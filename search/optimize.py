@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from moa_plan.plan import PlanError
@@ -62,6 +66,7 @@ class Solution:
     seconds: float
     losses: dict[int, float] = field(default_factory=dict)
     densities: dict[int, float] = field(default_factory=dict)
+    gap_source: str = "solver"
 
 
 def min_density(inst: Instance, k: int) -> float:
@@ -223,13 +228,24 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
     m = model or build_model(inst)
     _set_objective(m, inst, weights, objective_scales(inst))
     kwargs = _apply_limits(opt, SOLVER_ALIASES.get(solver, solver), time_limit, mip_gap)
+    log = None
+    if solver == "glpk":  # keep glpsol's log: it holds the branch-and-bound gap Pyomo does not parse
+        fd, log = tempfile.mkstemp(prefix="moa-glpk-", suffix=".log")
+        os.close(fd)
+        kwargs["logfile"] = log
     t0 = time.perf_counter()
     try:
         results = opt.solve(m, load_solutions=False, **kwargs)
+        log_text = Path(log).read_text(errors="replace") if log else ""
     except RuntimeError as exc:  # e.g. appsi raising on infeasible with load_solutions
         raise PlanError([("solver", f"{solver} failed: {exc}")]) from None
+    finally:
+        if log:
+            Path(log).unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     term = results.solver.termination_condition
+    if log_text and "TIME LIMIT EXCEEDED" in log_text:
+        term = TC.maxTimeLimit
     if term in (TC.infeasible, TC.infeasibleOrUnbounded):
         lows = ", ".join(f"{inst.lengths[k]}: {min_density(inst, k):.4f}" for k in sorted(inst.budgets))
         raise PlanError([("density", f"the budgets {dict((inst.lengths[k], b) for k, b in inst.budgets.items())} "
@@ -250,8 +266,16 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
     gap = _gap(results)
     if term == TC.optimal and gap is None:
         gap = 0.0
+    if gap is None and log_text:
+        gap = glpk_log_gap(log_text)
+    gap_source = "solver"
+    if gap is None:  # a valid (weaker) bound every solver can give: the LP relaxation
+        bound = lp_bound(inst, weights, opt)
+        value = pyo.value(m.obj)
+        if bound is not None:
+            gap, gap_source = abs(value - bound) / max(abs(value), 1e-12), "LP relaxation"
     sol = Solution(assign=assign, weights=list(weights), status=str(results.solver.status),
-                   termination=str(term), gap=gap, seconds=seconds)
+                   termination=str(term), gap=gap, seconds=seconds, gap_source=gap_source)
     for k in range(len(inst.lengths)):
         sol.losses[k] = inst.loss(assign, k)
         sol.densities[k] = inst.density(assign, k)
@@ -286,6 +310,36 @@ def pareto(inst: Instance, solver: str = "glpk", steps: int = 4, time_limit: flo
     front = [a for a in cands if not any(dominated(a, b) for b in cands if b is not a)]
     front.sort(key=lambda s: [s.losses[k] for k in inst.objectives])
     return front, solves
+
+
+_GLPK_MIP = re.compile(r"mip =\s+([-+0-9.eE]+)\s+[<>]=\s+([-+0-9.eE]+)\s")
+
+
+def glpk_log_gap(text: str) -> float | None:
+    """Relative gap |incumbent - bound| / |incumbent| of glpsol's last branch-and-bound line, if any."""
+    found = _GLPK_MIP.findall(text)
+    if not found:
+        return None
+    try:
+        inc, bound = float(found[-1][0]), float(found[-1][1])
+    except ValueError:
+        return None
+    return abs(inc - bound) / max(abs(inc), 1e-12)
+
+
+def lp_bound(inst: Instance, weights: list[float], opt: Any) -> float | None:
+    """Optimal value of the LP relaxation of the weighted problem (a lower bound), or None."""
+    import pyomo.environ as pyo
+
+    m = build_model(inst)
+    pyo.TransformationFactory("core.relax_integer_vars").apply_to(m)
+    _set_objective(m, inst, weights, objective_scales(inst))
+    try:
+        res = opt.solve(m, load_solutions=False)
+        m.solutions.load_from(res)
+        return float(pyo.value(m.obj))
+    except Exception:  # noqa: BLE001 - a bound is optional information
+        return None
 
 
 def solver_path(name: str) -> str | None:

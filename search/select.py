@@ -136,6 +136,7 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
         "achieved_density": lmap(best.densities),
         "estimated_loss": lmap(best.losses),
         "solver": {"name": solver, "status": best.status, "termination": best.termination, "gap": best.gap,
+                   "gap_source": best.gap_source,
                    "time_limit_s": time_limit, "mip_gap": mip_gap,
                    "solve_seconds_total": round(sum(s.seconds for s in solves), 3), "solves": len(solves)},
         "selection": {"rule": how, "chosen_index": chosen, "weights": best.weights, "pareto_size": len(front),

@@ -152,3 +152,23 @@ def test_candidate_grid_validity():
         assert all(c.alpha + c.beta * n <= n for n in lengths)
     keys = [tuple(c.span(n) for n in lengths) for c in cands]
     assert len(keys) == len(set(keys))
+
+
+def test_glpk_log_gap_parsing():
+    log = ("+   918: mip =     not found yet >=              -inf        (1; 0)\n"
+           "+  1330: mip =   2.625092121e-01 >=   2.623486206e-01 < 0.1% (205; 8)\n"
+           "+  1682: mip =   2.624331740e-01 >=   2.623510251e-01 < 0.1% (322; 140)\n"
+           "TIME LIMIT EXCEEDED; SEARCH TERMINATED\n")
+    assert opt.glpk_log_gap(log) == pytest.approx((2.624331740e-01 - 2.623510251e-01) / 2.624331740e-01)
+    assert opt.glpk_log_gap("no branch and bound here") is None
+
+
+@needs_glpk
+def test_lp_relaxation_bounds_the_optimum():
+    inst = _instance(4, units=5, rules=4)
+    w = [0.5, 0.5]
+    sol = opt.solve(inst, w, "glpk")
+    scales = opt.objective_scales(inst)
+    value = sum(wk * sol.losses[k] / scales[k] for wk, k in zip(w, inst.objectives))
+    bound = opt.lp_bound(inst, w, opt.make_solver("glpk"))
+    assert bound is not None and bound <= value + 1e-9
