@@ -60,7 +60,8 @@ TokenCounter = Callable[[str], int]
 
 @dataclass(frozen=True)
 class Document:
-    """One retrieval question: ``prompt = context + question``; ``answer`` is the exact string to return."""
+    """One retrieval question: ``prompt = context + question + prefix``; ``answer`` is the exact string
+    to return. ``prefix`` starts the answer (with a chat template it opens the assistant turn)."""
 
     task: str
     length: int  # target length in tokens
@@ -69,13 +70,14 @@ class Document:
     index: int
     context: str
     question: str
+    prefix: str
     answer: str
     n_tokens: int  # measured tokens of the prompt
     needle: str
 
     @property
     def prompt(self) -> str:
-        return self.context + self.question
+        return self.context + self.question + self.prefix
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -166,16 +168,16 @@ def lines_document(count: TokenCounter, length: int, position: float, seed: int 
             rows.append(f"line {names[i]}: REGISTER_CONTENT is <{value}>\n")
         key = names[target]
         question = (f"\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {key}? "
-                    f"I need the number.\nThe <REGISTER_CONTENT> in line {key} is <")
-        return LINES_INTRO + "".join(rows), question, rows[target].strip(), key
+                    f"I need the number.\n")
+        prefix = f"The <REGISTER_CONTENT> in line {key} is <"
+        return LINES_INTRO + "".join(rows), question, prefix, rows[target].strip()
 
     def build(n: int) -> str:
-        context, question, _, _ = parts(n)
-        return context + question
+        return "".join(parts(n))
 
     n, _, tokens = _fit(build, count, length, 1, max_lines)
-    context, question, needle, _ = parts(n)
-    return Document("lines", length, position, seed, index, context, question, answer, tokens, needle)
+    context, question, prefix, needle = parts(n)
+    return Document("lines", length, position, seed, index, context, question, prefix, answer, tokens, needle)
 
 
 def passkey_document(count: TokenCounter, length: int, position: float, seed: int = 0, index: int = 0) -> Document:
@@ -184,7 +186,8 @@ def passkey_document(count: TokenCounter, length: int, position: float, seed: in
     rng = _rng("passkey", length, position, seed, index)
     answer = str(rng.randint(10000, 99999))
     needle = f"The pass key is {answer}. Remember it."
-    question = "\n\nWhat is the pass key? The pass key is"
+    question = "\n\nWhat is the pass key?"
+    prefix = " The pass key is"
     start = rng.randrange(len(PASSKEY_FILLER))
     per = max(1, count(" ".join(PASSKEY_FILLER)) // len(PASSKEY_FILLER))
     max_units = max(2, 2 * length // per + 8)
@@ -194,8 +197,8 @@ def passkey_document(count: TokenCounter, length: int, position: float, seed: in
         cut = round(position * n)
         return PASSKEY_INTRO + " ".join(filler[:cut] + [needle] + filler[cut:n])
 
-    n, _, tokens = _fit(lambda n: context(n) + question, count, length, 0, max_units)
-    return Document("passkey", length, position, seed, index, context(n), question, answer, tokens, needle)
+    n, _, tokens = _fit(lambda n: context(n) + question + prefix, count, length, 0, max_units)
+    return Document("passkey", length, position, seed, index, context(n), question, prefix, answer, tokens, needle)
 
 
 GENERATORS: dict[str, Callable[..., Document]] = {"lines": lines_document, "passkey": passkey_document}

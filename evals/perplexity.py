@@ -1,0 +1,93 @@
+"""Perplexity on long text, offline, for a method at several input lengths.
+
+Two texts, both available without any download:
+
+* ``text`` - the Python reference manual topics that ship with CPython (``pydoc_data.topics``):
+  long, natural technical English. Windows of N tokens, loss over every predicted token.
+* ``repeat`` - a window whose second half repeats its first half; loss over the second half
+  only. A model that can look back N/2 tokens copies it almost perfectly, a local window
+  cannot: the sharpest long-range probe a perplexity can give.
+
+The forward pass runs the whole window at once (total length N), so a plan applies its spans
+at N; the vocabulary projection is chunked to keep memory small.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from moa_plan.evals.methods import Method
+
+KINDS = ("text", "repeat")
+
+
+def reference_text() -> str:
+    """The CPython reference topics, in a fixed order (a few hundred thousand characters)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def windows(token_ids: Sequence[int], length: int, count: int, kind: str) -> list[tuple[list[int], int]]:
+    """(``ids``, ``score_from``) pairs: ``count`` disjoint windows of ``length`` tokens."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    need = length if kind == "text" else length // 2
+    out = []
+    for i in range(count):
+        chunk = list(token_ids[i * need:(i + 1) * need])
+        if len(chunk) < need:
+            raise ValueError(f"the text has {len(token_ids)} tokens, too few for {count} windows of {length}")
+        if kind == "text":
+            out.append((chunk, 1))
+        else:
+            ids = chunk + chunk + chunk[: length - 2 * need]
+            out.append((ids, need))
+    return out
+
+
+def window_nll(model: Any, ids: list[int], score_from: int, chunk: int = 512) -> tuple[float, int]:
+    """Summed negative log-likelihood of tokens ``score_from..`` given their prefix, and their count."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=x).last_hidden_state[0]
+        head = model.get_output_embeddings()
+        total, count = 0.0, 0
+        for start in range(max(score_from, 1), len(ids), chunk):
+            stop = min(len(ids), start + chunk)
+            logits = head(hidden[start - 1:stop - 1]).float()
+            target = x[0, start:stop]
+            total += float(F.cross_entropy(logits, target, reduction="sum"))
+            count += stop - start
+    return total, count
+
+
+def perplexity(pool: Any, method: Method, lengths: Sequence[int], kinds: Sequence[str] = KINDS,
+               count: int = 2, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """``{kind: {length: {"ppl", "nll", "tokens", "seconds"}}}`` for one method."""
+    from tqdm.auto import tqdm
+
+    tokenizer = pool.get_tokenizer()
+    ids = tokenizer.encode(reference_text(), add_special_tokens=False)
+    out: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(kinds) * len(lengths) * count, desc=f"perplexity {method.name}", disable=not progress)
+    for kind in kinds:
+        out[kind] = {}
+        for n in lengths:
+            model = pool.get(method, n)
+            t0 = time.perf_counter()
+            nll, tokens = 0.0, 0
+            for w, start in windows(ids, n, count, kind):
+                a, b = window_nll(model, w, start)
+                nll, tokens = nll + a, tokens + b
+                bar.update(1)
+            out[kind][str(n)] = {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
+                                 "seconds": round(time.perf_counter() - t0, 3)}
+    bar.close()
+    return out
