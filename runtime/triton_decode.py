@@ -177,14 +177,14 @@ def _sm_count(device: torch.device) -> int:
 def plan_splits(batch: int, hkv: int, max_tokens: int, block_n: int, sms: int) -> tuple[int, int]:
     """(number of splits, chunk tokens) along the cache.
 
-    Enough programs for about two waves (small batch x heads), and chunks of at most ~1024 tokens
-    even when the batch alone fills the GPU: KV groups of a heterogeneous plan read 3x different
-    lengths, and short chunks even out the work per program. Chunks are >= 2 blocks. (Tuned on an
-    H100 sweep; see evals/results/perf-notes.md.)
+    Enough programs for about four waves when batch x KV heads is small, and chunks of at most
+    ~2048 tokens even when the batch alone fills the GPU: KV groups of a heterogeneous plan read up
+    to 3x different lengths, and shorter chunks even out the work per program. Chunks are >= 2
+    blocks. Chosen from interleaved H100 timings of five policies (evals/results/perf-notes.md).
     """
     blocks = max(1, triton.cdiv(max_tokens, block_n))
-    fill = triton.cdiv(2 * sms, max(1, batch * hkv))
-    balance = triton.cdiv(max_tokens, 1024)
+    fill = triton.cdiv(4 * sms, max(1, batch * hkv))
+    balance = triton.cdiv(max_tokens, 2048)
     splits = max(1, min(max(fill, balance), triton.cdiv(blocks, 2), 128))
     chunk = triton.cdiv(blocks, splits) * block_n
     splits = triton.cdiv(max(1, max_tokens), chunk)
