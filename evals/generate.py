@@ -173,7 +173,8 @@ def lines_document(count: TokenCounter, length: int, position: float, seed: int 
         return LINES_INTRO + "".join(rows), question, prefix, rows[target].strip()
 
     def build(n: int) -> str:
-        return "".join(parts(n))
+        context, question, prefix, _ = parts(n)
+        return context + question + prefix
 
     n, _, tokens = _fit(build, count, length, 1, max_lines)
     context, question, prefix, needle = parts(n)

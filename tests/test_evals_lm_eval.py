@@ -1,0 +1,95 @@
+"""lm-eval integration: the .pth hook, the `moa` model class, and the real `lm_eval` executable offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moa_plan.io import load_model_shape, save_plan
+from moa_plan.plan import Plan, Rule
+
+pytest.importorskip("lm_eval")
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from moa_plan.evals.tiny import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    shape = load_model_shape(folder)
+    plan = Plan(format_version=1, model=shape, sink=4, block_size=16, default=Rule(alpha=24, beta=0.25))
+    save_plan(plan, folder.parent / "plan.json")
+    full = Plan(format_version=1, model=shape, sink=0, block_size=16, default=Rule(alpha=0, beta=1.0))
+    save_plan(full, folder.parent / "full.json")
+    return folder
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **OFFLINE}
+
+
+def test_pth_hook_is_installed_and_registers_lazily():
+    dirs = site.getsitepackages() + [site.getusersitepackages()]
+    assert any((Path(d) / "moa_plan_lm_eval.pth").is_file() for d in dirs), "pip install -e . (or .) first"
+    code = ("import sys\n"
+            "assert 'moa_plan.evals.lm_eval_model' not in sys.modules\n"
+            "from lm_eval.api.registry import get_model, model_registry\n"
+            "import lm_eval.models\n"
+            "assert 'moa' in model_registry and 'hf' in model_registry\n"
+            "assert 'torch' not in sys.modules, 'registration must not import torch'\n"
+            "from lm_eval.tasks import TaskManager\n"
+            "from moa_plan.evals.lm_eval_plugin import include_path\n"
+            "tm = TaskManager(include_path=str(include_path()))\n"  # given twice: no duplicates
+            "assert {'moa_passkey', 'moa_longeval_lines'} <= set(tm.all_tasks)\n"
+            "print(get_model('moa').__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("MoALM")
+
+
+def test_moa_model_batching_and_plan(tiny):
+    from moa_plan.evals.lm_eval_model import MoALM
+
+    dense = MoALM(pretrained=str(tiny), plan="dense", device="cpu", batch_size=4)
+    assert dense.batch_size == 4 and dense.moa_plan is None
+    planned = MoALM(pretrained=str(tiny), plan=str(tiny.parent / "plan.json"), device="cpu", batch_size=4)
+    assert planned.batch_size == 1  # spans depend on each sequence's own length: no padding
+    assert planned.moa_plan.sink == 4 and planned.get_model_info()["moa_plan"].endswith("plan.json")
+    full = MoALM(pretrained=str(tiny), plan=str(tiny.parent / "full.json"), device="cpu")
+    # a plan whose every span is the whole input scores exactly like the dense model
+    reqs = [("line a-b: REGISTER_CONTENT is <123>\nThe pass key is", " 123"), ("The grass", " is green.")]
+    from lm_eval.api.instance import Instance
+
+    inst = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)]
+    a = [x[0] for x in dense.loglikelihood(inst)]
+    b = [x[0] for x in full.loglikelihood(inst)]
+    c = [x[0] for x in planned.loglikelihood(inst)]
+    assert a == pytest.approx(b, abs=1e-4)
+    assert len(c) == 2
+    with pytest.raises(ValueError, match="moa: plan="):
+        MoALM(pretrained=str(tiny), plan="uniform:nope", device="cpu")
+
+
+def test_lm_eval_executable_runs_our_tasks_offline(tiny, tmp_path):
+    exe = Path(sys.executable).with_name("lm_eval")
+    out_dir = tmp_path / "out"
+    cmd = [str(exe), "--model", "moa", "--model_args", f"pretrained={tiny},plan={tiny.parent / 'plan.json'}",
+           "--tasks", "moa_longeval_lines,moa_passkey", "--limit", "2", "--device", "cpu",
+           "--metadata", json.dumps({"lengths": [200], "positions": [0.0, 1.0]}), "--output_path", str(out_dir)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "|moa_longeval_lines|" in run.stdout and "|moa_passkey" in run.stdout and "exact_match" in run.stdout
+    files = list(out_dir.rglob("results_*.json"))
+    assert files
+    data = json.loads(files[0].read_text())
+    assert set(data["results"]) == {"moa_longeval_lines", "moa_passkey"}
+    assert data["config"]["model"] == "moa"
