@@ -56,16 +56,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
-def _grid_args(p: argparse.ArgumentParser, lengths: str, positions: str, samples: int) -> None:
-    p.add_argument("--task", choices=("lines", "passkey"), default="lines",
-                   help="LongEval 'lines' or pass key retrieval (default lines)")
+def _grid_args(p: argparse.ArgumentParser, lengths: str, positions: str, samples: int, task: str = "lines") -> None:
+    p.add_argument("--task", choices=("lines", "passkey"), default=task,
+                   help=f"LongEval 'lines' or pass key retrieval (default {task})")
     p.add_argument("--lengths", type=_int_list, default=_int_list(lengths), help=f"tokens, e.g. {lengths}")
     p.add_argument("--positions", type=_position_list, default=_position_list(positions),
                    help=f"needle depths in [0, 1], e.g. {positions}")
     p.add_argument("--samples", type=_positive, default=samples, help=f"documents per cell (default {samples})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
-    p.add_argument("--max-new-tokens", type=_positive, default=12)
+    p.add_argument("--max-new-tokens", type=_positive, default=8,
+                   help="greedy tokens generated per prompt (default 8: a 5-digit answer and its end)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -88,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = evsub.add_parser("context", help="effective context length vs dense and uniform at the same density")
     _model_args(c)
-    c.add_argument("--plan", required=True, metavar="PLAN", help="the plan file to evaluate")
+    c.add_argument("--plan", action="append", required=True, metavar="PLAN",
+                   help="plan file to evaluate (NAME=<file> to name it); repeatable")
     c.add_argument("--baselines", default="dense,uniform",
                    help="comma list of dense, uniform (same density as the plan at each length); '' for none")
     _grid_args(c, "512,1024,2048,4096", "0,0.25,0.5,0.75,1", 2)
@@ -110,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the dense model, StreamingLLM at the plan's density, and the MoA 50%% plan.")
     d.add_argument("--plan", default=None, help=f"plan to compare (default spec/examples/{DEMO_PLAN})")
     d.add_argument("--model", default="smollm2", help="model folder (default: SmolLM2-135M-Instruct)")
-    _grid_args(d, "512,1024", "0,0.5,1", 2)
+    _grid_args(d, "512,1024", "0,0.5,1", 2, task="passkey")
     d.add_argument("--out-dir", type=Path, default=Path("moa-demo"), help="where results go (default ./moa-demo)")
     d.add_argument("--dtype", default="float32")
     d.add_argument("--device", default="cpu")
@@ -214,7 +216,7 @@ def _context(args: argparse.Namespace) -> int:
     model, shape, pool = _setup(args)
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     methods = comparison(args.plan, shape, baselines)
-    summary = run_context(args, methods, pool, model, f"{Path(model).name}: {args.task} retrieval")
+    summary = run_context(args, methods, pool, model, f"{_model_name(model)}: {args.task} retrieval")
     _print_grid_summary(summary)
     print(markdown_table(summary))
     print(f"wrote {args.out_dir}/{args.task}-summary.json, -heatmap.png, -table.md, -cells.json")
@@ -262,6 +264,13 @@ def perplexity_table(out: dict[str, Any], lengths: list[int], kinds: list[str]) 
     return "\n".join(lines) + "\n"
 
 
+def _model_name(model: str) -> str:
+    try:
+        return json.loads((Path(model) / "config.json").read_text()).get("_name_or_path") or Path(model).name
+    except (OSError, ValueError):
+        return Path(model).name
+
+
 def demo_plan_path() -> Path:
     """The shipped SmolLM2 MoA 50% plan (repository checkout: spec/examples/)."""
     path = Path(__file__).resolve().parent.parent / "spec" / "examples" / DEMO_PLAN
@@ -279,10 +288,10 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     plan = args.plan or str(demo_plan_path())
     model, shape, pool = _setup(args)
-    methods = comparison(plan, shape, ["dense", "uniform"])
-    print(f"moa-plan demo: {Path(model).name}, {args.task} retrieval, lengths {args.lengths}, "
+    methods = comparison([plan], shape, ["dense", "uniform"])
+    print(f"moa-plan demo: {_model_name(model)}, {args.task} retrieval, lengths {args.lengths}, "
           f"needle depths {args.positions}, {args.samples} documents per cell; plan {plan}", flush=True)
-    summary = run_context(args, methods, pool, model, f"demo: {Path(model).name}, {args.task} retrieval")
+    summary = run_context(args, methods, pool, model, f"demo: {_model_name(model)}, {args.task} retrieval")
     print()
     print(markdown_table(summary))
     print(f"results in {args.out_dir}/ ({time.perf_counter() - t0:.0f} s)")

@@ -112,16 +112,21 @@ def parse_methods(texts: list[str], shape: ModelShape, where: str = "--plan") ->
     return methods
 
 
-def comparison(plan_path: str, shape: ModelShape, baselines: list[str]) -> list[Method]:
-    """The paper's side-by-side: the given baselines ('dense', 'uniform') then the plan itself."""
-    methods = []
-    for b in baselines:
-        if b == "dense":
-            methods.append(Method("dense", "dense", "dense"))
-        elif b == "uniform":
-            methods.append(Method("uniform", "uniform-match", f"uniform={plan_path}",
-                                  plan=_load(plan_path, shape, "--plan")))
-        else:
-            raise PlanError([("--baselines", f"unknown baseline {b!r}: choose from dense, uniform")])
-    methods.append(parse_method(plan_path, shape))
+def comparison(plan_paths: str | list[str], shape: ModelShape, baselines: list[str]) -> list[Method]:
+    """The paper's side-by-side: 'dense' once, then per plan the 'uniform' baseline at that plan's
+    density (named 'uniform', or 'uniform~NAME' with several plans) followed by the plan itself."""
+    paths = [plan_paths] if isinstance(plan_paths, str) else list(plan_paths)
+    unknown = [b for b in baselines if b not in ("dense", "uniform")]
+    if unknown:
+        raise PlanError([("--baselines", f"unknown baseline {unknown[0]!r}: choose from dense, uniform")])
+    methods = [Method("dense", "dense", "dense")] if "dense" in baselines else []
+    for path in paths:
+        method = parse_method(path, shape)
+        if "uniform" in baselines:
+            name = "uniform" if len(paths) == 1 else f"uniform~{method.name}"
+            methods.append(Method(name, "uniform-match", f"uniform={path}", plan=method.plan))
+        methods.append(method)
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise PlanError([("--plan", "two plans have the same name: name them NAME=<path>")])
     return methods

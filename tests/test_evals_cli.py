@@ -1,0 +1,127 @@
+"""`moa-plan eval ...` on a tiny random model: outputs, resume, located errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moa_plan.cli import main
+from moa_plan.io import load_model_shape, save_plan
+from moa_plan.plan import Layer, Plan, Rule
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from moa_plan.evals.tiny import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    shape = load_model_shape(folder)
+    layers = [Layer(heads=[Rule(alpha=16, beta=0.25), Rule(alpha=0, beta=1.0), Rule(alpha=48, beta=0.0),
+                           Rule(alpha=8, beta=0.5)]) for _ in range(shape.num_layers)]
+    save_plan(Plan(format_version=1, model=shape, sink=8, block_size=16, layers=layers), folder.parent / "moa.json")
+    return folder
+
+
+def test_print_include_path(capsys):
+    assert main(["eval", "--print-include-path"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path.endswith("tasks")
+    from pathlib import Path
+
+    names = {p.name for p in Path(path).iterdir()}
+    assert {"moa_longeval_lines.yaml", "moa_passkey.yaml", "moa_tasks.py"} <= names
+
+
+def test_retrieval_writes_results_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.json"
+    args = ["eval", "retrieval", "--model", str(tiny), "--plan", "dense", "--plan", str(tiny.parent / "moa.json"),
+            "--task", "passkey", "--lengths", "160,240", "--positions", "0,1", "--samples", "1",
+            "--max-new-tokens", "3", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "dense (dense) - passkey accuracy" in text and "moa (" in text
+    data = json.loads(out.read_text())
+    assert len(data["cells"]) == 2 * 2 * 2
+    cell = data["cells"]["moa|passkey|240|1"]
+    assert cell["samples"][0]["answer"].isdigit() and abs(cell["samples"][0]["prompt_tokens"] - 240) <= 12
+    assert data["methods"]["moa"]["stats"]["240"]["avg_span"] < 240
+
+    import moa_plan.evals.retrieval as retrieval
+
+    def no_generation(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(retrieval, "generate", no_generation)
+    assert main(args) == 0  # every cell is in the result file already
+    with pytest.raises(AssertionError, match="recomputed"):  # a new length is computed
+        main(args[:args.index("--lengths") + 1] + ["160,320"] + args[args.index("--lengths") + 2:])
+
+
+def test_context_writes_json_heatmap_and_table(tiny, tmp_path, capsys):
+    out = tmp_path / "ctx"
+    assert main(["eval", "context", "--model", str(tiny), "--plan", str(tiny.parent / "moa.json"),
+                 "--lengths", "200", "--positions", "0.5", "--samples", "1", "--max-new-tokens", "2",
+                 "--out-dir", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| dense |" in text and "| uniform |" in text and "| moa |" in text
+    summary = json.loads((out / "lines-summary.json").read_text())
+    assert list(summary["methods"]) == ["dense", "uniform", "moa"]
+    moa, uniform = summary["methods"]["moa"], summary["methods"]["uniform"]
+    assert uniform["density_by_length"]["200"] <= moa["density_by_length"]["200"]
+    assert (out / "lines-heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "lines-table.md").read_text().startswith("| method |")
+
+
+def test_perplexity(tiny, tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "perplexity", "--model", str(tiny), "--plan", "dense", "--plan",
+                 str(tiny.parent / "moa.json"), "--lengths", "96", "--windows", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    for name in ("dense", "moa"):
+        for kind in ("text", "repeat"):
+            cell = data["methods"][name]["perplexity"][kind]["96"]
+            assert cell["ppl"] > 1 and cell["tokens"] == (95 if kind == "text" else 48)
+    assert "text ppl@96" in capsys.readouterr().out
+
+
+def test_perplexity_windows():
+    from moa_plan.evals.perplexity import windows
+
+    ids = list(range(100))
+    (w, start), = windows(ids, 10, 1, "repeat")
+    assert w == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4] and start == 5
+    assert [s for _, s in windows(ids, 10, 3, "text")] == [1, 1, 1]
+    assert windows(ids, 10, 2, "text")[1][0] == list(range(10, 20))
+    with pytest.raises(ValueError, match="too few"):
+        windows(ids, 60, 2, "text")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plan", "dense", "--model", "/nonexistent"], "--model: /nonexistent: not a transformers model folder"),
+    (["--plan", "missing.json"], "--plan missing.json"),
+    (["--plan", "uniform:2"], "density must be in (0, 1]"),
+])
+def test_bad_input_is_one_located_line(tiny, argv, message, capsys):
+    args = ["eval", "retrieval", "--model", str(tiny), *argv, "--lengths", "100", "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_plan_for_another_model_is_refused(tiny, tmp_path, capsys):
+    shape = load_model_shape(tiny).model_copy(update={"num_layers": 3})
+    save_plan(Plan(format_version=1, model=shape, default=Rule(alpha=8, beta=0.5)), tmp_path / "other.json")
+    assert main(["eval", "context", "--model", str(tiny), "--plan", str(tmp_path / "other.json"),
+                 "--out-dir", str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "model.num_layers" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_grid_arguments_exit_2(tiny, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "retrieval", "--model", str(tiny), "--plan", "dense", "--positions", "0,2"])
+    assert exc.value.code == 2
+    assert "positions must be in [0, 1]" in capsys.readouterr().err
