@@ -9,6 +9,9 @@ same pattern transformers uses for ``custom_generate``).
 How the attention function learns N: with a ``MoACache``, its ``update`` tags the returned key
 tensor with the step (layer, cached length), so N = cached + q_len; without one (plain forward,
 or a transformers cache that returns all keys) N = k_len.
+
+The plan replaces the model's attention pattern entirely: a native sliding window (Mistral,
+Qwen2 with use_sliding_window) is not applied on top of it.
 """
 
 from __future__ import annotations
