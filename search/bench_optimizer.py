@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--weights", default="1,1,1", help="objective weights of the timed solve")
     p.add_argument("--max-rules-per-layer", type=int)
+    p.add_argument("--mip-gap", type=float, help="relative gap at which the solver may stop")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     inst, cands = synthetic_instance(alpha_step=args.alpha_step, beta_step=args.beta_step, density=args.density)
@@ -67,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     t_build = time.perf_counter() - t0
     w = [float(x) for x in args.weights.split(",")]
     t0 = time.perf_counter()
-    sol = opt.solve(inst, w, args.solver, time_limit=args.time_limit, model=model)
+    sol = opt.solve(inst, w, args.solver, time_limit=args.time_limit, mip_gap=args.mip_gap, model=model)
     total = time.perf_counter() - t0
     print(json.dumps({"heads": len(inst.cost), "rules": len(cands), "lengths": inst.lengths,
                       "binaries": len(inst.cost) * len(cands), "solver": args.solver, "weights": w,
-                      "max_rules_per_layer": args.max_rules_per_layer,
+                      "max_rules_per_layer": args.max_rules_per_layer, "mip_gap": args.mip_gap, "time_limit": args.time_limit,
                       "termination": sol.termination, "status": sol.status, "gap": sol.gap, "gap_source": sol.gap_source,
                       "solver_seconds": round(sol.seconds, 2), "solve_call_seconds": round(total, 2),
                       "model_build_seconds": round(t_build, 2), "instance_seconds": round(t_inst, 2),

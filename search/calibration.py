@@ -20,6 +20,7 @@ import json
 import os
 import random
 import string
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,7 @@ def build(model_dir: str | os.PathLike, out: str | os.PathLike, lengths: list[in
     device = next(model.parameters()).device
     eos = tok.eos_token_id
     for spec in tqdm(todo, desc="calibrate", disable=not progress):
+        t0 = time.perf_counter()
         rng_seed = f"{seed}-{spec['id']}"
         target = spec["length"] - max_answer_tokens
         if spec["task"] == "text":
@@ -254,6 +256,6 @@ def build(model_dir: str | os.PathLike, out: str | os.PathLike, lengths: list[in
         done.append({**{k: spec[k] for k in ("id", "task", "length")}, "question": question,
                      "prompt_ids": prompt_ids, "answer_ids": answer,
                      "answer_text": tok.decode(answer, skip_special_tokens=True),
-                     "n_tokens": len(prompt_ids) + len(answer)})
+                     "n_tokens": len(prompt_ids) + len(answer), "seconds": round(time.perf_counter() - t0, 2)})
         _write(out, settings, done)
     return out
