@@ -243,14 +243,36 @@ def _perplexity(args: argparse.Namespace) -> int:
         raise PlanError([("--kinds", f"choose from {', '.join(KINDS)}, got {args.kinds!r}")])
     model, shape, pool = _setup(args)
     methods = parse_methods(args.plan, shape)
-    out = {"model": model, "windows": args.windows, "methods": {}}
+    settings = {"model": str(Path(model).resolve()), "windows": args.windows, "dtype": args.dtype}
+    out = {"settings": settings, "methods": {}}
+    if args.out and args.out.is_file():  # resume: keep cells of the same settings and method fingerprint
+        try:
+            old = json.loads(args.out.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise PlanError([(str(args.out), f"unreadable result file ({exc}); delete it to start afresh")]) from None
+        if isinstance(old, dict) and old.get("settings") == settings:
+            out["methods"] = old.get("methods", {})
+
+    def save(_: Any = None) -> None:
+        if args.out:
+            write_atomic(args.out, json.dumps(out, indent=1) + "\n")
+
     for m in methods:
-        ppl = perplexity(pool, m, args.lengths, kinds, args.windows, progress=not args.no_progress)
-        out["methods"][m.name] = {"spec": m.spec, "perplexity": ppl,
-                                  "stats": {str(n): m.stats(shape, n) for n in args.lengths}}
-    print(perplexity_table(out, args.lengths, kinds))
+        prev = out["methods"].get(m.name, {})
+        done = prev.get("perplexity", {}) if prev.get("fingerprint") == m.fingerprint() else {}
+        entry = out["methods"][m.name] = {"spec": m.spec, "fingerprint": m.fingerprint(), "perplexity": done,
+                                          "stats": {str(n): m.stats(shape, n) for n in args.lengths}}
+
+        def checkpoint(partial: dict[str, Any], entry: dict[str, Any] = entry) -> None:
+            entry["perplexity"] = partial
+            save()
+
+        entry["perplexity"] = perplexity(pool, m, args.lengths, kinds, args.windows, progress=not args.no_progress,
+                                         done=done, on_cell=checkpoint)
+        save()
+    shown = {"methods": {k: v for k, v in out["methods"].items() if k in {m.name for m in methods}}}
+    print(perplexity_table(shown, args.lengths, kinds))
     if args.out:
-        write_atomic(args.out, json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

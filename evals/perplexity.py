@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from moa_plan.evals.methods import Method
@@ -69,25 +69,32 @@ def window_nll(model: Any, ids: list[int], score_from: int, chunk: int = 512) ->
 
 
 def perplexity(pool: Any, method: Method, lengths: Sequence[int], kinds: Sequence[str] = KINDS,
-               count: int = 2, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """``{kind: {length: {"ppl", "nll", "tokens", "seconds"}}}`` for one method."""
+               count: int = 2, progress: bool = True, done: dict[str, dict[str, Any]] | None = None,
+               on_cell: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> dict[str, dict[str, Any]]:
+    """``{kind: {length: {"ppl", "nll", "tokens", "seconds"}}}`` for one method.
+
+    ``done`` holds cells computed before (same method and settings): they are kept, not rerun;
+    ``on_cell`` gets the partial result after every new cell (for checkpointing).
+    """
     from tqdm.auto import tqdm
 
-    tokenizer = pool.get_tokenizer()
-    ids = tokenizer.encode(reference_text(), add_special_tokens=False)
-    out: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(kinds) * len(lengths) * count, desc=f"perplexity {method.name}", disable=not progress)
-    for kind in kinds:
-        out[kind] = {}
-        for n in lengths:
-            model = pool.get(method, n)
-            t0 = time.perf_counter()
-            nll, tokens = 0.0, 0
-            for w, start in windows(ids, n, count, kind):
-                a, b = window_nll(model, w, start)
-                nll, tokens = nll + a, tokens + b
-                bar.update(1)
-            out[kind][str(n)] = {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
-                                 "seconds": round(time.perf_counter() - t0, 3)}
+    out: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (done or {}).items()}
+    todo = [(kind, n) for kind in kinds for n in lengths if str(n) not in out.get(kind, {})]
+    ids: list[int] | None = None
+    bar = tqdm(total=len(todo) * count, desc=f"perplexity {method.name}", disable=not progress)
+    for kind, n in todo:
+        if ids is None:
+            ids = pool.get_tokenizer().encode(reference_text(), add_special_tokens=False)
+        model = pool.get(method, n)
+        t0 = time.perf_counter()
+        nll, tokens = 0.0, 0
+        for w, start in windows(ids, n, count, kind):
+            a, b = window_nll(model, w, start)
+            nll, tokens = nll + a, tokens + b
+            bar.update(1)
+        out.setdefault(kind, {})[str(n)] = {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
+                                            "seconds": round(time.perf_counter() - t0, 3)}
+        if on_cell is not None:
+            on_cell(out)
     bar.close()
     return out

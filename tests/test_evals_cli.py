@@ -84,6 +84,20 @@ def test_perplexity(tiny, tmp_path, capsys):
             cell = data["methods"][name]["perplexity"][kind]["96"]
             assert cell["ppl"] > 1 and cell["tokens"] == (95 if kind == "text" else 48)
     assert "text ppl@96" in capsys.readouterr().out
+    import moa_plan.evals.perplexity as perplexity
+
+    def no_forward(*a, **k):
+        raise AssertionError("a finished perplexity cell was recomputed")
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(perplexity, "window_nll", no_forward)
+    try:  # resumed from the result file
+        assert main(["eval", "perplexity", "--model", str(tiny), "--plan", "dense", "--lengths", "96",
+                     "--windows", "1", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        monkey.undo()
+    assert json.loads(out.read_text())["methods"]["moa"]["perplexity"]["repeat"]["96"] == \
+        data["methods"]["moa"]["perplexity"]["repeat"]["96"]
 
 
 def test_perplexity_windows():
