@@ -62,13 +62,14 @@ def span_map_png(plan: Plan, lengths: list[int], path: str | os.PathLike) -> Non
     plt = _figure()
     fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 0.18 * plan.model.num_layers + 2.5),
                              squeeze=False)
-    for ax, n in zip(axes[0], lengths):
+    for i, (ax, n) in enumerate(zip(axes[0], lengths)):
         spans = plan.spans(n)
         frac = [[s / n for s in row] for row in spans]
         im = ax.imshow(frac, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"span / N at N={n} (density {plan.density(n):.3f})", fontsize=9)
         ax.set_xlabel("head")
-        ax.set_ylabel("layer")
+        if i == 0:
+            ax.set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), label="span / N")
     _save(fig, path)
     plt.close(fig)
