@@ -166,6 +166,7 @@ def run_grid(settings: Settings, methods: Sequence[Method], out: Path | None = N
     for m in methods:
         results.methods[m.name] = {"kind": m.kind, "spec": m.spec, "fingerprint": m.fingerprint(),
                                    "stats": {str(n): m.stats(shape, n) for n in settings.lengths}}
+    _adopt_renamed(results, methods, settings)
     todo = [(m, n, p) for m in methods for n in settings.lengths for p in settings.positions
             if not _done(results, m, settings.task, n, p)]
     docs: dict[tuple[int, float, int], Document] = {}
@@ -197,6 +198,21 @@ def run_grid(settings: Settings, methods: Sequence[Method], out: Path | None = N
     if out is not None:
         write_atomic(out, results.to_json())
     return results
+
+
+def _adopt_renamed(results: Results, methods: Sequence[Method], settings: Settings) -> None:
+    """Reuse cells of a method stored under another name (same fingerprint = same attention)."""
+    by_print = {(c.get("fingerprint"), c.get("task"), c.get("length"), c.get("position")): c
+                for c in results.cells.values()}
+    for m in methods:
+        for n in settings.lengths:
+            for p in settings.positions:
+                key = cell_key(m.name, settings.task, n, p)
+                if _done(results, m, settings.task, n, p):
+                    continue
+                cell = by_print.get((m.fingerprint(), settings.task, n, p))
+                if cell is not None:
+                    results.cells[key] = {**cell, "method": m.name}
 
 
 def _done(results: Results, method: Method, task: str, n: int, p: float) -> bool:

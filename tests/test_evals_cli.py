@@ -54,6 +54,9 @@ def test_retrieval_writes_results_and_resumes(tiny, tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(retrieval, "generate", no_generation)
     assert main(args) == 0  # every cell is in the result file already
+    renamed = [a if a != str(tiny.parent / "moa.json") else f"other={tiny.parent / 'moa.json'}" for a in args]
+    assert main(renamed) == 0  # same plan under another name: its cells are reused
+    assert "other|passkey|240|1" in json.loads(out.read_text())["cells"]
     with pytest.raises(AssertionError, match="recomputed"):  # a new length is computed
         main(args[:args.index("--lengths") + 1] + ["160,320"] + args[args.index("--lengths") + 2:])
 
