@@ -112,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the dense model, StreamingLLM at the plan's density, and the MoA 50%% plan.")
     d.add_argument("--plan", default=None, help=f"plan to compare (default spec/examples/{DEMO_PLAN})")
     d.add_argument("--model", default="smollm2", help="model folder (default: SmolLM2-135M-Instruct)")
-    _grid_args(d, "512,1024", "0,0.5,1", 2, task="passkey")
+    _grid_args(d, "512,1024", "0,0.5,1", 1, task="passkey")
     d.add_argument("--out-dir", type=Path, default=Path("moa-demo"), help="where results go (default ./moa-demo)")
     d.add_argument("--dtype", default="float32")
     d.add_argument("--device", default="cpu")
