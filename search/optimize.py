@@ -120,8 +120,9 @@ def make_solver(name: str) -> Any:
 def _apply_limits(opt: Any, name: str, time_limit: float | None, mip_gap: float | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if name in {"highs", "appsi_highs"}:
+        # appsi's legacy solve() resets config.time_limit from its own ``timelimit`` argument
         if time_limit is not None:
-            opt.config.time_limit = float(time_limit)
+            kwargs["timelimit"] = float(time_limit)
         if mip_gap is not None:
             opt.config.mip_gap = float(mip_gap)
         return kwargs

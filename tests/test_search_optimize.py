@@ -172,3 +172,17 @@ def test_lp_relaxation_bounds_the_optimum():
     value = sum(wk * sol.losses[k] / scales[k] for wk, k in zip(w, inst.objectives))
     bound = opt.lp_bound(inst, w, opt.make_solver("glpk"))
     assert bound is not None and bound <= value + 1e-9
+
+
+def test_time_limit_and_gap_reach_each_solver_interface():
+    class Fake:
+        def __init__(self):
+            self.options, self.config = {}, type("C", (), {})()
+
+    glpk = Fake()
+    assert opt._apply_limits(glpk, "glpk", 2.5, 1e-3) == {}
+    assert glpk.options == {"tmlim": 3, "mipgap": 1e-3}
+    highs = Fake()
+    # appsi's legacy solve() overwrites config.time_limit: the limit must go through solve()
+    assert opt._apply_limits(highs, "appsi_highs", 7.0, 1e-4) == {"timelimit": 7.0}
+    assert highs.config.mip_gap == 1e-4
