@@ -163,6 +163,7 @@ def run_grid(settings: Settings, methods: Sequence[Method], out: Path | None = N
     results = Results.load(out) if out is not None else None
     if results is None or results.settings != settings.key():
         results = Results(settings.key())  # a cell's outcome depends on every setting: start afresh
+    results.methods = {}  # this run's methods; cells of others stay in the file as a cache
     for m in methods:
         results.methods[m.name] = {"kind": m.kind, "spec": m.spec, "fingerprint": m.fingerprint(),
                                    "stats": {str(n): m.stats(shape, n) for n in settings.lengths}}
