@@ -108,3 +108,31 @@ def plans(draw, shape: ModelShape | None = None, max_layers: int = 4, max_heads:
 def lengths(max_n: int = 64) -> st.SearchStrategy[int]:
     """Sequence lengths N >= 1."""
     return st.integers(1, max_n)
+
+
+@st.composite
+def one_layer_plans(draw, n_max: int, head_dims: list[int], const_alpha: tuple[int, int] | None = None) -> Plan:
+    """A one-layer plan whose heads mix the span edge cases a KV cache must get right.
+
+    Per head: span 1, span N (beta 1), a constant window (alpha in ``const_alpha``, default
+    1..n_max) or a growing one (0 < beta < 1, so spans widen and the ring evicts as N grows).
+    """
+    hkv = draw(st.integers(1, 3))
+    hq = hkv * draw(st.sampled_from([1, 2, 3, 4]))
+    sink = draw(st.sampled_from([0, 1, 3]) | st.integers(0, n_max + 5))
+    low, high = const_alpha or (1, n_max)
+    heads = []
+    for _ in range(hq):
+        kind = draw(st.sampled_from(["one", "full", "const", "grow"]))
+        if kind == "one":
+            heads.append(Rule(alpha=1.0, beta=0.0))
+        elif kind == "full":
+            heads.append(Rule(alpha=0.0, beta=1.0))
+        elif kind == "const":
+            heads.append(Rule(alpha=float(draw(st.integers(low, high))), beta=0.0))
+        else:
+            heads.append(Rule(alpha=draw(st.floats(-8, 8, allow_nan=False)),
+                              beta=draw(st.floats(0.05, 0.9, allow_nan=False))))
+    shape = ModelShape(num_layers=1, num_attention_heads=hq, num_key_value_heads=hkv,
+                       head_dim=draw(st.sampled_from(head_dims)))
+    return Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, layers=[Layer(heads=heads)])

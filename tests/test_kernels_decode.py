@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _triton_cpu import kernels
+from strategies import one_layer_plans
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 from moa_plan.runtime.cache import LayerLayout, allocate, write_kv
 from moa_plan.runtime.reference import reference_attention
@@ -24,25 +25,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 @st.composite
 def decode_cases(draw):
-    hkv = draw(st.integers(1, 3))
-    group = draw(st.sampled_from([1, 2, 4]))
-    hq = hkv * group
     n_max = draw(st.integers(1, 120))
-    sink = draw(st.sampled_from([0, 0, 3]) | st.integers(0, n_max + 5))
-    rules = []
-    for _ in range(hq):
-        kind = draw(st.sampled_from(["one", "full", "const", "grow"]))
-        if kind == "one":
-            rules.append(Rule(alpha=1.0, beta=0.0))
-        elif kind == "full":
-            rules.append(Rule(alpha=0.0, beta=1.0))
-        elif kind == "const":
-            rules.append(Rule(alpha=float(draw(st.integers(1, n_max))), beta=0.0))
-        else:
-            rules.append(Rule(alpha=float(draw(st.integers(-8, 8))), beta=draw(st.floats(0.05, 0.9))))
-    d = draw(st.sampled_from([16, 32, 64]))
-    shape = ModelShape(num_layers=1, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d)
-    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, layers=[Layer(heads=rules)])
+    plan = draw(one_layer_plans(n_max, head_dims=[16, 32, 64]))
     n = draw(st.integers(1, n_max))
     return dict(plan=plan, n_max=n_max, n=n, prompt=draw(st.integers(1, n)), batch=draw(st.integers(1, 2)),
                 dtype=draw(st.sampled_from([torch.float16, torch.float32])),

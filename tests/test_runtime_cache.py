@@ -7,36 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
+from moa_plan.plan import FORMAT_VERSION, ModelShape, Plan, Rule
 from moa_plan.runtime.cache import (LayerLayout, allocate, memory_report, plan_layouts, slot_positions,
                                     torch_decode_attention, write_kv)
 from moa_plan.runtime.reference import reference_attention
+from strategies import one_layer_plans
 
 ATOL = 1e-5  # float32 against float32 reference
 
 
 @st.composite
 def cache_cases(draw):
-    hkv = draw(st.integers(1, 3))
-    group = draw(st.integers(1, 3))
-    hq = hkv * group
     n_max = draw(st.integers(1, 41))
-    sink = draw(st.sampled_from([0, 1, 3]) | st.integers(0, n_max + 5))
-    rules = []
-    for _ in range(hq):
-        kind = draw(st.sampled_from(["one", "full", "const", "grow"]))
-        if kind == "one":
-            rules.append(Rule(alpha=1.0, beta=0.0))
-        elif kind == "full":
-            rules.append(Rule(alpha=0.0, beta=1.0))
-        elif kind == "const":
-            rules.append(Rule(alpha=float(draw(st.integers(-3, n_max + 3))), beta=0.0))
-        else:
-            rules.append(Rule(alpha=draw(st.floats(-8, 8, allow_nan=False)),
-                              beta=draw(st.floats(0.05, 0.9, allow_nan=False))))
-    d = draw(st.sampled_from([4, 8, 16]))
-    shape = ModelShape(num_layers=1, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d)
-    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, layers=[Layer(heads=rules)])
+    plan = draw(one_layer_plans(n_max, head_dims=[4, 8, 16], const_alpha=(-3, n_max + 3)))
     prompt = draw(st.integers(1, n_max))
     batch = draw(st.integers(1, 2))
     seed = draw(st.integers(0, 2**16))
