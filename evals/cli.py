@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moa_plan.cli import int_in
 from moa_plan.plan import PlanError
 
 DEMO_PLAN = "smollm2-135m-moa-50.json"
@@ -38,14 +39,7 @@ def _position_list(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+_positive = int_in(1)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

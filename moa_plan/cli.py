@@ -27,6 +27,23 @@ class UserError(Exception):
         super().__init__(str(error))
 
 
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers in [low, high] (no upper bound when ``high`` is None)."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return convert
+
+
 def report(source: str, error: PlanError, stream=None) -> None:
     stream = stream or sys.stderr  # looked up per call, so redirected / captured stderr works
     for loc, msg in error.problems:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from moa_plan import build, io
-from moa_plan.cli import UserError, report
+from moa_plan.cli import UserError, int_in, report
 from moa_plan.plan import MAX_LENGTH, ModelShape, Plan, PlanError
 
 DEFAULT_LENGTHS = (1024, 4096)
@@ -23,24 +23,8 @@ MAX_REPORTED = 50  # problem lines per file; the rest are counted
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 1 <= value <= MAX_LENGTH:
-        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_LENGTH}], got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = int_in(1, MAX_LENGTH)
+_nonnegative_int = int_in(0)
 
 
 def _density(text: str) -> float:
