@@ -205,7 +205,8 @@ class Bench:
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "sms": torch.cuda.get_device_properties(self.dev).multi_processor_count,
             "dtype": "bfloat16", "sink": args.sink,
-            "density": "plan.density(N): fraction of the causal N x N triangle the plan computes",
+            "density": "plan.density(N), the MoA paper's: mean over heads of min(N, sink + span) / N; "
+                       "attention_fraction: computed part of the causal N x N triangle",
         })
         self.res.setdefault("kernels", {})
         self.res.setdefault("skipped", [])
@@ -419,7 +420,8 @@ class Bench:
                     ms = self._guarded(key, got, want, lambda: [
                         (lambda c=c: decode_attention(q2, c[0], c[1], layout.offset, layout.cap, layout.n_sink,
                                                       spans, sink, n)) for c in caches])
-                    entry = {"density": plan.density(n), "kv_fraction": sum(caps) / (hkv * n),
+                    entry = {"density": plan.density(n), "attention_fraction": plan.attention_fraction(n),
+                             "kv_fraction": sum(caps) / (hkv * n),
                              "read_fraction": sum(read) / (hkv * n), "bytes_read": bytes_read}
                     if ms is not None:
                         entry.update(ms=ms, GBps=round(bytes_read / ms / 1e6, 1), copy_frac=self._bw_frac(bytes_read, ms))
@@ -572,7 +574,8 @@ class Bench:
                 spans_l = plan.spans(n)[0]
                 spans = torch.tensor(spans_l, dtype=torch.int32, device=self.dev)
                 flops = 4 * d * sum(visible_pairs(s, sink, n) for s in spans_l)
-                entry: dict[str, Any] = {"density": plan.density(n), "layer0_density": flops / (hq * 4 * d * causal_pairs(n))}
+                entry: dict[str, Any] = {"density": plan.density(n), "attention_fraction": plan.attention_fraction(n),
+                                         "layer0_attention_fraction": flops / (hq * 4 * d * causal_pairs(n))}
                 out = prefill_attention(q, k, v, spans, sink)
                 rel, mx = guard(out, spans)
                 self.res.setdefault("guard", {})[key] = {"rel": round(rel, 5), "max_abs": round(mx, 5)}
@@ -873,7 +876,7 @@ def render_markdown(res: dict) -> str:
                  key=lambda t: (t.split("/")[1], int(t.split("/")[2][1:])))
     if pre:
         lines += ["## Prefill attention, one layer, batch 1", "",
-                  "| shape | N | SDPA flash causal ms (TFLOP/s) | SDPA best backend ms (TFLOP/s) | plan density | ours ms | ours TFLOP/s (visible) | % matmul | x SDPA flash | x SDPA best | Flex ms | x Flex |",
+                  "| shape | N | SDPA flash causal ms (TFLOP/s) | SDPA best backend ms (TFLOP/s) | density / attn frac | ours ms | ours TFLOP/s (visible) | % matmul | x SDPA flash | x SDPA best | Flex ms | x Flex |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in pre:
             _, shape, n = t.split("/")
@@ -881,7 +884,8 @@ def render_markdown(res: dict) -> str:
             for key in sorted((x for x in k if x.startswith(t + "/moa")), key=lambda x: -float(x.rsplit("moa", 1)[1])):
                 e = k[key]
                 lines.append(f"| {shape} | {n[1:]} | {sd.get('ms', '-')} ({sd.get('TFLOPs', '-')}) | "
-                             f"{sd.get('best_ms', '-')} ({sd.get('best_TFLOPs', '-')}) | {e.get('density', 0):.3f} | "
+                             f"{sd.get('best_ms', '-')} ({sd.get('best_TFLOPs', '-')}) | {e.get('density', 0):.3f} / "
+                             f"{e.get('attention_fraction', e.get('layer0_density', 0)):.3f} | "
                              f"{e.get('ms', 'WRONG')} | {e.get('TFLOPs', '-')} | "
                              f"{(str(round(100 * e['matmul_frac'])) + '%') if 'matmul_frac' in e else '-'} | "
                              f"{e.get('speedup_vs_sdpa', '-')} | {e.get('speedup_vs_sdpa_best', '-')} | "

@@ -3,15 +3,15 @@
 A method is written on the command line as one of
 
 * ``dense`` - the unmodified model (transformers' own attention);
-* ``uniform:<density>`` - StreamingLLM (sink + one fixed window for every head) whose density at
-  each evaluated length N is ``density`` (``uniform:<density>@<length>``: one window, sized at
-  that length, used at every N);
+* ``uniform:<density>`` - StreamingLLM, elastic: every head sees the sink + a window of
+  density*N - sink keys, so its density (the paper's: mean attended keys / N) is ``density`` at
+  every N (``uniform:<density>@<length>``: one fixed window, sized at that length, used at every N);
 * ``uniform=<path>`` - StreamingLLM matching the density of the plan in ``<path>`` at each N
   (the paper's "same density" baseline);
 * a plan file path, optionally named ``NAME=<path>``.
 
-Plans for a length are built with ``moa_plan.build.uniform_plan``; spans and densities come from
-the Plan methods, never re-derived here.
+Plan strings are read by ``moa_plan.build.plan_from_spec`` (the one grammar every command
+shares); spans and densities come from the Plan methods, never re-derived here.
 """
 
 from __future__ import annotations
@@ -21,58 +21,55 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moa_plan.io import check_fits, load_plan, plan_to_json
+from moa_plan.build import plan_from_spec, uniform_plan
+from moa_plan.io import plan_to_json
 from moa_plan.plan import ModelShape, Plan, PlanError
 
 
 @dataclass(frozen=True)
 class Method:
-    """One evaluated configuration: ``kind`` is 'dense', 'plan', 'uniform' or 'uniform-match'."""
+    """One evaluated configuration: ``kind`` is 'dense', 'plan' or 'uniform-match'."""
 
     name: str
     kind: str
     spec: str
-    plan: Plan | None = None  # the plan file (kind 'plan'), or the plan matched (kind 'uniform-match')
-    density: float | None = None  # kind 'uniform'
-    length: int | None = None  # kind 'uniform' with '@<length>'
+    plan: Plan | None = None  # the plan used (kind 'plan'), or the plan matched (kind 'uniform-match')
 
     def plan_at(self, shape: ModelShape, n: int) -> Plan | None:
         """The plan used at total length ``n`` (None: dense, the model is left as it is)."""
-        from moa_plan.build import uniform_plan
-
         if self.kind == "dense":
             return None
         if self.kind == "plan":
             return self.plan
-        if self.kind == "uniform":
-            return uniform_plan(shape, self.density, self.length or n)
         assert self.plan is not None
-        return uniform_plan(shape, min(1.0, self.plan.density(n)), n, sink=self.plan.sink,
-                            block_size=self.plan.block_size)
+        return uniform_plan(shape, self.plan.density(n), sink=self.plan.sink, block_size=self.plan.block_size)
 
     def stats(self, shape: ModelShape, n: int) -> dict[str, float]:
-        """Density and mean span (window, without sink) over all heads at length ``n``."""
+        """Density (the paper's), attention fraction, KV-cache fraction and mean span (window,
+        without sink) over all heads at length ``n``."""
         plan = self.plan_at(shape, n)
         if plan is None:
-            return {"density": 1.0, "avg_span": float(n), "sink": 0}
+            return {"density": 1.0, "attention_fraction": 1.0, "kv_cache_fraction": 1.0,
+                    "avg_span": float(n), "sink": 0}
         spans = [s for layer in plan.spans(n) for s in layer]
-        return {"density": plan.density(n), "avg_span": sum(spans) / len(spans), "sink": plan.sink}
+        return {"density": plan.density(n), "attention_fraction": plan.attention_fraction(n),
+                "kv_cache_fraction": plan.kv_cache_fraction(n), "avg_span": sum(spans) / len(spans),
+                "sink": plan.sink}
 
     def fingerprint(self) -> str:
         """Changes whenever the method would attend differently (plan content, density, ...)."""
-        payload = {"kind": self.kind, "density": self.density, "length": self.length,
-                   "plan": plan_to_json(self.plan) if self.plan is not None else None}
+        payload = {"kind": self.kind, "plan": plan_to_json(self.plan) if self.plan is not None else None}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load(path: str, shape: ModelShape, where: str) -> Plan:
+def _load(text: str, shape: ModelShape, where: str) -> Plan:
     try:
-        plan = load_plan(path)
-        check_fits(plan, shape)
+        return plan_from_spec(text, shape, where)
     except PlanError as exc:
-        raise PlanError([(f"{where} {path}: {loc}" if loc else f"{where} {path}", msg)
+        if text == "dense" or text.startswith("uniform:"):
+            raise
+        raise PlanError([(f"{where} {text}: {loc}" if loc else f"{where} {text}", msg)
                          for loc, msg in exc.problems]) from None
-    return plan
 
 
 def parse_method(text: str, shape: ModelShape, where: str = "--plan") -> Method:
@@ -81,15 +78,7 @@ def parse_method(text: str, shape: ModelShape, where: str = "--plan") -> Method:
     if text == "dense":
         return Method("dense", "dense", text)
     if text.startswith("uniform:"):
-        density_text, _, length_text = text.removeprefix("uniform:").partition("@")
-        try:
-            density = float(density_text)
-            length = int(length_text) if length_text else None
-        except ValueError:
-            raise PlanError([(where, f"{text!r}: expected uniform:<density> or uniform:<density>@<length>")]) from None
-        if not 0 < density <= 1 or (length is not None and length < 1):
-            raise PlanError([(where, f"{text!r}: density must be in (0, 1] and length >= 1")])
-        return Method(text, "uniform", text, density=density, length=length)
+        return Method(text, "plan", text, plan=_load(text, shape, where))
     if text.startswith("uniform="):
         path = text.removeprefix("uniform=")
         plan = _load(path, shape, where)

@@ -12,34 +12,40 @@ from fractions import Fraction
 from typing import Any
 
 from moa_plan import semantics
+from moa_plan.io import check_fits, load_plan
 from moa_plan.plan import FORMAT_VERSION, MAX_LENGTH, Layer, ModelShape, Plan, PlanError, Rule
 
 MOA_REFERENCE_SINK = 64
 
 
-def uniform_span(density: float, length: int, sink: int) -> int:
-    """Largest span whose exact density at ``length`` is <= ``density`` (PlanError if none is)."""
-    if not (isinstance(length, int) and 1 <= length <= MAX_LENGTH):
-        raise PlanError([("length", f"must be an integer in [1, {MAX_LENGTH}], got {length!r}")])
-    if not (isinstance(density, (int, float)) and math.isfinite(density) and 0 < density <= 1):
+def _check_density(density: float) -> None:
+    if isinstance(density, bool) or not (isinstance(density, (int, float)) and math.isfinite(density)
+                                         and 0 < density <= 1):
         raise PlanError([("density", f"must be in (0, 1], got {density!r}")])
-    budget = Fraction(density) * semantics.causal_pairs(length)  # exact: pairs <= density * causal
 
-    def fits(s: int) -> bool:
-        return semantics.visible_pairs(s, sink, length) <= budget
 
-    if not fits(1):
-        least = semantics.visible_pairs(1, sink, length) / semantics.causal_pairs(length)
+def _check_length(length: int, name: str = "length") -> None:
+    if isinstance(length, bool) or not (isinstance(length, int) and 1 <= length <= MAX_LENGTH):
+        raise PlanError([(name, f"must be an integer in [1, {MAX_LENGTH}], got {length!r}")])
+
+
+def uniform_span(density: float, length: int, sink: int) -> int:
+    """Largest span whose density at ``length`` is <= ``density``: floor(density * length) - sink
+    (PlanError if even span 1 is over the budget)."""
+    _check_length(length)
+    _check_density(density)
+    keys = math.floor(Fraction(density) * length)  # exact: attended keys <= d * N
+    span_ = length if keys >= length else keys - sink
+    if span_ < 1:
         raise PlanError([("density", f"{density} is below the least density a head can have at "
-                          f"N={length} with sink={sink}: span 1 already gives {least:.6g}")])
-    lo, hi = 1, length  # fits(lo) holds; visible_pairs is non-decreasing in the span
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+                          f"N={length} with sink={sink}: span 1 already gives {(sink + 1) / length:.6g}")])
+    return span_
+
+
+def uniform_exact_from(density: float, sink: int) -> int:
+    """Smallest length from which the elastic uniform plan's density is ``density`` (within 1/N):
+    below it the window would need fewer than one token beside the sink."""
+    return math.ceil((sink + 1) / Fraction(density))
 
 
 def _check_settings(sink: int, block_size: int) -> None:
@@ -52,20 +58,60 @@ def _check_settings(sink: int, block_size: int) -> None:
         raise PlanError(problems)
 
 
-def uniform_plan(shape: ModelShape, density: float, length: int, sink: int = 64,
-                 block_size: int = 64) -> Plan:
-    """StreamingLLM baseline: every head gets the same fixed span (beta 0), the largest whose
-    exact density at ``length`` stays within ``density``."""
+def uniform_plan(shape: ModelShape, density: float, sink: int = 64, block_size: int = 64,
+                 static_length: int | None = None) -> Plan:
+    """StreamingLLM baseline with the same rule for every head.
+
+    Elastic (default, as the MoA reference's StreamingLLM baseline): alpha = -sink, beta =
+    ``density``, so ``min(N, sink + span) / N`` = floor(density * N) / N at every N from
+    ``uniform_exact_from(density, sink)`` on. With ``static_length``: one fixed window (beta 0),
+    the largest whose density at that length is within ``density`` (a constant-size cache).
+    """
     _check_settings(sink, block_size)
-    s = uniform_span(density, length, sink)
-    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, block_size=block_size,
-                default=Rule(alpha=float(s), beta=0.0), provenance={})
-    plan.provenance.update({
-        "method": "uniform (StreamingLLM: sink + fixed window, beta 0)",
-        "target_density": {str(length): density},
-        "achieved_density": {str(length): plan.density(length)},
-        "span": s,
-    })
+    _check_density(density)
+    if static_length is None:
+        rule = Rule(alpha=float(-sink), beta=float(density))
+        provenance = {"method": "uniform (StreamingLLM, elastic: sink + a window of density*N - sink)",
+                      "density": "paper", "target_density": density,
+                      "exact_from_length": uniform_exact_from(density, sink)}
+    else:
+        _check_length(static_length, "static_length")
+        span_ = uniform_span(density, static_length, sink)
+        rule = Rule(alpha=float(span_), beta=0.0)
+        provenance = {"method": "uniform (StreamingLLM, static: sink + one fixed window)",
+                      "density": "paper", "target_density": {str(static_length): density}, "span": span_}
+    return Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, block_size=block_size,
+                default=rule, provenance=provenance)
+
+
+def dense_plan(shape: ModelShape) -> Plan:
+    """Every head sees every earlier key (span = N, no sink): the model's own causal attention."""
+    return Plan(format_version=FORMAT_VERSION, model=shape, sink=0, default=Rule(alpha=0.0, beta=1.0),
+                provenance={"method": "dense"})
+
+
+PLAN_SPEC_HELP = "a plan file, 'dense', 'uniform:<density>' (elastic) or 'uniform:<density>@<length>' (static)"
+
+
+def plan_from_spec(text: str, shape: ModelShape, where: str = "plan") -> Plan:
+    """The one grammar of plan strings: ``dense``, ``uniform:<d>``, ``uniform:<d>@<N>``, or a
+    plan file path (loaded and checked against ``shape``)."""
+    text = str(text)
+    if text == "dense":
+        return dense_plan(shape)
+    if text.startswith("uniform:"):
+        density_text, at, length_text = text.removeprefix("uniform:").partition("@")
+        try:
+            density = float(density_text)
+            length = int(length_text) if at else None
+        except ValueError:
+            raise PlanError([(where, f"{text!r}: expected uniform:<density> or uniform:<density>@<length>")]) from None
+        try:
+            return uniform_plan(shape, density, static_length=length)
+        except PlanError as exc:
+            raise PlanError([(where, f"{text!r}: {loc}: {msg}") for loc, msg in exc.problems]) from None
+    plan = load_plan(text)
+    check_fits(plan, shape)
     return plan
 
 

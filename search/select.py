@@ -126,6 +126,7 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
 
     provenance = {
         "tool": "moa-plan search",
+        "density": "paper",
         "method": "MoA attention-influence profile + Pyomo MILP (weighted sums over a simplex weight grid, "
                   "Pareto filter, selection at a held-out length)",
         "model": meta.get("model"),

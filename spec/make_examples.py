@@ -4,7 +4,8 @@
 
 Uniform plans are the StreamingLLM baseline (moa_plan.build.uniform_plan). The heterogeneous
 plans are ILLUSTRATIVE, not searched: each head draws a fixed pseudo-random preference and
-takes a rule from a small MoA-style menu, with one exponent tuned so the plan density at the
+takes a rule from a small MoA-style menu, with one exponent tuned so the plan density (mean
+attended keys / N, the MoA paper's) at the
 budget length is as large as possible without exceeding the target. They show the format and
 exercise the runtime; searched plans come from ``moa-plan search``.
 """
@@ -72,6 +73,7 @@ def illustrative_plan(key: str, shape: ModelShape, density: float = DENSITY) -> 
         "recipe": "per-head pseudo-random preference p (seeded by the file key; layers 0, 1 and the "
                   "last get +0.5); rule = menu[floor(p**gamma * len(menu))], the menu sorted by "
                   f"density at N={LENGTH}; gamma bisected to the budget",
+        "density": "paper",
         "target_density": {str(LENGTH): density},
         "achieved_density": {str(n): plan.density(n) for n in REPORT_LENGTHS},
     })
@@ -82,7 +84,7 @@ def main(out_dir: str = "spec/examples") -> None:
     out = Path(out_dir)
     for key, shape in SHAPES.items():
         tag = f"{int(DENSITY * 100)}"
-        save_plan(uniform_plan(shape, DENSITY, LENGTH, sink=SINK, block_size=BLOCK),
+        save_plan(uniform_plan(shape, DENSITY, sink=SINK, block_size=BLOCK),
                   out / f"{key}-uniform-{tag}.json")
         save_plan(illustrative_plan(key, shape), out / f"{key}-illustrative-{tag}.json")
 

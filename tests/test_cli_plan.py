@@ -192,12 +192,11 @@ def test_density_command_equals_brute_force_count(plan, lengths):
     lines = iter(out.splitlines())
     for n in dict.fromkeys(lengths):
         spans = plan.spans(n)
-        counts = [sum(1 for s in layer for i in range(n) for j in range(i + 1) if j < plan.sink or i - j < s)
-                  for layer in spans]
+        counts = [sum(1 for s in layer for j in range(n) if j < plan.sink or n - 1 - j < s) for layer in spans]
         heads = plan.model.num_attention_heads
-        assert next(lines) == f"density at N={n}: {sum(counts) / (len(spans) * heads * n * (n + 1) // 2)!r}"
+        assert next(lines) == f"density at N={n}: {sum(counts) / (len(spans) * heads * n):.6g}"
         for layer, count in enumerate(counts):
-            assert next(lines) == f"  layer {layer}: {count / (heads * n * (n + 1) // 2)!r}"
+            assert next(lines) == f"  layer {layer}: {count / (heads * n):.6g}"
     assert next(lines, None) is None
 
 
@@ -212,23 +211,28 @@ def test_density_needs_a_positive_length(tmp_path):
 
 def test_uniform_command(tmp_path, config):
     out_path = tmp_path / "u.json"
-    code, out, err = run("uniform", "--model", config.parent, "--density", 0.25, "--length", 8192, "--out", out_path)
+    code, out, err = run("uniform", "--model", config.parent, "--density", 0.25, "--out", out_path)
     assert code == 0 and err == ""
     plan = load_plan(out_path)
-    assert out == f"wrote {out_path}: span 1033 for every head, density {plan.density(8192):.6f} at N=8192 (target 0.25)\n"
+    assert out.splitlines() == [
+        f"wrote {out_path}: alpha -64, beta 0.25 for every head; density 0.2500 at N=1024, 0.2500 at N=4096, "
+        "0.2500 at N=8192",
+        "density is 0.25 (within 1/N) at every N >= 260; below that the window is one token and the density "
+        "is (sink + 1) / N"]
     assert plan.model.num_layers == 30 and plan.model.name == "HuggingFaceTB/SmolLM2-135M"
-    assert plan.density(8192) <= 0.25
-    # the length defaults to max_position_embeddings
-    assert run("uniform", "--model", config, "--density", 0.25, "--out", tmp_path / "v.json")[0] == 0
-    assert load_plan(tmp_path / "v.json") == plan
+    assert plan.density(8192) == plan.density(2048) == 0.25
+    code, out, err = run("uniform", "--model", config, "--density", 0.25, "--static-length", 8192,
+                         "--out", tmp_path / "v.json")
+    assert code == 0 and load_plan(tmp_path / "v.json").spans(100_000)[0][0] == 2048 - 64
+    assert "density 0.2500 at N=8192" in out
 
 
 def test_uniform_impossible_budget_and_bad_arguments(tmp_path, config):
     out_path = tmp_path / "u.json"
-    code, _, err = run("uniform", "--model", config, "--density", 0.001, "--out", out_path)
+    code, _, err = run("uniform", "--model", config, "--density", 0.001, "--static-length", 8192, "--out", out_path)
     assert code == 1 and not out_path.exists()
     assert err == ("moa-plan: density: 0.001 is below the least density a head can have at N=8192 with "
-                   "sink=64: span 1 already gives 0.0158052\n")
+                   "sink=64: span 1 already gives 0.00793457\n")
     for bad in (["--density", "2"], ["--density", "x"], ["--density", "0.5", "--sink", "-1"]):
         with pytest.raises(SystemExit) as info:
             run("uniform", "--model", config, "--out", out_path, *bad)

@@ -118,7 +118,7 @@ def test_perplexity_windows():
 @pytest.mark.parametrize("argv, message", [
     (["--plan", "dense", "--model", "/nonexistent"], "--model: /nonexistent: not a transformers model folder"),
     (["--plan", "missing.json"], "--plan missing.json"),
-    (["--plan", "uniform:2"], "density must be in (0, 1]"),
+    (["--plan", "uniform:2"], "density: must be in (0, 1]"),
 ])
 def test_bad_input_is_one_located_line(tiny, argv, message, capsys):
     args = ["eval", "retrieval", "--model", str(tiny), *argv, "--lengths", "100", "--no-progress"]

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from strategies import model_shapes, plans
 
 from moa_plan import semantics
-from moa_plan.build import plan_from_moa, plan_to_moa, uniform_plan, uniform_span
+from moa_plan.build import (plan_from_moa, plan_from_spec, plan_to_moa, uniform_exact_from, uniform_plan,
+                            uniform_span)
 from moa_plan.plan import ModelShape, PlanError
 
 SHAPE = ModelShape(num_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -19,40 +20,55 @@ SHAPE = ModelShape(num_layers=3, num_attention_heads=4, num_key_value_heads=2, h
 
 @settings(max_examples=80, deadline=None)
 @given(model_shapes(), st.floats(0.001, 1.0), st.integers(1, 20_000), st.integers(0, 256))
-def test_uniform_plan_is_the_largest_span_within_budget(shape, density, n, sink):
+def test_uniform_plan_has_its_density_at_every_length(shape, density, n, sink):
+    plan = uniform_plan(shape, density, sink=sink)
+    rule = plan.default
+    assert (rule.alpha, rule.beta) == (-sink, density)
+    assert len({s for layer in plan.spans(n) for s in layer}) == 1
+    exact_from = plan.provenance["exact_from_length"]
+    assert exact_from == uniform_exact_from(density, sink)
+    if n >= exact_from:  # within one token of d * N, never over it by more than float rounding
+        assert abs(plan.density(n) - density) <= 1 / n + 1e-12
+    else:  # the window is one token: density (sink + 1) / N, over the target
+        assert plan.spans(n)[0][0] == 1 and plan.density(n) == min(n, sink + 1) / n
+
+
+@settings(max_examples=80, deadline=None)
+@given(model_shapes(), st.floats(0.001, 1.0), st.integers(1, 20_000), st.integers(0, 256))
+def test_static_uniform_plan_is_the_largest_fixed_window_within_budget(shape, density, n, sink):
     try:
-        plan = uniform_plan(shape, density, n, sink=sink)
-    except PlanError as exc:
-        # only when even span 1 is over budget
+        plan = uniform_plan(shape, density, sink=sink, static_length=n)
+    except PlanError as exc:  # only when even span 1 is over budget
         assert exc.problems[0][0] == "density"
-        assert Fraction(semantics.visible_pairs(1, sink, n), semantics.causal_pairs(n)) > Fraction(density)
+        assert Fraction(min(n, sink + 1), n) > Fraction(density)
         return
     s = plan.provenance["span"]
     assert plan.spans(n) == [[s] * shape.num_attention_heads] * shape.num_layers
     assert all(r.beta == 0 for layer in plan.rules() for r in layer)
-    assert Fraction(semantics.visible_pairs(s, sink, n), semantics.causal_pairs(n)) <= Fraction(density)
-    assert plan.density(n) <= density
-    if s < n:  # one more token of span would exceed the budget
-        assert Fraction(semantics.visible_pairs(s + 1, sink, n), semantics.causal_pairs(n)) > Fraction(density)
-    assert plan.provenance["achieved_density"] == {str(n): plan.density(n)}
-    assert plan.provenance["target_density"] == {str(n): density}
+    assert Fraction(semantics.attended_keys(s, sink, n), n) <= Fraction(density)
+    if sink + s < n:  # one more token of span would exceed the budget
+        assert Fraction(semantics.attended_keys(s + 1, sink, n), n) > Fraction(density)
 
 
 def test_uniform_plan_known_values():
-    plan = uniform_plan(SHAPE, 0.5, 8192)
-    assert plan.provenance["span"] == 2335
-    assert plan.density(8192) == pytest.approx(0.49991, abs=1e-5)
-    assert uniform_plan(SHAPE, 1.0, 100).provenance["span"] == 100
+    """The issue's figures: density 0.5, sink 64 -> span 4032 at 8192 and still 0.5 at 2048."""
+    plan = uniform_plan(SHAPE, 0.5)
+    assert plan.spans(8192)[0][0] == 4032
+    assert plan.density(8192) == 0.5
+    assert abs(plan.density(2048) - 0.5) <= 1 / 2048
+    assert plan.provenance["exact_from_length"] == 130
+    assert uniform_plan(SHAPE, 0.5, static_length=8192).provenance["span"] == 4032
+    assert uniform_plan(SHAPE, 1.0, sink=0, static_length=100).provenance["span"] == 100
 
 
 @pytest.mark.parametrize("kwargs, location", [
-    (dict(density=0.0, length=10), "density"),
-    (dict(density=1.5, length=10), "density"),
-    (dict(density=float("nan"), length=10), "density"),
-    (dict(density=0.5, length=0), "length"),
-    (dict(density=0.001, length=8192), "density"),  # span 1 plus 64 sinks is already ~1.6%
-    (dict(density=0.5, length=100, sink=-1), "sink"),
-    (dict(density=0.5, length=100, block_size=0), "block_size"),
+    (dict(density=0.0), "density"),
+    (dict(density=1.5), "density"),
+    (dict(density=float("nan")), "density"),
+    (dict(density=0.5, static_length=0), "static_length"),
+    (dict(density=0.001, static_length=8192), "density"),  # span 1 plus 64 sinks is already ~0.8%
+    (dict(density=0.5, sink=-1), "sink"),
+    (dict(density=0.5, block_size=0), "block_size"),
 ])
 def test_uniform_plan_bad_arguments(kwargs, location):
     with pytest.raises(PlanError) as info:
@@ -60,9 +76,19 @@ def test_uniform_plan_bad_arguments(kwargs, location):
     assert info.value.problems[0][0] == location
 
 
+def test_plan_strings_share_one_grammar():
+    assert plan_from_spec("dense", SHAPE).density(777) == 1.0
+    assert plan_from_spec("uniform:0.5", SHAPE) == uniform_plan(SHAPE, 0.5)
+    assert plan_from_spec("uniform:0.25@4096", SHAPE) == uniform_plan(SHAPE, 0.25, static_length=4096)
+    for bad in ("uniform:abc", "uniform:0.5@x", "uniform:2", "uniform:0.001@8192"):
+        with pytest.raises(PlanError) as info:
+            plan_from_spec(bad, SHAPE)
+        assert info.value.problems[0][0] == "plan" and bad in info.value.problems[0][1]
+
+
 def test_uniform_span_error_names_the_least_density():
-    with pytest.raises(PlanError, match=r"span 1 already gives 0\.0158"):
-        uniform_span(0.01, 8192, 64)
+    with pytest.raises(PlanError, match=r"span 1 already gives 0\.00793"):
+        uniform_span(0.005, 8192, 64)
 
 
 @settings(max_examples=50, deadline=None)

@@ -31,15 +31,48 @@ def test_visible_pairs_equals_brute_force_count(alpha, beta, sink, n):
                for i in range(n) for j in range(i + 1))
 
 
+def brute_last_query_keys(span_: int, sink: int, n: int) -> int:
+    """Count the keys the newest query (i = n - 1) sees, by the visibility rule."""
+    return sum(1 for j in range(n) if semantics.visible(n - 1, j, span_, sink))
+
+
+@settings(max_examples=40, deadline=None)
+@given(plans(max_layers=3, max_heads=4, max_alpha=64, max_sink=12), st.integers(1, 40))
+def test_plan_density_equals_brute_force_count_of_the_last_querys_keys(plan, n):
+    """The paper's density: mean over heads of the keys the newest query attends to, over N."""
+    spans = plan.spans(n)
+    heads = plan.model.num_layers * plan.model.num_attention_heads
+    keys = [[brute_last_query_keys(s, plan.sink, n) for s in layer] for layer in spans]
+    assert plan.density(n) == sum(map(sum, keys)) / (heads * n)
+    for layer, d in zip(keys, plan.layer_densities(n)):
+        assert d == pytest.approx(sum(layer) / (len(layer) * n))
+    for layer in plan.rules():
+        for r in layer:
+            assert semantics.head_density(r.alpha, r.beta, plan.sink, n) == \
+                brute_last_query_keys(r.span(n), plan.sink, n) / n
+
+
 @settings(max_examples=25, deadline=None)
 @given(plans(max_layers=3, max_heads=4, max_alpha=64, max_sink=12), st.integers(1, 40))
-def test_plan_density_equals_brute_force_mask(plan, n):
+def test_attention_fraction_equals_brute_force_mask(plan, n):
     spans = plan.spans(n)
     total = sum(brute_pairs(s, plan.sink, n) for layer in spans for s in layer)
     heads = plan.model.num_layers * plan.model.num_attention_heads
-    assert plan.density(n) == total / (heads * n * (n + 1) // 2)
-    for layer, d in zip(spans, plan.layer_densities(n)):
-        assert d == pytest.approx(sum(brute_pairs(s, plan.sink, n) for s in layer) / (len(layer) * n * (n + 1) / 2))
+    assert plan.attention_fraction(n) == total / (heads * n * (n + 1) // 2)
+    for layer, f in zip(spans, plan.layer_attention_fractions(n)):
+        assert f == pytest.approx(sum(brute_pairs(s, plan.sink, n) for s in layer) / (len(layer) * n * (n + 1) / 2))
+
+
+@settings(max_examples=25, deadline=None)
+@given(plans(max_layers=3, max_heads=8, max_alpha=300, max_sink=20), st.integers(1, 600))
+def test_kv_cache_fraction_equals_the_runtimes_allocated_slots(plan, n):
+    pytest.importorskip("torch")
+    from moa_plan.runtime.cache import memory_report, plan_layouts
+
+    slots = sum(layout.slots for layout in plan_layouts(plan, n))
+    shape = plan.model
+    assert plan.kv_cache_fraction(n) == slots / (shape.num_layers * shape.num_key_value_heads * n)
+    assert plan.kv_cache_fraction(n) == pytest.approx(memory_report(plan, n).ratio)
 
 
 def test_density_matches_reference_plan_mask():
@@ -52,7 +85,8 @@ def test_density_matches_reference_plan_mask():
                                            {"alpha": 0, "beta": 1}, {"alpha": 7.9, "beta": 0.25}]}])
     for n in (1, 5, 17, 33):
         mask = plan_mask(torch.tensor(plan.spans(n)[0]), plan.sink, n, n)
-        assert plan.density(n) == int(mask.sum()) / (4 * n * (n + 1) // 2)
+        assert plan.attention_fraction(n) == int(mask.sum()) / (4 * n * (n + 1) // 2)
+        assert plan.density(n) == int(mask[..., -1, :].sum()) / (4 * n)
 
 
 @SETTINGS
@@ -97,7 +131,8 @@ def test_worked_example_of_the_spec():
     rule = Rule(alpha=-2, beta=0.5)
     assert rule.span(10) == 3
     assert semantics.visible_pairs(3, 2, 10) == 40
-    assert semantics.head_density(-2, 0.5, 2, 10) == 40 / 55
+    assert semantics.head_attention_fraction(-2, 0.5, 2, 10) == 40 / 55
+    assert semantics.head_density(-2, 0.5, 2, 10) == 5 / 10
     assert semantics.kv_slots(3, 2, 10) == 5
 
 
@@ -112,5 +147,18 @@ def test_double_evaluation_of_alpha_plus_beta_n():
 @given(model_shapes(), st.integers(1, 5000))
 def test_dense_plan_has_density_one(shape, n):
     plan = Plan(format_version=FORMAT_VERSION, model=shape, default=Rule(alpha=0, beta=1))
-    assert plan.density(n) == 1.0
+    assert plan.density(n) == plan.attention_fraction(n) == plan.kv_cache_fraction(n) == 1.0
     assert plan.kv_slots(n) == [[n] * shape.num_key_value_heads] * shape.num_layers
+
+
+def test_moa_reference_streamingllm_half_is_half_plus_sink_over_n():
+    """The MoA reference's StreamingLLM baseline at '50%' (alpha 0, beta 0.5, 64 sink tokens)."""
+    from moa_plan.build import plan_from_moa
+
+    shape = {"num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    from moa_plan.plan import ModelShape
+
+    plan = plan_from_moa({"alphas": [[0] * 4] * 2, "betas": [[0.5] * 4] * 2}, ModelShape(**shape))
+    assert plan.density(2048) == 0.53125
+    for n in (256, 1000, 4096, 8192, 12345):
+        assert plan.density(n) == pytest.approx(0.5 + 64 / n, abs=1 / n)

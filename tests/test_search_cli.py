@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from moa_plan.search.optimize import glpsol_path
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -20,7 +21,7 @@ from moa_plan.cli import main  # noqa: E402
 from moa_plan.io import load_plan  # noqa: E402
 from moa_plan.search import calibration  # noqa: E402
 
-needs_glpk = pytest.mark.skipif(shutil.which("glpsol") is None, reason="glpsol (GLPK) not installed")
+needs_glpk = pytest.mark.skipif(glpsol_path() is None, reason="glpsol (GLPK) not installed")
 
 COMMON = ["--samples", "1", "--sink", "16", "--block-size", "16", "--max-answer-tokens", "4", "--chunk", "64",
           "--quiet"]

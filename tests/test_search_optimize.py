@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import itertools
 import random
-import shutil
 
 import pytest
+
+from moa_plan.search.optimize import glpsol_path
 
 pytest.importorskip("pyomo")
 
@@ -15,7 +18,7 @@ from moa_plan.plan import PlanError  # noqa: E402
 from moa_plan.search import optimize as opt  # noqa: E402
 from moa_plan.search.rules import candidate_grid, density_table  # noqa: E402
 
-needs_glpk = pytest.mark.skipif(shutil.which("glpsol") is None, reason="glpsol (GLPK) not installed")
+needs_glpk = pytest.mark.skipif(glpsol_path() is None, reason="glpsol (GLPK) not installed")
 
 
 def _instance(seed: int, units: int = 4, rules: int = 4, lengths=(64, 128),
@@ -90,7 +93,7 @@ def test_group_weights_and_pareto_front_are_non_dominated():
 
 def test_highs_matches_glpk_when_installed():
     pytest.importorskip("highspy")
-    if shutil.which("glpsol") is None:
+    if glpsol_path() is None:
         pytest.skip("glpsol not installed")
     inst = _instance(3, units=5, rules=4)
     a = opt.solve(inst, [0.5, 0.5], "glpk")
@@ -128,9 +131,11 @@ def test_missing_solver_is_a_clear_error(monkeypatch):
         opt.make_solver("no_such_solver_xyz")
     assert err.value.problems[0][0] == "--solver" and "no_such_solver_xyz" in err.value.problems[0][1]
     monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     with pytest.raises(PlanError) as err:
         opt.make_solver("glpk")
-    assert "glpsol" in err.value.problems[0][1]
+    assert "glpsol" in err.value.problems[0][1] and "moa-plan[search]" in err.value.problems[0][1]
+    assert "--solver highs" in err.value.problems[0][1]
 
 
 @needs_glpk
