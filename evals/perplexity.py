@@ -2,8 +2,9 @@
 
 Two texts, both available without any download:
 
-* ``text`` - the Python reference manual topics that ship with CPython (``pydoc_data.topics``):
-  long, natural technical English. Windows of N tokens, loss over every predicted token.
+* ``text`` - the evaluation part of ``moa_plan.corpus`` (sections of the Python reference manual
+  that ship with CPython, none of which calibration ever sees): long, natural technical English.
+  Windows of N tokens, loss over every predicted token.
 * ``repeat`` - a window whose second half repeats its first half; loss over the second half
   only. A model that can look back N/2 tokens copies it almost perfectly, a local window
   cannot: the sharpest long-range probe a perplexity can give.
@@ -25,10 +26,10 @@ KINDS = ("text", "repeat")
 
 
 def reference_text() -> str:
-    """The CPython reference topics, in a fixed order (a few hundred thousand characters)."""
-    from pydoc_data.topics import topics
+    """The evaluation part of the offline corpus (disjoint from the calibration documents)."""
+    from moa_plan.corpus import text
 
-    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+    return text("evaluation")
 
 
 def windows(token_ids: Sequence[int], length: int, count: int, kind: str) -> list[tuple[list[int], int]]:

@@ -35,32 +35,51 @@ def _tasks(text: str) -> list[str]:
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=int, default=4, help="samples per length (default 4)")
-    p.add_argument("--tasks", type=_tasks, default=["kv", "multihop", "copy"],
-                   help="synthetic tasks, comma-separated (kv, multihop, copy); '' for none")
+    p.add_argument("--samples", type=int, default=16, help="samples per length (default 16)")
+    p.add_argument("--tasks", type=_tasks, default=["docs"],
+                   help="comma-separated: docs (natural text, 3 questions; default), kv, multihop, copy; '' for none")
     p.add_argument("--text", help="folder or file of user text (.txt, or .jsonl with text/question)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-answer-tokens", type=int, default=16)
+    p.add_argument("--max-answer-tokens", type=int, default=128,
+                   help="longest dense answer per question (default 128)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples generated together (default 16)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:i]")
 
 
 def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=64, help="sink tokens every head keeps (default 64)")
-    p.add_argument("--block-size", type=int, default=64, help="plan block size; alpha grid step (default 64)")
+    p.add_argument("--block-size", type=int, default=64, help="plan block size (default 64)")
     p.add_argument("--chunk", type=int, default=256, help="query rows recomputed at once in the backward pass")
+    p.add_argument("--signed-influence", action="store_true",
+                   help="sum signed per-entry effects (default: absolute values, as the MoA reference)")
 
 
 def _add_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", type=_floats, required=True,
-                   help="density budget: one value, or one per optimisation length")
+                   help="density budget (mean over heads of (sink + span) / N): one value, or one per length")
     p.add_argument("--validation-length", type=int, help="held-out length used only to select the plan")
+    p.add_argument("--extension-length", type=_ints,
+                   help="longer lengths where the density is constrained too (never profiled); default: twice "
+                        "the longest profiled length; 0 for none")
+    p.add_argument("--density-floor", type=float, default=0.9,
+                   help="each optimisation length's density stays >= this x budget (default 0.9; 0: no floor)")
     p.add_argument("--solver", default="glpk", help="any Pyomo solver name: glpk (default), highs, cbc, gurobi...")
     p.add_argument("--time-limit", type=float, help="seconds per MILP solve; the best feasible plan is kept")
     p.add_argument("--mip-gap", type=float, help="relative MIP gap at which the solver may stop")
-    p.add_argument("--weight-steps", type=int, default=4, help="divisions of the weight simplex (default 4)")
-    p.add_argument("--alpha-step", type=int, help="alpha grid step in tokens (default: the block size)")
-    p.add_argument("--beta-step", type=float, default=0.1, help="beta grid step in [0, 1] (default 0.1)")
+    p.add_argument("--pareto", choices=("epsilon", "weighted"), default="epsilon",
+                   help="Pareto front by epsilon-constraint (default) or weighted sums")
+    p.add_argument("--weight-steps", type=int, default=4, help="grid divisions per objective (default 4)")
+    p.add_argument("--alpha-step", type=int, help="alpha grid step in tokens (default: 4 x the block size)")
+    p.add_argument("--beta-step", type=float, default=0.125, help="beta grid step in [0, 1] (default 1/8)")
     p.add_argument("--gqa", action="store_true", help="one rule per KV group (heads sharing a KV head)")
-    p.add_argument("--max-rules-per-layer", type=int, help="cap on distinct rules within a layer")
+    p.add_argument("--max-rules-per-layer", type=int, default=2,
+                   help="cap on distinct rules within a layer (default 2; 0: no cap)")
+    p.add_argument("--validation-samples", type=int, default=0,
+                   help="measure each Pareto plan's real loss on this many held-out samples at the "
+                        "validation length and keep the best (default 0: all there are; needs --model, --data)")
     p.add_argument("--plots", help="folder for the Pareto-front and span-map PNGs (default: beside --out)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -71,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="transformers model folder")
     p.add_argument("--lengths", type=_ints, required=True, help="token lengths, comma-separated")
     _add_calib(p)
+    _add_device(p)
     p.add_argument("--out", required=True, help="calibration JSONL to write (resumed if it exists)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -80,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="calibration JSONL from `moa-plan calibrate`")
     _add_profile(p)
+    _add_device(p)
     p.add_argument("--out", required=True, help="profile folder (resumed if it exists)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -89,6 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", required=True, help="profile folder from `moa-plan profile`")
     p.add_argument("--lengths", type=_ints, help="optimisation lengths (default: every profiled length "
                    "except the validation length)")
+    p.add_argument("--model", help="model folder, for measured validation (with --data)")
+    p.add_argument("--data", help="calibration JSONL holding the validation samples")
+    _add_device(p)
     _add_opt(p)
     p.set_defaults(handler=cmd_optimize)
 
@@ -97,6 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", type=_ints, required=True, help="optimisation lengths, comma-separated")
     _add_calib(p)
     _add_profile(p)
+    _add_device(p)
     p.add_argument("--work", help="folder for the calibration data and profile (default: OUT.work)")
     _add_opt(p)
     p.set_defaults(handler=cmd_search)
@@ -106,12 +131,55 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def check_optimize_args(args: argparse.Namespace, lengths: list[int] | None) -> None:
+    """Every optimiser option, checked before any work starts (one located line each)."""
+    from moa_plan.search import optimize as opt_mod
+    from moa_plan.search.select import parse_budgets
+
+    problems = []
+    if args.validation_length is not None and args.validation_length < 1:
+        problems.append(("--validation-length", "must be >= 1"))
+    if lengths and args.validation_length in lengths:
+        problems.append(("--validation-length", "must differ from the optimisation lengths"))
+    if args.weight_steps < 1:
+        problems.append(("--weight-steps", "must be >= 1"))
+    if args.time_limit is not None and not args.time_limit > 0:
+        problems.append(("--time-limit", f"must be > 0 seconds, got {args.time_limit}"))
+    if args.mip_gap is not None and not 0 <= args.mip_gap < 1:
+        problems.append(("--mip-gap", f"must be in [0, 1), got {args.mip_gap}"))
+    if not 0 <= args.density_floor <= 1:
+        problems.append(("--density-floor", f"must be in [0, 1], got {args.density_floor}"))
+    if args.max_rules_per_layer < 0:
+        problems.append(("--max-rules-per-layer", "must be >= 0"))
+    if args.alpha_step is not None and args.alpha_step < 1:
+        problems.append(("--alpha-step", "must be >= 1"))
+    if not 0 < args.beta_step <= 1:
+        problems.append(("--beta-step", f"must be in (0, 1], got {args.beta_step}"))
+    if args.validation_samples < 0:
+        problems.append(("--validation-samples", "must be >= 0"))
+    if lengths:
+        try:
+            parse_budgets(args.density, lengths)
+        except PlanError as exc:
+            problems += exc.problems
+    if problems:
+        raise PlanError(problems)
+    opt_mod.make_solver(args.solver)  # a missing solver is found now, not after the profile
+
+
+def _extension(args: argparse.Namespace, lengths: list[int]) -> list[int]:
+    if args.extension_length is None:
+        return [2 * max(lengths + ([args.validation_length] if args.validation_length else []))]
+    return [n for n in args.extension_length if n > 0] if args.extension_length != [0] else []
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from moa_plan.search import calibration
 
     t0 = time.perf_counter()
     out = calibration.build(args.model, args.out, args.lengths, args.samples, args.tasks, args.seed,
-                            args.max_answer_tokens, args.text, args.overwrite, not args.quiet)
+                            args.max_answer_tokens, args.text, args.overwrite, not args.quiet, args.batch_size,
+                            args.device)
     _log(f"calibration data: {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -121,24 +189,37 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = profile.run_profile(args.model, args.data, args.out, args.sink, args.block_size, args.chunk,
-                              args.overwrite, not args.quiet)
+                              args.overwrite, not args.quiet, args.signed_influence, args.device)
     _log(f"profile: {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
-def _optimize(args: argparse.Namespace, profile_dir: str | Path, lengths: list[int] | None) -> int:
+def _optimize(args: argparse.Namespace, profile_dir: str | Path, lengths: list[int] | None,
+              model: str | None = None, data: str | Path | None = None) -> int:
     from moa_plan.io import save_plan
     from moa_plan.search import plots, profile, select
 
     t0 = time.perf_counter()
     prof = profile.load_profile(profile_dir)
-    if args.validation_length is not None and args.validation_length < 1:
-        raise PlanError([("--validation-length", "must be >= 1")])
-    if args.weight_steps < 1:
-        raise PlanError([("--weight-steps", "must be >= 1")])
+    opt_lengths = lengths or [n for n in prof.lengths if n != args.validation_length]
     res = select.optimize_profile(prof, args.density, lengths, args.validation_length, args.solver,
-                                  args.time_limit, args.mip_gap, args.weight_steps, args.alpha_step,
-                                  args.beta_step, args.gqa, args.max_rules_per_layer, not args.quiet)
+                                  args.time_limit, args.mip_gap, args.weight_steps,
+                                  args.alpha_step or 4 * int(prof.meta["block_size"]), args.beta_step, args.gqa,
+                                  args.max_rules_per_layer or None, not args.quiet, args.density_floor or None,
+                                  _extension(args, opt_lengths), args.pareto)
+    agreement = profile.split_half_agreement(prof, res.candidates, sorted(set(opt_lengths)))
+    measured = None
+    if model and data and args.validation_length:
+        from moa_plan.search import calibration, validate
+
+        _, samples = calibration.load_dataset(data)
+        held = [s for s in samples if s["length"] == args.validation_length]
+        held = held[: args.validation_samples] if args.validation_samples else held
+        if not held:
+            raise PlanError([("--data", f"no samples of the validation length {args.validation_length}")])
+        rows = validate.measured_losses(model, held, res.plans, not args.quiet, args.device)
+        measured = [sum(r) / len(r) for r in rows]
+        select.choose_measured(res, measured, args.validation_length, len(held))
     out = Path(args.out)
     plot_dir = Path(args.plots) if args.plots else out.parent
     stem = out.name.removesuffix(".json")
@@ -146,18 +227,42 @@ def _optimize(args: argparse.Namespace, profile_dir: str | Path, lengths: list[i
     lens = plan.provenance["lengths"] + ([args.validation_length] if args.validation_length else [])
     plots.pareto_png(res, plot_dir / f"{stem}.pareto.png")
     plots.span_map_png(plan, lens, plot_dir / f"{stem}.spans.png")
+    plan.provenance["profile_split_half_spearman"] = agreement
     plan.provenance["optimize_seconds"] = round(time.perf_counter() - t0, 3)
+    write_candidates(res, measured, plot_dir / f"{stem}.candidates.md")
     save_plan(plan, out)
     prov = plan.provenance
     _log(f"plan: {out} | density {json.dumps(prov['achieved_density'])} | est. loss "
          f"{json.dumps(prov['estimated_loss'])} | {prov['solver']['name']} {prov['solver']['termination']} "
          f"gap {prov['solver']['gap']} | {prov['selection']['pareto_size']} Pareto plans | "
-         f"{prov['optimize_seconds']:.1f} s")
+         f"split-half Spearman {json.dumps(agreement)} | {prov['optimize_seconds']:.1f} s")
     return 0
 
 
+def write_candidates(res, measured: list[float] | None, path: Path) -> None:
+    """The Pareto candidates (estimated losses, densities, measured loss) as a markdown table."""
+    from moa_plan.io import write_atomic
+
+    plans = res.plans
+    lens = list(plans[0].provenance["achieved_density"])
+    est = list(plans[0].provenance["estimated_loss"])
+    head = (["#"] + [f"est. loss @{n}" for n in est] + [f"density @{n}" for n in lens]
+            + (["measured loss"] if measured else []) + ["chosen"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, plan in enumerate(plans):
+        p = plan.provenance
+        row = ([str(i)] + [f"{p['estimated_loss'][n]:.4g}" for n in est]
+               + [f"{p['achieved_density'][n]:.4f}" for n in lens]
+               + ([f"{measured[i]:.4f}"] if measured else []) + (["**yes**"] if i == res.chosen else [""]))
+        lines.append("| " + " | ".join(row) + " |")
+    write_atomic(path, f"Pareto candidates of {path.name.removesuffix('.candidates.md')}: "
+                       f"{plans[0].provenance['selection']['rule'] if res.plan is plans[res.chosen] else ''}\n\n"
+                       + "\n".join(lines) + "\n")
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
-    return _optimize(args, args.profile, args.lengths)
+    check_optimize_args(args, args.lengths)
+    return _optimize(args, args.profile, args.lengths, args.model, args.data)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -166,19 +271,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else Path(str(args.out) + ".work")
     lengths = sorted(set(args.lengths))
     all_lengths = lengths + ([args.validation_length] if args.validation_length else [])
-    if args.validation_length in lengths:
-        raise PlanError([("--validation-length", "must differ from the optimisation lengths")])
+    check_optimize_args(args, lengths)
     times = {}
     t0 = time.perf_counter()
     data = calibration.build(args.model, work / "calibration.jsonl", all_lengths, args.samples, args.tasks,
-                             args.seed, args.max_answer_tokens, args.text, False, not args.quiet)
+                             args.seed, args.max_answer_tokens, args.text, False, not args.quiet, args.batch_size,
+                             args.device)
     times["calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     prof = profile.run_profile(args.model, data, work / "profile", args.sink, args.block_size, args.chunk,
-                               False, not args.quiet)
+                               False, not args.quiet, args.signed_influence, args.device)
     times["profile"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rc = _optimize(args, prof, lengths)
+    rc = _optimize(args, prof, lengths, args.model, data)
     times["optimize"] = time.perf_counter() - t0
     _log("step times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     return rc

@@ -12,6 +12,10 @@ denominator ``EPS_ONE`` (only reachable for an off-diagonal key holding nearly a
 mass; the diagonal entry d = 0 is never removed since every span is >= 1, so the reference's
 special first row never matters here).
 
+Sign: by default each entry's effect enters as its absolute value (per sample, before any sum),
+as in the MoA reference: a rule's cost can then only grow as its window shrinks, and noise of
+either sign cannot make hiding keys look free. ``signed=True`` keeps the signed estimate.
+
 Aggregation (exact, element level): a plan hides key j from query i iff j >= sink and
 i - j >= span (``moa_plan.semantics.visible``). So the influence of a rule with span s is the
 sum over entries with j >= sink and offset d = i - j >= s. We accumulate, per (layer, head),
@@ -42,6 +46,7 @@ class InfluenceRecorder:
 
     sink: int
     chunk: int = 256
+    signed: bool = False
     diag: dict[int, torch.Tensor] = field(default_factory=dict)
     enabled: bool = True
 
@@ -61,7 +66,7 @@ def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def chunked_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-    scale: float, chunk: int, sink: int | None,
+    scale: float, chunk: int, sink: int | None, signed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Exact dq, dk, dv of causal softmax attention, and (if ``sink`` is not None) the diag sums.
 
@@ -94,6 +99,8 @@ def chunked_backward(
         dvr[:, :, :q1] += torch.matmul(a.transpose(-1, -2), doc)
         if diag is not None:
             infl = -ds / (1.0 - a).clamp_min(EPS_ONE)
+            if not signed:
+                infl = infl.abs()
             offset = rows.view(-1, 1) - keys[:q1].view(1, -1)  # d = i - j
             keep = causal & (keys[:q1].view(1, -1) >= sink)
             infl = infl.masked_fill(~keep, 0.0)
@@ -126,7 +133,7 @@ class InfluenceAttention(torch.autograd.Function):
         record = rec is not None and rec.enabled
         dq, dk, dv, diag = chunked_backward(q, k, v, out, dout.contiguous(), ctx.scale,
                                             rec.chunk if rec is not None else 256,
-                                            rec.sink if record else None)
+                                            rec.sink if record else None, rec.signed if rec is not None else False)
         if record:
             rec.add(ctx.layer, diag)
         return dq, dk, dv, None, None, None

@@ -25,8 +25,25 @@ def model_shape(path: str | os.PathLike) -> ModelShape:
     return shape.model_copy(update={"name": shape.name or Path(path).name})
 
 
-def load(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: str = "float32") -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer), CPU unless CUDA is available; never touches the network."""
+def model_name(path: str | os.PathLike) -> str:
+    """What a shared file should record of a model: its hub-style name from config.json when it
+    has one (not a local path), else the folder's name; never a home directory."""
+    import json
+
+    path = check_model_dir(path)
+    try:
+        name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        name = ""
+    if not name or "/" not in name or Path(name).is_absolute() or name.startswith("."):
+        return path.resolve().name
+    return name
+
+
+def load(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: str = "float32",
+         device: str = "auto") -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) on ``device`` ('auto': CUDA when available, else CPU);
+    never touches the network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
@@ -43,6 +60,9 @@ def load(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: str 
     except Exception as exc:  # noqa: BLE001
         raise PlanError([("--model", f"cannot load a causal LM from {path}: {exc}")]) from None
     model.eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PlanError([("--device", f"{device}: no CUDA device is available")])
+    model.to(device)
     return model, tok

@@ -6,11 +6,16 @@ N_k: ``sum_{u,r} heads(u) * density_r(N_k) * x[u, r] <= d_k * total_heads`` (pla
 mean over heads). Optional: at most ``max_rules_per_layer`` distinct rules per layer (binary
 y[l, r] >= x[u, r]).
 
-Multi-objective: the influence loss at each objective length. We use **weighted sums**: for
-each weight vector on a simplex grid (each objective divided by its range over the
-instance so the weights are comparable; every weight floored at ``WEIGHT_FLOOR`` so no
-optimum is weakly dominated) solve one MILP; the distinct non-dominated solutions form the
-Pareto set (its supported points). Selection happens in ``select.py``.
+Optional lower bounds ``floors[k]`` on the density (the reference keeps each length within
+0.9x-1x of the budget, so the budget is used rather than left on the table).
+
+Multi-objective: the influence loss at each objective length. Default, the
+**epsilon-constraint** method: minimise the first objective (plus a tiny multiple of the others,
+so no optimum is weakly dominated) subject to ``loss_k <= eps_k`` for the others, over a grid of
+eps between each objective's own optimum and its worst value at the other optima; unlike
+weighted sums this also finds Pareto plans in non-convex parts of the front. ``weighted``:
+one MILP per weight vector on a simplex grid (range-normalised). The distinct non-dominated
+solutions form the Pareto set; selection happens in ``select.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Instance:
     objectives: list[int]
     budgets: dict[int, float]
     max_rules_per_layer: int | None = None
+    floors: dict[int, float] = field(default_factory=dict)
 
     @property
     def total_heads(self) -> int:
@@ -75,6 +81,10 @@ def min_density(inst: Instance, k: int) -> float:
     return min(row[k] for row in inst.dens)
 
 
+class Infeasible(PlanError):
+    """No plan meets the constraints (budgets, floors, epsilon bounds) together."""
+
+
 def check_feasible(inst: Instance) -> None:
     """Per-length infeasibility: a located error naming the smallest achievable density."""
     problems = []
@@ -84,8 +94,13 @@ def check_feasible(inst: Instance) -> None:
             problems.append((f"density at length {inst.lengths[k]}",
                              f"budget {budget:.4f} is infeasible: the smallest achievable density with these "
                              f"candidate rules and sink is {lo:.4f}"))
+    for k, floor in inst.floors.items():
+        hi = max(row[k] for row in inst.dens)
+        if floor > hi + 1e-12:
+            problems.append((f"density at length {inst.lengths[k]}",
+                             f"floor {floor:.4f} is above the largest achievable density {hi:.4f}"))
     if problems:
-        raise PlanError(problems)
+        raise Infeasible(problems)
 
 
 SOLVER_ALIASES = {"highs": "appsi_highs"}
@@ -178,6 +193,12 @@ def build_model(inst: Instance) -> Any:
                 xs.append(m.x[u, r])
         expr = LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=xs)
         m.density.add(expr <= budget * total * (1 - DENSITY_SLACK))
+    for k, floor in sorted(inst.floors.items()):
+        expr = LinearExpression(constant=0.0, linear_coefs=[inst.weight[u] * inst.dens[r][k]
+                                                            for u in range(units) for r in range(rules)],
+                                linear_vars=[m.x[u, r] for u in range(units) for r in range(rules)])
+        m.density.add(expr >= floor * total)
+    m.eps = pyo.ConstraintList()  # epsilon bounds of one solve, refilled by solve()
     cap = inst.max_rules_per_layer
     if cap is not None:
         if cap < 1:
@@ -211,12 +232,19 @@ def weight_grid(n_obj: int, steps: int) -> list[list[float]]:
     return out
 
 
-def _set_objective(m: Any, inst: Instance, weights: list[float], scales: dict[int, float]) -> None:
+def _set_objective(m: Any, inst: Instance, weights: list[float], scales: dict[int, float],
+                   eps: dict[int, float] | None = None) -> None:
     import pyomo.environ as pyo
     from pyomo.core.expr.numeric_expr import LinearExpression
 
     if hasattr(m, "obj"):
         m.del_component(m.obj)
+    if hasattr(m, "eps"):
+        m.eps.clear()
+        for k, bound in sorted((eps or {}).items()):
+            m.eps.add(LinearExpression(constant=0.0, linear_coefs=[c[k] for row in inst.cost for c in row],
+                                       linear_vars=[m.x[u, r] for u, row in enumerate(inst.cost)
+                                                    for r in range(len(row))]) <= bound)
     coefs, xs = [], []
     for u, row in enumerate(inst.cost):
         for r, c in enumerate(row):
@@ -237,15 +265,17 @@ def _gap(results: Any) -> float | None:
 
 
 def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit: float | None = None,
-          mip_gap: float | None = None, model: Any = None, opt: Any = None) -> Solution:
-    """Solve one weighted MILP; a time limit keeps the best feasible solution and reports its gap."""
+          mip_gap: float | None = None, model: Any = None, opt: Any = None,
+          eps: dict[int, float] | None = None) -> Solution:
+    """Solve one weighted MILP (with ``loss_k <= eps[k]`` bounds if given); a time limit keeps the
+    best feasible solution and reports its gap. Raises ``Infeasible`` when nothing fits."""
     import pyomo.environ as pyo
     from pyomo.opt import TerminationCondition as TC
 
     check_feasible(inst)
     opt = opt or make_solver(solver)
     m = model or build_model(inst)
-    _set_objective(m, inst, weights, objective_scales(inst))
+    _set_objective(m, inst, weights, objective_scales(inst), eps)
     kwargs = _apply_limits(opt, SOLVER_ALIASES.get(solver, solver), time_limit, mip_gap)
     log = None
     if solver == "glpk":  # keep glpsol's log: it holds the branch-and-bound gap Pyomo does not parse
@@ -267,9 +297,10 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
         term = TC.maxTimeLimit
     if term in (TC.infeasible, TC.infeasibleOrUnbounded):
         lows = ", ".join(f"{inst.lengths[k]}: {min_density(inst, k):.4f}" for k in sorted(inst.budgets))
-        raise PlanError([("density", f"the budgets {dict((inst.lengths[k], b) for k, b in inst.budgets.items())} "
-                          f"cannot be met together (solver: infeasible); smallest achievable density per "
-                          f"length on its own: {lows}")])
+        raise Infeasible([("density", f"the budgets {dict((inst.lengths[k], b) for k, b in inst.budgets.items())} "
+                           f"(floors {dict((inst.lengths[k], b) for k, b in inst.floors.items())}) cannot be met "
+                           f"together{' within the epsilon bounds' if eps else ''} (solver: infeasible); smallest "
+                           f"achievable density per length on its own: {lows}")])
     n_solutions = len(getattr(results, "solution", []) or [])
     if n_solutions == 0 and term not in (TC.optimal, TC.locallyOptimal, TC.feasible):
         raise PlanError([("solver", f"{solver} found no feasible plan (termination: {term}, "
@@ -306,28 +337,54 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
 
 
 def pareto(inst: Instance, solver: str = "glpk", steps: int = 4, time_limit: float | None = None,
-           mip_gap: float | None = None, progress: bool = True) -> tuple[list[Solution], list[Solution]]:
-    """(non-dominated distinct solutions, every solve) over the weight grid."""
+           mip_gap: float | None = None, progress: bool = True,
+           method: str = "epsilon") -> tuple[list[Solution], list[Solution]]:
+    """(non-dominated distinct solutions, every solve): epsilon-constraint (default) or weighted sums."""
     from tqdm import tqdm
 
     check_feasible(inst)
     opt = make_solver(solver)
     m = build_model(inst)
-    solves = []
-    for w in tqdm(weight_grid(len(inst.objectives), steps), desc="optimize", disable=not progress):
-        solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt))
+    objs = inst.objectives
+    solves: list[Solution] = []
+    if method == "weighted" or len(objs) == 1:
+        for w in tqdm(weight_grid(len(objs), steps), desc="optimize", disable=not progress):
+            solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt))
+    elif method == "epsilon":
+        bar = tqdm(total=len(objs) + (steps + 1) ** (len(objs) - 1), desc="optimize", disable=not progress)
+        anchors = []  # each objective on its own (others weighted WEIGHT_FLOOR): the payoff table
+        for i in range(len(objs)):
+            anchors.append(solve(inst, [1.0 if j == i else WEIGHT_FLOOR for j in range(len(objs))], solver,
+                                 time_limit, mip_gap, model=m, opt=opt))
+            bar.update()
+        solves += anchors
+        grids = []
+        for k in objs[1:]:
+            lo, hi = min(a.losses[k] for a in anchors), max(a.losses[k] for a in anchors)
+            grids.append([lo + (hi - lo) * t / steps for t in range(steps + 1)])
+        w = [1.0] + [WEIGHT_FLOOR] * (len(objs) - 1)
+        for bounds in itertools.product(*grids):
+            eps = {k: b * (1 + 1e-9) + 1e-12 for k, b in zip(objs[1:], bounds)}
+            try:
+                solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt, eps=eps))
+            except Infeasible:
+                pass  # a bound below what the time-limited solver can reach
+            bar.update()
+        bar.close()
+    else:
+        raise PlanError([("--pareto", f"unknown method {method!r}: choose epsilon or weighted")])
     unique: dict[tuple[int, ...], Solution] = {}
     for s in solves:
         unique.setdefault(tuple(s.assign), s)
     cands = list(unique.values())
 
     def dominated(a: Solution, b: Solution) -> bool:  # b dominates a
-        le = all(b.losses[k] <= a.losses[k] + 1e-12 for k in inst.objectives)
-        lt = any(b.losses[k] < a.losses[k] - 1e-12 for k in inst.objectives)
+        le = all(b.losses[k] <= a.losses[k] + 1e-12 for k in objs)
+        lt = any(b.losses[k] < a.losses[k] - 1e-12 for k in objs)
         return le and lt
 
     front = [a for a in cands if not any(dominated(a, b) for b in cands if b is not a)]
-    front.sort(key=lambda s: [s.losses[k] for k in inst.objectives])
+    front.sort(key=lambda s: [s.losses[k] for k in objs])
     return front, solves
 
 

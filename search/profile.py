@@ -66,14 +66,24 @@ def load_profile(path: str | os.PathLike) -> Profile:
 
 def _fingerprint(sample: dict[str, Any]) -> str:
     """Hash of a calibration sample's tokens: a resumed profile reuses only unchanged samples."""
-    blob = json.dumps([sample["prompt_ids"], sample["answer_ids"]]).encode()
+    blob = json.dumps([sample["prompt_ids"], sample["answer_ids"], sample.get("loss_mask")]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], recorder: Any) -> tuple[float, Any]:
-    """Dense loss of the answer and the diag sums [layers, heads, n] of one sample."""
+def answer_loss(logits: Any, answer_ids: list[int], loss_mask: list[int] | None) -> Any:
+    """Mean cross-entropy of the answer tokens (``loss_mask`` 1) given ``logits`` [len(answer), V]."""
     import torch
 
+    target = torch.tensor(answer_ids, device=logits.device)
+    if loss_mask is not None:
+        target = target.masked_fill(torch.tensor(loss_mask, device=logits.device) == 0, -100)
+    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=-100)
+
+
+def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], recorder: Any,
+                   loss_mask: list[int] | None = None) -> tuple[float, Any]:
+    """Dense loss of the answer and the diag sums [layers, heads, n] of one sample."""
+    import torch
     from moa_plan.search import influence
 
     device = next(model.parameters()).device
@@ -84,8 +94,7 @@ def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], rec
     try:
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         out = model(inputs_embeds=embeds, logits_to_keep=a + 1, use_cache=False)
-        logits = out.logits[0, :a].float()
-        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids, device=device))
+        loss = answer_loss(out.logits[0, :a], answer_ids, loss_mask)
         loss.backward()
     finally:
         influence.set_recorder(None)
@@ -98,12 +107,12 @@ def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], rec
 
 
 def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, sink: int = 64,
-                block_size: int = 64, chunk: int = 256, overwrite: bool = False, progress: bool = True) -> Path:
+                block_size: int = 64, chunk: int = 256, overwrite: bool = False, progress: bool = True,
+                signed: bool = False, device: str = "auto") -> Path:
     """Profile every calibration sample (resuming finished ones); returns the profile folder."""
-    from tqdm import tqdm
-
     from moa_plan.search import calibration, influence
     from moa_plan.search import model as model_mod
+    from tqdm import tqdm
 
     if sink < 0:
         raise PlanError([("--sink", "must be >= 0")])
@@ -114,18 +123,20 @@ def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
         raise PlanError([("--data", f"{data} holds no samples")])
     shape = model_mod.model_shape(model_dir)
     out = Path(out)
-    base = {"model": str(Path(model_dir).resolve()), "model_shape": shape.model_dump(mode="json"),
-            "sink": sink, "block_size": block_size, "calibration": str(Path(data).resolve()),
+    base = {"model": model_mod.model_name(model_dir), "model_shape": shape.model_dump(mode="json"),
+            "sink": sink, "block_size": block_size, "calibration": Path(data).name,
+            "influence": "signed" if signed else "absolute",
             "calibration_settings": settings,
             "convention": "influence = estimated loss increase of hiding key j from query i "
-                          "(A_ij (S_i - G_ij) / (1 - A_ij)); diag[d] sums it over i - j = d, j >= sink"}
+                          "(A_ij (S_i - G_ij) / (1 - A_ij)); diag[d] sums it (its absolute value unless "
+                          "'influence' is 'signed', as the MoA reference does) over i - j = d, j >= sink"}
     meta: dict[str, Any] = {**base, "samples": [], "seconds": 0.0}
     diags: dict[str, Any] = {}
-    strict = ("model", "model_shape", "sink")
+    strict = ("model", "model_shape", "sink", "influence")
     if (out / META).is_file() and not overwrite:
         old = load_profile(out)
         if any(old.meta.get(k) != base[k] for k in strict):
-            raise PlanError([("--out", f"{out} holds a profile with another model or sink; "
+            raise PlanError([("--out", f"{out} holds a profile with another model, sink or influence sign; "
                               "pass --overwrite or another --out")])
         # keep the profiled samples that are still in the data, unchanged (same fingerprint)
         prints = {s["id"]: _fingerprint(s) for s in samples}
@@ -138,13 +149,13 @@ def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
         _save(out, meta, diags)
         return out
     influence.register_attention()
-    model, _ = model_mod.load(model_dir, attn_implementation=influence.ATTN_NAME)
+    model, _ = model_mod.load(model_dir, attn_implementation=influence.ATTN_NAME, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
-    recorder = influence.InfluenceRecorder(sink=sink, chunk=chunk)
+    recorder = influence.InfluenceRecorder(sink=sink, chunk=chunk, signed=signed)
     for s in tqdm(todo, desc="profile", disable=not progress):
         t0 = time.perf_counter()
-        loss, diag = profile_sample(model, s["prompt_ids"], s["answer_ids"], recorder)
+        loss, diag = profile_sample(model, s["prompt_ids"], s["answer_ids"], recorder, s.get("loss_mask"))
         diags[s["id"]] = diag
         meta["samples"].append({"id": s["id"], "task": s.get("task"), "length": s["length"],
                                 "n_tokens": len(s["prompt_ids"]) + len(s["answer_ids"]), "loss": loss,
@@ -161,7 +172,6 @@ def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> A
     token count; samples are grouped by their nominal length.
     """
     import torch
-
     from moa_plan.search.influence import rule_influence
 
     shape = profile.meta["model_shape"]
@@ -178,3 +188,27 @@ def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> A
             table[:, :, k] += rule_influence(diag, spans)
         table[:, :, k] /= len(group)
     return table
+
+
+def _spearman(a: Any, b: Any) -> float:
+
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-300))
+
+
+def split_half_agreement(profile: Profile, cands: list[Any], lengths: list[int]) -> dict[str, float]:
+    """Spearman correlation, per length, between the influence tables (heads x rules) of two
+    disjoint halves of the samples (even / odd position): how reproducible the profile is."""
+    out = {}
+    for n in lengths:
+        group = [s for s in profile.meta["samples"] if s["length"] == n]
+        if len(group) < 2:
+            continue
+        halves = []
+        for part in (group[0::2], group[1::2]):
+            sub = Profile({**profile.meta, "samples": part}, profile.diags)
+            halves.append(influence_table(sub, cands, [n])[:, :, 0].reshape(-1))
+        out[str(n)] = round(_spearman(*halves), 4)
+    return out

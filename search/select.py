@@ -1,10 +1,12 @@
 """From a profile and a budget to the chosen plan: instance building, Pareto selection, provenance.
 
-Selection (MOA.md step 3): among the Pareto plans, the one with the lowest estimated loss at
-the held-out validation length, which is profiled but never an objective. The validation
-length's density is still *constrained* to the budget (a constraint is not an objective, and a
-plan over budget at an unseen length would be useless). Without a validation length the plan
-with the lowest sum of range-normalised objectives is chosen.
+Selection: among the Pareto plans, the one with the lowest **measured** loss of the compressed
+model on held-out samples at the validation length (``search/validate.py``, as the MoA
+reference does), when a model and validation samples are given; otherwise the lowest
+*estimated* loss at the validation length (profiled but never an objective), or without a
+validation length the lowest sum of range-normalised objectives. The validation length's
+density is still *constrained* to the budget, and so is every ``extension`` length (longer than
+anything profiled: a constraint only, as the reference adds one at 16k).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ class SearchResult:
     chosen: int
     instance: opt_mod.Instance
     candidates: list[Candidate]
+    plans: list[Plan]  # one per front entry, same order
 
 
 def build_instance(table: Any, cands: list[Candidate], shape: ModelShape, sink: int, lengths: list[int],
                    objectives: list[int], budgets: dict[int, float], gqa: bool = False,
-                   max_rules_per_layer: int | None = None) -> opt_mod.Instance:
+                   max_rules_per_layer: int | None = None,
+                   floors: dict[int, float] | None = None) -> opt_mod.Instance:
     """An optimiser instance from an influence table [layers*heads, rules, len(lengths)]."""
     heads, layers = shape.num_attention_heads, shape.num_layers
     cost = table.tolist()
@@ -50,7 +54,7 @@ def build_instance(table: Any, cands: list[Candidate], shape: ModelShape, sink: 
         layer_of = [u // heads for u in range(layers * heads)]
     return opt_mod.Instance(cost=cost, dens=density_table(cands, sink, lengths), weight=weight, layer=layer_of,
                             lengths=list(lengths), objectives=list(objectives), budgets=dict(budgets),
-                            max_rules_per_layer=max_rules_per_layer)
+                            max_rules_per_layer=max_rules_per_layer, floors=dict(floors or {}))
 
 
 def expand_assignment(assign: list[int], shape: ModelShape, gqa: bool) -> list[list[int]]:
@@ -77,9 +81,11 @@ def parse_budgets(density: list[float], lengths: list[int]) -> list[float]:
 def optimize_profile(profile: Any, density: list[float], lengths: list[int] | None = None,
                      validation_length: int | None = None, solver: str = "glpk", time_limit: float | None = None,
                      mip_gap: float | None = None, steps: int = 4, alpha_step: int | None = None,
-                     beta_step: float = 0.1, gqa: bool = False, max_rules_per_layer: int | None = None,
-                     progress: bool = True) -> SearchResult:
-    """Search a plan from a loaded profile (see module docstring for the selection rule)."""
+                     beta_step: float = 0.125, gqa: bool = False, max_rules_per_layer: int | None = 2,
+                     progress: bool = True, density_floor: float | None = 0.9,
+                     extension_lengths: list[int] | None = None, pareto: str = "epsilon") -> SearchResult:
+    """Search plans from a loaded profile: the Pareto front, one Plan per front entry, and the
+    choice by estimated loss (``choose`` may replace it by measured loss)."""
     from moa_plan.search.profile import influence_table
 
     meta = profile.meta
@@ -97,18 +103,26 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
             raise PlanError([("lengths", f"length {n} was not profiled (profile has {have})")])
     if not lengths:
         raise PlanError([("lengths", "no optimisation length left (the profile only has the validation length)")])
-    all_lengths = lengths + ([validation_length] if validation_length else [])
+    extension = sorted(set(extension_lengths or []) - set(lengths) - {validation_length})
+    profiled = lengths + ([validation_length] if validation_length else [])
+    all_lengths = profiled + extension
     budgets_list = parse_budgets(density, lengths)
     budgets = {k: b for k, b in enumerate(budgets_list)}
-    if validation_length:
-        budgets[len(lengths)] = min(budgets_list)
+    for k in range(len(lengths), len(all_lengths)):  # held-out and extension lengths: the tightest budget
+        budgets[k] = min(budgets_list)
+    floors = ({k: density_floor * b for k, b in budgets.items() if k < len(lengths)}
+              if density_floor else {})
     t0 = time.perf_counter()
     cands = candidate_grid(all_lengths, alpha_step or block, beta_step)
-    table = influence_table(profile, cands, all_lengths)
+    table = influence_table(profile, cands, profiled)
+    if extension:  # constraint-only lengths: no influence, zero cost
+        import torch
+
+        table = torch.cat([table, torch.zeros(*table.shape[:2], len(extension), dtype=table.dtype)], dim=-1)
     inst = build_instance(table, cands, shape, sink, all_lengths, list(range(len(lengths))), budgets, gqa,
-                          max_rules_per_layer)
+                          max_rules_per_layer, floors)
     t_build = time.perf_counter() - t0
-    front, solves = opt_mod.pareto(inst, solver, steps, time_limit, mip_gap, progress)
+    front, solves = opt_mod.pareto(inst, solver, steps, time_limit, mip_gap, progress, pareto)
     if validation_length:
         kv = len(lengths)
         chosen = min(range(len(front)), key=lambda i: front[i].losses[kv])
@@ -117,43 +131,62 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
         scales = opt_mod.objective_scales(inst)
         chosen = min(range(len(front)), key=lambda i: sum(front[i].losses[k] / scales[k] for k in inst.objectives))
         how = "lowest sum of range-normalised losses (no validation length given)"
-    best = front[chosen]
-    idx = expand_assignment(best.assign, shape, gqa)
-    layers = [Layer(heads=[Rule(alpha=cands[r].alpha, beta=cands[r].beta) for r in row]) for row in idx]
 
     def lmap(values: dict[int, float]) -> dict[str, float]:
         return {str(all_lengths[k]): round(v, 8) for k, v in values.items()}
 
-    provenance = {
+    def est(sol: opt_mod.Solution) -> dict[str, float]:
+        return {str(all_lengths[k]): round(v, 8) for k, v in sol.losses.items() if k < len(profiled)}
+
+    settings = {
         "tool": "moa-plan search",
         "density": "paper",
-        "method": "MoA attention-influence profile + Pyomo MILP (weighted sums over a simplex weight grid, "
-                  "Pareto filter, selection at a held-out length)",
+        "method": f"MoA attention-influence profile ({meta.get('influence', 'signed')} per-entry effect) + Pyomo "
+                  f"MILP ({pareto} Pareto front), selection at a held-out length",
         "model": meta.get("model"),
         "budget": {str(n): b for n, b in zip(lengths, budgets_list)},
-        "validation_budget": budgets.get(len(lengths)) if validation_length else None,
+        "density_floor": density_floor,
         "lengths": lengths,
         "validation_length": validation_length,
-        "achieved_density": lmap(best.densities),
-        "estimated_loss": lmap(best.losses),
-        "solver": {"name": solver, "status": best.status, "termination": best.termination, "gap": best.gap,
-                   "gap_source": best.gap_source,
-                   "time_limit_s": time_limit, "mip_gap": mip_gap,
-                   "solve_seconds_total": round(sum(s.seconds for s in solves), 3), "solves": len(solves)},
-        "selection": {"rule": how, "chosen_index": chosen, "weights": best.weights, "pareto_size": len(front),
-                      "pareto": [{"weights": s.weights, "loss": lmap(s.losses), "density": lmap(s.densities)}
-                                 for s in front]},
+        "extension_lengths": extension,
         "candidates": {"count": len(cands), "alpha_step": alpha_step or block, "beta_step": beta_step},
         "gqa_shared_rules": gqa,
         "max_rules_per_layer": max_rules_per_layer,
         "profile": {"samples": len(meta["samples"]), "sink": sink, "block_size": block,
+                    "influence": meta.get("influence", "signed"),
                     "calibration_settings": {k: v for k, v in meta.get("calibration_settings", {}).items()
                                              if k in ("lengths", "samples_per_length", "tasks", "seed",
                                                       "max_answer_tokens", "chat_template")}},
         "build_seconds": round(t_build, 3),
     }
-    plan = Plan(format_version=1, model=shape, sink=sink, block_size=block, layers=layers, provenance=provenance)
-    for k, n in enumerate(all_lengths):  # exact check through the plan's own density
-        if plan.density(n) > budgets[k] + 1e-9:
-            raise PlanError([("density", f"internal: plan density {plan.density(n)} at {n} over budget {budgets[k]}")])
-    return SearchResult(plan, front, solves, chosen, inst, cands)
+    plans = []
+    for i, sol in enumerate(front):
+        idx = expand_assignment(sol.assign, shape, gqa)
+        layers = [Layer(heads=[Rule(alpha=cands[r].alpha, beta=cands[r].beta) for r in row]) for row in idx]
+        provenance = {**settings, "achieved_density": lmap(sol.densities), "estimated_loss": est(sol),
+                      "solver": {"name": solver, "status": sol.status, "termination": sol.termination,
+                                 "gap": sol.gap, "gap_source": sol.gap_source, "time_limit_s": time_limit,
+                                 "mip_gap": mip_gap, "solve_seconds_total": round(sum(s.seconds for s in solves), 3),
+                                 "solves": len(solves)},
+                      "selection": {"rule": how, "chosen_index": chosen, "index": i, "pareto_size": len(front),
+                                    "pareto": [{"estimated_loss": est(s), "density": lmap(s.densities)}
+                                               for s in front]}}
+        plan = Plan(format_version=1, model=shape, sink=sink, block_size=block, layers=layers, provenance=provenance)
+        for k, n in enumerate(all_lengths):  # exact check through the plan's own density
+            if plan.density(n) > budgets[k] + 1e-9:
+                raise PlanError([("density", f"internal: plan density {plan.density(n)} at {n} over budget {budgets[k]}")])
+        plans.append(plan)
+    return SearchResult(plans[chosen], front, solves, chosen, inst, cands, plans)
+
+
+def choose_measured(result: SearchResult, losses: list[float], validation_length: int, samples: int) -> None:
+    """Pick the Pareto plan with the lowest measured validation loss (in place)."""
+    result.chosen = min(range(len(losses)), key=losses.__getitem__)
+    result.plan = result.plans[result.chosen]
+    for plan in result.plans:
+        sel = plan.provenance["selection"]
+        sel["rule"] = (f"lowest measured loss of the compressed model on {samples} held-out samples at the "
+                       f"validation length {validation_length}")
+        sel["chosen_index"] = result.chosen
+        for entry, loss in zip(sel["pareto"], losses):
+            entry["measured_loss"] = round(loss, 6)

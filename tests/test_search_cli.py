@@ -23,7 +23,7 @@ from moa_plan.search import calibration  # noqa: E402
 
 needs_glpk = pytest.mark.skipif(glpsol_path() is None, reason="glpsol (GLPK) not installed")
 
-COMMON = ["--samples", "1", "--sink", "16", "--block-size", "16", "--max-answer-tokens", "4", "--chunk", "64",
+COMMON = ["--samples", "1", "--tasks", "kv,multihop,copy", "--sink", "16", "--block-size", "16", "--max-answer-tokens", "4", "--chunk", "64",
           "--quiet"]
 
 
@@ -49,9 +49,19 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     assert prov["budget"] == {"256": 0.5, "512": 0.5}
     assert set(prov["estimated_loss"]) == {"256", "512", "768"}
     assert prov["solver"]["name"] == "glpk" and prov["solver"]["termination"] == "optimal"
-    assert prov["selection"]["rule"].startswith("lowest estimated loss at the held-out validation length 768")
+    # chosen by the compressed model's measured loss on the held-out 768-token sample
+    assert prov["selection"]["rule"].startswith("lowest measured loss of the compressed model on 1 held-out")
     chosen = prov["selection"]["pareto"][prov["selection"]["chosen_index"]]
-    assert all(chosen["loss"]["768"] <= p["loss"]["768"] for p in prov["selection"]["pareto"])
+    assert all(chosen["measured_loss"] <= p["measured_loss"] for p in prov["selection"]["pareto"])
+    for n in (256, 512):  # the density floor: each optimisation length uses >= 0.9 x its budget
+        assert plan.density(n) >= 0.45 - 1e-9
+    assert plan.density(1536) <= 0.5  # the extension length (2 x 768) is constrained too
+    assert prov["extension_lengths"] == [1536] and prov["max_rules_per_layer"] == 2
+    for layer in plan.rules():
+        assert len({(r.alpha, r.beta) for r in layer}) <= 2
+    assert set(prov["profile_split_half_spearman"]) == set()  # one sample per length: no halves
+    table = (tmp_path / "plan.candidates.md").read_text()
+    assert "measured loss" in table and "**yes**" in table
     assert (tmp_path / "plan.pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "plan.spans.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -99,23 +109,26 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
     (docs / "b.jsonl").write_text(json.dumps({"text": "one two three " * 200, "question": "Which word comes first?"})
                                   + "\n")
     out = tmp_path / "calib.jsonl"
-    calibration.build(tiny_dir, out, [300], 4, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
+    calibration.build(tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
                       progress=False)
     settings, samples = calibration.load_dataset(out)
     assert settings["lengths"] == [300] and settings["chat_template"] is False
-    assert [s["task"] for s in samples] == ["kv", "copy", "text", "kv"]
+    assert [s["task"] for s in samples] == ["kv", "copy", "text", "kv", "copy", "text"]
     tok = char_tokenizer()
     for s in samples:
         assert s["n_tokens"] == len(s["prompt_ids"]) + len(s["answer_ids"]) <= 300
         assert len(s["prompt_ids"]) > 250  # filled close to the target
         assert 1 <= len(s["answer_ids"]) <= 3
-    assert "Which word comes first?" in tok.decode(samples[2]["prompt_ids"]) or samples[2]["question"]
+    assert "Which word comes first?" in tok.decode(samples[5]["prompt_ids"])  # the .jsonl document
+    assert samples[5]["questions"] == ["Which word comes first?"]
+    assert samples[2]["questions"] == ["Summarize the text above in one sentence."]  # the .txt one
+    assert all(sum(s["loss_mask"]) == len(s["answer_ids"]) for s in samples)  # one turn: all answer
 
     # resuming never reloads the model when everything is done
     from moa_plan.search import model as model_mod
 
     monkeypatch.setattr(model_mod, "load", lambda *a, **k: pytest.fail("model reloaded on resume"))
-    calibration.build(tiny_dir, out, [300], 4, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
+    calibration.build(tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
                       progress=False)
     # a different seed is refused instead of silently mixing datasets
     from moa_plan.plan import PlanError
@@ -129,6 +142,8 @@ def test_task_answers_lie_far_back():
     import random
 
     for name, fn in calibration._SYNTHETIC.items():
+        if name == "docs":
+            continue  # natural text: tested in test_docs_calibration_is_a_multi_turn_chat
         context, question = fn(random.Random(0), 90)
         lines = context.splitlines()
         if name == "kv":
@@ -141,3 +156,25 @@ def test_task_answers_lie_far_back():
             num = question.split("passage ")[1].split(" ")[0]
             pos = next(i for i, line in enumerate(lines) if line.startswith(f"Passage {num}:"))
         assert pos <= len(lines) // 3 + 1, name
+
+
+def test_docs_calibration_is_a_multi_turn_chat(tiny_dir, tmp_path):
+    """The default task: natural text from the calibration part of the corpus, three questions,
+    each answered by the model; the loss mask covers exactly the three answers."""
+    from moa_plan.corpus import sections
+
+    out = tmp_path / "docs.jsonl"
+    calibration.build(tiny_dir, out, [1500], 2, ["docs"], max_answer_tokens=5, progress=False, batch_size=2)
+    _, samples = calibration.load_dataset(out)
+    titles = {t for t, _ in sections("calibration")}
+    tok = char_tokenizer()
+    for s in samples:
+        assert len(s["questions"]) == 3 and len(s["answers"]) == 3
+        asked = s["questions"][0].removeprefix('Summarize the section "').removesuffix(
+            '" of the text above in a few sentences.')
+        assert asked in titles
+        text = tok.decode(s["prompt_ids"] + s["answer_ids"])
+        assert text.index(asked) < len(text) // 2  # the section asked about lies in the first half
+        answered = "".join(tok.decode([t]) for t, m in zip(s["answer_ids"], s["loss_mask"]) if m)
+        assert answered == "".join(s["answers"])
+        assert s["n_tokens"] <= 1500

@@ -30,15 +30,16 @@ def _naive(q, k, v, scale):
     return a @ vr, a
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("hq,hkv,n,chunk,sink", [(4, 2, 37, 5, 3), (2, 2, 16, 16, 0), (6, 2, 23, 7, 30)])
-def test_custom_backward_matches_autograd(hq, hkv, n, chunk, sink):
+def test_custom_backward_matches_autograd(hq, hkv, n, chunk, sink, signed):
     g = torch.Generator().manual_seed(n)
     d = 8
     q = torch.randn(2, hq, n, d, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(2, hkv, n, d, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(2, hkv, n, d, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(2, hq, n, d, dtype=torch.float64, generator=g)
-    rec = influence.InfluenceRecorder(sink=sink, chunk=chunk)
+    rec = influence.InfluenceRecorder(sink=sink, chunk=chunk, signed=signed)
     out = influence.influence_attention(q, k, v, None, rec, layer=0)
     (out * w).sum().backward()
     mine = [t.grad.clone() for t in (q, k, v)]
@@ -54,7 +55,8 @@ def test_custom_backward_matches_autograd(hq, hkv, n, chunk, sink):
     gA = a.grad
     s_row = (a * gA).sum(-1, keepdim=True)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    entry = torch.where(causal & (a < 1), a * (s_row - gA) / (1 - a), torch.zeros_like(a)).sum(0)  # [hq, n, n]
+    entry = torch.where(causal & (a < 1), a * (s_row - gA) / (1 - a), torch.zeros_like(a))  # [b, hq, n, n]
+    entry = (entry if signed else entry.abs()).sum(0)  # absolute value per sample, then summed
     diag = rec.diag[0]
     for span in [1, 2, 5, n // 2, n - 1, n]:
         spans = torch.full((hq,), span)
@@ -62,6 +64,9 @@ def test_custom_backward_matches_autograd(hq, hkv, n, chunk, sink):
         brute = (entry * removed).sum((-1, -2))
         got = influence.rule_influence(diag, [span])[:, 0]
         torch.testing.assert_close(got, brute, rtol=1e-9, atol=1e-10)
+    if not signed:  # a rule's cost can only grow as its window shrinks
+        costs = influence.rule_influence(diag, list(range(1, n + 1)))
+        assert bool((costs[:, :-1] >= costs[:, 1:]).all())
 
 
 def test_influence_entry_formula_is_first_order_loss_change():
@@ -72,7 +77,7 @@ def test_influence_entry_formula_is_first_order_loss_change():
     k = torch.randn(1, 1, n, d, dtype=torch.float64, generator=g) * 0.3
     v = torch.randn(1, 1, n, d, dtype=torch.float64, generator=g)
     w = torch.randn(1, 1, n, d, dtype=torch.float64, generator=g)
-    rec = influence.InfluenceRecorder(sink=0, chunk=4)
+    rec = influence.InfluenceRecorder(sink=0, chunk=4, signed=True)
     q.requires_grad_(True)
     out = influence.influence_attention(q, k, v, None, rec)
     base = (out * w).sum()
@@ -103,7 +108,7 @@ def test_influence_ranks_real_loss_changes_on_tiny_model():
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(4, 100, (n,), generator=g).tolist()
     prompt, ans = ids[:-answer], ids[-answer:]
-    rec = influence.InfluenceRecorder(sink=0, chunk=32)
+    rec = influence.InfluenceRecorder(sink=0, chunk=32, signed=True)
     base, diag = profile_sample(model, prompt, ans, rec)
     layers, heads = diag.shape[:2]
     spans_by_layer = {l: torch.full((heads,), n) for l in range(layers)}

@@ -39,10 +39,27 @@ def _instance(seed: int, units: int = 4, rules: int = 4, lengths=(64, 128),
     return inst
 
 
+def _feasible(inst: opt.Instance):
+    for assign in itertools.product(range(len(inst.dens)), repeat=len(inst.cost)):
+        if any(inst.density(list(assign), k) > b * (1 - opt.DENSITY_SLACK) for k, b in inst.budgets.items()):
+            continue
+        if any(inst.density(list(assign), k) < f for k, f in inst.floors.items()):
+            continue
+        if inst.max_rules_per_layer is not None:
+            per_layer = {}
+            for u, r in enumerate(assign):
+                per_layer.setdefault(inst.layer[u], set()).add(r)
+            if any(len(s) > inst.max_rules_per_layer for s in per_layer.values()):
+                continue
+        yield list(assign)
+
+
 def _brute(inst: opt.Instance, weights, scales):
     best, best_assign = float("inf"), None
     for assign in itertools.product(range(len(inst.dens)), repeat=len(inst.cost)):
         if any(inst.density(list(assign), k) > b * (1 - opt.DENSITY_SLACK) for k, b in inst.budgets.items()):
+            continue
+        if any(inst.density(list(assign), k) < f for k, f in inst.floors.items()):
             continue
         if inst.max_rules_per_layer is not None:
             per_layer = {}
@@ -77,7 +94,7 @@ def test_weighted_solves_match_brute_force(seed, cap):
 @needs_glpk
 def test_group_weights_and_pareto_front_are_non_dominated():
     inst = _instance(11, units=3, rules=5, lengths=(64, 128, 256), weight=[2, 1, 3], layer=[0, 0, 1])
-    front, solves = opt.pareto(inst, "glpk", steps=3, progress=False)
+    front, solves = opt.pareto(inst, "glpk", steps=3, progress=False, method="weighted")
     assert front and len(solves) == len(opt.weight_grid(3, 3))
     for a in front:
         for b in front:
@@ -89,6 +106,30 @@ def test_group_weights_and_pareto_front_are_non_dominated():
         want, _ = _brute(inst, s.weights, scales)
         got = sum(w * s.losses[k] / scales[k] for w, k in zip(s.weights, inst.objectives))
         assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+@needs_glpk
+@pytest.mark.parametrize("seed", range(4))
+def test_epsilon_front_is_pareto_optimal_against_brute_force(seed):
+    """Every plan of the epsilon-constraint front is non-dominated among all feasible plans
+    (brute force, with a density floor and a rule cap), and the front holds each objective's own
+    optimum."""
+    inst = _instance(seed, units=4, rules=4, cap=2)
+    inst.floors = {k: 0.8 * b for k, b in inst.budgets.items()}
+    try:
+        front, _ = opt.pareto(inst, "glpk", steps=4, progress=False, method="epsilon")
+    except opt.Infeasible:
+        assert not list(_feasible(inst))
+        return
+    every = [[inst.loss(a, k) for k in inst.objectives] for a in _feasible(inst)]
+    for sol in front:
+        mine = [sol.losses[k] for k in inst.objectives]
+        assert not any(all(o <= m + 1e-12 for o, m in zip(other, mine)) and
+                       any(o < m - 1e-9 for o, m in zip(other, mine)) for other in every)
+        for k, f in inst.floors.items():
+            assert sol.densities[k] >= f - 1e-9
+    for i in range(len(inst.objectives)):
+        assert min(s.losses[i] for s in front) == pytest.approx(min(e[i] for e in every), abs=1e-9)
 
 
 def test_highs_matches_glpk_when_installed():

@@ -31,7 +31,7 @@ def tiny_model(seed: int = 0, attn: str = "sdpa", init_std: float = 0.2, **kw):
 
 
 def char_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(string.printable)
@@ -40,6 +40,7 @@ def char_tokenizer():
         vocab.setdefault(c, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()  # decode joins characters without spaces: text round-trips
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
 
