@@ -88,13 +88,14 @@ def perplexity(pool: Any, method: Method, lengths: Sequence[int], kinds: Sequenc
             ids = pool.get_tokenizer().encode(reference_text(), add_special_tokens=False)
         model = pool.get(method, n)
         t0 = time.perf_counter()
-        nll, tokens = 0.0, 0
+        nll, tokens, per_window = 0.0, 0, []
         for w, start in windows(ids, n, count, kind):
             a, b = window_nll(model, w, start)
             nll, tokens = nll + a, tokens + b
+            per_window.append(round(a / b, 6))
             bar.update(1)
         out.setdefault(kind, {})[str(n)] = {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
-                                            "seconds": round(time.perf_counter() - t0, 3)}
+                                            "window_nll": per_window, "seconds": round(time.perf_counter() - t0, 3)}
         if on_cell is not None:
             on_cell(out)
     bar.close()

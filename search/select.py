@@ -83,7 +83,8 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
                      mip_gap: float | None = None, steps: int = 4, alpha_step: int | None = None,
                      beta_step: float = 0.125, gqa: bool = False, max_rules_per_layer: int | None = 2,
                      progress: bool = True, density_floor: float | None = 0.9,
-                     extension_lengths: list[int] | None = None, pareto: str = "epsilon") -> SearchResult:
+                     extension_lengths: list[int] | None = None, pareto: str = "epsilon",
+                     static_windows: bool = False) -> SearchResult:
     """Search plans from a loaded profile: the Pareto front, one Plan per front entry, and the
     choice by estimated loss (``choose`` may replace it by measured loss)."""
     from moa_plan.search.profile import influence_table
@@ -114,6 +115,8 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
               if density_floor else {})
     t0 = time.perf_counter()
     cands = candidate_grid(all_lengths, alpha_step or block, beta_step)
+    if static_windows:  # the ablation of the paper: per-head windows that do not grow with N
+        cands = [c for c in cands if c.beta == 0]
     table = influence_table(profile, cands, profiled)
     if extension:  # constraint-only lengths: no influence, zero cost
         import torch
@@ -151,6 +154,7 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
         "extension_lengths": extension,
         "candidates": {"count": len(cands), "alpha_step": alpha_step or block, "beta_step": beta_step},
         "gqa_shared_rules": gqa,
+        "static_windows": static_windows,
         "max_rules_per_layer": max_rules_per_layer,
         "profile": {"samples": len(meta["samples"]), "sink": sink, "block_size": block,
                     "influence": meta.get("influence", "signed"),
