@@ -62,7 +62,7 @@ def _add_opt(p: argparse.ArgumentParser) -> None:
                    help="density budget (mean over heads of (sink + span) / N): one value, or one per length")
     p.add_argument("--validation-length", type=int, help="held-out length used only to select the plan")
     p.add_argument("--extension-length", type=_ints,
-                   help="longer lengths where the density is constrained too (never profiled); default: twice "
+                   help="other lengths (shorter or longer) where the density is constrained too, never profiled; default: twice "
                         "the longest profiled length; 0 for none")
     p.add_argument("--density-floor", type=float, default=0.9,
                    help="each optimisation length's density stays >= this x budget (default 0.9; 0: no floor)")

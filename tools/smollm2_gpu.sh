@@ -58,7 +58,7 @@ search)
   ( time timeout 160 python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.jsonl" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
   run_opt() {  # name density extra-flags...
     local name=$1 d=$2; shift 2
-    ( time timeout 180 python3 -m moa_plan.cli optimize --profile "${PROF:-$W/profile}" --lengths $LENS --validation-length $VAL --density "$d" \
+    ( time timeout 180 python3 -m moa_plan.cli optimize --profile "${PROF:-$W/profile}" --lengths $LENS --validation-length $VAL --density "$d" --extension-length 512,8192 \
         --model "$M" --data "$W/calib.jsonl" --validation-samples 32 --time-limit "${TLIM:-40}" --quiet \
         --out "$R/smollm2-135m-$name.json" "$@" ) > "$R/optimize-$name.log" 2>&1
   }
