@@ -41,8 +41,10 @@ def candidate_grid(
     alpha_min: int | None = None,
     alpha_max: int | None = None,
     dedupe: bool = True,
+    cap_lengths: list[int] | None = None,
 ) -> list[Candidate]:
-    """The rules valid at every length in ``lengths`` (see module docstring).
+    """The rules valid at every length in ``lengths`` (see module docstring); the upper bound
+    (unclamped span <= N) is checked only at ``cap_lengths`` when given.
 
     With ``dedupe`` two rules giving the same span at every length are indistinguishable to
     the search (same density, same influence), so only the first (smallest alpha, then beta)
@@ -63,7 +65,7 @@ def candidate_grid(
         for alpha in alphas:
             if alpha + beta * n_min < 1:
                 continue
-            if any(alpha + beta * n > n for n in lengths):
+            if any(alpha + beta * n > n for n in (cap_lengths or lengths)):
                 continue
             cand = Candidate(float(alpha), float(beta))
             key = tuple(cand.span(n) for n in sorted(set(lengths)))

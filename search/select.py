@@ -114,7 +114,8 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
     floors = ({k: density_floor * b for k, b in budgets.items() if k < len(lengths)}
               if density_floor else {})
     t0 = time.perf_counter()
-    cands = candidate_grid(all_lengths, alpha_step or block, beta_step)
+    # spans >= 1 at every length, <= N at the profiled ones (a rule may be dense at a short extension)
+    cands = candidate_grid(all_lengths, alpha_step or block, beta_step, cap_lengths=profiled)
     if static_windows:  # the ablation of the paper: per-head windows that do not grow with N
         cands = [c for c in cands if c.beta == 0]
     table = influence_table(profile, cands, profiled)
