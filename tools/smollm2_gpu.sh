@@ -36,6 +36,7 @@ finish() {
   ls -la "$R" > "$OUT/listing.txt"
 }
 
+[ "$STAGE" = prep ] || trap finish EXIT  # results come back even when a step times out
 case "$STAGE" in
 prep)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -54,7 +55,7 @@ search)
   LENS=1024,2048
   VAL=4096
   S=${SAMPLES:-64}
-  ( time timeout 180 python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 32 \
+  ( time timeout 210 python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 32 \
       --out "$W/calib.jsonl" ) 2>&1 | tee "$R/calibrate.log" | tail -3
   ( time timeout 160 python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.jsonl" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
   run_opt() {  # name density extra-flags...
@@ -80,7 +81,6 @@ print(json.dumps({"settings": json.loads(lines[0])["settings"], "samples": len(s
                  indent=1))
 EOF
   cp "$W/profile/profile.json" "$R/profile.json"
-  finish
   ;;
 eval)
   layout
@@ -100,7 +100,6 @@ eval)
       --kinds text,repeat --device cuda --no-progress --out "$R/perplexity.json" > "$R/perplexity.log" 2>&1 &
   wait
   tail -n 3 "$R"/passkey.log "$R"/lines.log "$R"/perplexity.log
-  finish
   ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
