@@ -1,9 +1,12 @@
 """Candidate span rules of the search and their per-length spans / densities.
 
 A rule is ``(alpha, beta)``; its span and density at a length come from ``moa_plan.semantics``
-only. The default grid follows the reference: alpha on multiples of the block size in
-[-N_max, N_max], beta on a grid in [0, 1], keeping the rules whose unclamped span
-``alpha + beta*N`` is >= 1 at the smallest length and <= N at every length considered.
+only. The default grid follows the reference: alpha on a coarse step in [-N_max, N_max], beta
+on a grid in [0, 1], keeping the rules whose unclamped span ``alpha + beta*N`` is >= 1 at the
+smallest length and <= N at every length considered. The alpha grid is anchored at
+``origin`` (the search passes ``-sink``): then the rule ``(-sink, d)`` is a candidate, the
+elastic StreamingLLM window whose density is d at every N, so the uniform baseline is always in
+the search space and a budget that the uniform plan meets is never infeasible.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def candidate_grid(
     alpha_max: int | None = None,
     dedupe: bool = True,
     cap_lengths: list[int] | None = None,
+    origin: int = 0,
 ) -> list[Candidate]:
     """The rules valid at every length in ``lengths`` (see module docstring); the upper bound
     (unclamped span <= N) is checked only at ``cap_lengths`` when given.
@@ -57,8 +61,8 @@ def candidate_grid(
     n_min, n_max = min(lengths), max(lengths)
     lo = -n_max if alpha_min is None else alpha_min
     hi = n_max if alpha_max is None else alpha_max
-    first = -(-lo // alpha_step)  # ceil(lo / step)
-    alphas = [a * alpha_step for a in range(first, hi // alpha_step + 1)]
+    first = -(-(lo - origin) // alpha_step)  # ceil((lo - origin) / step)
+    alphas = [origin + a * alpha_step for a in range(first, (hi - origin) // alpha_step + 1)]
     out: list[Candidate] = []
     seen: set[tuple[int, ...]] = set()
     for beta in beta_grid(beta_step):

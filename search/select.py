@@ -115,9 +115,11 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
               if density_floor else {})
     t0 = time.perf_counter()
     # spans >= 1 at every length, <= N at the profiled ones (a rule may be dense at a short extension)
-    cands = candidate_grid(all_lengths, alpha_step or block, beta_step, cap_lengths=profiled)
-    if static_windows:  # the ablation of the paper: per-head windows that do not grow with N
-        cands = [c for c in cands if c.beta == 0]
+    if static_windows:  # the ablation of the paper: per-head windows that do not grow with N,
+        # on a block-size alpha grid (a coarse one could not reach the budget at short lengths)
+        cands = [c for c in candidate_grid(all_lengths, block, 1.0, cap_lengths=profiled) if c.beta == 0]
+    else:
+        cands = candidate_grid(all_lengths, alpha_step or block, beta_step, cap_lengths=profiled, origin=-sink)
     table = influence_table(profile, cands, profiled)
     if extension:  # constraint-only lengths: no influence, zero cost
         import torch
@@ -153,7 +155,9 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
         "lengths": lengths,
         "validation_length": validation_length,
         "extension_lengths": extension,
-        "candidates": {"count": len(cands), "alpha_step": alpha_step or block, "beta_step": beta_step},
+        "candidates": {"count": len(cands), "alpha_step": block if static_windows else alpha_step or block,
+                       "alpha_origin": 0 if static_windows else -sink,
+                       "beta_step": 0 if static_windows else beta_step},
         "gqa_shared_rules": gqa,
         "static_windows": static_windows,
         "max_rules_per_layer": max_rules_per_layer,

@@ -8,6 +8,8 @@ import itertools
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moa_plan.search.optimize import glpsol_path
 
@@ -41,7 +43,7 @@ def _instance(seed: int, units: int = 4, rules: int = 4, lengths=(64, 128),
 
 def _feasible(inst: opt.Instance):
     for assign in itertools.product(range(len(inst.dens)), repeat=len(inst.cost)):
-        if any(inst.density(list(assign), k) > b * (1 - opt.DENSITY_SLACK) for k, b in inst.budgets.items()):
+        if any(inst.density(list(assign), k) > b + opt.DENSITY_TOL for k, b in inst.budgets.items()):
             continue
         if any(inst.density(list(assign), k) < f for k, f in inst.floors.items()):
             continue
@@ -57,7 +59,7 @@ def _feasible(inst: opt.Instance):
 def _brute(inst: opt.Instance, weights, scales):
     best, best_assign = float("inf"), None
     for assign in itertools.product(range(len(inst.dens)), repeat=len(inst.cost)):
-        if any(inst.density(list(assign), k) > b * (1 - opt.DENSITY_SLACK) for k, b in inst.budgets.items()):
+        if any(inst.density(list(assign), k) > b + opt.DENSITY_TOL for k, b in inst.budgets.items()):
             continue
         if any(inst.density(list(assign), k) < f for k, f in inst.floors.items()):
             continue
@@ -198,6 +200,22 @@ def test_candidate_grid_validity():
         assert all(c.alpha + c.beta * n <= n for n in lengths)
     keys = [tuple(c.span(n) for n in lengths) for c in cands]
     assert len(keys) == len(set(keys))
+
+
+@given(sink=st.integers(0, 128), step=st.sampled_from([64, 128, 256]),
+       d=st.sampled_from([0.25, 0.5, 0.75]))
+@settings(max_examples=30, deadline=None)
+def test_grid_anchored_at_minus_sink_holds_the_uniform_window(sink, step, d):
+    """The elastic StreamingLLM rule (-sink, d) has density d at every N, so it must be a candidate:
+    then any budget the uniform plan meets is feasible (a 25% plan at N=512 with sink 64 was not)."""
+    lengths = [512, 1024, 2048, 4096, 8192]
+    cands = candidate_grid(lengths, step, 0.125, cap_lengths=[1024, 2048, 4096], origin=-sink)
+    assert all((c.alpha + sink) % step == 0 for c in cands)
+    uniform = [c for c in cands if c.alpha == -sink and c.beta == d]
+    if d * 512 - sink >= 1:
+        assert uniform
+        for n in lengths:
+            assert density_table(uniform, sink, [n])[0][0] == pytest.approx(d, abs=1 / n)
 
 
 def test_glpk_log_gap_parsing():
