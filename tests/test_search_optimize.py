@@ -245,7 +245,8 @@ def test_time_limit_and_gap_reach_each_solver_interface():
 
     glpk = Fake()
     assert opt._apply_limits(glpk, "glpk", 2.5, 1e-3) == {}
-    assert glpk.options == {"tmlim": 3, "mipgap": 1e-3}
+    # plus glpsol's primal heuristics (feasibility pump, proximity search for a quarter of the limit)
+    assert glpk.options == {"tmlim": 3, "mipgap": 1e-3, "fpump": None, "proxy": 1}
     highs = Fake()
     # appsi's legacy solve() overwrites config.time_limit: the limit must go through solve()
     assert opt._apply_limits(highs, "appsi_highs", 7.0, 1e-4) == {"timelimit": 7.0}
