@@ -134,3 +134,28 @@ def test_influence_ranks_real_loss_changes_on_tiny_model():
     rp, rr = rank(pred), rank(real)
     rho = torch.corrcoef(torch.stack([rp, rr]))[0, 1].item()
     assert rho > 0.6, (rho, pred, real)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_absolute_influence_cost_never_grows_with_the_span(seed):
+    """The reference's absolute per-entry influence: on a profile of a real forward/backward pass,
+    every head's cost is non-increasing as its span grows (a wider window can only hide less), so
+    no head is rewarded for a narrower window. The signed sum has no such guarantee."""
+    model = tiny_model(seed=seed, attn=influence.register_attention(), init_std=0.1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n, answer, sink = 120, 8, 4
+    g = torch.Generator().manual_seed(seed + 11)
+    diags = []
+    for _ in range(3):
+        ids = torch.randint(4, 100, (n,), generator=g).tolist()
+        rec = influence.InfluenceRecorder(sink=sink, chunk=32, signed=False)
+        _, diag = profile_sample(model, ids[:-answer], ids[-answer:], rec)
+        diags.append(diag.double())
+    diag = torch.stack(diags).mean(0)
+    layers, heads = diag.shape[:2]
+    spans = list(range(1, n + 1))
+    cost = influence.rule_influence(diag.reshape(layers * heads, -1), spans)  # [units, spans]
+    assert (cost >= -1e-12).all()
+    assert (cost[:, 1:] <= cost[:, :-1] + 1e-12).all()
+    assert cost[:, -1].abs().max() < 1e-9  # the full span hides nothing
