@@ -51,9 +51,8 @@ class Method:
         if plan is None:
             return {"density": 1.0, "attention_fraction": 1.0, "kv_cache_fraction": 1.0,
                     "avg_span": float(n), "sink": 0}
-        spans = [s for layer in plan.spans(n) for s in layer]
         return {"density": plan.density(n), "attention_fraction": plan.attention_fraction(n),
-                "kv_cache_fraction": plan.kv_cache_fraction(n), "avg_span": sum(spans) / len(spans),
+                "kv_cache_fraction": plan.kv_cache_fraction(n), "avg_span": plan.mean_span(n),
                 "sink": plan.sink}
 
     def fingerprint(self) -> str:

@@ -135,11 +135,9 @@ def show_text(plan: Plan, source: str, lengths: list[int]) -> str:
     lines += ["", f"  {'N':>8}  {'density':>8}  {'attn frac':>9}  {'KV cache':>8}  {'mean span':>10}"]
     means = {}
     for n in lengths:
-        spans = plan.spans(n)
-        flat = [s for layer in spans for s in layer]
-        means[n] = [sum(layer) / len(layer) for layer in spans]
+        means[n] = plan.mean_spans(n)
         lines.append(f"  {n:>8}  {plan.density(n):>8.4f}  {plan.attention_fraction(n):>9.4f}  "
-                     f"{plan.kv_cache_fraction(n):>8.4f}  {sum(flat) / len(flat):>10.1f}")
+                     f"{plan.kv_cache_fraction(n):>8.4f}  {plan.mean_span(n):>10.1f}")
     lines += ["", "  density: mean over heads of min(N, sink + span) / N (the MoA paper's); attn frac: computed",
               "  fraction of the causal N x N triangle; KV cache: per-KV-head cache slots / a dense cache's"]
     lines += ["", "  mean span per layer", "  " + f"{'layer':>5}" + "".join(f"  {'N=' + str(n):>9}" for n in lengths)]

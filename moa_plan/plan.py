@@ -8,7 +8,9 @@ head's rule and nothing else.
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections import Counter
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
@@ -16,11 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_valid
 from moa_plan import semantics
 
 FORMAT_VERSION = 1
-# Sanity bounds (real models have <= 128 of each): a compact plan cannot make tools expand
-# billions of heads.
+# Limits of a plan (spec/README.md, "Limits"). Real models stay far inside them; they exist so
+# that a few bytes of compact plan cannot make a tool expand, print or allocate without bound,
+# and so that a plan that validates is usable by every command.
 MAX_LAYERS = 1024
 MAX_HEADS = 1024
+MAX_TOTAL_HEADS = 65536  # num_layers * num_attention_heads (Llama-3-405B: 126 * 128 = 16128)
+MAX_HEAD_DIM = 65536
 MAX_LENGTH = 2**40  # sequence lengths stay far below 2**53, where alpha + beta*N stops being exact
+MAX_NAME_CHARS = 256  # model.name, model.revision
+MAX_PROVENANCE_DEPTH = 32  # nesting of objects / lists inside provenance
 
 
 class PlanError(Exception):
@@ -41,10 +48,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone UTF-16 surrogate (JSON can write "\\ud800"; no UTF-8 output can)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _provenance_problem(value: Any) -> tuple[str, str] | None:
+    """The first place in provenance that later steps could not handle: nesting deeper than
+    MAX_PROVENANCE_DEPTH, a lone surrogate in a key or string, a non-finite number."""
+    stack = [("provenance", value, 1)]
+    while stack:  # iterative, so the check itself cannot hit the recursion limit
+        where, item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_PROVENANCE_DEPTH:
+                return where, f"nested deeper than {MAX_PROVENANCE_DEPTH} levels"
+            if isinstance(item, dict):
+                for key, sub in item.items():
+                    if not isinstance(key, str) or has_lone_surrogate(key):
+                        return where, f"key {key!r} is not a valid Unicode string"
+                    stack.append((where + key_location(key), sub, depth + 1))
+            else:
+                stack += [(f"{where}[{i}]", sub, depth + 1) for i, sub in enumerate(item)]
+        elif isinstance(item, str):
+            if has_lone_surrogate(item):
+                return where, "holds a lone surrogate (not valid Unicode text)"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return where, "must be a finite number"
+        elif item is not None and not isinstance(item, (bool, int, float)):
+            return where, f"must be JSON data, got {type(item).__name__}"
+    return None
+
+
 class Rule(_Strict):
     """Elastic span rule of one query head: span(N) = min(N, max(1, floor(alpha + beta*N)))."""
 
-    alpha: float = Field(description="Span offset in tokens; may be negative.")
+    alpha: float = Field(ge=-MAX_LENGTH, le=MAX_LENGTH, description="Span offset in tokens; may be negative.")
     beta: float = Field(description="Span growth per token of input length, in [0, 1].",
                         json_schema_extra={"minimum": 0, "maximum": 1})
 
@@ -63,23 +105,38 @@ class Rule(_Strict):
         return semantics.span(self.alpha, self.beta, n)
 
 
+_NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"  # one printable line
+
+
 class ModelShape(_Strict):
     """The attention shape a plan fits (from the model's transformers config)."""
 
-    name: str | None = Field(default=None, description="Model name or path, informative.")
-    revision: str | None = Field(default=None, description="Model revision, informative.")
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS, pattern=_NO_CONTROL,
+                             description="Model name or path, informative.")
+    revision: str | None = Field(default=None, max_length=MAX_NAME_CHARS, pattern=_NO_CONTROL,
+                                 description="Model revision, informative.")
     num_layers: int = Field(ge=1, le=MAX_LAYERS, description="Decoder layers (config num_hidden_layers).")
     num_attention_heads: int = Field(ge=1, le=MAX_HEADS, description="Query heads per layer.")
     num_key_value_heads: int = Field(ge=1, description="KV heads per layer; divides num_attention_heads (GQA).")
-    head_dim: int = Field(ge=1, description="Size of one head's query / key vector.")
+    head_dim: int = Field(ge=1, le=MAX_HEAD_DIM, description="Size of one head's query / key vector.")
     max_position_embeddings: int | None = Field(default=None, ge=1, le=MAX_LENGTH,
                                                 description="Longest context the model was trained for.")
+
+    @field_validator("name", "revision")
+    @classmethod
+    def _valid_unicode(cls, text: str | None) -> str | None:
+        if text is not None and has_lone_surrogate(text):
+            raise ValueError("holds a lone surrogate (not valid Unicode text)")
+        return text
 
     @model_validator(mode="after")
     def _gqa_groups_divide(self) -> ModelShape:
         if self.num_attention_heads % self.num_key_value_heads:
             raise PlanError([("model.num_key_value_heads",
                               f"must divide num_attention_heads ({self.num_attention_heads})")])
+        if self.num_layers * self.num_attention_heads > MAX_TOTAL_HEADS:
+            raise PlanError([("model", f"num_layers * num_attention_heads is {self.num_layers * self.num_attention_heads}, "
+                              f"more than the {MAX_TOTAL_HEADS} query heads a plan may have")])
         return self
 
     @property
@@ -102,11 +159,20 @@ class Plan(_Strict):
 
     format_version: Literal[1] = Field(description="Version of this file format; this release reads 1.")
     model: ModelShape
-    sink: int = Field(default=64, ge=0, description="Initial tokens every head always sees.")
-    block_size: int = Field(default=64, ge=1, description="Granularity of the search and prefill kernel.")
+    sink: int = Field(default=64, ge=0, le=MAX_LENGTH, description="Initial tokens every head always sees.")
+    block_size: int = Field(default=64, ge=1, le=MAX_LENGTH, description="Granularity of the search and prefill kernel.")
     default: Rule | None = Field(default=None, description="Rule of every head not given elsewhere.")
     layers: list[Layer] | None = Field(default=None, description="One entry per layer (canonical form).")
-    provenance: dict[str, Any] = Field(default_factory=dict, description="How the plan was made; free-form.")
+    provenance: dict[str, Any] = Field(default_factory=dict, description="How the plan was made; free-form "
+                                       f"JSON, nested at most {MAX_PROVENANCE_DEPTH} levels deep.")
+
+    @field_validator("provenance")
+    @classmethod
+    def _usable_provenance(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problem = _provenance_problem(value)
+        if problem:
+            raise PlanError([problem])
+        return value
 
     @model_validator(mode="after")
     def _fits_its_shape(self) -> Plan:
@@ -145,16 +211,75 @@ class Plan(_Strict):
 
     def spans(self, n: int) -> list[list[int]]:
         """Span of every query head at total length ``n``."""
-        return [[r.span(n) for r in layer] for layer in self.rules()]
+        span = _span_memo(n)
+        return [[span(r) for r in layer] for layer in self.rules()]
+
+    def span_counts(self, n: int) -> list[Counter[int]]:
+        """Per layer, how many query heads have each span at length ``n``. Linear in the size of
+        the plan as written (one span per distinct rule), so summaries of a compact plan of a
+        big model cost what the plan's few rules cost, not layers x heads."""
+        span, h = _span_memo(n), self.model.num_attention_heads
+        out: list[Counter[int]] = []
+        for l in range(self.model.num_layers):
+            if self.layers is None and out:
+                out.append(out[0])  # every layer is the global default; read-only, shared
+                continue
+            layer = self.layers[l] if self.layers is not None else Layer()
+            counts: Counter[int] = Counter()
+            if layer.heads is not None:
+                counts.update(span(r) for r in layer.heads)
+            else:
+                overrides = layer.overrides or {}
+                counts.update(span(r) for r in overrides.values())
+                if len(overrides) < h:
+                    counts[span(layer.default or self.default)] += h - len(overrides)
+            out.append(counts)
+        return out
+
+    def kv_span_counts(self, n: int) -> list[Counter[int]]:
+        """Per layer, how many KV heads have each KV span (the largest span of the query heads
+        sharing the KV head) at length ``n``; linear in the plan's size as ``span_counts``."""
+        span, g, hkv = _span_memo(n), self.model.group_size, self.model.num_key_value_heads
+        out: list[Counter[int]] = []
+        for l in range(self.model.num_layers):
+            if self.layers is None and out:
+                out.append(out[0])
+                continue
+            layer = self.layers[l] if self.layers is not None else Layer()
+            if layer.heads is not None:
+                spans = [span(r) for r in layer.heads]
+                out.append(Counter(max(spans[k * g:(k + 1) * g]) for k in range(hkv)))
+                continue
+            groups: dict[int, list[int]] = {}
+            for key, r in (layer.overrides or {}).items():
+                groups.setdefault(int(key) // g, []).append(span(r))
+            base = layer.default or self.default
+            counts = Counter(max(s + ([span(base)] if len(s) < g else [])) for s in groups.values())
+            if len(groups) < hkv:
+                counts[span(base)] += hkv - len(groups)
+            out.append(counts)
+        return out
+
+    def mean_spans(self, n: int) -> list[float]:
+        """Mean span of each layer's query heads at length ``n``."""
+        h = self.model.num_attention_heads
+        return [sum(s * c for s, c in counts.items()) / h for counts in self.span_counts(n)]
+
+    def mean_span(self, n: int) -> float:
+        """Mean span over all query heads at length ``n``."""
+        total = sum(s * c for counts in self.span_counts(n) for s, c in counts.items())
+        return total / (self.model.num_layers * self.model.num_attention_heads)
 
     def _layer_ratios(self, n: int, count, total: int) -> list[float]:
-        return [sum(count(s, self.sink, n) for s in layer) / (total * len(layer)) for layer in self.spans(n)]
+        h = self.model.num_attention_heads
+        return [sum(count(s, self.sink, n) * c for s, c in counts.items()) / (total * h)
+                for counts in self.span_counts(n)]
 
     def _ratio(self, n: int, count, total: int) -> float:
         """Mean over heads of count(span) / total, as one correctly rounded division of exact integers."""
-        spans = self.spans(n)
-        return (sum(count(s, self.sink, n) for layer in spans for s in layer)
-                / (total * sum(len(layer) for layer in spans)))
+        heads = self.model.num_layers * self.model.num_attention_heads
+        return (sum(count(s, self.sink, n) * c for counts in self.span_counts(n) for s, c in counts.items())
+                / (total * heads))
 
     def density(self, n: int) -> float:
         """The plan's density at length ``n`` (the MoA paper's): mean over query heads of
@@ -174,8 +299,9 @@ class Plan(_Strict):
 
     def kv_cache_fraction(self, n: int) -> float:
         """Slots the per-KV-head cache holds at length ``n`` over a dense cache's (memory)."""
-        slots = self.kv_slots(n)
-        return sum(map(sum, slots)) / (n * sum(map(len, slots)))
+        slots = sum(semantics.kv_slots(s, self.sink, n) * c for counts in self.kv_span_counts(n)
+                    for s, c in counts.items())
+        return slots / (n * self.model.num_layers * self.model.num_key_value_heads)
 
     def kv_spans(self, n: int) -> list[list[int]]:
         """Per layer, per KV head: the largest span among the query heads sharing it."""
@@ -189,6 +315,19 @@ class Plan(_Strict):
         Spans never shrink as N grows (beta >= 0) so the largest need is at ``n_max``.
         """
         return [[semantics.kv_slots(s, self.sink, n_max) for s in layer] for layer in self.kv_spans(n_max)]
+
+
+def _span_memo(n: int):
+    """span(rule) at length ``n``, evaluated once per distinct (alpha, beta)."""
+    memo: dict[tuple[float, float], int] = {}
+
+    def span(r: Rule) -> int:
+        key = (r.alpha, r.beta)
+        if key not in memo:
+            memo[key] = r.span(n)
+        return memo[key]
+
+    return span
 
 
 def _shape_problems(plan: Plan) -> list[tuple[str, str]]:

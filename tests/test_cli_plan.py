@@ -103,7 +103,7 @@ def test_validate_reports_every_file_and_fails_if_any_fails(tmp_path):
     code, out, err = run("validate", good, missing, tmp_path)
     assert code == 1
     assert out.startswith(f"{good}: ok (")
-    assert err == f"{missing}: cannot read: No such file or directory\n{tmp_path}: cannot read: Is a directory\n"
+    assert err == f"{missing}: cannot read: No such file or directory\n{tmp_path}: cannot read: a folder, not a regular file\n"
 
 
 def test_validate_caps_the_problem_lines(tmp_path):
