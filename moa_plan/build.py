@@ -128,12 +128,29 @@ def _number_problems(values: Any, name: str, shape: ModelShape, unit: bool) -> l
             continue
         if len(row) != shape.num_attention_heads:
             problems.append((f"{name}[{l}]", f"has {len(row)} heads, the model has {shape.num_attention_heads}"))
+        low, high = (0, 1) if unit else (-MAX_LENGTH, MAX_LENGTH)
         for h, x in enumerate(row):
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-                problems.append((f"{name}[{l}][{h}]", f"must be a finite number, got {x!r}"))
-            elif unit and not 0 <= x <= 1:
-                problems.append((f"{name}[{l}][{h}]", f"must be in [0, 1], got {x!r}"))
+            if not _is_number(x):
+                problems.append((f"{name}[{l}][{h}]", f"must be a finite number, got {_shown(x)}"))
+            elif not low <= x <= high:
+                problems.append((f"{name}[{l}][{h}]", f"must be in [{low}, {high}], got {_shown(x)}"))
     return problems
+
+
+def _is_number(x: Any) -> bool:
+    """A finite JSON number that converts to a double (an integer literal of 400 digits does not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _shown(x: Any) -> str:
+    """A value for an error line: repr, cut short (a huge integer or string stays one short line)."""
+    text = repr(x) if not isinstance(x, int) or abs(x) < 10**30 else f"an integer of {len(str(abs(x)))} digits"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def plan_from_moa(data: Any, shape: ModelShape, sink: int = MOA_REFERENCE_SINK, block_size: int = 64) -> Plan:

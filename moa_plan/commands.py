@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 from moa_plan import build, io
-from moa_plan.cli import UserError, int_in, report
+from moa_plan.cli import UserError, int_in, printable, report
 from moa_plan.plan import MAX_LENGTH, ModelShape, Plan, PlanError
 
 DEFAULT_LENGTHS = (1024, 4096)
-MAX_REPORTED = 50  # problem lines per file; the rest are counted
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -45,7 +44,7 @@ def _guarded(source: str, fn, *args):
         raise UserError(source, exc) from None
     except OSError as exc:
         raise UserError(source, PlanError([("", exc.strerror or str(exc))])) from None
-    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
+    except (ValueError, TypeError, ArithmeticError, RecursionError, MemoryError) as exc:
         raise UserError(source, PlanError([("", f"cannot process: {type(exc).__name__}: {exc}")])) from None
 
 
@@ -99,14 +98,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             if shape is not None:
                 _guarded(path, io.check_fits, plan, shape)
         except UserError as exc:
-            problems = exc.error.problems
-            if len(problems) > MAX_REPORTED:
-                problems = problems[:MAX_REPORTED] + [("", f"... and {len(problems) - MAX_REPORTED} more problems")]
-            report(exc.source, PlanError(problems))
+            report(exc.source, exc.error)
             failed = True
             continue
         n = args.length or summary_length(plan)
-        print(f"{path}: ok ({describe(plan)}, density {plan.density(n):.4f} at N={n})")
+        print(printable(f"{path}: ok ({describe(plan)}, density {plan.density(n):.4f} at N={n})"))
     return 1 if failed else 0
 
 
@@ -122,8 +118,8 @@ def _form(plan: Plan) -> str:
 
 def show_text(plan: Plan, source: str, lengths: list[int]) -> str:
     m = plan.model
-    lines = [source,
-             f"  model       {m.name or '(unnamed)'}{' @ ' + m.revision if m.revision else ''}",
+    lines = [printable(source),
+             f"  model       {printable(m.name or '(unnamed)')}{' @ ' + printable(m.revision) if m.revision else ''}",
              f"  shape       {describe(plan)}, head_dim {m.head_dim}, "
              f"max_position_embeddings {m.max_position_embeddings or 'unknown'}",
              f"  sink        {plan.sink}",
@@ -131,7 +127,7 @@ def show_text(plan: Plan, source: str, lengths: list[int]) -> str:
              f"  form        {_form(plan)}"]
     method = plan.provenance.get("method") if isinstance(plan.provenance, dict) else None
     if method:
-        lines.append(f"  provenance  {method}")
+        lines.append(f"  provenance  {printable(str(method), limit=200)}")
     lines += ["", f"  {'N':>8}  {'density':>8}  {'attn frac':>9}  {'KV cache':>8}  {'mean span':>10}"]
     means = {}
     for n in lengths:
@@ -184,7 +180,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.plot:
         n = args.plot_length or max(lengths)
         write(args.plot, span_map_png(plan, n, Path(args.plan).name))
-        print(f"wrote {args.plot} (span map at N={n})")
+        print(printable(f"wrote {args.plot} (span map at N={n})"))
     return 0
 
 
@@ -213,7 +209,7 @@ def cmd_uniform(args: argparse.Namespace) -> int:
     lengths = [args.static_length] if args.static_length else lengths_of(plan, None)
     report_ = ", ".join(f"{plan.density(n):.4f} at N={n}" for n in lengths)
     rule = plan.default
-    print(f"wrote {args.out}: alpha {rule.alpha:g}, beta {rule.beta:g} for every head; density {report_}")
+    print(printable(f"wrote {args.out}") + f": alpha {rule.alpha:g}, beta {rule.beta:g} for every head; density {report_}")
     if args.static_length is None:
         print(f"density is {args.density} (within 1/N) at every N >= {plan.provenance['exact_from_length']}; "
               f"below that the window is one token and the density is (sink + 1) / N")
@@ -230,8 +226,8 @@ def cmd_import_moa(args: argparse.Namespace) -> int:
     plan = _guarded(args.file, build.plan_from_moa, data, shape, args.sink, args.block_size)
     plan.provenance["source"] = Path(args.file).name
     write(args.out, io.plan_to_json(plan))
-    print(f"wrote {args.out} ({describe(plan)}, density {plan.density(summary_length(plan)):.4f} "
-          f"at N={summary_length(plan)})")
+    print(printable(f"wrote {args.out} ({describe(plan)}, density {plan.density(summary_length(plan)):.4f} "
+                    f"at N={summary_length(plan)})"))
     return 0
 
 
@@ -247,7 +243,7 @@ def moa_json(data: dict[str, list[list[float]]]) -> str:
 def cmd_export_moa(args: argparse.Namespace) -> int:
     plan = load(args.plan)
     write(args.out, moa_json(build.plan_to_moa(plan)))
-    print(f"wrote {args.out} ({describe(plan)})")
+    print(printable(f"wrote {args.out} ({describe(plan)})"))
     if plan.sink != build.MOA_REFERENCE_SINK:
         print(f"note: the MoA format has no sink field (its runtime uses {build.MOA_REFERENCE_SINK}); "
               f"this plan's sink is {plan.sink}", file=sys.stderr)
