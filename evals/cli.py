@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from moa_plan.cli import int_in
+from moa_plan.cli import OptionError, check_device, check_output, float_in, int_in
 from moa_plan.plan import PlanError
 
 DEMO_PLAN = "smollm2-135m-moa-50.json"
@@ -88,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--baselines", default="dense,uniform",
                    help="comma list of dense, uniform (same density as the plan at each length); '' for none")
     _grid_args(c, "512,1024,2048,4096", "0,0.25,0.5,0.75,1", 2)
-    c.add_argument("--threshold", type=float, default=0.9, help="accuracy defining effective context (0.9)")
+    c.add_argument("--threshold", type=float_in(0, 1, low_open=True), default=0.9,
+                   help="accuracy defining effective context (0.9)")
     c.add_argument("--out-dir", type=Path, required=True, help="folder for the JSON, heatmap PNG and table")
     c.set_defaults(handler=_context)
 
@@ -133,8 +135,21 @@ def resolve_model(text: str) -> str:
 
         return str(model_dir())
     if not (Path(text) / "config.json").is_file():
-        raise PlanError([("--model", f"{text}: not a transformers model folder (no config.json)")])
+        raise OptionError([("--model", f"{text}: not a transformers model folder (no config.json)")])
     return text
+
+
+def check_args(args: argparse.Namespace, out: Path | None = None, out_dir: Path | None = None) -> None:
+    """Device, dtype and outputs, checked before the model is converted or loaded (exit 2)."""
+    import torch
+
+    check_device("--device", args.device)
+    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        raise OptionError([("--dtype", f"unknown torch dtype {args.dtype!r} (e.g. float32, bfloat16)")])
+    if out is not None:
+        check_output("--out", out)
+    if out_dir is not None:
+        check_output("--out-dir", out_dir, folder=True)
 
 
 def _setup(args: argparse.Namespace):
@@ -171,6 +186,7 @@ def _retrieval(args: argparse.Namespace) -> int:
     from moa_plan.evals.methods import parse_methods
     from moa_plan.evals.retrieval import run_grid
 
+    check_args(args, out=args.out)
     model, shape, pool = _setup(args)
     methods = parse_methods(args.plan, shape)
     settings = _settings(args, model)
@@ -205,8 +221,7 @@ def _context(args: argparse.Namespace) -> int:
     from moa_plan.evals.context import markdown_table
     from moa_plan.evals.methods import comparison
 
-    if not 0 < args.threshold <= 1:
-        raise PlanError([("--threshold", f"must be in (0, 1], got {args.threshold}")])
+    check_args(args, out_dir=args.out_dir)
     model, shape, pool = _setup(args)
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     methods = comparison(args.plan, shape, baselines)
@@ -228,24 +243,36 @@ def _print_grid_summary(summary: dict[str, Any]) -> None:
 
 def _perplexity(args: argparse.Namespace) -> int:
     from moa_plan.evals.methods import parse_methods
-    from moa_plan.evals.perplexity import KINDS, perplexity
-    from moa_plan.io import write_atomic
+    from moa_plan.evals.perplexity import KINDS
+    from moa_plan.io import exclusive
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
-        raise PlanError([("--kinds", f"choose from {', '.join(KINDS)}, got {args.kinds!r}")])
+        raise OptionError([("--kinds", f"choose from {', '.join(KINDS)}, got {args.kinds!r}")])
+    check_args(args, out=args.out)
     model, shape, pool = _setup(args)
     methods = parse_methods(args.plan, shape)
+    if args.out:
+        with exclusive(args.out):  # a second run on the same file is refused, not interleaved
+            return _run_perplexity(args, pool, model, shape, methods, kinds)
+    return _run_perplexity(args, pool, model, shape, methods, kinds)
+
+
+def _run_perplexity(args: argparse.Namespace, pool, model: str, shape, methods, kinds: list[str]) -> int:
+    from moa_plan.evals.perplexity import perplexity
+    from moa_plan.io import MAX_RESULT_BYTES, read_json_limited, write_atomic
+
     settings = {"model": str(Path(model).resolve()), "windows": args.windows, "dtype": args.dtype}
     out = {"settings": settings, "methods": {}}
-    if args.out and args.out.is_file():  # resume: keep cells of the same settings and method fingerprint
+    if args.out and os.path.lexists(args.out):  # resume: keep cells of the same settings and method fingerprint
         try:
-            old = json.loads(args.out.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise PlanError([(str(args.out), f"unreadable result file ({exc}); delete it to start afresh")]) from None
-        if isinstance(old, dict) and old.get("settings") == settings:
-            out["methods"] = old.get("methods", {})
+            old = read_json_limited(args.out, MAX_RESULT_BYTES)
+        except PlanError as exc:
+            raise PlanError([(loc, f"{msg}; delete it to start afresh") for loc, msg in exc.problems],
+                            source=str(args.out)) from None
+        if isinstance(old, dict) and old.get("settings") == settings and isinstance(old.get("methods"), dict):
+            out["methods"] = {k: v for k, v in old["methods"].items() if isinstance(v, dict)}
 
     def save(_: Any = None) -> None:
         if args.out:
@@ -253,7 +280,7 @@ def _perplexity(args: argparse.Namespace) -> int:
 
     for m in methods:
         prev = out["methods"].get(m.name, {})
-        done = prev.get("perplexity", {}) if prev.get("fingerprint") == m.fingerprint() else {}
+        done = _stored_cells(prev.get("perplexity")) if prev.get("fingerprint") == m.fingerprint() else {}
         entry = out["methods"][m.name] = {"spec": m.spec, "fingerprint": m.fingerprint(), "perplexity": done,
                                           "stats": {str(n): m.stats(shape, n) for n in args.lengths}}
 
@@ -271,6 +298,17 @@ def _perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_cells(value: Any) -> dict[str, dict[str, Any]]:
+    """The well-formed cells of a resumed result file ({kind: {length: {"ppl": number, ...}}});
+    anything else is recomputed rather than trusted."""
+    from moa_plan.io import is_finite_number
+
+    if not isinstance(value, dict):
+        return {}
+    return {kind: {n: cell for n, cell in cells.items() if isinstance(cell, dict) and is_finite_number(cell.get("ppl"))}
+            for kind, cells in value.items() if isinstance(cells, dict)}
+
+
 def perplexity_table(out: dict[str, Any], lengths: list[int], kinds: list[str]) -> str:
     head = ["method"] + [f"{k} ppl@{n}" for k in kinds for n in lengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -281,10 +319,13 @@ def perplexity_table(out: dict[str, Any], lengths: list[int], kinds: list[str]) 
 
 
 def _model_name(model: str) -> str:
+    from moa_plan.io import read_model_config
+
     try:
-        return json.loads((Path(model) / "config.json").read_text()).get("_name_or_path") or Path(model).name
-    except (OSError, ValueError):
-        return Path(model).name
+        name = read_model_config(model).get("_name_or_path")
+    except PlanError:
+        name = None
+    return name if isinstance(name, str) and name else Path(model).name
 
 
 def demo_plan_path() -> Path:
@@ -303,6 +344,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     plan = args.plan or str(demo_plan_path())
+    check_args(args, out_dir=args.out_dir)
     model, shape, pool = _setup(args)
     methods = comparison([plan], shape, ["dense", "uniform"])
     print(f"moa-plan demo: {_model_name(model)}, {args.task} retrieval, lengths {args.lengths}, "

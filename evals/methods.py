@@ -23,6 +23,7 @@ from pathlib import Path
 
 from moa_plan.build import plan_from_spec, uniform_plan
 from moa_plan.io import plan_to_json
+from moa_plan.cli import OptionError
 from moa_plan.plan import ModelShape, Plan, PlanError
 
 
@@ -61,14 +62,14 @@ class Method:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load(text: str, shape: ModelShape, where: str) -> Plan:
+def _plan(text: str, shape: ModelShape, where: str) -> Plan:
+    """``plan_from_spec``; a malformed 'uniform:...' string is a bad option (exit 2), a bad file names the file."""
     try:
         return plan_from_spec(text, shape, where)
     except PlanError as exc:
-        if text == "dense" or text.startswith("uniform:"):
+        if exc.source is not None or isinstance(exc, OptionError):
             raise
-        raise PlanError([(f"{where} {text}: {loc}" if loc else f"{where} {text}", msg)
-                         for loc, msg in exc.problems]) from None
+        raise OptionError(exc.problems) from None
 
 
 def parse_method(text: str, shape: ModelShape, where: str = "--plan") -> Method:
@@ -77,17 +78,17 @@ def parse_method(text: str, shape: ModelShape, where: str = "--plan") -> Method:
     if text == "dense":
         return Method("dense", "dense", text)
     if text.startswith("uniform:"):
-        return Method(text, "plan", text, plan=_load(text, shape, where))
+        return Method(text, "plan", text, plan=_plan(text, shape, where))
     if text.startswith("uniform="):
         path = text.removeprefix("uniform=")
-        plan = _load(path, shape, where)
+        plan = _plan(path, shape, where)
         return Method(f"uniform~{Path(path).stem}", "uniform-match", text, plan=plan)
     name, sep, path = text.partition("=")
     if not sep:
         name, path = Path(text).stem, text
     if not name:
-        raise PlanError([(where, f"{text!r}: empty method name")])
-    return Method(name, "plan", text, plan=_load(path, shape, where))
+        raise OptionError([(where, f"{text!r}: empty method name")])
+    return Method(name, "plan", text, plan=_plan(path, shape, where))
 
 
 def parse_methods(texts: list[str], shape: ModelShape, where: str = "--plan") -> list[Method]:
@@ -96,7 +97,7 @@ def parse_methods(texts: list[str], shape: ModelShape, where: str = "--plan") ->
     names = [m.name for m in methods]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise PlanError([(where, f"two methods named {', '.join(dupes)}: name them NAME=<path>")])
+        raise OptionError([(where, f"two methods named {', '.join(dupes)}: name them NAME=<path>")])
     return methods
 
 
@@ -106,7 +107,7 @@ def comparison(plan_paths: str | list[str], shape: ModelShape, baselines: list[s
     paths = [plan_paths] if isinstance(plan_paths, str) else list(plan_paths)
     unknown = [b for b in baselines if b not in ("dense", "uniform")]
     if unknown:
-        raise PlanError([("--baselines", f"unknown baseline {unknown[0]!r}: choose from dense, uniform")])
+        raise OptionError([("--baselines", f"unknown baseline {unknown[0]!r}: choose from dense, uniform")])
     methods = [Method("dense", "dense", "dense")] if "dense" in baselines else []
     for path in paths:
         method = parse_method(path, shape)
@@ -116,5 +117,5 @@ def comparison(plan_paths: str | list[str], shape: ModelShape, baselines: list[s
         methods.append(method)
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
-        raise PlanError([("--plan", "two plans have the same name: name them NAME=<path>")])
+        raise OptionError([("--plan", "two plans have the same name: name them NAME=<path>")])
     return methods

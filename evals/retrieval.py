@@ -8,7 +8,9 @@ reused only if it was computed with the same method fingerprint, model and setti
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,7 +19,7 @@ from typing import Any
 
 from moa_plan.evals.generate import Document, make_document, score
 from moa_plan.evals.methods import Method
-from moa_plan.io import write_atomic
+from moa_plan.io import MAX_RESULT_BYTES, exclusive, read_json_limited, write_atomic
 from moa_plan.plan import PlanError
 
 RESULT_VERSION = 1
@@ -57,15 +59,20 @@ class Results:
 
     @classmethod
     def load(cls, path: Path) -> Results | None:
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise PlanError([(str(path), f"unreadable result file ({exc}); delete it to start afresh")]) from None
-        if not isinstance(data, dict) or data.get("version") != RESULT_VERSION:
-            raise PlanError([(str(path), "not a result file of this moa-plan version; delete it to start afresh")])
-        return cls(data.get("settings", {}), data.get("methods", {}), data.get("cells", {}))
+            data = read_json_limited(path, MAX_RESULT_BYTES)
+        except PlanError as exc:
+            raise PlanError([(loc, f"{msg}; delete it to start afresh") for loc, msg in exc.problems],
+                            source=str(path)) from None
+        parts = [data.get(k) for k in ("settings", "methods", "cells")] if isinstance(data, dict) else []
+        if (not isinstance(data, dict) or data.get("version") != RESULT_VERSION
+                or not all(isinstance(part, dict) for part in parts)
+                or not all(isinstance(cell, dict) for cell in data["cells"].values())):
+            raise PlanError([("", "not a result file of this moa-plan version; delete it to start afresh")],
+                            source=str(path))
+        return cls(*parts)
 
 
 def cell_key(method: str, task: str, length: int, position: float) -> str:
@@ -155,7 +162,14 @@ def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) ->
 
 def run_grid(settings: Settings, methods: Sequence[Method], out: Path | None = None, progress: bool = True,
              pool: ModelPool | None = None, on_cell: Callable[[str, dict[str, Any]], None] | None = None) -> Results:
-    """Accuracy of every method at every (length, position); resumes from ``out`` if it exists."""
+    """Accuracy of every method at every (length, position); resumes from ``out`` if it exists.
+    While it runs, ``out`` is locked: a second run on the same file is refused, not interleaved."""
+    with exclusive(out) if out is not None else contextlib.nullcontext():
+        return _run_grid(settings, methods, out, progress, pool, on_cell)
+
+
+def _run_grid(settings: Settings, methods: Sequence[Method], out: Path | None, progress: bool,
+              pool: ModelPool | None, on_cell: Callable[[str, dict[str, Any]], None] | None) -> Results:
     from tqdm.auto import tqdm
 
     pool = pool or ModelPool(settings.model, settings.dtype, settings.device)

@@ -111,8 +111,16 @@ def plan_from_spec(text: str, shape: ModelShape, where: str = "plan") -> Plan:
         except PlanError as exc:
             raise PlanError([(where, f"{text!r}: {loc}: {msg}") for loc, msg in exc.problems]) from None
     plan = load_plan(text)
-    check_fits(plan, shape)
+    try:
+        check_fits(plan, shape)
+    except PlanError as exc:
+        raise PlanError(exc.problems, source=text) from None
     return plan
+
+
+def is_plan_name(text: str) -> bool:
+    """Whether a plan string names a built plan ('dense', 'uniform:...') rather than a file."""
+    return text == "dense" or text.startswith("uniform:")
 
 
 def _number_problems(values: Any, name: str, shape: ModelShape, unit: bool) -> list[tuple[str, str]]:

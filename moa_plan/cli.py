@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(_prog(args), exc)
         return 2
     except PlanError as exc:
-        report("moa-plan", exc)
+        report(exc.source or "moa-plan", exc)
         return 1
     except KeyboardInterrupt:
         print("moa-plan: interrupted", file=sys.stderr)

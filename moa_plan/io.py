@@ -25,6 +25,7 @@ from moa_plan.plan import FORMAT_VERSION, ModelShape, Plan, PlanError, key_locat
 
 MAX_PLAN_BYTES = 64 * 1024 * 1024
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_RESULT_BYTES = 1024 * 1024 * 1024  # result files and profile metadata
 STALE_TMP_SECONDS = 600  # a writer renames its temporary file within seconds; older ones were orphaned by a kill
 
 
@@ -244,8 +245,11 @@ def read_json_limited(path: str | os.PathLike, limit: int = MAX_PLAN_BYTES) -> A
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """Load and validate a plan file. Raises PlanError whose problems name the location."""
-    return plan_from_json(read_text_limited(path))
+    """Load and validate a plan file. Raises PlanError naming the file and each location."""
+    try:
+        return plan_from_json(read_text_limited(path))
+    except PlanError as exc:
+        raise PlanError(exc.problems, source=str(path)) from None
 
 
 def dumps_readable(value: Any, indent: str = "") -> str:
@@ -357,7 +361,7 @@ def exclusive(path: str | os.PathLike):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PlanError([("", "another moa-plan run is writing this file now; wait for it or choose "
-                              "another output")]) from None
+                              "another output")], source=str(path)) from None
         yield
     finally:
         os.close(fd)

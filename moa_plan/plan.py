@@ -31,11 +31,14 @@ MAX_PROVENANCE_DEPTH = 32  # nesting of objects / lists inside provenance
 
 
 class PlanError(Exception):
-    """A plan (or its pairing with a model) is invalid; ``problems`` holds (location, message) pairs."""
+    """A plan (or its pairing with a model) is invalid; ``problems`` holds (location, message) pairs,
+    ``source`` the file they are in when one is (printed first: ``FILE: location: message``)."""
 
-    def __init__(self, problems: list[tuple[str, str]]):
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
         self.problems = problems
-        super().__init__("; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in problems))
+        self.source = source
+        text = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in problems)
+        super().__init__(f"{source}: {text}" if source else text)
 
 
 def key_location(key: str) -> str:

@@ -115,16 +115,58 @@ def test_perplexity_windows():
         windows(ids, 60, 2, "text")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--plan", "dense", "--model", "/nonexistent"], "--model: /nonexistent: not a transformers model folder"),
-    (["--plan", "missing.json"], "--plan missing.json"),
-    (["--plan", "uniform:2"], "density: must be in (0, 1]"),
+@pytest.mark.parametrize("argv, message, code", [
+    (["--plan", "dense", "--model", "/nonexistent"],
+     "moa-plan eval retrieval: --model: /nonexistent: not a transformers model folder", 2),
+    (["--plan", "missing.json"], "missing.json: cannot read: No such file or directory", 1),
+    (["--plan", "uniform:2"], "moa-plan eval retrieval: --plan: 'uniform:2': density: must be in (0, 1]", 2),
+    (["--plan", "dense", "--device", "bogus"], "moa-plan eval retrieval: --device: not a torch device: 'bogus'", 2),
+    (["--plan", "dense", "--device", "cuda:99"], "moa-plan eval retrieval: --device: cuda:99: ", 2),
+    (["--plan", "dense", "--dtype", "float33"], "moa-plan eval retrieval: --dtype: unknown torch dtype", 2),
+    (["--plan", "dense", "--out", "/proc/x.json"], "moa-plan eval retrieval: --out: cannot write in /proc", 2),
+    (["--plan", "dense", "--out", "/"], "moa-plan eval retrieval: --out: / is a folder; give a file name", 2),
+    (["--plan", "dense", "--out", "/dev/null"], "moa-plan eval retrieval: --out: /dev/null is not a regular file", 2),
 ])
-def test_bad_input_is_one_located_line(tiny, argv, message, capsys):
+def test_bad_input_is_one_located_line(tiny, argv, message, code, capsys, monkeypatch):
+    import moa_plan.evals.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "load_base_model", lambda *a: pytest.fail("work started before the check"))
     args = ["eval", "retrieval", "--model", str(tiny), *argv, "--lengths", "100", "--no-progress"]
-    assert main(args) == 1
+    assert main(args) == code
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_out_is_checked_before_the_first_cell(tiny, tmp_path, capsys, monkeypatch):
+    """--out naming a folder used to fail (IsADirectoryError) only after the first cell was computed."""
+    import moa_plan.evals.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "load_base_model", lambda *a: pytest.fail("work started before the check"))
+    assert main(["eval", "retrieval", "--model", str(tiny), "--plan", "dense", "--out", str(tmp_path),
+                 "--lengths", "100", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"moa-plan eval retrieval: --out: {tmp_path} is a folder; give a file name\n")
+
+
+def test_a_result_file_is_written_by_one_run_at_a_time(tiny, tmp_path, capsys):
+    from moa_plan.io import exclusive
+
+    out = tmp_path / "r.json"
+    with exclusive(out):  # as if another run were resuming the same file
+        assert main(["eval", "retrieval", "--model", str(tiny), "--plan", "dense", "--out", str(out),
+                     "--lengths", "100", "--positions", "0", "--samples", "1", "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"{out}: another moa-plan run is writing this file now; wait for it or choose another output\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"version": 1, "settings": {}, "methods": {}, "cells": [1]}',
+                                  '{"version": 1, "settings": {}, "methods": {}, "cells": {"a": 3}}', "{"])
+def test_a_malformed_result_file_is_one_line(tiny, tmp_path, capsys, text):
+    out = tmp_path / "r.json"
+    out.write_text(text)
+    assert main(["eval", "retrieval", "--model", str(tiny), "--plan", "dense", "--out", str(out),
+                 "--lengths", "100", "--positions", "0", "--samples", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{out}: ") and err.count("\n") == 1 and "delete it to start afresh" in err
 
 
 def test_plan_for_another_model_is_refused(tiny, tmp_path, capsys):
