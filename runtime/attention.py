@@ -68,6 +68,10 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.
     j = kpos.view(1, 1, -1) if kpos.dim() == 1 else kpos.repeat_interleave(group, dim=0).unsqueeze(1)
     s = spans.to(device=q.device, dtype=torch.long).view(-1, 1, 1)
     mask = (j >= 0) & (j <= i) & ((j < sink) | (i - j < s))  # [Hq, Lq, K]
+    if kpos.dim() == 2:  # keys gathered from a cache: zero the slots nobody here reads (SDPA adds -inf to a
+        # masked score and multiplies by a zero weight; a NaN left in an unused slot would survive both)
+        read = mask.view(hkv, group, -1, mask.shape[-1]).any(dim=2).any(dim=1).view(1, hkv, -1, 1)
+        k, v = k.masked_fill(~read, 0.0), v.masked_fill(~read, 0.0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
 
 

@@ -201,6 +201,9 @@ def torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     p = pos.view(hkv, 1, width)
     s = spans.to(device=q.device, dtype=torch.long).view(hkv, group, 1)
     visible = (p >= 0) & ((p < sink) | (last - p < s))  # [Hkv, G, W]
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.masked_fill(~visible, float("-inf"))  # replaces a NaN score too
+    # Masked, not multiplied by a zero weight: a slot no head of the group reads (empty, or a stale
+    # position) may hold anything, and 0 * NaN would poison the sum.
+    vh = vh.masked_fill(~visible.any(dim=1).view(1, hkv, width, 1), 0.0)
     out = torch.matmul(torch.softmax(scores, dim=-1), vh)  # [B, Hkv, G, D]
     return out.view(batch, hq, d).to(q.dtype)

@@ -1,7 +1,9 @@
 """transformers integration: make a Llama-family causal LM attend exactly as a plan says.
 
 Public extension points only: an attention function registered as ``"moa"`` in
-``transformers.AttentionInterface`` (plus a mask function that refuses padded batches), a
+``transformers.AttentionInterface`` (plus a mask function that builds nothing: the plan's mask is
+made inside the attention function), a forward pre-hook on the decoder that refuses inputs the
+plan cannot honour (``check_inputs``) before anything runs or any cache is written, a
 ``Cache`` subclass (``MoACache``: per-layer static cache with the plan's per-head layout), and
 an instance-level ``generate`` that supplies a ``MoACache`` sized prompt + max_new_tokens (the
 same pattern transformers uses for ``custom_generate``).
@@ -17,8 +19,10 @@ Qwen2 with use_sliding_window) is not applied on top of it.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +30,8 @@ from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from moa_plan.build import plan_from_spec
-from moa_plan.io import check_fits, shape_from_config
+from moa_plan.build import is_plan_name, plan_from_spec
+from moa_plan.io import check_fits, load_plan, read_model_config, shape_from_config
 from moa_plan.plan import Plan, PlanError
 from moa_plan.runtime.attention import cached_keys, chunk_attention, decode_attention, prefill_attention
 from moa_plan.runtime.cache import LayerLayout, MemoryReport, allocate, memory_report, write_kv
@@ -196,11 +200,77 @@ def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
 
 def moa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
              mask_function: Any = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
-    """The plan's mask is built inside the attention function; only refuse padding it cannot honour."""
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("moa attention runs batches of equal-length prompts only: the attention_mask has "
-                         "padding (0 entries); run the prompts one by one or batch prompts of the same length")
+    """No mask tensor: the plan's mask is built inside the attention function (the inputs were
+    checked by ``check_inputs`` before the decoder ran)."""
     return None
+
+
+def check_inputs(attention_mask: Any, position_ids: torch.Tensor | None, past: int, q_len: int | None) -> None:
+    """Refuse what the plan's attention cannot honour, so nothing is silently ignored:
+
+    * a 2-D mask with padding (0 entries): spans depend on each sequence's own length N;
+    * a 4-D mask that is not exactly the causal mask of positions ``past .. past + q_len - 1``
+      (bool True / float 0.0 on every key at or before the query, hidden after it): it would
+      hide keys the plan shows, or add a bias the plan's kernels do not add;
+    * ``position_ids`` that restart inside a row (several packed documents): the plan sees one
+      sequence per row.
+    """
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(f"moa attention takes no {type(attention_mask).__name__} attention_mask; pass a 2-D "
+                             "padding-free mask or none")
+        if attention_mask.dim() == 2:
+            if not bool(attention_mask.bool().all()):
+                raise ValueError("moa attention runs batches of equal-length prompts only: the attention_mask has "
+                                 "padding (0 entries); run the prompts one by one or batch prompts of the same length")
+        elif attention_mask.dim() == 4 and q_len is not None:
+            _check_mask_4d(attention_mask, past, q_len)
+        else:
+            raise ValueError(f"moa attention takes a 2-D [batch, length] or 4-D attention_mask, got shape "
+                             f"{tuple(attention_mask.shape)}")
+    if position_ids is not None and position_ids.shape[-1] > 1:
+        steps = torch.diff(position_ids.reshape(-1, position_ids.shape[-1]), dim=-1)
+        if not bool((steps == 1).all()):
+            raise ValueError("moa attention runs one sequence per row: these position_ids do not count up by one "
+                             "(packed sequences restart them); give each document its own row or call")
+
+
+def _check_mask_4d(mask: torch.Tensor, past: int, q_len: int) -> None:
+    if mask.dtype == torch.bool:
+        attend = mask
+    elif mask.is_floating_point():
+        attend = mask == 0
+        hidden = mask <= torch.finfo(mask.dtype).min / 2  # -inf or the dtype's min, as transformers writes it
+        if not bool((attend | hidden).all()):
+            raise ValueError("moa attention cannot add an attention bias: a float attention_mask may only hold 0 "
+                             "(attend) and -inf / the dtype's minimum (hidden)")
+    else:
+        raise ValueError(f"moa attention takes a bool or float 4-D attention_mask, got {mask.dtype}")
+    if mask.shape[-2] != q_len or mask.shape[-1] < past + q_len:
+        raise ValueError(f"4-D attention_mask of shape {tuple(mask.shape)} does not cover {q_len} queries after "
+                         f"{past} cached positions")
+    i = torch.arange(past, past + q_len, device=mask.device).view(-1, 1)
+    j = torch.arange(mask.shape[-1], device=mask.device).view(1, -1)
+    if not bool((attend == (j <= i)).all()):
+        raise ValueError("moa attention honours only the causal mask: this 4-D attention_mask hides keys the plan "
+                         "would show (padding?) or shows later ones; batch prompts of equal length without padding")
+
+
+def _check_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the decoder: ``check_inputs`` on its arguments, before any layer runs."""
+    bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
+    bound.update(bound.pop("kwargs", None) or {})
+    x = bound.get("input_ids")
+    x = bound.get("inputs_embeds") if x is None else x
+    q_len = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+    cache = next((c for c in (bound.get("cache"), bound.get("past_key_values")) if isinstance(c, Cache)), None)
+    past = int(cache.get_seq_length()) if cache is not None else 0  # 'cache' is the newer name
+    check_inputs(bound.get("attention_mask"), bound.get("position_ids"), past, q_len)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
 
 
 def register() -> None:
@@ -254,6 +324,9 @@ def apply_plan(model: PreTrainedModel, plan: Plan | str | os.PathLike) -> PreTra
         raise PlanError([("model", f"{type(model).__name__}: found attention modules for layers {found}, "
                           f"expected 0..{plan.model.num_layers - 1} (not a supported Llama-family model?)")])
     register()
+    decoder = model.get_decoder()
+    if getattr(decoder, "_moa_input_check", None) is None:
+        decoder._moa_input_check = decoder.register_forward_pre_hook(_check_call, with_kwargs=True)
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
         raise PlanError([("model", f"{type(model).__name__} does not accept a custom attention implementation")])
@@ -301,6 +374,10 @@ def load_model(pretrained: str | os.PathLike, plan: Plan | str | os.PathLike | N
     """
     from transformers import AutoModelForCausalLM
 
+    if Path(pretrained).is_dir():
+        read_model_config(pretrained)  # a config transformers would read without bound is refused first
+    if isinstance(plan, (str, os.PathLike)) and not is_plan_name(str(plan)):
+        plan = load_plan(plan)  # a bad plan file is reported before any weights are read
     model = AutoModelForCausalLM.from_pretrained(pretrained, **from_pretrained_kwargs)
     if plan is None:
         stored = getattr(model.config, "moa_plan", None)

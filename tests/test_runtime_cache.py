@@ -39,6 +39,8 @@ def test_prefill_then_decode_matches_reference(case):
     layout = LayerLayout.from_plan(plan, 0, n_max)
     assert layout.slots == sum(plan.kv_slots(n_max)[0])
     kc, vc = allocate(layout, batch, d, torch.float32)
+    kc.fill_(float("nan"))  # slots not yet written may hold anything: masked, never multiplied by 0
+    vc.fill_(float("nan"))
     write_kv(kc, vc, layout, k[:, :, :prompt], v[:, :, :prompt], 0)
     for n in range(prompt, n_max + 1):
         if n > prompt:
@@ -53,7 +55,7 @@ def test_prefill_then_decode_matches_reference(case):
         owner = torch.repeat_interleave(torch.arange(hkv), torch.tensor(layout.caps))
         held = pos >= 0
         assert int(pos.max()) < n
-        torch.testing.assert_close(kc[:, held], k[:, owner[held], pos[held]], atol=0, rtol=0)
+        torch.testing.assert_close(kc[:, held], k[:, owner[held], pos[held]], atol=0, rtol=0, equal_nan=False)
         # every position a head can see at n is held: sink positions and its window
         need = sum(min(n, min(plan.sink, c)) for c in layout.caps)
         assert int(held.sum()) >= need
@@ -114,3 +116,30 @@ def test_memory_report_counts_the_plans_slots():
     assert rep.bytes_dense == 2 * 2 * n_max * 2 * 3 * 16 * 2
     # span 500 + sink 4 of 1000 slots per head
     assert rep.ratio == pytest.approx(504 / 1000)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cache_cases(), st.integers(2, 9))
+def test_chunk_after_cache_ignores_non_finite_unused_slots(case, chunk):
+    """A chunk of queries over a cache whose unwritten slots hold NaN / inf equals the reference:
+    the PyTorch path masks unread slots instead of multiplying them by a zero weight."""
+    from moa_plan.runtime.attention import cached_keys, chunk_attention
+
+    plan, n_max, prompt, batch, seed = case
+    n_max += chunk
+    shape = plan.model
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv, d = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
+    k, v = (torch.randn(batch, hkv, n_max, d, generator=g) for _ in range(2))
+    q = torch.randn(batch, hq, n_max, d, generator=g)
+    layout = LayerLayout.from_plan(plan, 0, n_max)
+    kc, vc = allocate(layout, batch, d, torch.float32)
+    kc.fill_(float("inf"))
+    vc.fill_(float("nan"))
+    write_kv(kc, vc, layout, k[:, :, :prompt], v[:, :, :prompt], 0)
+    n = prompt + chunk
+    spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32)
+    got = chunk_attention(q[:, :, prompt:n], k[:, :, prompt:n], v[:, :, prompt:n],
+                          cached_keys(kc, vc, layout, prompt), prompt, spans, plan.sink)
+    want = reference_attention(q[:, :, prompt:n], k[:, :, :n], v[:, :, :n], spans, plan.sink)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)

@@ -218,7 +218,108 @@ def test_padded_batch_is_refused():
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
 
 
+def _causal_4d(batch: int, q_len: int, kv_len: int, past: int, kind: str) -> torch.Tensor:
+    i = torch.arange(past, past + q_len).view(-1, 1)
+    allowed = (torch.arange(kv_len).view(1, -1) <= i).expand(batch, 1, q_len, kv_len).clone()
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_4d_masks_hiding_keys_are_refused_and_causal_ones_honoured(kind):
+    """Issue 15: a [B,1,L,L] mask hiding padding keys used to be ignored (logits equal to the unmasked
+    run). It is refused; the exact causal mask, bool or float, gives the logits of no mask at all."""
+    plan = _plan([[Rule(alpha=4.0, beta=0.5)] * 4, [Rule(alpha=1e6, beta=1.0)] * 4], sink=1)
+    model, ref = _with_plan("llama", plan)
+    ids = _ids(2, 12, seed=3)
+    causal = _causal_4d(2, 12, 12, 0, kind)
+    padded = causal.clone()
+    padded[0, :, :, :3] = False if kind == "bool" else torch.finfo(torch.float32).min
+    dense = _clone("llama")  # transformers' own attention honours the padding: the answers differ
+    with torch.no_grad():
+        assert not torch.allclose(dense(ids, attention_mask=padded).logits[0], dense(ids).logits[0], atol=1e-3)
+        with pytest.raises(ValueError, match="hides keys the plan"):
+            model(ids, attention_mask=padded)
+        torch.testing.assert_close(model(ids, attention_mask=causal).logits, ref(ids, use_cache=False).logits,
+                                   atol=TOL, rtol=TOL)
+        if kind == "float":
+            biased = causal.clone()
+            biased[1, :, 5, 2] = -1.0
+            with pytest.raises(ValueError, match="bias"):
+                model(ids, attention_mask=biased)
+
+
+def test_4d_mask_showing_future_keys_is_refused():
+    model, _ = _with_plan("llama", _plan([[Rule(alpha=4.0, beta=0.0)] * 4] * 2, sink=1))
+    ids = _ids(1, 6)
+    with torch.no_grad(), pytest.raises(ValueError, match="causal"):
+        model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+
+
+def test_packed_position_ids_are_refused_offsets_kept():
+    """Several documents in one row (position_ids restarting) are refused; positions that only start
+    later (no restart) change nothing about the mask and run."""
+    plan = _plan([[Rule(alpha=3.0, beta=0.25)] * 4] * 2, sink=1)
+    model, _ = _with_plan("llama", plan)
+    ids = _ids(1, 10)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="position_ids"):
+            model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]))
+        with pytest.raises(ValueError, match="position_ids"):
+            model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]]),
+                  use_cache=False)
+        shifted = model(ids, position_ids=torch.arange(5, 15).view(1, -1)).logits
+        assert torch.isfinite(shifted).all()
+
+
+def test_a_refused_step_leaves_the_cache_untouched():
+    """The check runs before the decoder: a refused decode step writes nothing, and the next valid
+    step gives the same logits as if the refused one had never been tried."""
+    plan = _plan([[Rule(alpha=3.0, beta=0.25)] * 4, [Rule(alpha=0.0, beta=1.0)] * 4], sink=1)
+    model, ref = _with_plan("llama", plan)
+    ids = _ids(1, 14, seed=5)
+    cache = MoACache(model, 14)
+    dyn = DynamicCache(config=ref.config)
+    with torch.no_grad():
+        model(ids[:, :12], past_key_values=cache)
+        ref(ids[:, :12], past_key_values=dyn)
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        bad = _causal_4d(1, 1, 13, 12, "bool")
+        bad[..., 4] = False  # hides a key the plan shows
+        with pytest.raises(ValueError, match="hides keys"):
+            model(ids[:, 12:13], past_key_values=cache, attention_mask=bad)
+        assert cache.get_seq_length() == 12
+        for layer, (k, v) in zip(cache.layers, before):
+            assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+        for t in (12, 13):  # step 12 with the exact causal mask of a decode step (honoured), 13 without one
+            mask = _causal_4d(1, 1, t + 1, t, "bool") if t == 12 else None
+            got = model(ids[:, t:t + 1], past_key_values=cache, attention_mask=mask).logits
+            torch.testing.assert_close(got, ref(ids[:, t:t + 1], past_key_values=dyn).logits, atol=TOL, rtol=TOL)
+
+
 # ---- loading ----------------------------------------------------------------------------------------
+
+def test_load_model_refuses_a_bad_plan_before_reading_weights(tmp_path, monkeypatch):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    _clone("llama").save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights read first"))
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "bad.json").write_text('{"format_version": 1}')
+    for name, message in [("fifo.json", "a FIFO, not a regular file"), ("zero.json", "a character device"),
+                          ("bad.json", "model: required field is missing")]:
+        with pytest.raises(PlanError) as err:
+            load_model(tmp_path / "model", tmp_path / name)
+        assert str(err.value).startswith(f"{tmp_path / name}: ") and message in str(err.value)
+    (tmp_path / "cfg").mkdir()
+    os.mkfifo(tmp_path / "cfg" / "config.json")
+    with pytest.raises(PlanError, match="a FIFO"):
+        load_model(tmp_path / "cfg", "dense")
+
 
 def test_load_model_from_saved_dir_and_plan_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
