@@ -273,7 +273,7 @@ class Bench:
         ms_mm = _bench_time(lambda: a @ b)
         self.res["ceilings"] = {"copy_GBps": round(copy_gbs, 1), "matmul_bf16_TFLOPs": round(2 * 8192**3 / ms_mm / 1e9, 1)}
         print("ceilings", self.res["ceilings"], flush=True)
-        del x, y, a, b
+        x = y = a = b = None  # free the memory (a del would leave the lambdas above unbound)
         torch.cuda.empty_cache()
         self.save()
 
@@ -444,8 +444,8 @@ class Bench:
                         except Exception as exc:  # noqa: BLE001 - a baseline failing is reported, not fatal
                             self.skip(key + "/flex", f"{type(exc).__name__}: {str(exc)[:200]}")
                     self.record(key, entry)
-                    del caches
-                del kd, vd, kf, vf
+                    caches = None  # free the memory (a del would leave the lambdas above unbound)
+                kd = vd = kf = vf = None  # free the memory (a del would leave the lambdas above unbound)
                 torch.cuda.empty_cache()
 
     def _sdpa_backends(self, tag: str, run_small, want, fns, graph: bool) -> dict[str, Any]:
@@ -605,7 +605,7 @@ class Bench:
                     except Exception as exc:  # noqa: BLE001
                         self.skip(key + "/flex", f"{type(exc).__name__}: {str(exc)[:200]}")
                 self.record(key, entry)
-            del q, k, v, kx, vx
+            q = k = v = kx = vx = None  # free the memory (a del would leave the lambdas above unbound)
             torch.cuda.empty_cache()
 
     # -- whole-model decode step
@@ -677,7 +677,7 @@ class Bench:
                 except Exception as exc:  # noqa: BLE001
                     out[name] = f"{type(exc).__name__}"
                 print("sweep", name, out[name], flush=True)
-            del q, k, v
+            q = k = v = None  # free the memory (a del would leave the lambdas above unbound)
             caps = plan.kv_slots(n)[0]
             layout = LayerLayout.from_caps(caps, sink, n, device=self.dev)
             for batch in (1, 8, 32):

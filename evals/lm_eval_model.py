@@ -29,17 +29,26 @@ class MoALM(HFLM):
     """HFLM whose model attends as a MoA plan says (``moa_plan.runtime.hf.apply_plan``)."""
 
     def __init__(self, pretrained: Any, plan: str = "dense", **kwargs: Any) -> None:
-        super().__init__(pretrained=pretrained, **kwargs)
+        from moa_plan.build import is_plan_name
+        from moa_plan.io import load_plan
+
         self.plan_spec = str(plan)
         self.moa_plan = None
+        planned: Any = self.plan_spec
+        try:  # a plan file is read (bounded) and validated before the model is loaded
+            if not is_plan_name(self.plan_spec):
+                planned = load_plan(self.plan_spec)
+        except PlanError as exc:
+            raise ValueError(f"moa: plan={exc}") from None
+        super().__init__(pretrained=pretrained, **kwargs)
         if self.plan_spec == "dense":
             return
         from moa_plan.runtime.hf import apply_plan
 
         try:
-            apply_plan(self.model, self.plan_spec)
+            apply_plan(self.model, planned)
         except PlanError as exc:
-            raise ValueError(f"moa: plan={self.plan_spec}: {exc}") from None
+            raise ValueError(f"moa: plan={exc if exc.source else f'{self.plan_spec}: {exc}'}") from None
         self.moa_plan = self.model.moa_plan
         if self.batch_size_per_gpu != 1:
             log.warning("moa: plan %s runs one request at a time (spans depend on each sequence's length; "

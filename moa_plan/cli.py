@@ -104,8 +104,9 @@ def check_device(flag: str, text: str, allow_auto: bool = False) -> None:
 
     try:
         device = torch.device(text)
-    except (RuntimeError, ValueError) as exc:
-        raise OptionError([(flag, f"not a torch device: {text!r} ({str(exc).splitlines()[0]})")]) from None
+    except (RuntimeError, ValueError):
+        raise OptionError([(flag, f"not a torch device: {text!r} (use cpu, cuda or cuda:N"
+                                  f"{', or auto' if allow_auto else ''})")]) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise OptionError([(flag, f"{text}: CUDA is not available on this machine")])

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moa_plan.io import write_atomic
+from moa_plan.io import MAX_RESULT_BYTES, read_text_limited, write_atomic
 from moa_plan.plan import PlanError
 
 TASKS = ("docs", "kv", "multihop", "copy")
@@ -121,9 +121,9 @@ def read_user_texts(path: str | os.PathLike) -> list[dict[str, str]]:
     docs: list[dict[str, str]] = []
     for f in files:
         try:
-            raw = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PlanError([("--text", f"cannot read {f}: {exc}")]) from None
+            raw = read_text_limited(f, MAX_RESULT_BYTES)
+        except PlanError as exc:
+            raise PlanError(exc.problems, source=str(f)) from None
         if f.suffix == ".jsonl":
             for lineno, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
@@ -267,20 +267,18 @@ def load_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str
     """(settings, samples) of a calibration JSONL file; located errors."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError([("", f"cannot read calibration data {path}: {exc}")]) from None
-    if not lines:
-        raise PlanError([("", f"{path} is empty")])
+        lines = read_text_limited(path, MAX_RESULT_BYTES).splitlines()
+    except PlanError as exc:
+        raise PlanError(exc.problems, source=str(path)) from None
     try:
         head = json.loads(lines[0])
         samples = [json.loads(line) for line in lines[1:] if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise PlanError([(f"{path}", f"invalid JSON line: {exc.msg}")]) from None
-    if not isinstance(head, dict) or "settings" not in head:
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise PlanError([(f"{path}", f"invalid JSON line: {getattr(exc, 'msg', 'nested too deeply')}")]) from None
+    if not isinstance(head, dict) or not isinstance(head.get("settings"), dict):
         raise PlanError([(f"{path}:1", "first line must be {\"settings\": ...}")])
     for i, s in enumerate(samples, 2):
-        if not all(k in s for k in ("id", "length", "prompt_ids", "answer_ids")):
+        if not isinstance(s, dict) or not all(k in s for k in ("id", "length", "prompt_ids", "answer_ids")):
             raise PlanError([(f"{path}:{i}", "sample lacks id / length / prompt_ids / answer_ids")])
     return head["settings"], samples
 

@@ -10,7 +10,10 @@ import json
 import time
 from pathlib import Path
 
+from moa_plan.cli import OptionError, check_device, check_output, float_in, int_in
 from moa_plan.plan import PlanError
+
+_positive, _nonnegative = int_in(1), int_in(0)
 
 
 def _ints(text: str) -> list[int]:
@@ -23,11 +26,14 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
-def _floats(text: str) -> list[float]:
+def _densities(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected densities in (0, 1], got {text!r}")
+    return values
 
 
 def _tasks(text: str) -> list[str]:
@@ -35,14 +41,14 @@ def _tasks(text: str) -> list[str]:
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=int, default=16, help="samples per length (default 16)")
+    p.add_argument("--samples", type=_positive, default=16, help="samples per length (default 16)")
     p.add_argument("--tasks", type=_tasks, default=["docs"],
                    help="comma-separated: docs (natural text, 3 questions; default), kv, multihop, copy; '' for none")
     p.add_argument("--text", help="folder or file of user text (.txt, or .jsonl with text/question)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-answer-tokens", type=int, default=128,
+    p.add_argument("--max-answer-tokens", type=_positive, default=128,
                    help="longest dense answer per question (default 128)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples generated together (default 16)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="samples generated together (default 16)")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -50,36 +56,36 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def _add_profile(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sink", type=int, default=64, help="sink tokens every head keeps (default 64)")
-    p.add_argument("--block-size", type=int, default=64, help="plan block size (default 64)")
-    p.add_argument("--chunk", type=int, default=256, help="query rows recomputed at once in the backward pass")
+    p.add_argument("--sink", type=_nonnegative, default=64, help="sink tokens every head keeps (default 64)")
+    p.add_argument("--block-size", type=_positive, default=64, help="plan block size (default 64)")
+    p.add_argument("--chunk", type=_positive, default=256, help="query rows recomputed at once in the backward pass")
     p.add_argument("--signed-influence", action="store_true",
                    help="sum signed per-entry effects (default: absolute values, as the MoA reference)")
 
 
 def _add_opt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--density", type=_floats, required=True,
+    p.add_argument("--density", type=_densities, required=True,
                    help="density budget (mean over heads of (sink + span) / N): one value, or one per length")
-    p.add_argument("--validation-length", type=int, help="held-out length used only to select the plan")
+    p.add_argument("--validation-length", type=_positive, help="held-out length used only to select the plan")
     p.add_argument("--extension-length", type=_ints,
                    help="other lengths (shorter or longer) where the density is constrained too, never profiled; default: twice "
                         "the longest profiled length; 0 for none")
-    p.add_argument("--density-floor", type=float, default=0.9,
+    p.add_argument("--density-floor", type=float_in(0, 1), default=0.9,
                    help="each optimisation length's density stays >= this x budget (default 0.9; 0: no floor)")
     p.add_argument("--solver", default="glpk", help="any Pyomo solver name: glpk (default), highs, cbc, gurobi...")
-    p.add_argument("--time-limit", type=float, help="seconds per MILP solve; the best feasible plan is kept")
-    p.add_argument("--mip-gap", type=float, help="relative MIP gap at which the solver may stop")
+    p.add_argument("--time-limit", type=float_in(0, 1e9, low_open=True), help="seconds per MILP solve; the best feasible plan is kept")
+    p.add_argument("--mip-gap", type=float_in(0, 1, high_open=True), help="relative MIP gap at which the solver may stop")
     p.add_argument("--pareto", choices=("epsilon", "weighted"), default="epsilon",
                    help="Pareto front by epsilon-constraint (default) or weighted sums")
-    p.add_argument("--weight-steps", type=int, default=4, help="grid divisions per objective (default 4)")
-    p.add_argument("--alpha-step", type=int, help="alpha grid step in tokens (default: 4 x the block size)")
-    p.add_argument("--beta-step", type=float, default=0.125, help="beta grid step in [0, 1] (default 1/8)")
+    p.add_argument("--weight-steps", type=_positive, default=4, help="grid divisions per objective (default 4)")
+    p.add_argument("--alpha-step", type=_positive, help="alpha grid step in tokens (default: 4 x the block size)")
+    p.add_argument("--beta-step", type=float_in(0, 1, low_open=True), default=0.125, help="beta grid step in [0, 1] (default 1/8)")
     p.add_argument("--gqa", action="store_true", help="one rule per KV group (heads sharing a KV head)")
     p.add_argument("--static-windows", action="store_true",
                    help="only rules with beta 0 (per-head fixed windows: the paper's ablation)")
-    p.add_argument("--max-rules-per-layer", type=int, default=2,
+    p.add_argument("--max-rules-per-layer", type=_nonnegative, default=2,
                    help="cap on distinct rules within a layer (default 2; 0: no cap)")
-    p.add_argument("--validation-samples", type=int, default=0,
+    p.add_argument("--validation-samples", type=_nonnegative, default=0,
                    help="measure each Pareto plan's real loss on this many held-out samples at the "
                         "validation length and keep the best (default 0: all there are; needs --model, --data)")
     p.add_argument("--plots", help="folder for the Pareto-front and span-map PNGs (default: beside --out)")
@@ -134,39 +140,26 @@ def _log(msg: str) -> None:
 
 
 def check_optimize_args(args: argparse.Namespace, lengths: list[int] | None) -> None:
-    """Every optimiser option, checked before any work starts (one located line each)."""
+    """The optimiser options argparse cannot check alone, and the outputs, before any work starts
+    (exit 2, one located line each); single values are checked by their argparse types."""
     from moa_plan.search import optimize as opt_mod
     from moa_plan.search.select import parse_budgets
 
     problems = []
-    if args.validation_length is not None and args.validation_length < 1:
-        problems.append(("--validation-length", "must be >= 1"))
     if lengths and args.validation_length in lengths:
         problems.append(("--validation-length", "must differ from the optimisation lengths"))
-    if args.weight_steps < 1:
-        problems.append(("--weight-steps", "must be >= 1"))
-    if args.time_limit is not None and not args.time_limit > 0:
-        problems.append(("--time-limit", f"must be > 0 seconds, got {args.time_limit}"))
-    if args.mip_gap is not None and not 0 <= args.mip_gap < 1:
-        problems.append(("--mip-gap", f"must be in [0, 1), got {args.mip_gap}"))
-    if not 0 <= args.density_floor <= 1:
-        problems.append(("--density-floor", f"must be in [0, 1], got {args.density_floor}"))
-    if args.max_rules_per_layer < 0:
-        problems.append(("--max-rules-per-layer", "must be >= 0"))
-    if args.alpha_step is not None and args.alpha_step < 1:
-        problems.append(("--alpha-step", "must be >= 1"))
-    if not 0 < args.beta_step <= 1:
-        problems.append(("--beta-step", f"must be in (0, 1], got {args.beta_step}"))
-    if args.validation_samples < 0:
-        problems.append(("--validation-samples", "must be >= 0"))
     if lengths:
         try:
             parse_budgets(args.density, lengths)
         except PlanError as exc:
             problems += exc.problems
     if problems:
-        raise PlanError(problems)
-    opt_mod.make_solver(args.solver)  # a missing solver is found now, not after the profile
+        raise OptionError(problems)
+    check_device("--device", args.device, allow_auto=True)
+    check_output("--out", args.out)
+    if args.plots:
+        check_output("--plots", args.plots, folder=True)
+    opt_mod.make_solver(args.solver)  # a missing solver is found now, not after the profile (exit 1: not installed)
 
 
 def _extension(args: argparse.Namespace, lengths: list[int]) -> list[int]:
@@ -178,6 +171,8 @@ def _extension(args: argparse.Namespace, lengths: list[int]) -> list[int]:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from moa_plan.search import calibration
 
+    check_device("--device", args.device, allow_auto=True)
+    check_output("--out", args.out)
     t0 = time.perf_counter()
     out = calibration.build(args.model, args.out, args.lengths, args.samples, args.tasks, args.seed,
                             args.max_answer_tokens, args.text, args.overwrite, not args.quiet, args.batch_size,
@@ -189,6 +184,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from moa_plan.search import profile
 
+    check_device("--device", args.device, allow_auto=True)
+    check_output("--out", args.out, folder=True)
     t0 = time.perf_counter()
     out = profile.run_profile(args.model, args.data, args.out, args.sink, args.block_size, args.chunk,
                               args.overwrite, not args.quiet, args.signed_influence, args.device)

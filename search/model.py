@@ -28,13 +28,14 @@ def model_shape(path: str | os.PathLike) -> ModelShape:
 def model_name(path: str | os.PathLike) -> str:
     """What a shared file should record of a model: its hub-style name from config.json when it
     has one (not a local path), else the folder's name; never a home directory."""
-    import json
+    from moa_plan.io import read_model_config
 
     path = check_model_dir(path)
     try:
-        name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path") or ""
-    except (OSError, ValueError):
+        name = read_model_config(path).get("_name_or_path") or ""
+    except PlanError:
         name = ""
+    name = name if isinstance(name, str) else ""
     if not name or "/" not in name or Path(name).is_absolute() or name.startswith("."):
         return path.resolve().name
     return name

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moa_plan.io import write_atomic
+from moa_plan.io import MAX_RESULT_BYTES, read_bytes_limited, read_json_limited, write_atomic
 from moa_plan.plan import PlanError
 
 META = "profile.json"
@@ -56,10 +56,17 @@ def load_profile(path: str | os.PathLike) -> Profile:
     if not (path / META).is_file():
         raise PlanError([("--profile", f"{path} has no {META} (run `moa-plan profile` first)")])
     try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-        diags = load((path / TENSORS).read_bytes()) if (path / TENSORS).is_file() else {}
-    except (OSError, json.JSONDecodeError, ValueError) as exc:
-        raise PlanError([("--profile", f"cannot read profile {path}: {exc}")]) from None
+        meta = read_json_limited(path / META, MAX_RESULT_BYTES)
+        diags = load(read_bytes_limited(path / TENSORS, None)) if (path / TENSORS).exists() else {}
+    except PlanError as exc:
+        raise PlanError(exc.problems, source=str(exc.source or path / META)) from None
+    except (OSError, ValueError) as exc:  # safetensors' own errors
+        raise PlanError([("", f"cannot read influence tensors: {exc}")], source=str(path / TENSORS)) from None
+    samples = meta.get("samples") if isinstance(meta, dict) else None
+    if not isinstance(samples, list) or not all(isinstance(s, dict) and isinstance(s.get("id"), str)
+                                                and isinstance(s.get("length"), int) for s in samples):
+        raise PlanError([("samples", "must be a list of {id, length, ...} objects (not a profile of this "
+                          "moa-plan?)")], source=str(path / META))
     missing = [s["id"] for s in meta.get("samples", []) if s["id"] not in diags]
     if missing:
         raise PlanError([("--profile", f"{path}: samples {missing[:3]} lack influence tensors")])

@@ -79,6 +79,27 @@ def test_moa_model_batching_and_plan(tiny):
         MoALM(pretrained=str(tiny), plan="uniform:nope", device="cpu")
 
 
+def test_moa_model_refuses_a_bad_plan_file_before_loading(tiny, tmp_path, monkeypatch):
+    """plan= naming a FIFO or a link to /dev/zero used to hang; it is one error naming the file,
+    raised before the model is loaded."""
+    import os
+
+    from lm_eval.models.huggingface import HFLM
+
+    from moa_plan.evals.lm_eval_model import MoALM
+
+    monkeypatch.setattr(HFLM, "__init__", lambda *a, **k: pytest.fail("model loaded before the plan was read"))
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "deep.json").write_text('{"format_version": 1, "model": {"num_layers": 1, "num_attention_heads": 1, '
+                                       '"num_key_value_heads": 1, "head_dim": 8}, "default": {"alpha": 1, "beta": 0}, '
+                                       '"provenance": ' + '{"a": ' * 40 + "1" + "}" * 40 + "}")
+    for name, message in [("fifo.json", "a FIFO"), ("zero.json", "a character device"), ("deep.json", "nested deeper")]:
+        with pytest.raises(ValueError) as err:
+            MoALM(pretrained=str(tiny), plan=str(tmp_path / name), device="cpu")
+        assert str(err.value).startswith(f"moa: plan={tmp_path / name}: ") and message in str(err.value)
+
+
 def test_lm_eval_executable_runs_our_tasks_offline(tiny, tmp_path):
     exe = Path(sys.executable).with_name("lm_eval")
     out_dir = tmp_path / "out"
