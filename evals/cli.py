@@ -144,8 +144,9 @@ def check_args(args: argparse.Namespace, out: Path | None = None, out_dir: Path 
     import torch
 
     check_device("--device", args.device)
-    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
-        raise OptionError([("--dtype", f"unknown torch dtype {args.dtype!r} (e.g. float32, bfloat16)")])
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise OptionError([("--dtype", f"not a floating-point torch dtype: {args.dtype!r} (e.g. float32, bfloat16)")])
     if out is not None:
         check_output("--out", out)
     if out_dir is not None:

@@ -29,17 +29,16 @@ class MoALM(HFLM):
     """HFLM whose model attends as a MoA plan says (``moa_plan.runtime.hf.apply_plan``)."""
 
     def __init__(self, pretrained: Any, plan: str = "dense", **kwargs: Any) -> None:
-        from moa_plan.build import is_plan_name
-        from moa_plan.io import load_plan
+        from moa_plan.build import plan_for_pretrained
 
         self.plan_spec = str(plan)
         self.moa_plan = None
         planned: Any = self.plan_spec
-        try:  # a plan file is read (bounded) and validated before the model is loaded
-            if not is_plan_name(self.plan_spec):
-                planned = load_plan(self.plan_spec)
+        try:  # a plan file is read (bounded), validated and fitted before the model is loaded
+            if self.plan_spec != "dense":
+                planned = plan_for_pretrained(self.plan_spec, pretrained)
         except PlanError as exc:
-            raise ValueError(f"moa: plan={exc}") from None
+            raise ValueError(f"moa: plan={exc if exc.source else f'{self.plan_spec}: {exc}'}") from None
         super().__init__(pretrained=pretrained, **kwargs)
         if self.plan_spec == "dense":
             return

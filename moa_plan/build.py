@@ -8,7 +8,9 @@ shape, sink or block size, so importing one needs the model's shape.
 from __future__ import annotations
 
 import math
+import os
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from moa_plan import semantics
@@ -116,6 +118,20 @@ def plan_from_spec(text: str, shape: ModelShape, where: str = "plan") -> Plan:
     except PlanError as exc:
         raise PlanError(exc.problems, source=text) from None
     return plan
+
+
+def plan_for_pretrained(plan: Any, pretrained: Any) -> Any:
+    """Read and check a plan before a model is loaded from ``pretrained``: for a local model folder
+    its config.json (bounded) gives the shape, and the plan string is resolved and fitted to it;
+    otherwise a plan file is at least read and validated. A Plan is returned as it is."""
+    if isinstance(plan, Plan):
+        return plan
+    text = str(plan)
+    if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
+        from moa_plan.io import load_model_shape
+
+        return plan_from_spec(text, load_model_shape(pretrained))
+    return plan if is_plan_name(text) else load_plan(text)
 
 
 def is_plan_name(text: str) -> bool:

@@ -24,9 +24,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from moa_plan.plan import PlanError
-
-MAX_REPORTED = 50  # problem lines printed per file; the rest are counted
+from moa_plan.plan import MAX_REPORTED, PlanError, printable
 
 EXTENSIONS = ("moa_plan.search.cli", "moa_plan.evals.cli", "moa_plan.evals.bench")
 
@@ -141,14 +139,6 @@ def report(source: str, error: PlanError, stream=None) -> None:
         problems = problems[:MAX_REPORTED] + [("", f"... and {len(problems) - MAX_REPORTED} more problems")]
     for loc, msg in problems:
         print(printable(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"), file=stream)
-
-
-def printable(text: str, limit: int | None = None) -> str:
-    """``text`` safe for a terminal line: control characters and lone surrogates escaped as in
-    JSON (so a name cannot move the cursor or recolour the screen), cut to ``limit`` characters."""
-    if limit is not None and len(text) > limit:
-        text = text[:limit] + "..."
-    return re.sub(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def build_parser() -> argparse.ArgumentParser:

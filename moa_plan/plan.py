@@ -30,6 +30,17 @@ MAX_NAME_CHARS = 256  # model.name, model.revision
 MAX_PROVENANCE_DEPTH = 32  # nesting of objects / lists inside provenance
 
 
+MAX_REPORTED = 50  # problems shown per file (printed lines, or an exception's message); the rest are counted
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` safe for a terminal line: control characters and lone surrogates escaped as in
+    JSON (so a name cannot move the cursor or recolour the screen), cut to ``limit`` characters."""
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "..."
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 class PlanError(Exception):
     """A plan (or its pairing with a model) is invalid; ``problems`` holds (location, message) pairs,
     ``source`` the file they are in when one is (printed first: ``FILE: location: message``)."""
@@ -37,8 +48,11 @@ class PlanError(Exception):
     def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
         self.problems = problems
         self.source = source
-        text = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in problems)
-        super().__init__(f"{source}: {text}" if source else text)
+        shown = problems[:MAX_REPORTED]
+        text = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in shown)
+        if len(problems) > MAX_REPORTED:
+            text += f"; ... and {len(problems) - MAX_REPORTED} more problems"
+        super().__init__(printable(f"{source}: {text}" if source else text))
 
 
 def key_location(key: str) -> str:

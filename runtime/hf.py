@@ -30,8 +30,8 @@ from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from moa_plan.build import is_plan_name, plan_from_spec
-from moa_plan.io import check_fits, load_plan, read_model_config, shape_from_config
+from moa_plan.build import plan_for_pretrained, plan_from_spec
+from moa_plan.io import check_fits, read_model_config, shape_from_config
 from moa_plan.plan import Plan, PlanError
 from moa_plan.runtime.attention import cached_keys, chunk_attention, decode_attention, prefill_attention
 from moa_plan.runtime.cache import LayerLayout, MemoryReport, allocate, memory_report, write_kv
@@ -376,8 +376,8 @@ def load_model(pretrained: str | os.PathLike, plan: Plan | str | os.PathLike | N
 
     if Path(pretrained).is_dir():
         read_model_config(pretrained)  # a config transformers would read without bound is refused first
-    if isinstance(plan, (str, os.PathLike)) and not is_plan_name(str(plan)):
-        plan = load_plan(plan)  # a bad plan file is reported before any weights are read
+    if plan is not None:
+        plan = plan_for_pretrained(plan, pretrained)  # a bad plan is reported before any weights are read
     model = AutoModelForCausalLM.from_pretrained(pretrained, **from_pretrained_kwargs)
     if plan is None:
         stored = getattr(model.config, "moa_plan", None)

@@ -122,7 +122,7 @@ def test_perplexity_windows():
     (["--plan", "uniform:2"], "moa-plan eval retrieval: --plan: 'uniform:2': density: must be in (0, 1]", 2),
     (["--plan", "dense", "--device", "bogus"], "moa-plan eval retrieval: --device: not a torch device: 'bogus'", 2),
     (["--plan", "dense", "--device", "cuda:99"], "moa-plan eval retrieval: --device: cuda:99: ", 2),
-    (["--plan", "dense", "--dtype", "float33"], "moa-plan eval retrieval: --dtype: unknown torch dtype", 2),
+    (["--plan", "dense", "--dtype", "float33"], "moa-plan eval retrieval: --dtype: not a floating-point torch dtype", 2),
     (["--plan", "dense", "--out", "/proc/x.json"], "moa-plan eval retrieval: --out: cannot write in /proc", 2),
     (["--plan", "dense", "--out", "/"], "moa-plan eval retrieval: --out: / is a folder; give a file name", 2),
     (["--plan", "dense", "--out", "/dev/null"], "moa-plan eval retrieval: --out: /dev/null is not a regular file", 2),
