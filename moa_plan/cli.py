@@ -186,5 +186,7 @@ def _prog(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m moa_plan.cli: run the imported module, whose classes the commands share
+    from moa_plan.cli import main as _main
+
+    sys.exit(_main())
