@@ -255,12 +255,12 @@ def load_plan(path: str | os.PathLike) -> Plan:
 def dumps_readable(value: Any, indent: str = "") -> str:
     """Plain JSON for hand editing: an object or list holding only scalars (a rule, a short
     list) stays on one line when short; everything else is indented by two spaces."""
-    flat = json.dumps(value, allow_nan=False)
-    if not isinstance(value, (dict, list)):
-        return flat
-    scalars = all(not isinstance(v, (dict, list)) for v in (value.values() if isinstance(value, dict) else value))
-    if not value or (scalars and len(flat) + len(indent) <= 100):
-        return flat
+    if not isinstance(value, (dict, list)) or not value:
+        return json.dumps(value, allow_nan=False)
+    if all(not isinstance(v, (dict, list)) for v in (value.values() if isinstance(value, dict) else value)):
+        flat = json.dumps(value, allow_nan=False)  # only here: dumping every level would be quadratic in depth
+        if len(flat) + len(indent) <= 100:
+            return flat
     inner = indent + "  "
     if isinstance(value, dict):
         items = [f"{inner}{json.dumps(k)}: {dumps_readable(v, inner)}" for k, v in value.items()]
