@@ -1,4 +1,4 @@
-"""``moa-plan eval ...`` and ``moa-plan demo``: retrieval, effective context and perplexity.
+"""``moa-plan eval ...``: retrieval, effective context and perplexity.
 
 Registration imports nothing heavy; each handler imports torch / transformers itself.
 """
@@ -13,9 +13,6 @@ from typing import Any
 
 from moa_plan.cli import int_in
 from moa_plan.plan import PlanError
-
-DEMO_PLAN = "smollm2-135m-moa-50.json"
-
 
 # ---- argument types ----------------------------------------------------------------------
 
@@ -64,7 +61,7 @@ def _grid_args(p: argparse.ArgumentParser, lengths: str, positions: str, samples
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``eval`` (retrieval, context, perplexity, --print-include-path) and ``demo``."""
+    """Add ``eval`` (retrieval, context, perplexity, --print-include-path)."""
     ev = sub.add_parser("eval", help="evaluate plans: retrieval accuracy, effective context, perplexity",
                         description="Evaluate MoA plans against dense and uniform baselines.")
     ev.add_argument("--print-include-path", action="store_true",
@@ -100,18 +97,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--kinds", default="text,repeat", help="comma list of text, repeat")
     pp.add_argument("--out", type=Path, help="result JSON")
     pp.set_defaults(handler=_perplexity)
-
-    d = sub.add_parser("demo", help="SmolLM2-135M on CPU: dense vs uniform vs MoA 50%% retrieval, in a few minutes",
-                       description="Small version of the SmolLM2-135M comparison: LongEval lines retrieval of "
-                                   "the dense model, StreamingLLM at the plan's density, and the MoA 50%% plan.")
-    d.add_argument("--plan", default=None, help=f"plan to compare (default spec/examples/{DEMO_PLAN})")
-    d.add_argument("--model", default="smollm2", help="model folder (default: SmolLM2-135M-Instruct)")
-    _grid_args(d, "512,1024", "0,0.5,1", 1, task="passkey")
-    d.add_argument("--out-dir", type=Path, default=Path("moa-demo"), help="where results go (default ./moa-demo)")
-    d.add_argument("--dtype", default="float32")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(handler=_demo)
 
 
 # ---- handlers --------------------------------------------------------------------------------
@@ -285,30 +270,3 @@ def _model_name(model: str) -> str:
         return json.loads((Path(model) / "config.json").read_text()).get("_name_or_path") or Path(model).name
     except (OSError, ValueError):
         return Path(model).name
-
-
-def demo_plan_path() -> Path:
-    """The shipped SmolLM2 MoA 50% plan (repository checkout: spec/examples/)."""
-    path = Path(__file__).resolve().parent.parent / "spec" / "examples" / DEMO_PLAN
-    if not path.is_file():
-        raise PlanError([("--plan", f"{path} not found (run from a repository checkout, or pass --plan FILE)")])
-    return path
-
-
-def _demo(args: argparse.Namespace) -> int:
-    import time
-
-    from moa_plan.evals.context import markdown_table
-    from moa_plan.evals.methods import comparison
-
-    t0 = time.perf_counter()
-    plan = args.plan or str(demo_plan_path())
-    model, shape, pool = _setup(args)
-    methods = comparison([plan], shape, ["dense", "uniform"])
-    print(f"moa-plan demo: {_model_name(model)}, {args.task} retrieval, lengths {args.lengths}, "
-          f"needle depths {args.positions}, {args.samples} documents per cell; plan {plan}", flush=True)
-    summary = run_context(args, methods, pool, model, f"demo: {_model_name(model)}, {args.task} retrieval")
-    print()
-    print(markdown_table(summary))
-    print(f"results in {args.out_dir}/ ({time.perf_counter() - t0:.0f} s)")
-    return 0

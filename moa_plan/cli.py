@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from moa_plan.plan import PlanError
 
-EXTENSIONS = ("moa_plan.search.cli", "moa_plan.evals.cli", "moa_plan.evals.bench")
+EXTENSIONS = ("moa_plan.search.cli", "moa_plan.evals.cli", "moa_plan.evals.demo", "moa_plan.evals.bench")
 
 
 class UserError(Exception):
