@@ -117,9 +117,9 @@ def resolve_model(text: str) -> str:
         from moa_plan.evals.smollm2 import model_dir
 
         return str(model_dir())
-    if not (Path(text) / "config.json").is_file():
-        raise PlanError([("--model", f"{text}: not a transformers model folder (no config.json)")])
-    return text
+    from moa_plan.io import model_folder
+
+    return str(model_folder(text))
 
 
 def _setup(args: argparse.Namespace):

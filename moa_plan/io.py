@@ -235,6 +235,21 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def model_folder(path: str | os.PathLike) -> Path:
+    """The folder of a model given as a folder or as its ``config.json``, for commands that run the
+    model: a ``--model`` error when it holds no config.json or no weights."""
+    p = Path(path)
+    folder = p.parent if p.is_file() and p.name == "config.json" else p
+    if not folder.is_dir():
+        raise PlanError([("--model", f"{path}: not a model folder or its config.json")])
+    if not (folder / "config.json").is_file():
+        raise PlanError([("--model", f"{folder} has no config.json (expected a transformers model folder)")])
+    if not any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir()):
+        raise PlanError([("--model", f"{folder} has a config.json but no weights (*.safetensors, *.bin): "
+                                     "this command runs the model")])
+    return folder
+
+
 def shape_from_config(config: dict[str, Any]) -> ModelShape:
     """The attention shape of a transformers config (Llama-family field names, text_config aware)."""
     text_config = config.get("text_config")

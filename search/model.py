@@ -6,23 +6,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moa_plan.io import load_model_shape
+from moa_plan.io import load_model_shape, model_folder
 from moa_plan.plan import ModelShape, PlanError
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
-    """A folder holding a transformers config.json, or a located error."""
-    path = Path(path)
-    if not path.is_dir():
-        raise PlanError([("--model", f"{path} is not a folder (expected a transformers model folder)")])
-    if not (path / "config.json").is_file():
-        raise PlanError([("--model", f"{path} has no config.json")])
-    return path
+    """A model folder (given as the folder or its config.json) with weights, or a located error."""
+    return model_folder(path)
 
 
 def model_shape(path: str | os.PathLike) -> ModelShape:
     shape = load_model_shape(check_model_dir(path))
-    return shape.model_copy(update={"name": shape.name or Path(path).name})
+    return shape.model_copy(update={"name": model_name(path)})
 
 
 def model_name(path: str | os.PathLike) -> str:
