@@ -10,7 +10,11 @@ import json
 import time
 from pathlib import Path
 
+from moa_plan.cli import int_in
 from moa_plan.plan import PlanError
+
+_positive = int_in(1)
+_nonnegative = int_in(0)
 
 
 def _ints(text: str) -> list[int]:
@@ -21,6 +25,11 @@ def _ints(text: str) -> list[int]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return vals
+
+
+def _extension_lengths(text: str) -> list[int]:
+    """Comma-separated lengths, or 0 for none."""
+    return [] if text.strip() == "0" else _ints(text)
 
 
 def _floats(text: str) -> list[float]:
@@ -35,14 +44,14 @@ def _tasks(text: str) -> list[str]:
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=int, default=16, help="samples per length (default 16)")
+    p.add_argument("--samples", type=_positive, default=16, help="samples per length (default 16)")
     p.add_argument("--tasks", type=_tasks, default=["docs"],
                    help="comma-separated: docs (natural text, 3 questions; default), kv, multihop, copy; '' for none")
     p.add_argument("--text", help="folder or file of user text (.txt, or .jsonl with text/question)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-answer-tokens", type=int, default=128,
+    p.add_argument("--max-answer-tokens", type=_positive, default=128,
                    help="longest dense answer per question (default 128)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples generated together (default 16)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="samples generated together (default 16)")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -50,9 +59,10 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def _add_profile(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sink", type=int, default=64, help="sink tokens every head keeps (default 64)")
-    p.add_argument("--block-size", type=int, default=64, help="plan block size (default 64)")
-    p.add_argument("--chunk", type=int, default=256, help="query rows recomputed at once in the backward pass")
+    p.add_argument("--sink", type=_nonnegative, default=64, help="sink tokens every head keeps (default 64)")
+    p.add_argument("--block-size", type=_positive, default=64, help="plan block size (default 64)")
+    p.add_argument("--chunk", type=_positive, default=256,
+                   help="query rows recomputed at once in the backward pass (default 256)")
     p.add_argument("--signed-influence", action="store_true",
                    help="sum signed per-entry effects (default: absolute values, as the MoA reference)")
 
@@ -60,8 +70,8 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
 def _add_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", type=_floats, required=True,
                    help="density budget (mean over heads of (sink + span) / N): one value, or one per length")
-    p.add_argument("--validation-length", type=int, help="held-out length used only to select the plan")
-    p.add_argument("--extension-length", type=_ints,
+    p.add_argument("--validation-length", type=_positive, help="held-out length used only to select the plan")
+    p.add_argument("--extension-length", type=_extension_lengths,
                    help="other lengths (shorter or longer) where the density is constrained too, never profiled; default: twice "
                         "the longest profiled length; 0 for none")
     p.add_argument("--density-floor", type=float, default=0.9,
@@ -71,15 +81,15 @@ def _add_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mip-gap", type=float, help="relative MIP gap at which the solver may stop")
     p.add_argument("--pareto", choices=("epsilon", "weighted"), default="epsilon",
                    help="Pareto front by epsilon-constraint (default) or weighted sums")
-    p.add_argument("--weight-steps", type=int, default=4, help="grid divisions per objective (default 4)")
-    p.add_argument("--alpha-step", type=int, help="alpha grid step in tokens (default: 4 x the block size)")
+    p.add_argument("--weight-steps", type=_positive, default=4, help="grid divisions per objective (default 4)")
+    p.add_argument("--alpha-step", type=_positive, help="alpha grid step in tokens (default: 4 x the block size)")
     p.add_argument("--beta-step", type=float, default=0.125, help="beta grid step in [0, 1] (default 1/8)")
     p.add_argument("--gqa", action="store_true", help="one rule per KV group (heads sharing a KV head)")
     p.add_argument("--static-windows", action="store_true",
                    help="only rules with beta 0 (per-head fixed windows: the paper's ablation)")
-    p.add_argument("--max-rules-per-layer", type=int, default=2,
+    p.add_argument("--max-rules-per-layer", type=_nonnegative, default=2,
                    help="cap on distinct rules within a layer (default 2; 0: no cap)")
-    p.add_argument("--validation-samples", type=int, default=0,
+    p.add_argument("--validation-samples", type=_nonnegative, default=0,
                    help="measure each Pareto plan's real loss on this many held-out samples at the "
                         "validation length and keep the best (default 0: all there are; needs --model, --data)")
     p.add_argument("--plots", help="folder for the Pareto-front and span-map PNGs (default: beside --out)")
@@ -133,35 +143,31 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def check_optimize_args(args: argparse.Namespace, lengths: list[int] | None) -> None:
-    """Every optimiser option, checked before any work starts (one located line each)."""
+def check_optimize_args(args: argparse.Namespace, lengths: list[int] | None, sink: int | None = None,
+                        block: int | None = None) -> None:
+    """Every optimiser option, checked before any work starts (one located line each); with the
+    sink and block size (``search``) also whether the density budget is reachable at every length."""
     from moa_plan.search import optimize as opt_mod
-    from moa_plan.search.select import parse_budgets
+    from moa_plan.search.select import check_budgets, parse_budgets
 
     problems = []
-    if args.validation_length is not None and args.validation_length < 1:
-        problems.append(("--validation-length", "must be >= 1"))
     if lengths and args.validation_length in lengths:
         problems.append(("--validation-length", "must differ from the optimisation lengths"))
-    if args.weight_steps < 1:
-        problems.append(("--weight-steps", "must be >= 1"))
     if args.time_limit is not None and not args.time_limit > 0:
         problems.append(("--time-limit", f"must be > 0 seconds, got {args.time_limit}"))
     if args.mip_gap is not None and not 0 <= args.mip_gap < 1:
         problems.append(("--mip-gap", f"must be in [0, 1), got {args.mip_gap}"))
     if not 0 <= args.density_floor <= 1:
         problems.append(("--density-floor", f"must be in [0, 1], got {args.density_floor}"))
-    if args.max_rules_per_layer < 0:
-        problems.append(("--max-rules-per-layer", "must be >= 0"))
-    if args.alpha_step is not None and args.alpha_step < 1:
-        problems.append(("--alpha-step", "must be >= 1"))
     if not 0 < args.beta_step <= 1:
         problems.append(("--beta-step", f"must be in (0, 1], got {args.beta_step}"))
-    if args.validation_samples < 0:
-        problems.append(("--validation-samples", "must be >= 0"))
     if lengths:
         try:
-            parse_budgets(args.density, lengths)
+            if sink is None or block is None or problems:
+                parse_budgets(args.density, lengths)
+            else:
+                check_budgets(args.density, lengths, args.validation_length, _extension(args, lengths), sink, block,
+                              args.alpha_step, args.beta_step, args.static_windows)
         except PlanError as exc:
             problems += exc.problems
     if problems:
@@ -172,7 +178,7 @@ def check_optimize_args(args: argparse.Namespace, lengths: list[int] | None) -> 
 def _extension(args: argparse.Namespace, lengths: list[int]) -> list[int]:
     if args.extension_length is None:
         return [2 * max(lengths + ([args.validation_length] if args.validation_length else []))]
-    return [n for n in args.extension_length if n > 0] if args.extension_length != [0] else []
+    return args.extension_length
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -273,7 +279,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else Path(str(args.out) + ".work")
     lengths = sorted(set(args.lengths))
     all_lengths = lengths + ([args.validation_length] if args.validation_length else [])
-    check_optimize_args(args, lengths)
+    check_optimize_args(args, lengths, args.sink, args.block_size)
+    from moa_plan.search.model import check_model_dir, resolve_device
+
+    check_model_dir(args.model)
+    resolve_device(args.device)
     times = {}
     t0 = time.perf_counter()
     data = calibration.build(args.model, work / "calibration.jsonl", all_lengths, args.samples, args.tasks,

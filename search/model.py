@@ -55,9 +55,20 @@ def load(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: str 
     except Exception as exc:  # noqa: BLE001
         raise PlanError([("--model", f"cannot load a causal LM from {path}: {exc}")]) from None
     model.eval()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PlanError([("--device", f"{device}: no CUDA device is available")])
-    model.to(device)
+    model.to(resolve_device(device))
     return model, tok
+
+
+def resolve_device(device: str) -> str:
+    """'auto' as CUDA when available, else CPU; a ``--device`` error for one this machine lacks."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PlanError([("--device", f"{device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)")]) from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise PlanError([("--device", f"{device}: no such CUDA device here")])
+    return device
