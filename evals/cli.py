@@ -126,9 +126,11 @@ def _setup(args: argparse.Namespace):
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from moa_plan.evals.methods import check_plan_files
     from moa_plan.evals.retrieval import ModelPool
     from moa_plan.io import load_model_shape
 
+    check_plan_files(args.plan)
     model = resolve_model(args.model)
     return model, load_model_shape(model), ModelPool(model, args.dtype, args.device)
 

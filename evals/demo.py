@@ -79,6 +79,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.model != "smollm2" and not args.plan:
         raise PlanError([("--plan", "the shipped plans are for SmolLM2: with another --model, pass --plan")])
     specs = args.plan or [f"{name}={shipped_plan(file)}" for name, file in DEMO_PLANS.items()]
+    from moa_plan.evals.methods import check_plan_files
+
+    check_plan_files(specs)
     clock(f"moa-plan demo: dense vs StreamingLLM vs MoA at {args.length} tokens on {args.device}")
     import os
 
