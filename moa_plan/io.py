@@ -85,6 +85,9 @@ def plan_from_data(data: Any) -> Plan:
     """Validate already-parsed JSON data as a plan; raise PlanError with located problems."""
     if not isinstance(data, dict):
         raise PlanError([("", "a plan must be a JSON object")])
+    if "format_version" not in data and "model" not in data and "num_hidden_layers" in data:
+        raise PlanError([("", "this is a transformers model config, not a plan: pass it as --model "
+                              "(e.g. moa-plan uniform --model CONFIG --density 0.5 --out plan.json)")])
     version = data.get("format_version")
     if "format_version" in data and (type(version) is not int or version != FORMAT_VERSION):  # not True / 1.0
         raise PlanError([("format_version", f"unsupported version {version!r}; this moa-plan reads {FORMAT_VERSION}")])

@@ -60,4 +60,4 @@ def test_demo_rejects_a_bad_length(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--length", "8"])
     assert exc.value.code == 2
-    assert "--length: must be in [64, 1048576], got 8" in capsys.readouterr().err
+    assert "--length: must be in [64, 2^20], got 8" in capsys.readouterr().err
