@@ -42,6 +42,8 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     rules = {(r.alpha, r.beta) for layer in plan.rules() for r in layer}
     assert len(rules) > 1, "plan should be heterogeneous across heads"
     assert prov["budget"] == {"256": 0.5, "512": 0.5}
+    # a plan is a shared file: the model by name, never a path on this machine
+    assert prov["model"] == plan.model.name == tiny_dir.name and str(tiny_dir) not in out.read_text()
     assert set(prov["estimated_loss"]) == {"256", "512", "768"}
     assert prov["solver"]["name"] == "glpk" and prov["solver"]["termination"] == "optimal"
     # chosen by the compressed model's measured loss on the held-out 768-token sample
