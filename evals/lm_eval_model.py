@@ -13,6 +13,7 @@ a larger ``--batch_size`` is lowered to 1 with a warning. ``plan=dense`` keeps t
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (registers the built-in models before ours)
@@ -24,30 +25,44 @@ from moa_plan.plan import PlanError
 log = logging.getLogger(__name__)
 
 
+class PlanArgumentError(SystemExit, ValueError):
+    """A bad ``plan=`` argument: the ``lm_eval`` command exits with this one line and status 1 (no
+    traceback); Python callers can catch it as a ValueError."""
+
+
+def check_plan(pretrained: Any, spec: str) -> Any:
+    """The plan of ``plan=``, read (and checked against a local model's config) before any weights
+    load; the spec string itself when the model is not a local folder (checked when applied)."""
+    from moa_plan.build import plan_from_spec
+    from moa_plan.io import load_model_shape, load_plan, shape_from_config
+
+    try:
+        if isinstance(pretrained, (str, Path)) and Path(pretrained).exists():
+            return plan_from_spec(spec, load_model_shape(pretrained), "plan")
+        if hasattr(pretrained, "config"):
+            return plan_from_spec(spec, shape_from_config(pretrained.config.to_dict()), "plan")
+        if not spec.startswith("uniform:"):
+            load_plan(spec)
+        return spec
+    except PlanError as exc:
+        raise PlanArgumentError("; ".join(f"moa: plan={spec}: {loc}: {msg}" if loc else f"moa: plan={spec}: {msg}"
+                                          for loc, msg in exc.problems)) from None
+
+
 @register_model("moa")
 class MoALM(HFLM):
     """HFLM whose model attends as a MoA plan says (``moa_plan.runtime.hf.apply_plan``)."""
 
     def __init__(self, pretrained: Any, plan: str = "dense", **kwargs: Any) -> None:
-        from moa_plan.build import plan_for_pretrained
-
         self.plan_spec = str(plan)
-        self.moa_plan = None
-        planned: Any = self.plan_spec
-        try:  # a plan file is read (bounded), validated and fitted before the model is loaded
-            if self.plan_spec != "dense":
-                planned = plan_for_pretrained(self.plan_spec, pretrained)
-        except PlanError as exc:
-            raise ValueError(f"moa: plan={exc if exc.source else f'{self.plan_spec}: {exc}'}") from None
+        checked = None if self.plan_spec == "dense" else check_plan(pretrained, self.plan_spec)
         super().__init__(pretrained=pretrained, **kwargs)
-        if self.plan_spec == "dense":
+        self.moa_plan = None
+        if checked is None:
             return
         from moa_plan.runtime.hf import apply_plan
 
-        try:
-            apply_plan(self.model, planned)
-        except PlanError as exc:
-            raise ValueError(f"moa: plan={exc if exc.source else f'{self.plan_spec}: {exc}'}") from None
+        apply_plan(self.model, checked)
         self.moa_plan = self.model.moa_plan
         if self.batch_size_per_gpu != 1:
             log.warning("moa: plan %s runs one request at a time (spans depend on each sequence's length; "

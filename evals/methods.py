@@ -91,6 +91,23 @@ def parse_method(text: str, shape: ModelShape, where: str = "--plan") -> Method:
     return Method(name, "plan", text, plan=_plan(path, shape, where))
 
 
+def check_plan_files(texts: list[str], where: str = "--plan") -> None:
+    """Read every plan file named in method strings, before any model is loaded or converted (the
+    shape check follows once the model's config is known)."""
+    from moa_plan.io import load_plan
+
+    for text in texts:
+        text = text.strip()
+        if text == "dense" or text.startswith("uniform:"):
+            continue
+        path = text.removeprefix("uniform=") if text.startswith("uniform=") else text.partition("=")[2] or text
+        try:
+            load_plan(path)
+        except PlanError as exc:
+            raise PlanError([(f"{where} {text}: {loc}" if loc else f"{where} {text}", msg)
+                             for loc, msg in exc.problems]) from None
+
+
 def parse_methods(texts: list[str], shape: ModelShape, where: str = "--plan") -> list[Method]:
     """Several methods; their names must differ."""
     methods = [parse_method(t, shape, where) for t in texts]

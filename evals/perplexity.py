@@ -50,8 +50,9 @@ def windows(token_ids: Sequence[int], length: int, count: int, kind: str) -> lis
     return out
 
 
-def window_nll(model: Any, ids: list[int], score_from: int, chunk: int = 512) -> tuple[float, int]:
-    """Summed negative log-likelihood of tokens ``score_from..`` given their prefix, and their count."""
+def token_nll(model: Any, ids: list[int], chunk: int = 512) -> Any:
+    """Negative log-likelihood of tokens ``1..`` of ``ids``, each given its prefix (one forward
+    pass; the vocabulary projection is chunked): a float tensor of ``len(ids) - 1`` values."""
     import torch
     import torch.nn.functional as F
 
@@ -59,14 +60,15 @@ def window_nll(model: Any, ids: list[int], score_from: int, chunk: int = 512) ->
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=x).last_hidden_state[0]
         head = model.get_output_embeddings()
-        total, count = 0.0, 0
-        for start in range(max(score_from, 1), len(ids), chunk):
-            stop = min(len(ids), start + chunk)
-            logits = head(hidden[start - 1:stop - 1]).float()
-            target = x[0, start:stop]
-            total += float(F.cross_entropy(logits, target, reduction="sum"))
-            count += stop - start
-    return total, count
+        parts = [F.cross_entropy(head(hidden[start - 1:stop - 1]).float(), x[0, start:stop], reduction="none")
+                 for start, stop in ((s, min(len(ids), s + chunk)) for s in range(1, len(ids), chunk))]
+    return torch.cat(parts).cpu() if parts else torch.zeros(0)
+
+
+def window_nll(model: Any, ids: list[int], score_from: int, chunk: int = 512) -> tuple[float, int]:
+    """Summed negative log-likelihood of tokens ``score_from..`` given their prefix, and their count."""
+    nll = token_nll(model, ids, chunk)[max(score_from, 1) - 1:]
+    return float(nll.double().sum()), len(nll)
 
 
 def perplexity(pool: Any, method: Method, lengths: Sequence[int], kinds: Sequence[str] = KINDS,

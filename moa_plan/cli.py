@@ -26,7 +26,7 @@ from pathlib import Path
 
 from moa_plan.plan import MAX_REPORTED, PlanError, printable
 
-EXTENSIONS = ("moa_plan.search.cli", "moa_plan.evals.cli", "moa_plan.evals.bench")
+EXTENSIONS = ("moa_plan.search.cli", "moa_plan.evals.cli", "moa_plan.evals.demo", "moa_plan.evals.bench")
 
 
 class UserError(Exception):
@@ -114,6 +114,11 @@ def check_device(flag: str, text: str, allow_auto: bool = False) -> None:
         raise OptionError([(flag, f"{text}: only cpu and cuda devices are supported")])
 
 
+def _readable(n: int) -> str:
+    """Large powers of two as 2^k (2^40, not 1099511627776)."""
+    return f"2^{n.bit_length() - 1}" if n >= 1 << 16 and n & (n - 1) == 0 else str(n)
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse ``type`` accepting integers in [low, high] (no upper bound when ``high`` is None)."""
 
@@ -123,7 +128,7 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if high is not None and not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {_readable(high)}], got {value}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
@@ -142,7 +147,9 @@ def report(source: str, error: PlanError, stream=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="moa-plan", description=__doc__.splitlines()[0])
+    parser = Parser(
+        prog="moa-plan", description="MoA plans: per-head sink + elastic window attention. Validate, inspect, "
+                                     "search, run and evaluate them; `moa-plan COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from moa_plan import commands
 

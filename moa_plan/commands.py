@@ -82,6 +82,16 @@ def summary_length(plan: Plan) -> int:
     return plan.model.max_position_embeddings or DEFAULT_LENGTHS[-1]
 
 
+def report_lengths(plan: Plan) -> list[int]:
+    """Where a plan's density means most: the lengths it was searched and validated at (its
+    provenance), else its model's max_position_embeddings, else 4096."""
+    prov = plan.provenance if isinstance(plan.provenance, dict) else {}
+    found = prov.get("lengths") if isinstance(prov.get("lengths"), list) else []
+    found = found + [prov.get("validation_length")]
+    lengths = sorted({n for n in found if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_LENGTH})
+    return lengths or [summary_length(plan)]
+
+
 def describe(plan: Plan) -> str:
     m = plan.model
     return f"{m.num_layers} layers x {m.num_attention_heads} heads, {m.num_key_value_heads} KV heads"
@@ -101,8 +111,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             report(exc.source, exc.error)
             failed = True
             continue
-        n = args.length or summary_length(plan)
-        print(printable(f"{path}: ok ({describe(plan)}, density {plan.density(n):.4f} at N={n})"))
+        lengths = [args.length] if args.length else report_lengths(plan)
+        densities = ", ".join(f"{plan.density(n):.4f} at N={n}" for n in lengths)
+        print(printable(f"{path}: ok ({describe(plan)}, density {densities})"))
     return 1 if failed else 0
 
 
@@ -266,14 +277,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     model_help = "a transformers config.json or a model folder holding one"
 
     p = sub.add_parser("validate", help="check plan files (exit 1 and one line per problem)")
-    p.add_argument("plans", nargs="+", metavar="PLAN")
+    p.add_argument("plans", nargs="+", metavar="PLAN", help="plan JSON files")
     p.add_argument("--model", metavar="CONFIG_OR_DIR", help=f"also check the shape against {model_help}")
     p.add_argument("--length", type=_positive_int, metavar="N",
-                   help="length of the density in the ok line (default: max_position_embeddings or 4096)")
+                   help="length of the density in the ok line (default: the lengths the plan was searched at, "
+                        "else max_position_embeddings, else 4096)")
     p.set_defaults(handler=cmd_validate)
 
     p = sub.add_parser("show", help="summary table of a plan; --plot draws its span map")
-    p.add_argument("plan", metavar="PLAN")
+    p.add_argument("plan", metavar="PLAN", help="plan JSON file")
     p.add_argument("--length", type=_positive_int, nargs="+", metavar="N",
                    help="lengths of the table (default: 1024, 4096 and max_position_embeddings)")
     p.add_argument("--plot", metavar="PNG", help="write the span map (layers x heads) to this PNG")
@@ -283,8 +295,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("density", help="plan density (mean over heads of min(N, sink + span) / N) at lengths")
-    p.add_argument("plan", metavar="PLAN")
-    p.add_argument("--length", type=_positive_int, nargs="+", required=True, metavar="N")
+    p.add_argument("plan", metavar="PLAN", help="plan JSON file")
+    p.add_argument("--length", type=_positive_int, nargs="+", required=True, metavar="N", help="input lengths in tokens")
     p.add_argument("--per-layer", action="store_true", help="also each layer's density")
     p.add_argument("--all", action="store_true",
                    help="also the attention fraction (computed part of the causal triangle) and the "
@@ -297,22 +309,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="density in (0, 1]: every head sees sink + density*N - sink keys at length N")
     p.add_argument("--static-length", type=_positive_int, metavar="N",
                    help="instead one fixed window (beta 0) whose density at N is D: a constant-size cache")
-    p.add_argument("--sink", type=_nonnegative_int, default=64)
-    p.add_argument("--block-size", type=_positive_int, default=64)
-    p.add_argument("--out", required=True, metavar="PLAN")
+    p.add_argument("--sink", type=_nonnegative_int, default=64, help="tokens every head always sees (default 64)")
+    p.add_argument("--block-size", type=_positive_int, default=64, help="the plan's block size (default 64)")
+    p.add_argument("--out", required=True, metavar="PLAN", help="plan JSON to write")
     p.set_defaults(handler=cmd_uniform)
 
     p = sub.add_parser("import-moa", help='convert a MoA reference {"alphas", "betas"} file to a plan')
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help='MoA reference JSON {"alphas": [[...]], "betas": [[...]]}')
     p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help=model_help)
-    p.add_argument("--sink", type=_nonnegative_int, default=build.MOA_REFERENCE_SINK)
-    p.add_argument("--block-size", type=_positive_int, default=64)
-    p.add_argument("--out", required=True, metavar="PLAN")
+    p.add_argument("--sink", type=_nonnegative_int, default=build.MOA_REFERENCE_SINK,
+                   help=f"sink tokens (default {build.MOA_REFERENCE_SINK}, the MoA runtime's)")
+    p.add_argument("--block-size", type=_positive_int, default=64, help="the plan's block size (default 64)")
+    p.add_argument("--out", required=True, metavar="PLAN", help="plan JSON to write")
     p.set_defaults(handler=cmd_import_moa)
 
     p = sub.add_parser("export-moa", help='convert a plan to the MoA reference {"alphas", "betas"} format')
-    p.add_argument("plan", metavar="PLAN")
-    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("plan", metavar="PLAN", help="plan JSON file")
+    p.add_argument("--out", required=True, metavar="FILE", help="MoA reference JSON to write")
     p.set_defaults(handler=cmd_export_moa)
 
     p = sub.add_parser("schema", help="print the plan JSON Schema (spec/plan.schema.json)")

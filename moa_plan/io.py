@@ -100,6 +100,9 @@ def plan_from_data(data: Any) -> Plan:
     """Validate already-parsed JSON data as a plan; raise PlanError with located problems."""
     if not isinstance(data, dict):
         raise PlanError([("", "a plan must be a JSON object")])
+    if "format_version" not in data and "model" not in data and "num_hidden_layers" in data:
+        raise PlanError([("", "this is a transformers model config, not a plan: pass it as --model "
+                              "(e.g. moa-plan uniform --model CONFIG --density 0.5 --out plan.json)")])
     version = data.get("format_version")
     if "format_version" in data and (type(version) is not int or version != FORMAT_VERSION):  # not True / 1.0
         raise PlanError([("format_version", f"unsupported version {version!r}; this moa-plan reads {FORMAT_VERSION}")])
@@ -383,6 +386,21 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PlanError([("", "a model config must be a JSON object")])
     return data
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """The folder of a model given as a folder or as its ``config.json``, for commands that run the
+    model: a ``--model`` error when it holds no config.json or no weights."""
+    p = Path(path)
+    folder = p.parent if p.is_file() and p.name == "config.json" else p
+    if not folder.is_dir():
+        raise PlanError([("--model", f"{path}: not a model folder or its config.json")])
+    if not (folder / "config.json").is_file():
+        raise PlanError([("--model", f"{folder} has no config.json (expected a transformers model folder)")])
+    if not any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir()):
+        raise PlanError([("--model", f"{folder} has a config.json but no weights (*.safetensors, *.bin): "
+                                     "this command runs the model")])
+    return folder
 
 
 def shape_from_config(config: dict[str, Any]) -> ModelShape:

@@ -40,6 +40,19 @@ ATTN_NAME = "moa"
 _STEP_ATTR = "moa_step"
 
 
+def _cache_arg() -> str:
+    """The keyword transformers takes a cache by: ``cache`` in recent releases (where
+    ``past_key_values`` is deprecated and warns), ``past_key_values`` before."""
+    import dataclasses
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+CACHE_ARG = _cache_arg()
+
+
 # ---- plan state shared by the attention modules -------------------------------------------
 
 class PlanState:
@@ -146,7 +159,8 @@ class MoALayer(CacheLayerMixin):
 class MoACache(Cache):
     """Per-head static KV cache of a planned model, serving total lengths up to ``n_max``.
 
-    Pass it as ``past_key_values`` (``generate`` of a model from ``apply_plan`` does so itself).
+    Pass it as ``model(..., **{CACHE_ARG: cache})`` (``cache=`` in recent transformers,
+    ``past_key_values=`` before); ``generate`` of a model from ``apply_plan`` does so itself.
     """
 
     def __init__(self, model_or_plan: PreTrainedModel | Plan, n_max: int):
@@ -356,12 +370,12 @@ def _generation_length(model: PreTrainedModel, args: tuple, kwargs: dict) -> int
 
 def _generate(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
     """``generate`` with a MoACache of n_max = prompt + max_new_tokens unless a cache is given."""
-    wants_cache = (kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False
-                   and kwargs.get("cache_implementation") is None)
+    wants_cache = (kwargs.get("cache") is None and kwargs.get("past_key_values") is None
+                   and kwargs.get("use_cache", True) is not False and kwargs.get("cache_implementation") is None)
     if wants_cache:
         n_max = _generation_length(model, args, kwargs)
         if n_max is not None:
-            kwargs["past_key_values"] = MoACache(model, n_max)
+            kwargs[CACHE_ARG] = MoACache(model, n_max)
     return type(model).generate(model, *args, **kwargs)
 
 

@@ -26,6 +26,11 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def _extension_lengths(text: str) -> list[int]:
+    """Comma-separated lengths, or 0 for none."""
+    return [] if text.strip() == "0" else _ints(text)
+
+
 def _densities(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -45,7 +50,7 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=_tasks, default=["docs"],
                    help="comma-separated: docs (natural text, 3 questions; default), kv, multihop, copy; '' for none")
     p.add_argument("--text", help="folder or file of user text (.txt, or .jsonl with text/question)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks (default 0)")
     p.add_argument("--max-answer-tokens", type=_positive, default=128,
                    help="longest dense answer per question (default 128)")
     p.add_argument("--batch-size", type=_positive, default=16, help="samples generated together (default 16)")
@@ -58,7 +63,8 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=_nonnegative, default=64, help="sink tokens every head keeps (default 64)")
     p.add_argument("--block-size", type=_positive, default=64, help="plan block size (default 64)")
-    p.add_argument("--chunk", type=_positive, default=256, help="query rows recomputed at once in the backward pass")
+    p.add_argument("--chunk", type=_positive, default=256,
+                   help="query rows recomputed at once in the backward pass (default 256)")
     p.add_argument("--signed-influence", action="store_true",
                    help="sum signed per-entry effects (default: absolute values, as the MoA reference)")
 
@@ -67,7 +73,7 @@ def _add_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", type=_densities, required=True,
                    help="density budget (mean over heads of (sink + span) / N): one value, or one per length")
     p.add_argument("--validation-length", type=_positive, help="held-out length used only to select the plan")
-    p.add_argument("--extension-length", type=_ints,
+    p.add_argument("--extension-length", type=_extension_lengths,
                    help="other lengths (shorter or longer) where the density is constrained too, never profiled; default: twice "
                         "the longest profiled length; 0 for none")
     p.add_argument("--density-floor", type=float_in(0, 1), default=0.9,
@@ -95,37 +101,37 @@ def _add_opt(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("calibrate", help="build calibration data (dense model's own answers)")
-    p.add_argument("--model", required=True, help="transformers model folder")
+    p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help="transformers model folder or its config.json (with weights)")
     p.add_argument("--lengths", type=_ints, required=True, help="token lengths, comma-separated")
     _add_calib(p)
     _add_device(p)
     p.add_argument("--out", required=True, help="calibration JSONL to write (resumed if it exists)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_calibrate)
 
     p = subparsers.add_parser("profile", help="attention-influence profile of a model on calibration data")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help="transformers model folder or its config.json (with weights)")
     p.add_argument("--data", required=True, help="calibration JSONL from `moa-plan calibrate`")
     _add_profile(p)
     _add_device(p)
     p.add_argument("--out", required=True, help="profile folder (resumed if it exists)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_profile)
 
     p = subparsers.add_parser("optimize", help="choose a plan from a profile under a density budget")
     p.add_argument("--profile", required=True, help="profile folder from `moa-plan profile`")
     p.add_argument("--lengths", type=_ints, help="optimisation lengths (default: every profiled length "
                    "except the validation length)")
-    p.add_argument("--model", help="model folder, for measured validation (with --data)")
+    p.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder or its config.json, for measured validation (with --data)")
     p.add_argument("--data", help="calibration JSONL holding the validation samples")
     _add_device(p)
     _add_opt(p)
     p.set_defaults(handler=cmd_optimize)
 
     p = subparsers.add_parser("search", help="calibrate + profile + optimize in one go (resumable)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help="transformers model folder or its config.json (with weights)")
     p.add_argument("--lengths", type=_ints, required=True, help="optimisation lengths, comma-separated")
     _add_calib(p)
     _add_profile(p)
@@ -139,18 +145,23 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def check_optimize_args(args: argparse.Namespace, lengths: list[int] | None) -> None:
-    """The optimiser options argparse cannot check alone, and the outputs, before any work starts
-    (exit 2, one located line each); single values are checked by their argparse types."""
+def check_optimize_args(args: argparse.Namespace, lengths: list[int] | None, sink: int | None = None,
+                        block: int | None = None) -> None:
+    """Every optimiser option, checked before any work starts (one located line each); with the
+    sink and block size (``search``) also whether the density budget is reachable at every length."""
     from moa_plan.search import optimize as opt_mod
-    from moa_plan.search.select import parse_budgets
+    from moa_plan.search.select import check_budgets, parse_budgets
 
     problems = []
     if lengths and args.validation_length in lengths:
         problems.append(("--validation-length", "must differ from the optimisation lengths"))
     if lengths:
         try:
-            parse_budgets(args.density, lengths)
+            if sink is None or block is None or problems:
+                parse_budgets(args.density, lengths)
+            else:
+                check_budgets(args.density, lengths, args.validation_length, _extension(args, lengths), sink, block,
+                              args.alpha_step, args.beta_step, args.static_windows)
         except PlanError as exc:
             problems += exc.problems
     if problems:
@@ -165,7 +176,7 @@ def check_optimize_args(args: argparse.Namespace, lengths: list[int] | None) -> 
 def _extension(args: argparse.Namespace, lengths: list[int]) -> list[int]:
     if args.extension_length is None:
         return [2 * max(lengths + ([args.validation_length] if args.validation_length else []))]
-    return [n for n in args.extension_length if n > 0] if args.extension_length != [0] else []
+    return args.extension_length
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -270,7 +281,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else Path(str(args.out) + ".work")
     lengths = sorted(set(args.lengths))
     all_lengths = lengths + ([args.validation_length] if args.validation_length else [])
-    check_optimize_args(args, lengths)
+    check_optimize_args(args, lengths, args.sink, args.block_size)
+    from moa_plan.search.model import check_model_dir, resolve_device
+
+    check_model_dir(args.model)
+    resolve_device(args.device)
     times = {}
     t0 = time.perf_counter()
     data = calibration.build(args.model, work / "calibration.jsonl", all_lengths, args.samples, args.tasks,

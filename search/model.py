@@ -6,23 +6,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moa_plan.io import load_model_shape
+from moa_plan.io import load_model_shape, model_folder
 from moa_plan.plan import ModelShape, PlanError
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
-    """A folder holding a transformers config.json, or a located error."""
-    path = Path(path)
-    if not path.is_dir():
-        raise PlanError([("--model", f"{path} is not a folder (expected a transformers model folder)")])
-    if not (path / "config.json").is_file():
-        raise PlanError([("--model", f"{path} has no config.json")])
-    return path
+    """A model folder (given as the folder or its config.json) with weights, or a located error."""
+    return model_folder(path)
 
 
 def model_shape(path: str | os.PathLike) -> ModelShape:
     shape = load_model_shape(check_model_dir(path))
-    return shape.model_copy(update={"name": shape.name or Path(path).name})
+    return shape.model_copy(update={"name": model_name(path)})
 
 
 def model_name(path: str | os.PathLike) -> str:
@@ -61,9 +56,20 @@ def load(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: str 
     except Exception as exc:  # noqa: BLE001
         raise PlanError([("--model", f"cannot load a causal LM from {path}: {exc}")]) from None
     model.eval()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PlanError([("--device", f"{device}: no CUDA device is available")])
-    model.to(device)
+    model.to(resolve_device(device))
     return model, tok
+
+
+def resolve_device(device: str) -> str:
+    """'auto' as CUDA when available, else CPU; a ``--device`` error for one this machine lacks."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PlanError([("--device", f"{device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)")]) from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise PlanError([("--device", f"{device}: no such CUDA device here")])
+    return device

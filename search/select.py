@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from moa_plan import semantics
 from moa_plan.plan import Layer, ModelShape, Plan, PlanError, Rule
 from moa_plan.search import optimize as opt_mod
 from moa_plan.search.rules import Candidate, candidate_grid, density_table
@@ -78,6 +79,41 @@ def parse_budgets(density: list[float], lengths: list[int]) -> list[float]:
     return density
 
 
+def rule_candidates(profiled: list[int], extension: list[int], sink: int, block: int, alpha_step: int | None,
+                    beta_step: float, static_windows: bool) -> list[Candidate]:
+    """The rules the search chooses from: spans >= 1 at every length, <= N at the profiled ones
+    (a rule may be dense at a short extension length)."""
+    all_lengths = profiled + extension
+    if static_windows:  # the ablation of the paper: per-head windows that do not grow with N,
+        # on a block-size alpha grid (a coarse one could not reach the budget at short lengths)
+        return [c for c in candidate_grid(all_lengths, block, 1.0, cap_lengths=profiled) if c.beta == 0]
+    return candidate_grid(all_lengths, alpha_step or block, beta_step, cap_lengths=profiled, origin=-sink)
+
+
+def check_budgets(density: list[float], lengths: list[int], validation_length: int | None,
+                  extension_lengths: list[int] | None, sink: int, block: int, alpha_step: int | None,
+                  beta_step: float, static_windows: bool) -> tuple[list[int], list[int], dict[int, float]]:
+    """The budgets checked against what the rules can reach, before any work: ``(profiled lengths,
+    extension lengths, budget per length index)``, or one ``--density`` line per infeasible length.
+    Held-out and extension lengths get the tightest budget."""
+    lengths = sorted(set(lengths))
+    extension = sorted(set(extension_lengths or []) - set(lengths) - {validation_length})
+    profiled = lengths + ([validation_length] if validation_length else [])
+    budgets_list = parse_budgets(density, lengths)
+    budgets = {k: (budgets_list[k] if k < len(lengths) else min(budgets_list))
+               for k in range(len(profiled) + len(extension))}
+    cands = rule_candidates(profiled, extension, sink, block, alpha_step, beta_step, static_windows)
+    problems = []
+    for k, n in enumerate(profiled + extension):
+        lowest = min(semantics.head_density(c.alpha, c.beta, sink, n) for c in cands)
+        if budgets[k] < lowest - 1e-12:
+            problems.append(("--density", f"{budgets[k]:g} is infeasible at length {n}: with sink {sink} the "
+                                          f"sparsest rule there has density {lowest:.4f}"))
+    if problems:
+        raise PlanError(problems)
+    return profiled, extension, budgets
+
+
 def optimize_profile(profile: Any, density: list[float], lengths: list[int] | None = None,
                      validation_length: int | None = None, solver: str = "glpk", time_limit: float | None = None,
                      mip_gap: float | None = None, steps: int = 4, alpha_step: int | None = None,
@@ -104,22 +140,14 @@ def optimize_profile(profile: Any, density: list[float], lengths: list[int] | No
             raise PlanError([("lengths", f"length {n} was not profiled (profile has {have})")])
     if not lengths:
         raise PlanError([("lengths", "no optimisation length left (the profile only has the validation length)")])
-    extension = sorted(set(extension_lengths or []) - set(lengths) - {validation_length})
-    profiled = lengths + ([validation_length] if validation_length else [])
+    profiled, extension, budgets = check_budgets(density, lengths, validation_length, extension_lengths, sink,
+                                                 block, alpha_step, beta_step, static_windows)
     all_lengths = profiled + extension
-    budgets_list = parse_budgets(density, lengths)
-    budgets = {k: b for k, b in enumerate(budgets_list)}
-    for k in range(len(lengths), len(all_lengths)):  # held-out and extension lengths: the tightest budget
-        budgets[k] = min(budgets_list)
+    budgets_list = [budgets[k] for k in range(len(lengths))]
     floors = ({k: density_floor * b for k, b in budgets.items() if k < len(lengths)}
               if density_floor else {})
     t0 = time.perf_counter()
-    # spans >= 1 at every length, <= N at the profiled ones (a rule may be dense at a short extension)
-    if static_windows:  # the ablation of the paper: per-head windows that do not grow with N,
-        # on a block-size alpha grid (a coarse one could not reach the budget at short lengths)
-        cands = [c for c in candidate_grid(all_lengths, block, 1.0, cap_lengths=profiled) if c.beta == 0]
-    else:
-        cands = candidate_grid(all_lengths, alpha_step or block, beta_step, cap_lengths=profiled, origin=-sink)
+    cands = rule_candidates(profiled, extension, sink, block, alpha_step, beta_step, static_windows)
     table = influence_table(profile, cands, profiled)
     if extension:  # constraint-only lengths: no influence, zero cost
         import torch

@@ -62,8 +62,8 @@ def test_validate_examples_ok():
     assert code == 0 and err == ""
     lines = out.splitlines()
     assert len(lines) == len(EXAMPLES)
-    assert all(re.fullmatch(r".+: ok \(\d+ layers x \d+ heads, \d+ KV heads, density [01]\.\d{4} at N=\d+\)", l)
-               for l in lines)
+    assert all(re.fullmatch(r".+: ok \(\d+ layers x \d+ heads, \d+ KV heads, density [01]\.\d{4} at N=\d+"
+                            r"(, [01]\.\d{4} at N=\d+)*\)", l) for l in lines)
 
 
 def test_validate_ok_line_is_exact(tmp_path):

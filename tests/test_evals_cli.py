@@ -184,3 +184,13 @@ def test_bad_grid_arguments_exit_2(tiny, capsys):
         main(["eval", "retrieval", "--model", str(tiny), "--plan", "dense", "--positions", "0,2"])
     assert exc.value.code == 2
     assert "positions must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["eval", "retrieval"], ["eval", "perplexity"], ["eval", "context", "--out-dir", "o"]])
+def test_missing_plan_is_found_before_the_model(command, tmp_path, capsys, monkeypatch):
+    import moa_plan.evals.cli as cli
+
+    monkeypatch.setattr(cli, "resolve_model", lambda *a: pytest.fail("model resolved before the plans were read"))
+    missing = tmp_path / "missing.json"
+    assert main([*command, "--model", "smollm2", "--plan", "dense", "--plan", f"m={missing}"]) == 1
+    assert capsys.readouterr().err == f"moa-plan: --plan m={missing}: cannot read: No such file or directory\n"

