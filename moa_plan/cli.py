@@ -44,10 +44,15 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     return convert
 
 
+def problem_lines(source: str, error: PlanError) -> list[str]:
+    """One 'FILE: location: message' line per problem."""
+    return [f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}" for loc, msg in error.problems]
+
+
 def report(source: str, error: PlanError, stream=None) -> None:
     stream = stream or sys.stderr  # looked up per call, so redirected / captured stderr works
-    for loc, msg in error.problems:
-        print(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}", file=stream)
+    for line in problem_lines(source, error):
+        print(line, file=stream)
 
 
 def build_parser() -> argparse.ArgumentParser:
