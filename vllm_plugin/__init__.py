@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moa_plan.build import plan_from_spec
 from moa_plan.cli import problem_lines
@@ -25,6 +27,28 @@ from moa_plan.plan import ModelShape, Plan, PlanError
 PLAN_ENV = "MOA_PLAN"
 BACKEND_PATH = "moa_plan.vllm_plugin.backend.MoABackend"
 _registered = False
+
+
+@dataclass(frozen=True)
+class LocalRules:
+    """This rank's share of the plan: rules of its query heads, every layer."""
+
+    alphas: Any  # torch.Tensor, float64 [L, H_local]
+    betas: Any
+    sink: int
+
+
+def local_rules(plan, rank: int, heads: int) -> LocalRules:
+    """Rules of query heads [rank * heads, (rank + 1) * heads) of every layer (vLLM's TP split)."""
+    lo, hi = rank * heads, (rank + 1) * heads
+    if hi > plan.model.num_attention_heads:
+        raise MoAPlanError(f"{PLAN_ENV}: rank {rank} holds query heads {lo}..{hi - 1}, "
+                           f"the plan has {plan.model.num_attention_heads}")
+    import torch
+
+    alphas = torch.tensor([row[lo:hi] for row in plan.alphas()], dtype=torch.float64)
+    betas = torch.tensor([row[lo:hi] for row in plan.betas()], dtype=torch.float64)
+    return LocalRules(alphas, betas, plan.sink)
 
 
 class MoAPlanError(RuntimeError):

@@ -22,27 +22,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 
 from moa_plan.io import shape_from_config
 from moa_plan.runtime.paged import paged_attention, spans_at, write_kv
-from moa_plan.vllm_plugin import PLAN_ENV, MoAPlanError, plan_spec, resolve
-
-
-@dataclass(frozen=True)
-class LocalRules:
-    """This rank's share of the plan: rules of its query heads, every layer."""
-
-    alphas: torch.Tensor  # float64 [L, H_local]
-    betas: torch.Tensor
-    sink: int
-
-
-def local_rules(plan, rank: int, heads: int) -> LocalRules:
-    """Rules of query heads [rank * heads, (rank + 1) * heads) of every layer (vLLM's TP split)."""
-    lo, hi = rank * heads, (rank + 1) * heads
-    if hi > plan.model.num_attention_heads:
-        raise MoAPlanError(f"{PLAN_ENV}: rank {rank} holds query heads {lo}..{hi - 1}, "
-                           f"the plan has {plan.model.num_attention_heads}")
-    alphas = torch.tensor([row[lo:hi] for row in plan.alphas()], dtype=torch.float64)
-    betas = torch.tensor([row[lo:hi] for row in plan.betas()], dtype=torch.float64)
-    return LocalRules(alphas, betas, plan.sink)
+from moa_plan.vllm_plugin import PLAN_ENV, LocalRules, MoAPlanError, local_rules, plan_spec, resolve
 
 
 @lru_cache(maxsize=8)
