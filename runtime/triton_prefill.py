@@ -27,7 +27,7 @@ def _block_range(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
     lo_blk, hi_blk, span, sink, k_len, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr,
-    BT=None, stride_kp=0, stride_vp=0, PAGE=1, PAGED: tl.constexpr = False,
+    BT, stride_kp, stride_vp, PAGE, PAGED: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) with key blocks [lo_blk, hi_blk).
 
@@ -122,9 +122,11 @@ def _prefill_kernel(
     sb_full = tl.minimum(tl.minimum(sink, i_lo + 1), k_len) // BLOCK_N
     sb_full = tl.minimum(sb_full, sb_end)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 0, sb_full, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE)
+                                 0, sb_full, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE,
+                                 K, 0, 0, 1, False)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 sb_full, sb_end, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE)
+                                 sb_full, sb_end, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE,
+                                 K, 0, 0, 1, False)
 
     # Window part: keys [max(0, i_lo - span + 1), i_hi], after the sink blocks.
     win_lo = tl.maximum(i_lo - span + 1, 0)
@@ -137,11 +139,14 @@ def _prefill_kernel(
     wf_hi = tl.minimum(i_lo + 1, k_len) // BLOCK_N
     wf_hi = tl.minimum(tl.maximum(wf_hi, wf_lo), wb_hi)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 wb_lo, wf_lo, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE)
+                                 wb_lo, wf_lo, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE,
+                                 K, 0, 0, 1, False)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 wf_lo, wf_hi, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE)
+                                 wf_lo, wf_hi, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE,
+                                 K, 0, 0, 1, False)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 wf_hi, wb_hi, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE)
+                                 wf_hi, wb_hi, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE,
+                                 K, 0, 0, 1, False)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
