@@ -8,7 +8,7 @@ override of ``CPU_ATTN`` on CPU (vLLM's CPU platform picks ``CPU_ATTN`` whatever
 The plan is the environment variable ``MOA_PLAN`` (every vLLM process inherits it): a plan file,
 ``dense``, ``uniform:<density>`` or ``uniform:<density>@<length>`` (``moa_plan.build.plan_from_spec``).
 It is checked against the served model's config where the model is first known: in the front
-process of ``vllm serve MODEL_DIR`` (one ``FILE: location: message`` line per problem on stderr,
+process of ``vllm serve MODEL_DIR`` or of the OpenAI server module (one ``FILE: location: message`` line per problem on stderr,
 exit 1, before any engine starts), else when vLLM builds the model (``MoAPlanError``).
 """
 
@@ -73,10 +73,12 @@ def resolve(spec: str, shape: ModelShape) -> Plan:
 
 
 def served_model(argv: list[str]) -> str | None:
-    """MODEL of a ``vllm serve MODEL ...`` / ``vllm serve --model MODEL ...`` command line, else None."""
-    if len(argv) < 3 or argv[1] != "serve":
+    """MODEL of a ``vllm serve MODEL ...`` / ``vllm serve --model MODEL ...`` or ``python -m
+    vllm.entrypoints.openai.api_server --model MODEL ...`` command line, else None."""
+    serve = len(argv) >= 3 and argv[1] == "serve"
+    if not (serve or (argv and Path(argv[0]).name == "api_server.py")):
         return None
-    if not argv[2].startswith("-"):
+    if serve and not argv[2].startswith("-"):
         return argv[2]
     for i, arg in enumerate(argv):
         if arg == "--model" and i + 1 < len(argv):
