@@ -38,7 +38,7 @@ def make_tokenizer(vocab_size: int = 512):
 
 
 def make_tiny_model(folder: str | Path, *, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 8,
-                    max_positions: int = 4096, seed: int = 0) -> Path:
+                    max_positions: int = 4096, seed: int = 0, init_range: float = 0.02) -> Path:
     """Save a random LlamaForCausalLM and its tokenizer to ``folder``; returns the folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -49,7 +49,8 @@ def make_tiny_model(folder: str | Path, *, layers: int = 2, heads: int = 4, kv_h
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          head_dim=head_dim, max_position_embeddings=max_positions,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=init_range)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder)

@@ -136,14 +136,19 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     return convert
 
 
+def problem_lines(source: str, error: PlanError) -> list[str]:
+    """One 'FILE: location: message' line per problem."""
+    return [f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}" for loc, msg in error.problems]
+
+
 def report(source: str, error: PlanError, stream=None) -> None:
     """One line per problem, at most MAX_REPORTED of them (then a count), control characters escaped."""
     stream = stream or sys.stderr  # looked up per call, so redirected / captured stderr works
     problems = error.problems
     if len(problems) > MAX_REPORTED:
         problems = problems[:MAX_REPORTED] + [("", f"... and {len(problems) - MAX_REPORTED} more problems")]
-    for loc, msg in problems:
-        print(printable(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"), file=stream)
+    for line in problem_lines(source, PlanError(problems)):
+        print(printable(line), file=stream)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,7 +59,7 @@ def _use_triton(name: str, device: torch.device) -> ModuleType | None:
     return module if device.type == "cuda" else None
 
 
-def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
                  spans: torch.Tensor, sink: int, scale: float) -> torch.Tensor:
     """SDPA of q [B,Hq,Lq,D] over k/v [B,Hkv,K,D]; qpos [Lq], kpos [K] or [Hkv,K] (-1 = no key)."""
     hq, hkv = q.shape[1], k.shape[1]
@@ -99,7 +99,7 @@ def torch_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
             ks = torch.cat([k[:, :, :n_sink], ks], dim=2)
             vs = torch.cat([v[:, :, :n_sink], vs], dim=2)
         qpos = torch.arange(p0, p1, device=q.device)
-        out[:, :, r0:r1] = _masked_sdpa(q[:, :, r0:r1], ks, vs, qpos, kpos, spans, sink, scale)
+        out[:, :, r0:r1] = masked_sdpa(q[:, :, r0:r1], ks, vs, qpos, kpos, spans, sink, scale)
     return out
 
 
@@ -157,5 +157,5 @@ def chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     for r0 in range(0, q_len, block):
         r1 = min(q_len, r0 + block)
         qpos = torch.arange(past + r0, past + r1, device=q.device)
-        out[:, :, r0:r1] = _masked_sdpa(q[:, :, r0:r1], ks, vs, qpos, kpos, spans, sink, scale)
+        out[:, :, r0:r1] = masked_sdpa(q[:, :, r0:r1], ks, vs, qpos, kpos, spans, sink, scale)
     return out

@@ -27,13 +27,23 @@ def _block_range(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
     lo_blk, hi_blk, span, sink, k_len, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr,
+    BT, stride_kp, stride_vp, PAGE, PAGED: tl.constexpr,
 ):
-    """Online-softmax update of (acc, m_i, l_i) with key blocks [lo_blk, hi_blk)."""
+    """Online-softmax update of (acc, m_i, l_i) with key blocks [lo_blk, hi_blk).
+
+    PAGED (vLLM's paged cache, ``moa_plan.runtime.paged``): key position j lives in page
+    BT[j // PAGE] at row j % PAGE; strides ``stride_kn``/``stride_vn`` are then the page strides.
+    """
     offs_n = tl.arange(0, BLOCK_N)
     for blk in range(lo_blk, hi_blk):
         cols = blk * BLOCK_N + offs_n
-        k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if PAGED:
+            page = tl.load(BT + cols // PAGE, mask=cols < k_len, other=0).to(tl.int64)
+            k_ptrs = k_base + page[None, :] * stride_kn + (cols % PAGE)[None, :] * stride_kp + offs_d[:, None]
+            v_ptrs = v_base + page[:, None] * stride_vn + (cols % PAGE)[:, None] * stride_vp + offs_d[None, :]
+        else:
+            k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
         if MASK:
             kt = tl.load(k_ptrs, mask=cols[None, :] < k_len, other=0.0)
         else:
@@ -112,9 +122,11 @@ def _prefill_kernel(
     sb_full = tl.minimum(tl.minimum(sink, i_lo + 1), k_len) // BLOCK_N
     sb_full = tl.minimum(sb_full, sb_end)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 0, sb_full, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE)
+                                 0, sb_full, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE,
+                                 K, 0, 0, 1, False)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 sb_full, sb_end, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE)
+                                 sb_full, sb_end, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE,
+                                 K, 0, 0, 1, False)
 
     # Window part: keys [max(0, i_lo - span + 1), i_hi], after the sink blocks.
     win_lo = tl.maximum(i_lo - span + 1, 0)
@@ -127,15 +139,95 @@ def _prefill_kernel(
     wf_hi = tl.minimum(i_lo + 1, k_len) // BLOCK_N
     wf_hi = tl.minimum(tl.maximum(wf_hi, wf_lo), wb_hi)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 wb_lo, wf_lo, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE)
+                                 wb_lo, wf_lo, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE,
+                                 K, 0, 0, 1, False)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 wf_lo, wf_hi, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE)
+                                 wf_lo, wf_hi, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE,
+                                 K, 0, 0, 1, False)
     acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, rows,
-                                 wf_hi, wb_hi, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE)
+                                 wf_hi, wb_hi, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE,
+                                 K, 0, 0, 1, False)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)
+
+
+@triton.jit
+def _paged_kernel(
+    Q, K, V, O, SPANS, BT, QSTART, SEQLEN,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+    stride_bt, stride_sp,
+    sink, qk_scale, HQ, GROUP, PAGE,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``_prefill_kernel`` over vLLM's paged cache, many sequences at once: sequence s has query
+    rows QSTART[s] .. QSTART[s+1]-1 (the last ones of its SEQLEN[s] positions, already in the
+    cache), its pages in row s of BT and its spans (at N = SEQLEN[s]) in row s of SPANS."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    s = pid_bh // HQ
+    h = pid_bh % HQ
+    q_start = tl.load(QSTART + s)
+    q_len = tl.load(QSTART + s + 1) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    k_len = tl.load(SEQLEN + s)
+    kvh = h // GROUP
+    span = tl.load(SPANS + s * stride_sp + h)
+    off = k_len - q_len
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = off + offs_m
+    i_lo = off + m0
+    i_hi = tl.minimum(off + m0 + BLOCK_M, k_len) - 1
+
+    q_ptrs = Q + (q_start + offs_m[:, None]).to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
+    bt = BT + s.to(tl.int64) * stride_bt
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # The same key ranges as _prefill_kernel: sink blocks, then the window blocks (masked at the edges).
+    sink_end = tl.minimum(sink, i_hi + 1)
+    sb_end = tl.cdiv(sink_end, BLOCK_N)
+    sb_full = tl.minimum(tl.minimum(sink, i_lo + 1), k_len) // BLOCK_N
+    sb_full = tl.minimum(sb_full, sb_end)
+    acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kb, stride_vb, offs_d, rows,
+                                 0, sb_full, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE,
+                                 bt, stride_kp, stride_vp, PAGE, True)
+    acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kb, stride_vb, offs_d, rows,
+                                 sb_full, sb_end, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE,
+                                 bt, stride_kp, stride_vp, PAGE, True)
+    win_lo = tl.maximum(i_lo - span + 1, 0)
+    wb_lo = tl.maximum(win_lo // BLOCK_N, sb_end)
+    wb_hi = tl.maximum(tl.cdiv(i_hi + 1, BLOCK_N), wb_lo)
+    edge = i_hi - span
+    wf_lo = tl.where(edge >= 0, edge // BLOCK_N + 1, 0)
+    wf_lo = tl.minimum(tl.maximum(wf_lo, wb_lo), wb_hi)
+    wf_hi = tl.minimum(i_lo + 1, k_len) // BLOCK_N
+    wf_hi = tl.minimum(tl.maximum(wf_hi, wf_lo), wb_hi)
+    acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kb, stride_vb, offs_d, rows,
+                                 wb_lo, wf_lo, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE,
+                                 bt, stride_kp, stride_vp, PAGE, True)
+    acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kb, stride_vb, offs_d, rows,
+                                 wf_lo, wf_hi, span, sink, k_len, qk_scale, BLOCK_N, False, IEEE,
+                                 bt, stride_kp, stride_vp, PAGE, True)
+    acc, m_i, l_i = _block_range(acc, m_i, l_i, q, k_base, v_base, stride_kb, stride_vb, offs_d, rows,
+                                 wf_hi, wb_hi, span, sink, k_len, qk_scale, BLOCK_N, True, IEEE,
+                                 bt, stride_kp, stride_vp, PAGE, True)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)
 
 
@@ -219,6 +311,39 @@ def prefill_attention(
         int(sink), q_len, k_len, scale * _LOG2E, hq, hq // hkv,
         HEAD_DIM=d,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IEEE=q.dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
+                    spans: torch.Tensor, sink: int, scale: float, out: torch.Tensor, max_query_len: int,
+                    *, config: dict[str, int] | None = None) -> torch.Tensor:
+    """Plan attention over a paged cache (layouts: ``moa_plan.runtime.paged.paged_attention``);
+    writes ``out`` [T, Hq, D] and returns it."""
+    t, hq, d = query.shape
+    hkv = key_cache.shape[2]
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+    if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1 or query.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("the last (head_dim) axis of query, out and the caches must be contiguous")
+    num_seqs = seq_lens.shape[0]
+    if t == 0 or num_seqs == 0 or max_query_len == 0:
+        return out
+    cfg = dict(default_config(d, query.dtype, max_query_len))
+    if config:
+        cfg.update(config)
+    spans = spans.to(device=query.device, dtype=torch.int32).contiguous()
+    grid = (triton.cdiv(max_query_len, cfg["BLOCK_M"]), num_seqs * hq)
+    _paged_kernel[grid](
+        query, key_cache, value_cache, out, spans, block_table, query_start, seq_lens,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_table.stride(0), spans.stride(0),
+        int(sink), float(scale) * _LOG2E, hq, hq // hkv, key_cache.shape[1],
+        HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IEEE=query.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
