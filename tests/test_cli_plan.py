@@ -569,7 +569,7 @@ def test_orphaned_temporaries_are_cleaned_and_special_targets_refused(tmp_path):
 
 def test_option_errors_are_one_line_and_exit_2(capsys):
     for argv, line in [(["show", "p.json", "--length", "0"],
-                        "moa-plan show: --length: must be in [1, 1099511627776], got 0 (see moa-plan show --help)"),
+                        "moa-plan show: --length: must be in [1, 2^40], got 0 (see moa-plan show --help)"),
                        (["density", "p.json"],
                         "moa-plan density: the following arguments are required: --length (see moa-plan density --help)")]:
         with pytest.raises(SystemExit) as exc:
