@@ -1,4 +1,4 @@
-"""``moa-plan demo``: the first thing a newcomer runs, sized to about 3 minutes on 2 CPU cores.
+"""``moa-plan demo``: the first thing a newcomer runs, sized for a few minutes on 2 CPU cores.
 
 Dense attention, StreamingLLM (the uniform window at the plan's density) and the shipped
 searched MoA plans at 50% and 25% density, on SmolLM2-135M-Instruct, at one length N where the
@@ -44,7 +44,7 @@ def shipped_plan(name: str) -> Path:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo`` (imports nothing heavy)."""
     d = sub.add_parser(
-        "demo", help="dense vs StreamingLLM vs MoA at 50%% and 25%% density on SmolLM2-135M (CPU, ~3 minutes)",
+        "demo", help="dense vs StreamingLLM vs MoA at 50%% and 25%% density on SmolLM2-135M (CPU, a few minutes)",
         description="Compare dense attention, StreamingLLM at the same density and the shipped MoA plans "
                     "(spec/examples/smollm2-135m-moa-{50,25}.json) on SmolLM2-135M-Instruct: perplexity on "
                     "held-out text, copy perplexity (the second half repeats the first) and a pass key at two "
