@@ -122,7 +122,10 @@ def resolve_model(text: str) -> str:
         return str(model_dir())
     from moa_plan.io import model_folder
 
-    return str(model_folder(text))
+    try:
+        return str(model_folder(text))
+    except PlanError as exc:  # a bad --model is an option error: exit 2, one line
+        raise OptionError([("--model", "; ".join(msg for _, msg in exc.problems))]) from None
 
 
 def check_args(args: argparse.Namespace, out: Path | None = None, out_dir: Path | None = None) -> None:

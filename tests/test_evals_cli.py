@@ -117,8 +117,8 @@ def test_perplexity_windows():
 
 @pytest.mark.parametrize("argv, message, code", [
     (["--plan", "dense", "--model", "/nonexistent"],
-     "moa-plan eval retrieval: --model: /nonexistent: not a transformers model folder", 2),
-    (["--plan", "missing.json"], "missing.json: cannot read: No such file or directory", 1),
+     "moa-plan eval retrieval: --model: /nonexistent: not a model folder or its config.json", 2),
+    (["--plan", "missing.json"], "moa-plan: --plan missing.json: cannot read: No such file or directory", 1),
     (["--plan", "uniform:2"], "moa-plan eval retrieval: --plan: 'uniform:2': density: must be in (0, 1]", 2),
     (["--plan", "dense", "--device", "bogus"], "moa-plan eval retrieval: --device: not a torch device: 'bogus'", 2),
     (["--plan", "dense", "--device", "cuda:99"], "moa-plan eval retrieval: --device: cuda:99: ", 2),

@@ -109,15 +109,16 @@ def test_search_checks_every_option_before_any_work(tiny_dir, tmp_path, capsys, 
     monkeypatch.setattr(calibration, "build", lambda *a, **k: pytest.fail("calibration started"))
     base = ["search", "--model", str(tiny_dir / "config.json"), "--lengths", "256,512", "--sink", "64",
             "--block-size", "16", "--out", str(tmp_path / "p.json")]
-    assert main([*base, "--density", "0.1", "--validation-length", "1024"]) == 1
+    # option errors exit 2 (one line each), found before any work
+    assert main([*base, "--density", "0.1", "--validation-length", "1024"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == ("moa-plan: --density: 0.1 is infeasible at length 256: with sink 64 the sparsest rule there "
+    assert err[0] == ("moa-plan search: --density: 0.1 is infeasible at length 256: with sink 64 the sparsest rule there "
                       "has density 0.3125")  # (64 + a 16-token window) / 256
     assert len(err) == 2 and "at length 512" in err[1]  # 1024 and the extension length 2048 are reachable
     assert main([*base, "--density", "0.5", "--solver", "nosuchsolver"]) == 1
     assert "--solver: solver 'nosuchsolver' is not installed" in capsys.readouterr().err
-    assert main([*base, "--density", "0.5", "--device", "nodevice"]) == 1
-    assert "--device: 'nodevice' is not a torch device" in capsys.readouterr().err
+    assert main([*base, "--density", "0.5", "--device", "nodevice"]) == 2
+    assert "--device: not a torch device: 'nodevice'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main([*base, "--density", "0.5", "--validation-length", "0"])
     assert exc.value.code == 2 and "--validation-length: must be >= 1, got 0" in capsys.readouterr().err
