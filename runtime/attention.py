@@ -75,32 +75,130 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
 
 
+def span_groups(spans: list[int], sink: int, k_len: int) -> dict[int, list[int]]:
+    """Query heads by effective span at ``k_len`` keys: heads that see every earlier key
+    (span + sink >= k_len) share the span k_len, so a dense plan is one group."""
+    groups: dict[int, list[int]] = {}
+    for h, s in enumerate(spans):
+        groups.setdefault(k_len if s + sink >= k_len else s, []).append(h)
+    return groups
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: list[int]):
+    """q, k, v of the query heads ``heads`` and whether SDPA must map query heads to KV heads (GQA):
+    whole GQA groups keep one KV head per group, other subsets get one K/V copy per query head."""
+    hq, hkv = q.shape[1], k.shape[1]
+    group = hq // hkv
+    if len(heads) == hq:
+        return q, k, v, group > 1
+    idx = torch.tensor(heads, device=q.device)
+    kv = [h // group for h in heads]
+    if heads == [g * group + j for g in kv[::group] for j in range(group)]:  # whole GQA groups
+        kidx = torch.tensor(kv[::group], device=q.device)
+        gqa = group > 1
+    else:
+        kidx, gqa = torch.tensor(kv, device=q.device), False
+    return q.index_select(1, idx), k.index_select(1, kidx), v.index_select(1, kidx), gqa
+
+
+BAND_BYTES = 1 << 24  # K (and V) bytes gathered per SDPA call of band blocks: bounds the copies
+
+
+@functools.lru_cache(maxsize=8)  # a plan repeats few spans; at 8k tokens one mask is up to 8 MiB
+def _band_mask(span: int, sink: int, rows: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Additive mask [rows, sink + span - 1 + rows] (0 seen, -inf hidden) of row r at position p0 + r
+    over the keys sink ∪ [p0 - span + 1, p0 + rows), for any p0 >= span + sink: the same for every
+    band block, so it is built once (and SDPA need not convert a bool mask per call)."""
+    r = torch.arange(rows, device=device).view(-1, 1)
+    u = torch.arange(sink + span - 1 + rows, device=device).view(1, -1) - sink  # window offset
+    seen = (u < 0) | ((u >= r) & (u <= r + span - 1))
+    return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
+
+
+def _band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int, rows: int, span: int, sink: int,
+          scale: float, gqa: bool) -> torch.Tensor:
+    """``rows`` queries q [B,H,rows*nb,D] at positions p0.. (p0 >= span + sink), taken as nb blocks of
+    ``rows`` in one SDPA call: block b's keys are the sink + its window, gathered without a loop."""
+    batch, h, total, d = q.shape
+    hk = k.shape[1]
+    nb = total // rows
+    win = span - 1 + rows
+    lo = p0 - span + 1
+
+    def keys(x: torch.Tensor) -> torch.Tensor:
+        w = x[:, :, lo:p0 + total].unfold(2, win, rows).permute(0, 2, 1, 4, 3)  # [B, nb, Hk, win, D] view
+        if sink:
+            w = torch.cat([x[:, :, :sink].unsqueeze(1).expand(batch, nb, hk, sink, d), w], dim=3)
+        return w.reshape(batch * nb, hk, sink + win, d)
+
+    qs = q.view(batch, h, nb, rows, d).transpose(1, 2).reshape(batch * nb, h, rows, d)
+    mask = _band_mask(span, sink, rows, q.dtype, str(q.device))
+    o = F.scaled_dot_product_attention(qs, keys(k), keys(v), attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.view(batch, nb, h, rows, d).transpose(1, 2)  # [B, H, nb, rows, D]
+
+
+def _head_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int, sink: int, scale: float,
+                gqa: bool, block: int) -> torch.Tensor:
+    """Attention of heads sharing one span. Rows that still see every earlier key (positions <
+    span + sink) are plain causal attention; later rows go in blocks of ``block`` over only the sink
+    keys and their window (``_band``), so the cost follows the attended pairs, not N^2."""
+    batch, h, q_len, d = q.shape
+    k_len = k.shape[2]
+    first = k_len - q_len  # position of query row 0
+    dense_end = min(k_len, span + sink)
+    out = torch.empty_like(q)
+    if first == 0:  # the dense rows are one causal call
+        out[:, :, :dense_end] = F.scaled_dot_product_attention(
+            q[:, :, :dense_end], k[:, :, :dense_end], v[:, :, :dense_end], is_causal=True, scale=scale,
+            enable_gqa=gqa)
+    for p0 in range(first, dense_end if first else 0, block):  # queries after earlier keys: causal mask per block
+        p1 = min(dense_end, p0 + block)
+        mask = torch.arange(p1, device=q.device).view(1, -1) <= torch.arange(p0, p1, device=q.device).view(-1, 1)
+        out[:, :, p0 - first:p1 - first] = F.scaled_dot_product_attention(
+            q[:, :, p0 - first:p1 - first], k[:, :, :p1], v[:, :, :p1], attn_mask=mask, scale=scale, enable_gqa=gqa)
+    p0 = max(first, dense_end)
+    rem = (k_len - p0) % block
+    if rem:  # the first rem band rows, so that the rest is whole blocks
+        out[:, :, p0 - first:p0 - first + rem] = _band(q[:, :, p0 - first:p0 - first + rem], k, v, p0, rem, span,
+                                                       sink, scale, gqa).flatten(2, 3)
+        p0 += rem
+    per_call = max(1, BAND_BYTES // ((sink + span - 1 + block) * k.shape[1] * d * k.element_size()))
+    for b0 in range(p0, k_len, per_call * block):
+        b1 = min(k_len, b0 + per_call * block)
+        dst = out[:, :, b0 - first:b1 - first]
+        dst.view(batch, h, -1, block, d).copy_(_band(q[:, :, b0 - first:b1 - first], k, v, b0, block, span, sink,
+                                                     scale, gqa))
+    return out
+
+
 def torch_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int,
-                            scale: float | None = None, block: int = QUERY_BLOCK) -> torch.Tensor:
-    """The plan's attention without materialising the N x N mask: per block of query rows, only the
-    sink keys and the keys inside the widest window of that block are read."""
+                            scale: float | None = None, block: int | None = None) -> torch.Tensor:
+    """The plan's attention on CPU (any device) with work proportional to the pairs it attends:
+    heads are grouped by span, each group is one causal SDPA call for the rows that see every
+    earlier key plus blocks of ``block`` rows over the sink and their window (``_head_group``).
+    A dense plan is exactly ``F.scaled_dot_product_attention(..., is_causal=True)``."""
     batch, hq, q_len, d = q.shape
     k_len = k.shape[2]
     if q_len > k_len:
         raise ValueError(f"more queries ({q_len}) than keys ({k_len})")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    widest = int(spans.max())
-    first = k_len - q_len  # position of query row 0
-    out = torch.empty_like(q)
-    for r0 in range(0, q_len, block):
-        r1 = min(q_len, r0 + block)
-        p0, p1 = first + r0, first + r1  # query positions p0 .. p1-1
-        lo = max(0, p0 - widest + 1)
-        n_sink = min(sink, lo)
-        kpos = torch.arange(lo, p1, device=q.device)
-        ks, vs = k[:, :, lo:p1], v[:, :, lo:p1]
-        if n_sink:
-            kpos = torch.cat([torch.arange(n_sink, device=q.device), kpos])
-            ks = torch.cat([k[:, :, :n_sink], ks], dim=2)
-            vs = torch.cat([v[:, :, :n_sink], vs], dim=2)
-        qpos = torch.arange(p0, p1, device=q.device)
-        out[:, :, r0:r1] = masked_sdpa(q[:, :, r0:r1], ks, vs, qpos, kpos, spans, sink, scale)
+    groups = span_groups([int(s) for s in spans.tolist()], sink, k_len)
+    if len(groups) == 1 and k_len == q_len and next(iter(groups)) == k_len:  # dense: no work of ours
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hq > k.shape[1])
+    out = q.new_empty(batch, q_len, hq, d).transpose(1, 2)  # [B,Hq,Lq,D] view of the layout transformers wants
+    for span, heads in groups.items():
+        qg, kg, vg, gqa = _select(q, k, v, heads)
+        o = _head_group(qg, kg, vg, span, sink, scale, gqa, block or band_block(span, sink))
+        if len(heads) == hq:
+            return o
+        out[:, heads] = o
     return out
+
+
+def band_block(span: int, sink: int) -> int:
+    """Query rows per band block: the block's masked triangles cost ~block / (span + sink) extra work,
+    small blocks cost calls; a quarter of the window, 32..256 rows (measured, perf-notes.md)."""
+    return max(32, min(256, (span + sink) // 4 // 32 * 32))
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int,

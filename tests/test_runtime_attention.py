@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +43,82 @@ def test_blockwise_prefill_matches_reference(data):
     want = reference_attention(q, k, v, spans, sink)
     got = torch_prefill_attention(q, k, v, spans, sink, block=block)
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_cpu_prefill_matches_reference(data):
+    """The CPU path (heads grouped by span, causal rows + band blocks batched in one SDPA call) on
+    lengths long enough for several blocks, partial blocks and split calls, in fp32 and fp16, with
+    transformers' [B, L, H, D] memory layout or contiguous tensors."""
+    k_len = data.draw(st.integers(1, 300))
+    q_len = data.draw(st.sampled_from([k_len, 1]) | st.integers(1, k_len))
+    hkv, group = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    span = st.sampled_from([1, k_len]) | st.integers(1, k_len)
+    spans = torch.tensor(data.draw(st.lists(span, min_size=hkv * group, max_size=hkv * group)), dtype=torch.int32)
+    if data.draw(st.booleans()):  # few distinct spans, as in searched plans
+        spans = spans[torch.tensor(data.draw(st.lists(st.integers(0, 1), min_size=hkv * group,
+                                                       max_size=hkv * group)))]
+    sink = data.draw(st.sampled_from([0, 1, 4, 64]) | st.integers(0, k_len + 3))
+    d = data.draw(st.sampled_from([4, 8, 16, 64]))
+    batch = data.draw(st.integers(1, 2))
+    block = data.draw(st.none() | st.sampled_from([1, 2, 3, 5, 8, 16, 64]))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+
+    def make(h: int, n: int) -> torch.Tensor:
+        if data.draw(st.booleans(), label="transformers layout"):
+            return torch.randn(batch, n, h, d, generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(batch, h, n, d, generator=g).to(dtype)
+
+    q, k, v = make(hkv * group, k_len)[:, :, k_len - q_len:], make(hkv, k_len), make(hkv, k_len)
+    band_bytes = data.draw(st.sampled_from([1, 1000, attention.BAND_BYTES]))
+    saved, attention.BAND_BYTES = attention.BAND_BYTES, band_bytes  # small: band blocks split over calls
+    try:
+        got = torch_prefill_attention(q, k, v, spans, sink, block=block)
+    finally:
+        attention.BAND_BYTES = saved
+    want = reference_attention(q, k, v, spans, sink)
+    tol = TOL if dtype == torch.float32 else 2e-3
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_dense_plan_is_plain_sdpa():
+    """Every head seeing every earlier key (span + sink >= N) is one causal SDPA call, bit for bit."""
+    q, k, v = torch.randn(1, 6, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    spans = torch.tensor([40, 40, 36, 38, 40, 40], dtype=torch.int32)  # 36 + sink 4 = 40: dense too
+    assert attention.span_groups(spans.tolist(), 4, 40) == {40: [0, 1, 2, 3, 4, 5]}
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(torch_prefill_attention(q, k, v, spans, 4), want)
+
+
+def test_cpu_prefill_work_follows_the_attended_pairs(monkeypatch):
+    """The (query, key) pairs handed to SDPA stay within the attended pairs plus the band blocks'
+    masked triangles (block / (span + sink) more), so the cost of a sparse plan scales with it."""
+    n, sink = 1024, 16
+    spans = torch.tensor([112, 112, 240, 240, 1024, 500], dtype=torch.int32)
+    computed = []
+
+    def counting(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        lq, lk = q.shape[2], k.shape[2]
+        computed.append(q.shape[0] * q.shape[1] * (lq * (lq + 1) // 2 if is_causal else lq * lk))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    q, k = torch.randn(1, 6, n, 8), torch.randn(1, 3, n, 8)
+    torch_prefill_attention(q, k, k, spans, sink)
+    attended = int(attention_mask_pairs(spans, sink, n))
+    extra = sum(attention.band_block(int(s), sink) / (int(s) + sink) * min(int(s) + sink, n) * n for s in spans)
+    assert attended <= sum(computed) <= attended + extra
+    assert sum(computed) < 0.6 * 6 * n * (n + 1) // 2  # well under dense causal attention
+
+
+def attention_mask_pairs(spans: torch.Tensor, sink: int, n: int) -> torch.Tensor:
+    from moa_plan.runtime.reference import plan_mask
+
+    return plan_mask(spans, sink, n, n).sum()
 
 
 @settings(max_examples=50, deadline=None)
