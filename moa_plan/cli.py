@@ -26,7 +26,8 @@ from pathlib import Path
 
 from moa_plan.plan import MAX_REPORTED, PlanError, printable
 
-EXTENSIONS = ("moa_plan.search.cli", "moa_plan.evals.cli", "moa_plan.evals.demo", "moa_plan.evals.bench")
+EXTENSIONS = ("moa_plan.search.cli", "moa_plan.evals.cli", "moa_plan.evals.demo", "moa_plan.evals.bench",
+              "moa_plan.evals.bench_cpu")
 
 
 class UserError(Exception):
