@@ -84,21 +84,25 @@ def span_groups(spans: list[int], sink: int, k_len: int) -> dict[int, list[int]]
     return groups
 
 
-def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: list[int]):
-    """q, k, v of the query heads ``heads`` and whether SDPA must map query heads to KV heads (GQA):
-    whole GQA groups keep one KV head per group, other subsets get one K/V copy per query head."""
-    hq, hkv = q.shape[1], k.shape[1]
-    group = hq // hkv
-    if len(heads) == hq:
-        return q, k, v, group > 1
-    idx = torch.tensor(heads, device=q.device)
-    kv = [h // group for h in heads]
-    if heads == [g * group + j for g in kv[::group] for j in range(group)]:  # whole GQA groups
-        kidx = torch.tensor(kv[::group], device=q.device)
-        gqa = group > 1
-    else:
-        kidx, gqa = torch.tensor(kv, device=q.device), False
-    return q.index_select(1, idx), k.index_select(1, kidx), v.index_select(1, kidx), gqa
+def _head_parts(heads: list[int], group: int) -> list[tuple[list[int], list[int]]]:
+    """(query heads, their KV heads) to run together: whole GQA groups in one part (SDPA maps the
+    query heads to the KV heads), other heads one part per KV head, so K/V are never copied per
+    query head."""
+    kv = sorted({h // group for h in heads})
+    if heads == [g * group + j for g in kv for j in range(group)]:
+        return [(heads, kv)]
+    return [([h for h in heads if h // group == g], [g]) for g in kv]
+
+
+def _is_range(idx: list[int]) -> bool:
+    return idx == list(range(idx[0], idx[0] + len(idx)))
+
+
+def _pick(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """x[:, idx]: a view when idx is a range, else a copy."""
+    if _is_range(idx):
+        return x[:, idx[0]:idx[0] + len(idx)]
+    return torch.stack([x[:, i] for i in idx], dim=1)  # index_select would copy all of a strided x first
 
 
 BAND_BYTES = 1 << 24  # K (and V) bytes gathered per SDPA call of band blocks: bounds the copies
@@ -138,7 +142,7 @@ def _band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int, rows: int,
 
 
 def _head_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int, sink: int, scale: float,
-                gqa: bool, block: int) -> torch.Tensor:
+                gqa: bool, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of heads sharing one span. Rows that still see every earlier key (positions <
     span + sink) are plain causal attention; later rows go in blocks of ``block`` over only the sink
     keys and their window (``_band``), so the cost follows the attended pairs, not N^2."""
@@ -146,7 +150,7 @@ def _head_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int, si
     k_len = k.shape[2]
     first = k_len - q_len  # position of query row 0
     dense_end = min(k_len, span + sink)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if first == 0:  # the dense rows are one causal call
         out[:, :, :dense_end] = F.scaled_dot_product_attention(
             q[:, :, :dense_end], k[:, :, :dense_end], v[:, :, :dense_end], is_causal=True, scale=scale,
@@ -186,12 +190,15 @@ def torch_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if len(groups) == 1 and k_len == q_len and next(iter(groups)) == k_len:  # dense: no work of ours
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=hq > k.shape[1])
     out = q.new_empty(batch, q_len, hq, d).transpose(1, 2)  # [B,Hq,Lq,D] view of the layout transformers wants
+    group = hq // k.shape[1]
     for span, heads in groups.items():
-        qg, kg, vg, gqa = _select(q, k, v, heads)
-        o = _head_group(qg, kg, vg, span, sink, scale, gqa, block or band_block(span, sink))
-        if len(heads) == hq:
-            return o
-        out[:, heads] = o
+        for qh, kvh in _head_parts(heads, group):
+            in_place = _is_range(qh)  # then the group writes straight into its heads of ``out``
+            o = _head_group(_pick(q, qh), _pick(k, kvh), _pick(v, kvh), span, sink, scale, len(qh) > len(kvh),
+                            block or band_block(span, sink), out[:, qh[0]:qh[0] + len(qh)] if in_place else None)
+            if not in_place:
+                for i, h in enumerate(qh):  # slices: indexed assignment would copy all of ``out`` twice
+                    out[:, h] = o[:, i]
     return out
 
 
