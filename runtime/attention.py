@@ -195,17 +195,23 @@ def torch_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         for qh, kvh in _head_parts(heads, group):
             in_place = _is_range(qh)  # then the group writes straight into its heads of ``out``
             o = _head_group(_pick(q, qh), _pick(k, kvh), _pick(v, kvh), span, sink, scale, len(qh) > len(kvh),
-                            block or band_block(span, sink), out[:, qh[0]:qh[0] + len(qh)] if in_place else None)
+                            block or band_block(span, sink, k_len), out[:, qh[0]:qh[0] + len(qh)] if in_place else None)
             if not in_place:
                 for i, h in enumerate(qh):  # slices: indexed assignment would copy all of ``out`` twice
                     out[:, h] = o[:, i]
     return out
 
 
-def band_block(span: int, sink: int) -> int:
-    """Query rows per band block: the block's masked triangles cost ~block / (span + sink) extra work,
-    small blocks cost calls; a quarter of the window, 32..256 rows (measured, perf-notes.md)."""
-    return max(32, min(256, (span + sink) // 4 // 32 * 32))
+def band_block(span: int, sink: int, k_len: int) -> int:
+    """Query rows per band block of heads with ``span`` at ``k_len`` keys. A block's masked triangles
+    cost about block / (span + sink) extra work and small blocks run SDPA's kernel less efficiently:
+    about a quarter of the window, 32..256 rows (measured, evals/results/cpu/perf-notes.md),
+    preferring a size that divides the band rows so that no second call takes a remainder."""
+    target = max(32, min(256, (span + sink) // 4 // 32 * 32))
+    rows = k_len - min(k_len, span + sink)
+    if rows <= target:
+        return max(rows, 1)
+    return next((c for c in range(target, target // 2 - 1, -32) if rows % c == 0), target)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int,
