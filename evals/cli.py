@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moa_plan.cli import OptionError, check_device, check_output, float_in, int_in
+from moa_plan.args import check_device, check_output, float_in, int_in
+from moa_plan.errors import OptionError
 from moa_plan.plan import PlanError
 
 # ---- argument types ----------------------------------------------------------------------

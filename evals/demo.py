@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moa_plan.cli import int_in
+from moa_plan.args import int_in
 from moa_plan.plan import PlanError
 
 DEMO_PLANS = {"MoA 50%": "smollm2-135m-moa-50.json", "MoA 25%": "smollm2-135m-moa-25.json"}

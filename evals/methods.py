@@ -23,7 +23,7 @@ from pathlib import Path
 
 from moa_plan.build import plan_from_spec, uniform_plan
 from moa_plan.io import plan_to_json
-from moa_plan.cli import OptionError
+from moa_plan.errors import OptionError
 from moa_plan.plan import ModelShape, Plan, PlanError
 
 

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from moa_plan import build, io
-from moa_plan.cli import UserError, int_in, printable, report
+from moa_plan.args import int_in
+from moa_plan.errors import UserError, printable, report
 from moa_plan.plan import MAX_LENGTH, ModelShape, Plan, PlanError
 
 DEFAULT_LENGTHS = (1024, 4096)

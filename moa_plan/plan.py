@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from moa_plan import semantics
+from moa_plan.errors import MAX_REPORTED, PlanError, printable
 
 FORMAT_VERSION = 1
 # Limits of a plan (spec/README.md, "Limits"). Real models stay far inside them; they exist so
@@ -28,31 +29,6 @@ MAX_HEAD_DIM = 65536
 MAX_LENGTH = 2**40  # sequence lengths stay far below 2**53, where alpha + beta*N stops being exact
 MAX_NAME_CHARS = 256  # model.name, model.revision
 MAX_PROVENANCE_DEPTH = 32  # nesting of objects / lists inside provenance
-
-
-MAX_REPORTED = 50  # problems shown per file (printed lines, or an exception's message); the rest are counted
-
-
-def printable(text: str, limit: int | None = None) -> str:
-    """``text`` safe for a terminal line: control characters and lone surrogates escaped as in
-    JSON (so a name cannot move the cursor or recolour the screen), cut to ``limit`` characters."""
-    if limit is not None and len(text) > limit:
-        text = text[:limit] + "..."
-    return re.sub(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-class PlanError(Exception):
-    """A plan (or its pairing with a model) is invalid; ``problems`` holds (location, message) pairs,
-    ``source`` the file they are in when one is (printed first: ``FILE: location: message``)."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        shown = problems[:MAX_REPORTED]
-        text = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in shown)
-        if len(problems) > MAX_REPORTED:
-            text += f"; ... and {len(problems) - MAX_REPORTED} more problems"
-        super().__init__(printable(f"{source}: {text}" if source else text))
 
 
 def key_location(key: str) -> str:

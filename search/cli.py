@@ -10,50 +10,24 @@ import json
 import time
 from pathlib import Path
 
-from moa_plan.cli import OptionError, check_device, check_output, float_in, int_in
-from moa_plan.plan import PlanError
-
-_positive, _nonnegative = int_in(1), int_in(0)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
-
+from moa_plan.args import (add_run_flags, check_device, check_output, densities, float_in, lengths, names,
+                           nonnegative, positive)
+from moa_plan.errors import OptionError, Problems, UsageError
 
 def _extension_lengths(text: str) -> list[int]:
     """Comma-separated lengths, or 0 for none."""
-    return [] if text.strip() == "0" else _ints(text)
-
-
-def _densities(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected densities in (0, 1], got {text!r}")
-    return values
-
-
-def _tasks(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    return [] if text.strip() == "0" else lengths(text)
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=_positive, default=16, help="samples per length (default 16)")
-    p.add_argument("--tasks", type=_tasks, default=["docs"],
+    p.add_argument("--samples", type=positive, default=16, help="samples per length (default 16)")
+    p.add_argument("--tasks", type=names, default=["docs"],
                    help="comma-separated: docs (natural text, 3 questions; default), kv, multihop, copy; '' for none")
     p.add_argument("--text", help="folder or file of user text (.txt, or .jsonl with text/question)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks (default 0)")
-    p.add_argument("--max-answer-tokens", type=_positive, default=128,
+    p.add_argument("--max-answer-tokens", type=positive, default=128,
                    help="longest dense answer per question (default 128)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="samples generated together (default 16)")
+    p.add_argument("--batch-size", type=positive, default=16, help="samples generated together (default 16)")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -61,18 +35,18 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def _add_profile(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sink", type=_nonnegative, default=64, help="sink tokens every head keeps (default 64)")
-    p.add_argument("--block-size", type=_positive, default=64, help="plan block size (default 64)")
-    p.add_argument("--chunk", type=_positive, default=256,
+    p.add_argument("--sink", type=nonnegative, default=64, help="sink tokens every head keeps (default 64)")
+    p.add_argument("--block-size", type=positive, default=64, help="plan block size (default 64)")
+    p.add_argument("--chunk", type=positive, default=256,
                    help="query rows recomputed at once in the backward pass (default 256)")
     p.add_argument("--signed-influence", action="store_true",
                    help="sum signed per-entry effects (default: absolute values, as the MoA reference)")
 
 
 def _add_opt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--density", type=_densities, required=True,
+    p.add_argument("--density", type=densities, required=True,
                    help="density budget (mean over heads of (sink + span) / N): one value, or one per length")
-    p.add_argument("--validation-length", type=_positive, help="held-out length used only to select the plan")
+    p.add_argument("--validation-length", type=positive, help="held-out length used only to select the plan")
     p.add_argument("--extension-length", type=_extension_lengths,
                    help="other lengths (shorter or longer) where the density is constrained too, never profiled; default: twice "
                         "the longest profiled length; 0 for none")
@@ -83,56 +57,54 @@ def _add_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mip-gap", type=float_in(0, 1, high_open=True), help="relative MIP gap at which the solver may stop")
     p.add_argument("--pareto", choices=("epsilon", "weighted"), default="epsilon",
                    help="Pareto front by epsilon-constraint (default) or weighted sums")
-    p.add_argument("--weight-steps", type=_positive, default=4, help="grid divisions per objective (default 4)")
-    p.add_argument("--alpha-step", type=_positive, help="alpha grid step in tokens (default: 4 x the block size)")
+    p.add_argument("--weight-steps", type=positive, default=4, help="grid divisions per objective (default 4)")
+    p.add_argument("--alpha-step", type=positive, help="alpha grid step in tokens (default: 4 x the block size)")
     p.add_argument("--beta-step", type=float_in(0, 1, low_open=True), default=0.125, help="beta grid step in [0, 1] (default 1/8)")
     p.add_argument("--gqa", action="store_true", help="one rule per KV group (heads sharing a KV head)")
     p.add_argument("--static-windows", action="store_true",
                    help="only rules with beta 0 (per-head fixed windows: the paper's ablation)")
-    p.add_argument("--max-rules-per-layer", type=_nonnegative, default=2,
+    p.add_argument("--max-rules-per-layer", type=nonnegative, default=2,
                    help="cap on distinct rules within a layer (default 2; 0: no cap)")
-    p.add_argument("--validation-samples", type=_nonnegative, default=0,
+    p.add_argument("--validation-samples", type=nonnegative, default=0,
                    help="measure each Pareto plan's real loss on this many held-out samples at the "
                         "validation length and keep the best (default 0: all there are; needs --model, --data)")
     p.add_argument("--plots", help="folder for the Pareto-front and span-map PNGs (default: beside --out)")
     p.add_argument("--out", required=True, help="plan JSON to write")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_flags(p)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("calibrate", help="build calibration data (dense model's own answers)")
     p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help="transformers model folder or its config.json (with weights)")
-    p.add_argument("--lengths", type=_ints, required=True, help="token lengths, comma-separated")
+    p.add_argument("--lengths", type=lengths, required=True, help="token lengths, comma-separated")
     _add_calib(p)
     _add_device(p)
-    p.add_argument("--out", required=True, help="calibration JSONL to write (resumed if it exists)")
-    p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="calibration file to write (resumed if it exists)")
+    add_run_flags(p)
     p.set_defaults(handler=cmd_calibrate)
 
     p = subparsers.add_parser("profile", help="attention-influence profile of a model on calibration data")
     p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help="transformers model folder or its config.json (with weights)")
-    p.add_argument("--data", required=True, help="calibration JSONL from `moa-plan calibrate`")
+    p.add_argument("--data", required=True, help="calibration file from `moa-plan calibrate`")
     _add_profile(p)
     _add_device(p)
     p.add_argument("--out", required=True, help="profile folder (resumed if it exists)")
-    p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_flags(p)
     p.set_defaults(handler=cmd_profile)
 
     p = subparsers.add_parser("optimize", help="choose a plan from a profile under a density budget")
     p.add_argument("--profile", required=True, help="profile folder from `moa-plan profile`")
-    p.add_argument("--lengths", type=_ints, help="optimisation lengths (default: every profiled length "
+    p.add_argument("--lengths", type=lengths, help="optimisation lengths (default: every profiled length "
                    "except the validation length)")
     p.add_argument("--model", metavar="CONFIG_OR_DIR", help="model folder or its config.json, for measured validation (with --data)")
-    p.add_argument("--data", help="calibration JSONL holding the validation samples")
+    p.add_argument("--data", help="calibration file holding the validation samples")
     _add_device(p)
     _add_opt(p)
     p.set_defaults(handler=cmd_optimize)
 
     p = subparsers.add_parser("search", help="calibrate + profile + optimize in one go (resumable)")
     p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help="transformers model folder or its config.json (with weights)")
-    p.add_argument("--lengths", type=_ints, required=True, help="optimisation lengths, comma-separated")
+    p.add_argument("--lengths", type=lengths, required=True, help="optimisation lengths, comma-separated")
     _add_calib(p)
     _add_profile(p)
     _add_device(p)
@@ -162,7 +134,7 @@ def check_optimize_args(args: argparse.Namespace, lengths: list[int] | None, sin
             else:
                 check_budgets(args.density, lengths, args.validation_length, _extension(args, lengths), sink, block,
                               args.alpha_step, args.beta_step, args.static_windows)
-        except PlanError as exc:
+        except Problems as exc:
             problems += exc.problems
     if problems:
         raise OptionError(problems)
@@ -219,20 +191,26 @@ def _optimize(args: argparse.Namespace, profile_dir: str | Path, lengths: list[i
                                   _extension(args, opt_lengths), args.pareto, args.static_windows)
     agreement = profile.split_half_agreement(prof, res.candidates, sorted(set(opt_lengths)))
     measured = None
-    if model and data and args.validation_length:
-        from moa_plan.search import calibration, validate
-
-        _, samples = calibration.load_dataset(data)
-        held = [s for s in samples if s["length"] == args.validation_length]
-        held = held[: args.validation_samples] if args.validation_samples else held
-        if not held:
-            raise PlanError([("--data", f"no samples of the validation length {args.validation_length}")])
-        rows = validate.measured_losses(model, held, res.plans, not args.quiet, args.device)
-        measured = [sum(r) / len(r) for r in rows]
-        select.choose_measured(res, measured, args.validation_length, len(held))
     out = Path(args.out)
     plot_dir = Path(args.plots) if args.plots else out.parent
     stem = out.name.removesuffix(".json")
+    if model and data and args.validation_length:
+        from moa_plan.run import Run
+        from moa_plan.runtime import load as loader
+        from moa_plan.search import calibration, loss
+
+        calib, samples = calibration.load_dataset(data)
+        held = [s for s in samples if s["length"] == args.validation_length]
+        held = held[: args.validation_samples] if args.validation_samples else held
+        if not held:
+            raise OptionError([("--data", f"no samples of the validation length {args.validation_length}")])
+        settings = {"model": loader.model_name(model), "calibration_settings": calib,
+                    "samples": [s["id"] for s in held]}
+        with Run(plot_dir / f"{stem}.validation.json", "validate", settings, overwrite=args.overwrite,
+                 quiet=args.quiet) as run:
+            rows = loss.measured_losses(model, held, res.plans, run, args.device)
+        measured = [sum(r) / len(r) for r in rows]
+        select.choose_measured(res, measured, args.validation_length, len(held))
     plan = res.plan
     lens = plan.provenance["lengths"] + ([args.validation_length] if args.validation_length else [])
     plots.pareto_png(res, plot_dir / f"{stem}.pareto.png")
@@ -282,19 +260,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     lengths = sorted(set(args.lengths))
     all_lengths = lengths + ([args.validation_length] if args.validation_length else [])
     check_optimize_args(args, lengths, args.sink, args.block_size)
-    from moa_plan.search.model import check_model_dir, resolve_device
+    from moa_plan.runtime import load as loader
 
-    check_model_dir(args.model)
-    resolve_device(args.device)
+    loader.resolve(args.model)
+    loader.resolve_device(args.device)
     times = {}
     t0 = time.perf_counter()
-    data = calibration.build(args.model, work / "calibration.jsonl", all_lengths, args.samples, args.tasks,
-                             args.seed, args.max_answer_tokens, args.text, False, not args.quiet, args.batch_size,
-                             args.device)
+    data = calibration.build(args.model, work / "calibration.json", all_lengths, args.samples, args.tasks,
+                             args.seed, args.max_answer_tokens, args.text, args.overwrite, not args.quiet,
+                             args.batch_size, args.device)
     times["calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     prof = profile.run_profile(args.model, data, work / "profile", args.sink, args.block_size, args.chunk,
-                               False, not args.quiet, args.signed_influence, args.device)
+                               args.overwrite, not args.quiet, args.signed_influence, args.device)
     times["profile"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     rc = _optimize(args, prof, lengths, args.model, data)

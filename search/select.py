@@ -1,7 +1,7 @@
 """From a profile and a budget to the chosen plan: instance building, Pareto selection, provenance.
 
 Selection: among the Pareto plans, the one with the lowest **measured** loss of the compressed
-model on held-out samples at the validation length (``search/validate.py``, as the MoA
+model on held-out samples at the validation length (``search/loss.py``, as the MoA
 reference does), when a model and validation samples are given; otherwise the lowest
 *estimated* loss at the validation length (profiled but never an objective), or without a
 validation length the lowest sum of range-normalised objectives. The validation length's

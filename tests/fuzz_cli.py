@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moa_plan.cli import MAX_REPORTED, main
+from moa_plan.cli import main
+from moa_plan.errors import MAX_REPORTED
 from moa_plan.plan import PlanError, printable
 
 HANG_SECONDS = 10

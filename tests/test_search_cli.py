@@ -98,10 +98,10 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
 def test_bad_model_folder_is_one_line(tmp_path, capsys):
     rc = main(["calibrate", "--model", str(tmp_path / "nope"), "--lengths", "256", "--out", str(tmp_path / "c.jsonl")])
     err = capsys.readouterr().err
-    assert rc == 1 and err == f"moa-plan: --model: {tmp_path / 'nope'}: not a model folder or its config.json\n"
+    assert rc == 2 and err == f"moa-plan calibrate: --model: {tmp_path / 'nope'}: not a model folder or its config.json\n"
     (tmp_path / "config.json").write_text("{}")
     rc = main(["calibrate", "--model", str(tmp_path / "config.json"), "--lengths", "256", "--out", str(tmp_path / "c")])
-    assert rc == 1 and "has a config.json but no weights" in capsys.readouterr().err
+    assert rc == 2 and "has a config.json but no weights" in capsys.readouterr().err
 
 
 def test_search_checks_every_option_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -147,15 +147,15 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
     assert all(sum(s["loss_mask"]) == len(s["answer_ids"]) for s in samples)  # one turn: all answer
 
     # resuming never reloads the model when everything is done
-    from moa_plan.search import model as model_mod
+    from moa_plan.runtime import load as loader
 
-    monkeypatch.setattr(model_mod, "load", lambda *a, **k: pytest.fail("model reloaded on resume"))
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("model reloaded on resume"))
     calibration.build(tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
                       progress=False)
     # a different seed is refused instead of silently mixing datasets
-    from moa_plan.plan import PlanError
+    from moa_plan.errors import OptionError
 
-    with pytest.raises(PlanError):
+    with pytest.raises(OptionError, match="seed is 1 there, 2 now"):
         calibration.build(tiny_dir, out, [300], 4, ["kv", "copy"], seed=2, max_answer_tokens=3, text=str(docs),
                           progress=False)
 

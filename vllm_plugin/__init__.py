@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.build import plan_from_spec
-from moa_plan.cli import problem_lines
+from moa_plan.errors import problem_lines
 from moa_plan.plan import ModelShape, Plan, PlanError
 
 PLAN_ENV = "MOA_PLAN"
