@@ -45,7 +45,7 @@ def check_plan(pretrained: Any, spec: str) -> Any:
             load_plan(spec)
         return spec
     except PlanError as exc:
-        from moa_plan.plan import printable  # control characters in a file name stay on one line
+        from moa_plan.errors import printable  # control characters in a file name stay on one line
 
         raise PlanArgumentError(printable("; ".join(f"moa: plan={spec}: {loc}: {msg}" if loc else f"moa: plan={spec}: {msg}"
                                                     for loc, msg in exc.problems))) from None

@@ -13,7 +13,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from moa_plan import semantics
 from moa_plan.io import check_fits, load_plan
 from moa_plan.plan import FORMAT_VERSION, MAX_LENGTH, Layer, ModelShape, Plan, PlanError, Rule
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from moa_plan import semantics
-from moa_plan.errors import MAX_REPORTED, PlanError, printable
+from moa_plan.errors import PlanError
 
 FORMAT_VERSION = 1
 # Limits of a plan (spec/README.md, "Limits"). Real models stay far inside them; they exist so

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from moa_plan.args import (add_run_flags, check_device, check_output, densities, float_in, lengths, names,
                            nonnegative, positive)
-from moa_plan.errors import OptionError, Problems, UsageError
+from moa_plan.errors import OptionError, Problems
 
 def _extension_lengths(text: str) -> list[int]:
     """Comma-separated lengths, or 0 for none."""

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from moa_plan.cli import main
 from moa_plan.errors import MAX_REPORTED
-from moa_plan.plan import PlanError, printable
+from moa_plan.errors import printable
+from moa_plan.plan import PlanError
 
 HANG_SECONDS = 10
 SHAPE = {"num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
@@ -277,7 +278,7 @@ def run(cases: int, seed: int = 0, heavy_every: int = 1, only: int | None = None
 
     hf_logging.disable_progress_bar()
     from moa_plan.evals.lm_eval_model import MoALM
-    from moa_plan.evals.tiny import make_tiny_model
+    from conftest import make_tiny_model
     from moa_plan.runtime import load_model
 
     tallies: dict[str, Tally] = {}

@@ -13,7 +13,7 @@ from moa_plan.plan import Layer, Plan, Rule
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from moa_plan.evals.tiny import make_tiny_model
+    from conftest import make_tiny_model
 
     folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
     shape = load_model_shape(folder)

@@ -16,7 +16,7 @@ def words(text: str) -> int:
 
 @pytest.fixture(scope="module")
 def bpe():
-    from moa_plan.evals.tiny import make_tokenizer
+    from conftest import make_tokenizer
 
     return make_tokenizer()
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moa_plan.cli import main
-from moa_plan.evals.bench import SHAPES, bench_plan, decode_tokens_read, render_markdown
+from moa_plan.evals.bench.cases import SHAPES, bench_plan, decode_tokens_read
+from moa_plan.evals.bench.report import render_markdown
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 from moa_plan.runtime.cache import LayerLayout, slot_positions
 
@@ -47,9 +49,11 @@ def test_decode_bytes_are_the_visible_slots(hkv, group, n_max, sink, data):
 
 
 def test_bench_cli_refuses_bad_input(capsys):
-    assert main(["bench", "--shapes", "nope"]) == 1
-    assert "unknown shape" in capsys.readouterr().err
-    assert main(["bench", "--densities", "0.5,2"]) == 1
+    for argv, message in ((["--shapes", "nope"], "--shapes: nope: choose from llama3-8b, mha-7b"),
+                          (["--densities", "0.5,2"], "--densities: 2: must be in (0, 1], got 2")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench"]) == 1
         assert "CUDA" in capsys.readouterr().err

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("pyomo")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_search_tiny import char_tokenizer, save_tiny  # noqa: E402
+from conftest import char_tokenizer, save_tiny  # noqa: E402
 
 from moa_plan.cli import main  # noqa: E402
 from moa_plan.io import load_plan  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 pytest.importorskip("vllm")
 
 from moa_plan.build import dense_plan  # noqa: E402
-from moa_plan.evals.tiny import make_tiny_model  # noqa: E402
+from conftest import make_tiny_model  # noqa: E402
 from moa_plan.io import load_model_shape, save_plan  # noqa: E402
 from moa_plan.plan import Layer, Plan, Rule  # noqa: E402
 from moa_plan.runtime import MoACache, load_model  # noqa: E402
@@ -209,7 +209,8 @@ def test_served_model_and_check_without_vllm_running(tiny, tmp_path, monkeypatch
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf")
-    from moa_plan.evals.smollm2 import gguf_path, model_dir
+    from moa_plan.runtime.load import gguf_path
+    from moa_plan.runtime.load import smollm2_folder as model_dir
 
     try:
         gguf_path()

