@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from moa_plan import build, io
-from moa_plan.args import int_in
-from moa_plan.errors import UserError, printable, report
+from moa_plan.args import int_in, lengths
+from moa_plan.errors import OptionError, UserError, printable, report
 from moa_plan.plan import MAX_LENGTH, ModelShape, Plan, PlanError
 
 DEFAULT_LENGTHS = (1024, 4096)
@@ -187,7 +187,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.expanded:
         sys.stdout.write(io.plan_to_json(plan.expanded()))
         return 0
-    lengths = lengths_of(plan, args.length)
+    lengths = lengths_of(plan, args.lengths)
     sys.stdout.write(show_text(plan, args.plan, lengths))
     if args.plot:
         n = args.plot_length or max(lengths)
@@ -199,8 +199,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 # ---- density ---------------------------------------------------------------------------------
 
 def cmd_density(args: argparse.Namespace) -> int:
+    if not args.lengths:
+        raise OptionError([("--lengths", "required: the input lengths, e.g. --lengths 1024,4096")])
     plan = load(args.plan)
-    for n in dict.fromkeys(args.length):
+    for n in dict.fromkeys(args.lengths):
         print(f"density at N={n}: {plan.density(n):.6g}")
         if args.all:
             print(f"attention fraction at N={n}: {plan.attention_fraction(n):.6g}")
@@ -287,17 +289,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("show", help="summary table of a plan; --plot draws its span map")
     p.add_argument("plan", metavar="PLAN", help="plan JSON file")
-    p.add_argument("--length", type=_positive_int, nargs="+", metavar="N",
-                   help="lengths of the table (default: 1024, 4096 and max_position_embeddings)")
+    p.add_argument("--lengths", type=lengths, metavar="N,N",
+                   help="lengths of the table, comma-separated (default: 1024, 4096 and max_position_embeddings)")
+    p.add_argument("--length", type=_positive_int, nargs="+", dest="lengths", help=argparse.SUPPRESS)  # old name
     p.add_argument("--plot", metavar="PNG", help="write the span map (layers x heads) to this PNG")
     p.add_argument("--plot-length", type=_positive_int, metavar="N",
-                   help="length of the span map (default: the largest --length)")
+                   help="length of the span map (default: the largest --lengths)")
     p.add_argument("--expanded", action="store_true", help="print the canonical expanded JSON instead")
     p.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("density", help="plan density (mean over heads of min(N, sink + span) / N) at lengths")
     p.add_argument("plan", metavar="PLAN", help="plan JSON file")
-    p.add_argument("--length", type=_positive_int, nargs="+", required=True, metavar="N", help="input lengths in tokens")
+    p.add_argument("--lengths", type=lengths, metavar="N,N", help="input lengths in tokens, comma-separated (required)")
+    p.add_argument("--length", type=_positive_int, nargs="+", dest="lengths", help=argparse.SUPPRESS)  # old name
     p.add_argument("--per-layer", action="store_true", help="also each layer's density")
     p.add_argument("--all", action="store_true",
                    help="also the attention fraction (computed part of the causal triangle) and the "

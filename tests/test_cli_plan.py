@@ -570,8 +570,10 @@ def test_orphaned_temporaries_are_cleaned_and_special_targets_refused(tmp_path):
 def test_option_errors_are_one_line_and_exit_2(capsys):
     for argv, line in [(["show", "p.json", "--length", "0"],
                         "moa-plan show: --length: must be in [1, 2^40], got 0 (see moa-plan show --help)"),
-                       (["density", "p.json"],
-                        "moa-plan density: the following arguments are required: --length (see moa-plan density --help)")]:
+                       (["show", "p.json", "--lengths", "8,0"],
+                        "moa-plan show: --lengths: 0: must be in [1, 2^40], got 0 (see moa-plan show --help)")]:
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and capsys.readouterr().err == line + "\n"
+    assert main(["density", "p.json"]) == 2
+    assert capsys.readouterr().err == "moa-plan density: --lengths: required: the input lengths, e.g. --lengths 1024,4096\n"

@@ -8,7 +8,7 @@ from moa_plan.evals.context import accuracy_by_length, effective_context, heatma
 from moa_plan.evals.methods import comparison, parse_method, parse_methods
 from moa_plan.evals.retrieval import Results, cell_key
 from moa_plan.io import save_plan
-from moa_plan.plan import Layer, ModelShape, Plan, PlanError, Rule
+from moa_plan.plan import Layer, ModelShape, Plan, Rule
 from moa_plan.errors import Problems
 
 SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)

@@ -17,7 +17,7 @@ from moa_plan import semantics
 from moa_plan.plan import Layer, ModelShape, Plan, Rule
 from moa_plan.runtime.paged import spans_at, torch_paged_attention, write_kv
 from moa_plan.runtime.reference import reference_attention
-from moa_plan.vllm_plugin import local_rules
+from moa_plan.runtime.vllm import local_rules
 from strategies import alphas, betas
 
 triton_prefill, _ = kernels()

