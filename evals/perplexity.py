@@ -41,7 +41,7 @@ def windows(token_ids: Sequence[int], length: int, count: int, kind: str) -> lis
     need = length if kind == "text" else length // 2
     out = []
     for i in range(count):
-        chunk = list(token_ids[i * need:(i + 1) * need])
+        chunk = list(token_ids[i * need : (i + 1) * need])
         if len(chunk) < need:
             raise ValueError(f"the text has {len(token_ids)} tokens, too few for {count} windows of {length}")
         if kind == "text":
@@ -62,20 +62,32 @@ def token_nll(model: Any, ids: list[int], chunk: int = 512) -> Any:
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=x).last_hidden_state[0]
         head = model.get_output_embeddings()
-        parts = [F.cross_entropy(head(hidden[start - 1:stop - 1]).float(), x[0, start:stop], reduction="none")
-                 for start, stop in ((s, min(len(ids), s + chunk)) for s in range(1, len(ids), chunk))]
+        parts = [
+            F.cross_entropy(head(hidden[start - 1 : stop - 1]).float(), x[0, start:stop], reduction="none")
+            for start, stop in ((s, min(len(ids), s + chunk)) for s in range(1, len(ids), chunk))
+        ]
     return torch.cat(parts).cpu() if parts else torch.zeros(0)
 
 
 def window_nll(model: Any, ids: list[int], score_from: int, chunk: int = 512) -> tuple[float, int]:
     """Summed negative log-likelihood of tokens ``score_from..`` given their prefix, and their count."""
-    nll = token_nll(model, ids, chunk)[max(score_from, 1) - 1:]
+    nll = token_nll(model, ids, chunk)[max(score_from, 1) - 1 :]
     return float(nll.double().sum()), len(nll)
 
 
-def run_perplexity(pool: Any, shape: Any, methods: Sequence[Method], lengths: Sequence[int], kinds: Sequence[str],
-                   count: int, out: Path | None, model: str, dtype: str, quiet: bool = False,
-                   overwrite: bool = False) -> dict[str, Any]:
+def run_perplexity(
+    pool: Any,
+    shape: Any,
+    methods: Sequence[Method],
+    lengths: Sequence[int],
+    kinds: Sequence[str],
+    count: int,
+    out: Path | None,
+    model: str,
+    dtype: str,
+    quiet: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Perplexity of every method at every (kind, length): a ``moa_plan.run`` job (``perplexity``)
     resumed from ``out`` (None: a temporary file), a cell per (method, kind, length). The file's
     ``methods`` field gathers each method's cells: ``{name: {spec, fingerprint, stats,
@@ -84,10 +96,10 @@ def run_perplexity(pool: Any, shape: Any, methods: Sequence[Method], lengths: Se
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            return run_perplexity(pool, shape, methods, lengths, kinds, count, Path(tmp) / "perplexity.json",
-                                  model, dtype, quiet)
-    settings = {"model": model, "windows": count, "dtype": dtype,
-                "methods": {m.name: m.fingerprint() for m in methods}}
+            return run_perplexity(
+                pool, shape, methods, lengths, kinds, count, Path(tmp) / "perplexity.json", model, dtype, quiet
+            )
+    settings = {"model": model, "windows": count, "dtype": dtype, "methods": {m.name: m.fingerprint() for m in methods}}
     grid = [(m, kind, n) for m in methods for kind in kinds for n in lengths]
     keys = [f"{m.name}|{kind}|{n}" for m, kind, n in grid]
     with Run(out, "perplexity", settings, overwrite=overwrite, quiet=quiet, grows=("methods",)) as run:
@@ -107,12 +119,25 @@ def run_perplexity(pool: Any, shape: Any, methods: Sequence[Method], lengths: Se
                     nll, tokens = nll + a, tokens + b
                     per_window.append(round(a / b, 6))
                     bar.update(1)
-                run.put(key, {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
-                              "window_nll": per_window, "seconds": round(time.perf_counter() - t0, 3)})
-        info = {m.name: {"spec": m.spec, "fingerprint": m.fingerprint(),
-                         "stats": {str(n): m.stats(shape, n) for n in lengths},
-                         "perplexity": {kind: {str(n): run.cells[f"{m.name}|{kind}|{n}"] for n in lengths}
-                                        for kind in kinds}} for m in methods}
+                run.put(
+                    key,
+                    {
+                        "ppl": math.exp(nll / tokens),
+                        "nll": nll / tokens,
+                        "tokens": tokens,
+                        "window_nll": per_window,
+                        "seconds": round(time.perf_counter() - t0, 3),
+                    },
+                )
+        info = {
+            m.name: {
+                "spec": m.spec,
+                "fingerprint": m.fingerprint(),
+                "stats": {str(n): m.stats(shape, n) for n in lengths},
+                "perplexity": {kind: {str(n): run.cells[f"{m.name}|{kind}|{n}"] for n in lengths} for kind in kinds},
+            }
+            for m in methods
+        }
         run.finish(keys, prune=False, methods={**run.summary.get("methods", {}), **info})
     return info
 
@@ -121,6 +146,9 @@ def perplexity_table(methods: dict[str, Any], lengths: list[int], kinds: list[st
     head = ["method"] + [f"{k} ppl@{n}" for k in kinds for n in lengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
-        lines.append("| " + " | ".join([name] + [f"{m['perplexity'][k][str(n)]['ppl']:.2f}"
-                                                  for k in kinds for n in lengths]) + " |")
+        lines.append(
+            "| "
+            + " | ".join([name] + [f"{m['perplexity'][k][str(n)]['ppl']:.2f}" for k in kinds for n in lengths])
+            + " |"
+        )
     return "\n".join(lines) + "\n"

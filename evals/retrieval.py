@@ -99,8 +99,9 @@ def prompt_ids(tokenizer: Any, doc: Document, chat: bool) -> list[int]:
     and the answer prefix opens the assistant turn."""
     if not chat:
         return tokenizer.encode(doc.prompt, add_special_tokens=False)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": doc.context + doc.question}],
-                                         tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": doc.context + doc.question}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer.encode(text + doc.prefix.lstrip(), add_special_tokens=False)
 
 
@@ -110,15 +111,27 @@ def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) ->
 
     x = torch.tensor([ids], device=model.device)
     with torch.no_grad():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)
 
 
 # ---- the grid -----------------------------------------------------------------------------
 
-def run_grid(settings: Settings, methods: Sequence[Method], out: Path | None, quiet: bool = False,
-             pool: ModelPool | None = None, overwrite: bool = False) -> Results:
+
+def run_grid(
+    settings: Settings,
+    methods: Sequence[Method],
+    out: Path | None,
+    quiet: bool = False,
+    pool: ModelPool | None = None,
+    overwrite: bool = False,
+) -> Results:
     """Accuracy of every method at every (length, position), a ``moa_plan.run`` job (``retrieval``)
     resumed from ``out`` (None: a temporary file): a cell per (method, length, position), computed once."""
     if out is None:
@@ -149,22 +162,48 @@ def run_grid(settings: Settings, methods: Sequence[Method], out: Path | None, qu
                         doc = docs[(n, p, i)] = make_document(settings.task, tokenizer, n, p, settings.seed, i)
                     ids = prompt_ids(tokenizer, doc, settings.chat)
                     text = generate(model, tokenizer, ids, settings.max_new_tokens)
-                    rows.append({"answer": doc.answer, "generation": text, "correct": score(text, doc.answer),
-                                 "prompt_tokens": len(ids)})
+                    rows.append(
+                        {
+                            "answer": doc.answer,
+                            "generation": text,
+                            "correct": score(text, doc.answer),
+                            "prompt_tokens": len(ids),
+                        }
+                    )
                     bar.update(1)
-                run.put(key, {"method": m.name, "fingerprint": m.fingerprint(), "task": settings.task, "length": n,
-                              "position": p, "accuracy": sum(r["correct"] for r in rows) / len(rows),
-                              "samples": rows, "seconds": round(time.perf_counter() - t0, 3)})
-        info = {m.name: {"kind": m.kind, "spec": m.spec, "fingerprint": m.fingerprint(),
-                         "stats": {str(n): m.stats(shape, n) for n in settings.lengths}} for m in methods}
+                run.put(
+                    key,
+                    {
+                        "method": m.name,
+                        "fingerprint": m.fingerprint(),
+                        "task": settings.task,
+                        "length": n,
+                        "position": p,
+                        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+                        "samples": rows,
+                        "seconds": round(time.perf_counter() - t0, 3),
+                    },
+                )
+        info = {
+            m.name: {
+                "kind": m.kind,
+                "spec": m.spec,
+                "fingerprint": m.fingerprint(),
+                "stats": {str(n): m.stats(shape, n) for n in settings.lengths},
+            }
+            for m in methods
+        }
         cells = run.finish(keys, prune=False, methods={**run.summary.get("methods", {}), **info})
         return Results(run.settings, info, cells)
 
 
 def _adopt_renamed(run: Run, methods: Sequence[Method], settings: Settings) -> None:
     """Reuse cells of a method stored under another name (same fingerprint = same attention)."""
-    by_print = {(c.get("fingerprint"), c.get("task"), c.get("length"), c.get("position")): c
-                for c in run.cells.values() if isinstance(c, dict)}
+    by_print = {
+        (c.get("fingerprint"), c.get("task"), c.get("length"), c.get("position")): c
+        for c in run.cells.values()
+        if isinstance(c, dict)
+    }
     for m in methods:
         for n in settings.lengths:
             for p in settings.positions:
@@ -174,8 +213,9 @@ def _adopt_renamed(run: Run, methods: Sequence[Method], settings: Settings) -> N
                     run.cells[key] = {**cell, "method": m.name}
 
 
-def accuracy_table(results: Results, method: str, task: str, lengths: Sequence[int],
-                   positions: Sequence[float]) -> list[list[float | None]]:
+def accuracy_table(
+    results: Results, method: str, task: str, lengths: Sequence[int], positions: Sequence[float]
+) -> list[list[float | None]]:
     """[position][length] accuracy of one method (None where the cell was not run)."""
     out = []
     for p in positions:

@@ -31,8 +31,9 @@ def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
     return (0.0 if k == 0 else lo), (1.0 if k == n else hi)  # exact ends, no float drift
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], resamples: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(mean(a - b), low, high): percentile bootstrap interval of the mean paired difference."""
     if len(a) != len(b) or not a:
         raise ValueError(f"need two non-empty paired samples of one length, got {len(a)} and {len(b)}")

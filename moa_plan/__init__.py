@@ -7,9 +7,22 @@ from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, PlanError, Ru
 from moa_plan.semantics import head_density, span, visible, visible_pairs
 
 __all__ = [
-    "FORMAT_VERSION", "Layer", "ModelShape", "Plan", "PlanError", "Rule",
-    "check_fits", "head_density", "load_model_shape", "load_plan", "plan_from_data", "plan_from_json",
-    "save_plan", "span", "visible", "visible_pairs",
+    "FORMAT_VERSION",
+    "Layer",
+    "ModelShape",
+    "Plan",
+    "PlanError",
+    "Rule",
+    "check_fits",
+    "head_density",
+    "load_model_shape",
+    "load_plan",
+    "plan_from_data",
+    "plan_from_json",
+    "save_plan",
+    "span",
+    "visible",
+    "visible_pairs",
 ]
 try:  # the one version source is pyproject.toml, read from the installed metadata
     __version__ = _metadata.version("moa-plan")

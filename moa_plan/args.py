@@ -110,8 +110,11 @@ def add_run_flags(p: argparse.ArgumentParser, overwrite: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
     if overwrite:
-        p.add_argument("--overwrite", action="store_true",
-                       help="start the output afresh (default: resume it; a settings mismatch is refused)")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start the output afresh (default: resume it; a settings mismatch is refused)",
+        )
 
 
 def check_output(flag: str, path: str | os.PathLike, folder: bool = False) -> None:
@@ -150,8 +153,9 @@ def check_device(flag: str, text: str, allow_auto: bool = False) -> None:
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise OptionError([(flag, f"not a torch device: {text!r} (use cpu, cuda or cuda:N"
-                                  f"{', or auto' if allow_auto else ''})")]) from None
+        raise OptionError(
+            [(flag, f"not a torch device: {text!r} (use cpu, cuda or cuda:N{', or auto' if allow_auto else ''})")]
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise OptionError([(flag, f"{text}: CUDA is not available on this machine")])

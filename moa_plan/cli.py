@@ -26,8 +26,10 @@ EXTENSIONS = ("moa_plan.search.cli", "moa_plan.evals.cli", "moa_plan.evals.demo"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="moa-plan", description="MoA plans: per-head sink + elastic window attention. Validate, inspect, "
-                                     "search, run and evaluate them; `moa-plan COMMAND --help` for each command.")
+        prog="moa-plan",
+        description="MoA plans: per-head sink + elastic window attention. Validate, inspect, "
+        "search, run and evaluate them; `moa-plan COMMAND --help` for each command.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.register(sub)
     for name in EXTENSIONS:

@@ -101,8 +101,15 @@ def plan_from_data(data: Any) -> Plan:
     if not isinstance(data, dict):
         raise PlanError([("", "a plan must be a JSON object")])
     if "format_version" not in data and "model" not in data and "num_hidden_layers" in data:
-        raise PlanError([("", "this is a transformers model config, not a plan: pass it as --model "
-                              "(e.g. moa-plan uniform --model CONFIG --density 0.5 --out plan.json)")])
+        raise PlanError(
+            [
+                (
+                    "",
+                    "this is a transformers model config, not a plan: pass it as --model "
+                    "(e.g. moa-plan uniform --model CONFIG --density 0.5 --out plan.json)",
+                )
+            ]
+        )
     version = data.get("format_version")
     if "format_version" in data and (type(version) is not int or version != FORMAT_VERSION):  # not True / 1.0
         raise PlanError([("format_version", f"unsupported version {version!r}; this moa-plan reads {FORMAT_VERSION}")])
@@ -169,16 +176,21 @@ def parse_json(text: str) -> Any:
             pass
     if not found:
         raise PlanError([("", message)])
-    raise PlanError([(format_location(path), f"{name} is not valid JSON; must be a finite number")
-                     for path, name in found[:20]])
+    raise PlanError(
+        [(format_location(path), f"{name} is not valid JSON; must be a finite number") for path, name in found[:20]]
+    )
 
 
 def _check_duplicates(data: Any) -> Any:
     if isinstance(data, (dict, list)):
         found = _duplicate_paths(data)
         if found:
-            raise PlanError([(format_location(path + (key,)), "duplicate key (a JSON object names each key once)")
-                             for path, key in found[:20]])
+            raise PlanError(
+                [
+                    (format_location(path + (key,)), "duplicate key (a JSON object names each key once)")
+                    for path, key in found[:20]
+                ]
+            )
     return data
 
 
@@ -188,8 +200,13 @@ def plan_from_json(text: str) -> Plan:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -281,8 +298,11 @@ def plan_to_json(plan: Plan) -> str:
 def plan_schema() -> dict[str, Any]:
     """The JSON Schema of a plan file, generated from the models (spec/plan.schema.json)."""
     schema = Plan.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": "https://github.com/moa-plan/moa-plan/spec/plan.schema.json", **schema}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://github.com/moa-plan/moa-plan/spec/plan.schema.json",
+        **schema,
+    }
 
 
 def plan_schema_json() -> str:
@@ -363,8 +383,10 @@ def exclusive(path: str | os.PathLike):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PlanError([("", "another moa-plan run is writing this file now; wait for it or choose "
-                              "another output")], source=str(path)) from None
+            raise PlanError(
+                [("", "another moa-plan run is writing this file now; wait for it or choose another output")],
+                source=str(path),
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -376,6 +398,7 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> None:
 
 
 # ---- model configs -------------------------------------------------------------------------
+
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """A transformers ``config.json`` (or a folder holding one) as a dict; errors as PlanError."""
@@ -398,8 +421,14 @@ def model_folder(path: str | os.PathLike) -> Path:
     if not (folder / "config.json").is_file():
         raise PlanError([("--model", f"{folder} has no config.json (expected a transformers model folder)")])
     if not any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir()):
-        raise PlanError([("--model", f"{folder} has a config.json but no weights (*.safetensors, *.bin): "
-                                     "this command runs the model")])
+        raise PlanError(
+            [
+                (
+                    "--model",
+                    f"{folder} has a config.json but no weights (*.safetensors, *.bin): this command runs the model",
+                )
+            ]
+        )
     return folder
 
 
@@ -419,8 +448,14 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
     name = config.get("_name_or_path")
     name = name if isinstance(name, str) and name else None
     try:
-        return ModelShape(name=name, num_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                          head_dim=head_dim, max_position_embeddings=max_pos)
+        return ModelShape(
+            name=name,
+            num_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            max_position_embeddings=max_pos,
+        )
     except ValidationError as exc:
         raise PlanError([(f"model.{loc}", msg) for loc, msg in validation_problems(exc)]) from None
 

@@ -55,7 +55,9 @@ def first_difference(old: Mapping[str, Any], new: Mapping[str, Any], grows: Iter
         if name in grows and isinstance(a, dict) and isinstance(b, dict):
             for key in b:
                 if key in a and a[key] != b[key]:
-                    return f"{name} {printable(str(key), limit=60)} differs ({_shown(a[key])} there, {_shown(b[key])} now)"
+                    return (
+                        f"{name} {printable(str(key), limit=60)} differs ({_shown(a[key])} there, {_shown(b[key])} now)"
+                    )
         elif a != b:
             return f"{name} is {_shown(a)} there, {_shown(b)} now"
     return None
@@ -64,8 +66,16 @@ def first_difference(old: Mapping[str, Any], new: Mapping[str, Any], grows: Iter
 class Run:
     """One job's result file, open for resuming (a context manager: it holds the file's lock)."""
 
-    def __init__(self, path: str | os.PathLike, job: str, settings: Mapping[str, Any], *, overwrite: bool = False,
-                 quiet: bool = False, grows: Iterable[str] = ()):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        job: str,
+        settings: Mapping[str, Any],
+        *,
+        overwrite: bool = False,
+        quiet: bool = False,
+        grows: Iterable[str] = (),
+    ):
         self.path, self.job, self.quiet = Path(path), job, quiet
         self.settings = json.loads(json.dumps(dict(settings)))  # plain JSON values, as stored
         self.overwrite, self.grows = overwrite, tuple(grows)
@@ -93,16 +103,36 @@ class Run:
         try:
             data = read_json_limited(self.path, MAX_RESULT_BYTES)
         except Problems as exc:
-            raise UsageError([(loc, f"{msg}; pass --overwrite to start afresh") for loc, msg in exc.problems],
-                             source=str(self.path)) from None
-        if not (isinstance(data, dict) and data.get("job") == self.job and data.get("format") == FORMAT
-                and isinstance(data.get("settings"), dict) and isinstance(data.get("cells"), dict)):
-            raise UsageError([("", f"not a moa-plan {self.job} result file (format {FORMAT}); pass --overwrite "
-                                   "to replace it, or write elsewhere")], source=str(self.path))
+            raise UsageError(
+                [(loc, f"{msg}; pass --overwrite to start afresh") for loc, msg in exc.problems], source=str(self.path)
+            ) from None
+        if not (
+            isinstance(data, dict)
+            and data.get("job") == self.job
+            and data.get("format") == FORMAT
+            and isinstance(data.get("settings"), dict)
+            and isinstance(data.get("cells"), dict)
+        ):
+            raise UsageError(
+                [
+                    (
+                        "",
+                        f"not a moa-plan {self.job} result file (format {FORMAT}); pass --overwrite "
+                        "to replace it, or write elsewhere",
+                    )
+                ],
+                source=str(self.path),
+            )
         diff = first_difference(data["settings"], self.settings, self.grows)
         if diff is not None:
-            raise OptionError([(str(self.path), f"made with other settings: {diff}; pass --overwrite to start "
-                                                "afresh, or write elsewhere")])
+            raise OptionError(
+                [
+                    (
+                        str(self.path),
+                        f"made with other settings: {diff}; pass --overwrite to start afresh, or write elsewhere",
+                    )
+                ]
+            )
         self.cells = data["cells"]
         for name in self.grows:  # a growing setting keeps what earlier runs added (their cells stay valid)
             if isinstance(data["settings"].get(name), dict) and isinstance(self.settings.get(name), dict):
@@ -134,9 +164,19 @@ class Run:
         return self.cells
 
     def save(self) -> None:
-        write_atomic(self.path, dumps({"job": self.job, "format": FORMAT, "settings": self.settings,
-                                       "fingerprint": fingerprint(self.settings), "cells": self.cells,
-                                       **self.summary}))
+        write_atomic(
+            self.path,
+            dumps(
+                {
+                    "job": self.job,
+                    "format": FORMAT,
+                    "settings": self.settings,
+                    "fingerprint": fingerprint(self.settings),
+                    "cells": self.cells,
+                    **self.summary,
+                }
+            ),
+        )
 
     def progress(self, total: int, desc: str, unit: str = "cell") -> Progress:
         return Progress(total, desc, quiet=self.quiet, unit=unit)
@@ -157,8 +197,13 @@ def dumps(data: Mapping[str, Any]) -> str:
 def read_result(path: str | os.PathLike, job: str) -> dict[str, Any]:
     """A finished result file of ``job`` (settings, cells, summary), or a located UsageError."""
     data = read_json_limited(path, MAX_RESULT_BYTES)
-    if not (isinstance(data, dict) and data.get("job") == job and data.get("format") == FORMAT
-            and isinstance(data.get("settings"), dict) and isinstance(data.get("cells"), dict)):
+    if not (
+        isinstance(data, dict)
+        and data.get("job") == job
+        and data.get("format") == FORMAT
+        and isinstance(data.get("settings"), dict)
+        and isinstance(data.get("cells"), dict)
+    ):
         raise UsageError([("", f"not a moa-plan {job} result file (format {FORMAT})")], source=str(path))
     return data
 
@@ -186,8 +231,10 @@ class Progress:
     def _draw(self) -> None:
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else None
-        text = (f"{self.desc}: {self.done}/{self.total} {self.unit}s [{_clock(elapsed)} elapsed"
-                f"{', ETA ' + _clock(eta) if eta is not None and self.done < self.total else ''}]")
+        text = (
+            f"{self.desc}: {self.done}/{self.total} {self.unit}s [{_clock(elapsed)} elapsed"
+            f"{', ETA ' + _clock(eta) if eta is not None and self.done < self.total else ''}]"
+        )
         self.stream.write(("\r" + text + "\x1b[K") if self.tty else text + "\n")
         self.stream.flush()
 

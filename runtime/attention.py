@@ -59,8 +59,16 @@ def _use_triton(name: str, device: torch.device) -> ModuleType | None:
     return module if device.type == "cuda" else None
 
 
-def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
-                 spans: torch.Tensor, sink: int, scale: float) -> torch.Tensor:
+def masked_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    spans: torch.Tensor,
+    sink: int,
+    scale: float,
+) -> torch.Tensor:
     """SDPA of q [B,Hq,Lq,D] over k/v [B,Hkv,K,D]; qpos [Lq], kpos [K] or [Hkv,K] (-1 = no key)."""
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
@@ -75,8 +83,15 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
 
 
-def torch_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int,
-                            scale: float | None = None, block: int = QUERY_BLOCK) -> torch.Tensor:
+def torch_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spans: torch.Tensor,
+    sink: int,
+    scale: float | None = None,
+    block: int = QUERY_BLOCK,
+) -> torch.Tensor:
     """The plan's attention without materialising the N x N mask: per block of query rows, only the
     sink keys and the keys inside the widest window of that block are read."""
     batch, hq, q_len, d = q.shape
@@ -103,8 +118,9 @@ def torch_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return out
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int,
-                      scale: float | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int, scale: float | None = None
+) -> torch.Tensor:
     """Plan attention of q [B,Hq,Lq,D] over all keys k/v [B,Hkv,Lk,D] (Lq <= Lk), spans at N = Lk."""
     module = _use_triton("triton_prefill", q.device)
     if module is not None:
@@ -112,17 +128,26 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: 
     return torch_prefill_attention(q, k, v, spans, sink, scale)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: LayerLayout,
-                     spans: torch.Tensor, sink: int, n: int | torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: LayerLayout,
+    spans: torch.Tensor,
+    sink: int,
+    n: int | torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
     """One decode step q [B,Hq,D] -> [B,Hq,D] over the static cache at total length n."""
     module = _use_triton("triton_decode", q.device)
     if module is None:
-        return torch_decode_attention(q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans,
-                                      sink, n, scale)
+        return torch_decode_attention(
+            q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans, sink, n, scale
+        )
     extra = {"max_cap": max(layout.caps)} if _takes_max_cap(module.decode_attention) else {}  # no host sync
-    return module.decode_attention(q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans, sink,
-                                   n, scale, **extra)
+    return module.decode_attention(
+        q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans, sink, n, scale, **extra
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,19 +155,30 @@ def _takes_max_cap(fn) -> bool:
     return "max_cap" in inspect.signature(fn).parameters
 
 
-def cached_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, layout: LayerLayout,
-                past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cached_keys(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, layout: LayerLayout, past: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the cache holds at total length ``past``, per KV head: K, V [B,Hkv,W,D] and positions [Hkv,W]."""
     width = max(layout.caps)
     pos = _head_positions(layout.cap, layout.n_sink, past, width)
-    return (gather_heads(k_cache, layout.offset, layout.cap, width),
-            gather_heads(v_cache, layout.offset, layout.cap, width), pos)
+    return (
+        gather_heads(k_cache, layout.offset, layout.cap, width),
+        gather_heads(v_cache, layout.offset, layout.cap, width),
+        pos,
+    )
 
 
-def chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor], past: int,
-                    spans: torch.Tensor, sink: int, scale: float | None = None,
-                    block: int = QUERY_BLOCK) -> torch.Tensor:
+def chunk_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    past: int,
+    spans: torch.Tensor,
+    sink: int,
+    scale: float | None = None,
+    block: int = QUERY_BLOCK,
+) -> torch.Tensor:
     """Plan attention of Lq new queries at positions past..past+Lq-1 over the cached keys
     (``cached_keys`` taken before the chunk was written) and the chunk's own keys."""
     k_old, v_old, pos_old = cached

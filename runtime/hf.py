@@ -55,6 +55,7 @@ CACHE_ARG = _cache_arg()
 
 # ---- plan state shared by the attention modules -------------------------------------------
 
+
 class PlanState:
     """The plan of a model plus a small per-length cache of its spans as device tensors."""
 
@@ -76,6 +77,7 @@ class PlanState:
 
 
 # ---- the static cache ----------------------------------------------------------------------
+
 
 @dataclass
 class _Step:
@@ -110,16 +112,19 @@ class MoALayer(CacheLayerMixin):
         self.keys, self.values = allocate(self.layout, batch, d, self.dtype, self.device)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new positions; return the new K/V tagged with the step for the attention function."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[2]
         past = self.length
         if past + t > self.n_max:
-            raise ValueError(f"MoACache holds {self.n_max} positions (n_max); this step needs {past + t}: "
-                             "build the cache with a larger n_max")
+            raise ValueError(
+                f"MoACache holds {self.n_max} positions (n_max); this step needs {past + t}: "
+                "build the cache with a larger n_max"
+            )
         if key_states.shape[0] != self.keys.shape[0]:
             raise ValueError(f"batch of {key_states.shape[0]} does not match the cache's {self.keys.shape[0]}")
         cached = cached_keys(self.keys, self.values, self.layout, past) if past > 0 and t > 1 else None
@@ -187,9 +192,17 @@ class MoACache(Cache):
 
 # ---- attention and mask functions ------------------------------------------------------------
 
-def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, scaling: float | None = None,
-                          dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+
+def moa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers attention function: q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] -> ([B,Lq,Hq,D], None)."""
     state: PlanState | None = getattr(module, "moa_state", None)
     if state is None:
@@ -205,15 +218,24 @@ def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         spans = state.spans(layer, n, query.device)
         cache = step.layer
         if q_len == 1:
-            out = decode_attention(query[:, :, 0], cache.keys, cache.values, cache.layout, spans, state.sink,
-                                   n, scaling).unsqueeze(2)
+            out = decode_attention(
+                query[:, :, 0], cache.keys, cache.values, cache.layout, spans, state.sink, n, scaling
+            ).unsqueeze(2)
         else:
             out = chunk_attention(query, key, value, step.cached, step.past, spans, state.sink, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
-def moa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-             mask_function: Any = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+def moa_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> None:
     """No mask tensor: the plan's mask is built inside the attention function (the inputs were
     checked by ``check_inputs`` before the decoder ran)."""
     return None
@@ -231,22 +253,30 @@ def check_inputs(attention_mask: Any, position_ids: torch.Tensor | None, past: i
     """
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
-            raise ValueError(f"moa attention takes no {type(attention_mask).__name__} attention_mask; pass a 2-D "
-                             "padding-free mask or none")
+            raise ValueError(
+                f"moa attention takes no {type(attention_mask).__name__} attention_mask; pass a 2-D "
+                "padding-free mask or none"
+            )
         if attention_mask.dim() == 2:
             if not bool(attention_mask.bool().all()):
-                raise ValueError("moa attention runs batches of equal-length prompts only: the attention_mask has "
-                                 "padding (0 entries); run the prompts one by one or batch prompts of the same length")
+                raise ValueError(
+                    "moa attention runs batches of equal-length prompts only: the attention_mask has "
+                    "padding (0 entries); run the prompts one by one or batch prompts of the same length"
+                )
         elif attention_mask.dim() == 4 and q_len is not None:
             _check_mask_4d(attention_mask, past, q_len)
         else:
-            raise ValueError(f"moa attention takes a 2-D [batch, length] or 4-D attention_mask, got shape "
-                             f"{tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"moa attention takes a 2-D [batch, length] or 4-D attention_mask, got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
     if position_ids is not None and position_ids.shape[-1] > 1:
         steps = torch.diff(position_ids.reshape(-1, position_ids.shape[-1]), dim=-1)
         if not bool((steps == 1).all()):
-            raise ValueError("moa attention runs one sequence per row: these position_ids do not count up by one "
-                             "(packed sequences restart them); give each document its own row or call")
+            raise ValueError(
+                "moa attention runs one sequence per row: these position_ids do not count up by one "
+                "(packed sequences restart them); give each document its own row or call"
+            )
 
 
 def _check_mask_4d(mask: torch.Tensor, past: int, q_len: int) -> None:
@@ -256,18 +286,24 @@ def _check_mask_4d(mask: torch.Tensor, past: int, q_len: int) -> None:
         attend = mask == 0
         hidden = mask <= torch.finfo(mask.dtype).min / 2  # -inf or the dtype's min, as transformers writes it
         if not bool((attend | hidden).all()):
-            raise ValueError("moa attention cannot add an attention bias: a float attention_mask may only hold 0 "
-                             "(attend) and -inf / the dtype's minimum (hidden)")
+            raise ValueError(
+                "moa attention cannot add an attention bias: a float attention_mask may only hold 0 "
+                "(attend) and -inf / the dtype's minimum (hidden)"
+            )
     else:
         raise ValueError(f"moa attention takes a bool or float 4-D attention_mask, got {mask.dtype}")
     if mask.shape[-2] != q_len or mask.shape[-1] < past + q_len:
-        raise ValueError(f"4-D attention_mask of shape {tuple(mask.shape)} does not cover {q_len} queries after "
-                         f"{past} cached positions")
+        raise ValueError(
+            f"4-D attention_mask of shape {tuple(mask.shape)} does not cover {q_len} queries after "
+            f"{past} cached positions"
+        )
     i = torch.arange(past, past + q_len, device=mask.device).view(-1, 1)
     j = torch.arange(mask.shape[-1], device=mask.device).view(1, -1)
     if not bool((attend == (j <= i)).all()):
-        raise ValueError("moa attention honours only the causal mask: this 4-D attention_mask hides keys the plan "
-                         "would show (padding?) or shows later ones; batch prompts of equal length without padding")
+        raise ValueError(
+            "moa attention honours only the causal mask: this 4-D attention_mask hides keys the plan "
+            "would show (padding?) or shows later ones; batch prompts of equal length without padding"
+        )
 
 
 def _check_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -295,6 +331,7 @@ def register() -> None:
 
 # ---- plans for a model ------------------------------------------------------------------------
 
+
 def model_shape(model: PreTrainedModel):
     """The attention shape of a transformers model (from its config)."""
     config = model.config.get_text_config(decoder=True)
@@ -319,8 +356,11 @@ def plan_of(model: PreTrainedModel) -> Plan:
 
 
 def _attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
-    return [m for m in model.modules()
-            if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")
+    ]
 
 
 def apply_plan(model: PreTrainedModel, plan: Plan | str | os.PathLike) -> PreTrainedModel:
@@ -335,8 +375,15 @@ def apply_plan(model: PreTrainedModel, plan: Plan | str | os.PathLike) -> PreTra
     modules = _attention_modules(model)
     found = sorted({m.layer_idx for m in modules})
     if found != list(range(plan.model.num_layers)):
-        raise PlanError([("model", f"{type(model).__name__}: found attention modules for layers {found}, "
-                          f"expected 0..{plan.model.num_layers - 1} (not a supported Llama-family model?)")])
+        raise PlanError(
+            [
+                (
+                    "model",
+                    f"{type(model).__name__}: found attention modules for layers {found}, "
+                    f"expected 0..{plan.model.num_layers - 1} (not a supported Llama-family model?)",
+                )
+            ]
+        )
     register()
     decoder = model.get_decoder()
     if getattr(decoder, "_moa_input_check", None) is None:
@@ -370,8 +417,12 @@ def _generation_length(model: PreTrainedModel, args: tuple, kwargs: dict) -> int
 
 def _generate(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
     """``generate`` with a MoACache of n_max = prompt + max_new_tokens unless a cache is given."""
-    wants_cache = (kwargs.get("cache") is None and kwargs.get("past_key_values") is None
-                   and kwargs.get("use_cache", True) is not False and kwargs.get("cache_implementation") is None)
+    wants_cache = (
+        kwargs.get("cache") is None
+        and kwargs.get("past_key_values") is None
+        and kwargs.get("use_cache", True) is not False
+        and kwargs.get("cache_implementation") is None
+    )
     if wants_cache:
         n_max = _generation_length(model, args, kwargs)
         if n_max is not None:
@@ -379,8 +430,9 @@ def _generate(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
     return type(model).generate(model, *args, **kwargs)
 
 
-def load_model(pretrained: str | os.PathLike, plan: Plan | str | os.PathLike | None = None,
-               **from_pretrained_kwargs: Any) -> PreTrainedModel:
+def load_model(
+    pretrained: str | os.PathLike, plan: Plan | str | os.PathLike | None = None, **from_pretrained_kwargs: Any
+) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)`` with ``plan`` applied.
 
     ``plan``: a Plan, a plan file, 'dense', 'uniform:<density>[@<length>]', or None for the plan
@@ -398,5 +450,6 @@ def load_model(pretrained: str | os.PathLike, plan: Plan | str | os.PathLike | N
         if stored is None:
             raise PlanError([("plan", f"none given and {pretrained} stores none")])
         from moa_plan.io import plan_from_data
+
         plan = plan_from_data(stored)
     return apply_plan(model, plan)

@@ -148,8 +148,9 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         raise UsageError([("--model", f"cannot load a tokenizer from {folder}: {exc}")]) from None
 
 
-def load(path: str | os.PathLike, dtype: str = "float32", device: str = "auto",
-         attn_implementation: str | None = "sdpa") -> tuple[Any, Any]:
+def load(
+    path: str | os.PathLike, dtype: str = "float32", device: str = "auto", attn_implementation: str | None = "sdpa"
+) -> tuple[Any, Any]:
     """(causal LM in eval mode on ``device``, tokenizer) of a model; never touches the network."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -34,17 +34,19 @@ from typing import Any
 
 from moa_plan.errors import OptionError, Problems, UsageError
 from moa_plan.io import MAX_RESULT_BYTES, read_text_limited
-
 from moa_plan.run import Run, read_result
 
 TASKS = ("docs", "kv", "multihop", "copy")
-WORDS = ("apple river stone cloud garden silver market window yellow forest ocean candle mirror "
-         "thunder pencil harbor violet meadow engine castle lantern copper desert island jacket "
-         "kettle ladder marble needle orange pepper quartz ribbon saddle tunnel velvet walnut "
-         "bridge falcon glacier hollow ivory jungle kitten lemon maple nectar orchid pirate").split()
+WORDS = (
+    "apple river stone cloud garden silver market window yellow forest ocean candle mirror "
+    "thunder pencil harbor violet meadow engine castle lantern copper desert island jacket "
+    "kettle ladder marble needle orange pepper quartz ribbon saddle tunnel velvet walnut "
+    "bridge falcon glacier hollow ivory jungle kitten lemon maple nectar orchid pirate"
+).split()
 
 
 # ---- prompt construction -----------------------------------------------------------------
+
 
 def _rand_key(rng: random.Random, n: int = 8) -> str:
     return "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(n))
@@ -105,14 +107,20 @@ def _docs_task(rng: random.Random, units: int) -> tuple[str, list[str]]:
     first = early[0]
     others = [t for t in inside if t != first]  # a second, different section when there is one
     second = others[0] if others else first
-    questions = [f'Summarize the section "{first}" of the text above in a few sentences.',
-                 f'What does the section "{second}" explain? Give its main points.',
-                 "Summarize the whole text in three sentences."]
+    questions = [
+        f'Summarize the section "{first}" of the text above in a few sentences.',
+        f'What does the section "{second}" explain? Give its main points.',
+        "Summarize the whole text in three sentences.",
+    ]
     return " ".join(words[:units]), questions
 
 
 _SYNTHETIC: dict[str, Callable[[random.Random, int], tuple[str, str | list[str]]]] = {
-    "docs": _docs_task, "kv": _kv_task, "multihop": _multihop_task, "copy": _copy_task}
+    "docs": _docs_task,
+    "kv": _kv_task,
+    "multihop": _multihop_task,
+    "copy": _copy_task,
+}
 
 
 def read_user_texts(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -183,8 +191,9 @@ def encode(tok: Any, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=not getattr(tok, "chat_template", None))["input_ids"])
 
 
-def fit_prompt(tok: Any, make: Callable[[int], tuple[str, list[str]]], target: int,
-               max_units: int) -> tuple[str, list[str]]:
+def fit_prompt(
+    tok: Any, make: Callable[[int], tuple[str, list[str]]], target: int, max_units: int
+) -> tuple[str, list[str]]:
     """Largest unit count whose first prompt has <= ``target`` tokens (binary search)."""
     lo, hi = 1, max_units
     best = None
@@ -227,8 +236,7 @@ def generate_answers(model: Any, tok: Any, texts: list[str], max_new_tokens: int
     x = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
     with torch.no_grad():
-        out = model.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)
+        out = model.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     answers = []
     for row in out[:, width:].tolist():
         if eos is not None and eos in row:
@@ -256,6 +264,7 @@ def tokenize_sample(tok: Any, text: str, spans: list[tuple[int, int]]) -> tuple[
 
 # ---- the dataset ----------------------------------------------------------------------------
 
+
 def sample_plan(settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The (id, task, length, seed) of every sample the settings ask for, in order."""
     tasks = list(settings["tasks"]) + (["text"] if settings.get("text") else [])
@@ -279,10 +288,20 @@ def load_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str
     return {**data["settings"], **{k: data[k] for k in GRID if k in data}}, samples
 
 
-def build(model_dir: str | os.PathLike, out: str | os.PathLike, lengths: list[int], samples_per_length: int,
-          tasks: list[str], seed: int = 0, max_answer_tokens: int = 128, text: str | None = None,
-          overwrite: bool = False, progress: bool = True, batch_size: int = 16,
-          device: str = "auto") -> Path:
+def build(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    lengths: list[int],
+    samples_per_length: int,
+    tasks: list[str],
+    seed: int = 0,
+    max_answer_tokens: int = 128,
+    text: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    batch_size: int = 16,
+    device: str = "auto",
+) -> Path:
     """Build (or resume) the calibration file at ``out`` (a ``moa_plan.run`` result file whose
     cells are the samples); returns its path.
 
@@ -304,11 +323,17 @@ def build(model_dir: str | os.PathLike, out: str | os.PathLike, lengths: list[in
     turns = 3 if "docs" in tasks else 1
     for n in lengths:
         if n <= turns * (max_answer_tokens + 48) + 32:
-            raise OptionError([("--lengths", f"{n} is too short for a prompt plus {turns} answers of "
-                                f"{max_answer_tokens} tokens")])
-    settings = {"model": loader.model_name(model_dir), "tasks": list(tasks), "seed": seed,
-                "max_answer_tokens": max_answer_tokens, "text": str(Path(text).resolve()) if text else None,
-                "supervision": "dense model's greedy answers, loss over answer tokens only"}
+            raise OptionError(
+                [("--lengths", f"{n} is too short for a prompt plus {turns} answers of {max_answer_tokens} tokens")]
+            )
+    settings = {
+        "model": loader.model_name(model_dir),
+        "tasks": list(tasks),
+        "seed": seed,
+        "max_answer_tokens": max_answer_tokens,
+        "text": str(Path(text).resolve()) if text else None,
+        "supervision": "dense model's greedy answers, loss over answer tokens only",
+    }
     grid = {"lengths": sorted(set(lengths)), "samples_per_length": samples_per_length}
     wanted = sample_plan({**settings, **grid})
     keys = [s["id"] for s in wanted]
@@ -320,8 +345,15 @@ def build(model_dir: str | os.PathLike, out: str | os.PathLike, lengths: list[in
     return Path(out)
 
 
-def _generate(run: Run, todo: list[dict[str, Any]], model_dir: Path, settings: dict[str, Any], text: str | None,
-              batch_size: int, device: str) -> None:
+def _generate(
+    run: Run,
+    todo: list[dict[str, Any]],
+    model_dir: Path,
+    settings: dict[str, Any],
+    text: str | None,
+    batch_size: int,
+    device: str,
+) -> None:
     """Generate the samples ``todo`` into ``run``, one batch at a time."""
     from moa_plan.runtime import load as loader
 
@@ -333,7 +365,7 @@ def _generate(run: Run, todo: list[dict[str, Any]], model_dir: Path, settings: d
     with run.progress(len(todo), "calibrate", unit="sample") as bar:
         for start in range(0, len(todo), batch_size):
             t0 = time.perf_counter()
-            batch = todo[start:start + batch_size]
+            batch = todo[start : start + batch_size]
             convs = []
             for spec in batch:
                 n_q = turns if spec["task"] == "docs" else 1
@@ -356,10 +388,16 @@ def _generate(run: Run, todo: list[dict[str, Any]], model_dir: Path, settings: d
             for spec, (context, questions), ans in zip(batch, convs, answers):
                 full, spans = render(tok, context, questions, ans)
                 prompt_ids, answer_ids, loss_mask = tokenize_sample(tok, full, spans)
-                cells[spec["id"]] = {**{k: spec[k] for k in ("id", "task", "length")}, "questions": questions,
-                                     "answers": ans, "prompt_ids": prompt_ids, "answer_ids": answer_ids,
-                                     "loss_mask": loss_mask, "n_tokens": len(prompt_ids) + len(answer_ids),
-                                     "seconds": seconds}
+                cells[spec["id"]] = {
+                    **{k: spec[k] for k in ("id", "task", "length")},
+                    "questions": questions,
+                    "answers": ans,
+                    "prompt_ids": prompt_ids,
+                    "answer_ids": answer_ids,
+                    "loss_mask": loss_mask,
+                    "n_tokens": len(prompt_ids) + len(answer_ids),
+                    "seconds": seconds,
+                }
             run.put_many(cells)
             bar.update(len(batch))
 

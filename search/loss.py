@@ -50,8 +50,9 @@ def plan_losses(model: Any, plan: Plan, samples: list[dict[str, Any]]) -> list[f
     return row
 
 
-def measured_losses(model_dir: str | os.PathLike, samples: list[dict[str, Any]], plans: list[Plan],
-                    run: Any, device: str = "auto") -> list[list[float]]:
+def measured_losses(
+    model_dir: str | os.PathLike, samples: list[dict[str, Any]], plans: list[Plan], run: Any, device: str = "auto"
+) -> list[list[float]]:
     """``out[p][s]``: answer loss of sample s under plan p; a cell of ``run`` (a ``moa_plan.run.Run``)
     per plan, keyed by the plan's content, so a resumed run measures each plan once."""
     from moa_plan.io import plan_to_json
@@ -83,8 +84,9 @@ def _attention(state: dict[str, Any]):
             import torch.nn.functional as F
 
             g = query.shape[1] // key.shape[1]
-            out = F.scaled_dot_product_attention(query, key.repeat_interleave(g, 1), value.repeat_interleave(g, 1),
-                                                 is_causal=True, scale=scaling)
+            out = F.scaled_dot_product_attention(
+                query, key.repeat_interleave(g, 1), value.repeat_interleave(g, 1), is_causal=True, scale=scaling
+            )
         else:
             out = reference_attention(query, key, value, spans[module.layer_idx], state["sink"], scale=scaling)
         return out.transpose(1, 2).contiguous(), None
@@ -92,14 +94,15 @@ def _attention(state: dict[str, Any]):
     return fn
 
 
-def oracle_losses(model_dir: str, data: str, plans: dict[str, Any], ids: list[str] | None = None,
-                  progress: bool = True) -> list[dict[str, Any]]:
+def oracle_losses(
+    model_dir: str, data: str, plans: dict[str, Any], ids: list[str] | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
     """Per sample: {'id', 'length', 'n_tokens', 'dense': loss, <plan name>: loss, ...}."""
     import torch
     from transformers import AttentionInterface
 
-    from moa_plan.runtime import load as loader
     from moa_plan.run import Progress
+    from moa_plan.runtime import load as loader
     from moa_plan.search import calibration
 
     _, samples = calibration.load_dataset(data)

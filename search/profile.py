@@ -50,8 +50,9 @@ def load_profile(path: str | os.PathLike) -> Profile:
         raise OptionError([("--profile", f"{path} has no {META} (run `moa-plan profile` first)")])
     data = read_result(path / META, "profile")
     samples = list(data["cells"].values())
-    if not all(isinstance(s, dict) and isinstance(s.get("id"), str) and isinstance(s.get("length"), int)
-               for s in samples):
+    if not all(
+        isinstance(s, dict) and isinstance(s.get("id"), str) and isinstance(s.get("length"), int) for s in samples
+    ):
         raise UsageError([("cells", "each must be a {id, length, ...} object")], source=str(path / META))
     diags = {}
     for s in samples:
@@ -73,8 +74,9 @@ def _fingerprint(sample: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], recorder: Any,
-                   loss_mask: list[int] | None = None) -> tuple[float, Any]:
+def profile_sample(
+    model: Any, prompt_ids: list[int], answer_ids: list[int], recorder: Any, loss_mask: list[int] | None = None
+) -> tuple[float, Any]:
     """Dense loss of the answer and the diag sums [layers, heads, n] of one sample."""
     import torch
 
@@ -101,9 +103,18 @@ def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], rec
     return float(loss.detach()), diag
 
 
-def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, sink: int = 64,
-                block_size: int = 64, chunk: int = 256, overwrite: bool = False, progress: bool = True,
-                signed: bool = False, device: str = "auto") -> Path:
+def run_profile(
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    sink: int = 64,
+    block_size: int = 64,
+    chunk: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+    signed: bool = False,
+    device: str = "auto",
+) -> Path:
     """Profile every calibration sample (a ``moa_plan.run`` job: a cell per sample, keyed by its
     id and token fingerprint, its tensor in ``influence/<id>.safetensors``); returns the folder."""
     from safetensors.torch import save
@@ -119,12 +130,17 @@ def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
     if not samples:
         raise UsageError([("--data", f"{data} holds no samples")])
     out = Path(out)
-    settings = {"model": loader.model_name(model_dir), "model_shape": loader.model_shape(model_dir).model_dump(mode="json"),
-                "sink": sink, "block_size": block_size, "influence": "signed" if signed else "absolute",
-                "calibration_settings": {k: v for k, v in calib.items() if k not in calibration.GRID},
-                "convention": "influence = estimated loss increase of hiding key j from query i "
-                              "(A_ij (S_i - G_ij) / (1 - A_ij)); diag[d] sums it (its absolute value unless "
-                              "'influence' is 'signed', as the MoA reference does) over i - j = d, j >= sink"}
+    settings = {
+        "model": loader.model_name(model_dir),
+        "model_shape": loader.model_shape(model_dir).model_dump(mode="json"),
+        "sink": sink,
+        "block_size": block_size,
+        "influence": "signed" if signed else "absolute",
+        "calibration_settings": {k: v for k, v in calib.items() if k not in calibration.GRID},
+        "convention": "influence = estimated loss increase of hiding key j from query i "
+        "(A_ij (S_i - G_ij) / (1 - A_ij)); diag[d] sums it (its absolute value unless "
+        "'influence' is 'signed', as the MoA reference does) over i - j = d, j >= sink",
+    }
     keys = {f"{s['id']}@{_fingerprint(s)}": s for s in samples}
     with Run(out / META, "profile", settings, overwrite=overwrite, quiet=not progress) as run:
         todo = run.todo(keys)
@@ -140,12 +156,21 @@ def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
                     t0 = time.perf_counter()
                     loss, diag = profile_sample(model, s["prompt_ids"], s["answer_ids"], recorder, s.get("loss_mask"))
                     write_atomic(out / TENSORS / f"{s['id']}.safetensors", save({"diag": diag.contiguous()}))
-                    run.put(key, {"id": s["id"], "task": s.get("task"), "length": s["length"],
-                                  "n_tokens": len(s["prompt_ids"]) + len(s["answer_ids"]), "loss": loss,
-                                  "seconds": round(time.perf_counter() - t0, 2)})
+                    run.put(
+                        key,
+                        {
+                            "id": s["id"],
+                            "task": s.get("task"),
+                            "length": s["length"],
+                            "n_tokens": len(s["prompt_ids"]) + len(s["answer_ids"]),
+                            "loss": loss,
+                            "seconds": round(time.perf_counter() - t0, 2),
+                        },
+                    )
                     bar.update()
-        run.finish(keys, calibration=Path(data).name,
-                   calibration_grid={k: calib[k] for k in calibration.GRID if k in calib})
+        run.finish(
+            keys, calibration=Path(data).name, calibration_grid={k: calib[k] for k in calibration.GRID if k in calib}
+        )
     return out
 
 
@@ -156,6 +181,7 @@ def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> A
     token count; samples are grouped by their nominal length.
     """
     import torch
+
     from moa_plan.search.influence import rule_influence
 
     shape = profile.meta["model_shape"]
@@ -164,8 +190,7 @@ def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> A
     for k, n in enumerate(lengths):
         group = [s for s in profile.meta["samples"] if s["length"] == n]
         if not group:
-            raise UsageError([("lengths", f"the profile has no samples of length {n} "
-                              f"(it has {profile.lengths})")])
+            raise UsageError([("lengths", f"the profile has no samples of length {n} (it has {profile.lengths})")])
         for s in group:
             spans = [c.span(s["n_tokens"]) for c in cands]
             diag = profile.diags[s["id"]].to(torch.float64).reshape(units, -1)
@@ -198,6 +223,8 @@ def split_half_agreement(profile: Profile, cands: list[Any], lengths: list[int])
             halves.append(influence_table(sub, cands, [n])[:, :, 0])
         a, b = halves
         across = [_spearman(a[:, r], b[:, r]) for r in range(a.shape[1]) if float(a[:, r].abs().sum()) > 0]
-        out[str(n)] = {"heads_x_rules": round(_spearman(a.reshape(-1), b.reshape(-1)), 4),
-                       "across_heads": round(sum(across) / max(1, len(across)), 4)}
+        out[str(n)] = {
+            "heads_x_rules": round(_spearman(a.reshape(-1), b.reshape(-1)), 4),
+            "across_heads": round(sum(across) / max(1, len(across)), 4),
+        }
     return out

@@ -21,9 +21,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def tiny_config(**kw):
     from transformers import LlamaConfig
 
-    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
@@ -50,8 +60,9 @@ def char_tokenizer():
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tk.decoder = decoders.Fuse()  # decode joins characters without spaces: text round-trips
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def save_tiny(path: Path, seed: int = 0) -> Path:
@@ -65,11 +76,20 @@ def save_tiny(path: Path, seed: int = 0) -> Path:
 def _corpus() -> list[str]:
     digits = " ".join(str(i) for i in range(100))
     words = " ".join(WORDS)
-    lines = [f"line {a}-{b}: REGISTER_CONTENT is <{i * 7919 % 50000}>" for i, (a, b) in
-             enumerate(zip(WORDS, reversed(WORDS)))]
-    return [LINES_INTRO, PASSKEY_INTRO, " ".join(PASSKEY_FILLER), digits, words, *lines,
-            "What is the pass key? The pass key is 12345. Remember it.",
-            "Now the record is over. Tell me what is the <REGISTER_CONTENT> in line x? I need the number."]
+    lines = [
+        f"line {a}-{b}: REGISTER_CONTENT is <{i * 7919 % 50000}>"
+        for i, (a, b) in enumerate(zip(WORDS, reversed(WORDS)))
+    ]
+    return [
+        LINES_INTRO,
+        PASSKEY_INTRO,
+        " ".join(PASSKEY_FILLER),
+        digits,
+        words,
+        *lines,
+        "What is the pass key? The pass key is 12345. Remember it.",
+        "Now the record is over. Tell me what is the <REGISTER_CONTENT> in line x? I need the number.",
+    ]
 
 
 def make_tokenizer(vocab_size: int = 512):
@@ -80,27 +100,54 @@ def make_tokenizer(vocab_size: int = 512):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
 
 
-def make_tiny_model(folder: str | Path, *, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 8,
-                    max_positions: int = 4096, seed: int = 0, init_range: float = 0.02) -> Path:
+def make_tiny_model(
+    folder: str | Path,
+    *,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 8,
+    max_positions: int = 4096,
+    seed: int = 0,
+    init_range: float = 0.02,
+) -> Path:
     """Save a random LlamaForCausalLM and its tokenizer to ``folder``; returns the folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     tokenizer = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         head_dim=head_dim, max_position_embeddings=max_positions,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-                         initializer_range=init_range)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=heads * head_dim,
+        intermediate_size=2 * heads * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=init_range,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder)

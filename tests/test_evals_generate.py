@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moa_plan.evals.generate import (TASKS, extract_answer, make_document, make_documents, score,
-                                     token_counter)
+from moa_plan.evals.generate import TASKS, extract_answer, make_document, make_documents, score, token_counter
 
 
 def words(text: str) -> int:
@@ -22,8 +21,13 @@ def bpe():
 
 
 @settings(max_examples=25, deadline=None)
-@given(task=st.sampled_from(TASKS), length=st.integers(150, 3000), position=st.floats(0, 1),
-       seed=st.integers(0, 10**6), index=st.integers(0, 5))
+@given(
+    task=st.sampled_from(TASKS),
+    length=st.integers(150, 3000),
+    position=st.floats(0, 1),
+    seed=st.integers(0, 10**6),
+    index=st.integers(0, 5),
+)
 def test_answer_once_and_length_on_target(task, length, position, seed, index):
     doc = make_document(task, words, length, position, seed, index)
     assert doc.prompt.count(doc.answer) == 1
@@ -75,7 +79,8 @@ def test_lines_question_names_the_needle_line():
 def test_grid_order_and_bad_input():
     docs = make_documents("passkey", words, [300, 600], [0.0, 1.0], samples=2, seed=0)
     assert [(d.length, d.position, d.index) for d in docs] == [
-        (n, p, i) for n in (300, 600) for p in (0.0, 1.0) for i in range(2)]
+        (n, p, i) for n in (300, 600) for p in (0.0, 1.0) for i in range(2)
+    ]
     with pytest.raises(ValueError, match="unknown task"):
         make_document("nope", words, 100, 0.5)
     with pytest.raises(ValueError, match="position"):
@@ -84,8 +89,10 @@ def test_grid_order_and_bad_input():
         make_document("passkey", words, 0, 0.5)
 
 
-@pytest.mark.parametrize("generation, expected", [
-    ("24557>.", "24557"), (" <24557>", "24557"), ("The pass key is 123 45", "123"), ("none", None), ("", None)])
+@pytest.mark.parametrize(
+    "generation, expected",
+    [("24557>.", "24557"), (" <24557>", "24557"), ("The pass key is 123 45", "123"), ("none", None), ("", None)],
+)
 def test_extract_answer(generation, expected):
     assert extract_answer(generation) == expected
 

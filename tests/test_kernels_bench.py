@@ -32,8 +32,10 @@ def test_bench_plans_hit_density_and_are_heterogeneous():
 @given(st.integers(1, 3), st.sampled_from([1, 2, 4]), st.integers(1, 200), st.integers(0, 20), st.data())
 def test_decode_bytes_are_the_visible_slots(hkv, group, n_max, sink, data):
     hq = hkv * group
-    rules = [Rule(alpha=float(data.draw(st.integers(1, n_max))), beta=data.draw(st.sampled_from([0.0, 0.1, 1.0])))
-             for _ in range(hq)]
+    rules = [
+        Rule(alpha=float(data.draw(st.integers(1, n_max))), beta=data.draw(st.sampled_from([0.0, 0.1, 1.0])))
+        for _ in range(hq)
+    ]
     shape = ModelShape(num_layers=1, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=16)
     plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, layers=[Layer(heads=rules)])
     n = data.draw(st.integers(1, n_max))
@@ -42,15 +44,17 @@ def test_decode_bytes_are_the_visible_slots(hkv, group, n_max, sink, data):
     pos = slot_positions(layout, n)
     for k in range(hkv):
         off, cap = int(layout.offset[k]), layout.caps[k]
-        p = pos[off:off + cap]
-        w = max(spans[k * group:(k + 1) * group])
+        p = pos[off : off + cap]
+        w = max(spans[k * group : (k + 1) * group])
         seen = (p >= 0) & ((p < sink) | (n - 1 - p < w))
         assert decode_tokens_read(spans, list(layout.caps), sink, n, group)[k] == int(seen.sum())
 
 
 def test_bench_cli_refuses_bad_input(capsys):
-    for argv, message in ((["--shapes", "nope"], "--shapes: nope: choose from llama3-8b, mha-7b"),
-                          (["--densities", "0.5,2"], "--densities: 2: must be in (0, 1], got 2")):
+    for argv, message in (
+        (["--shapes", "nope"], "--shapes: nope: choose from llama3-8b, mha-7b"),
+        (["--densities", "0.5,2"], "--densities: 2: must be in (0, 1], got 2"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(["bench", *argv])
         assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -76,8 +76,9 @@ SEARCH = ["--sink", "16", "--block-size", "16", "--quiet"]
 def calibrate(model, out):
     from moa_plan.search import calibration
 
-    return calibration.build(model, out, [300, 400], 2, ["kv", "copy"], seed=1, max_answer_tokens=3,
-                             progress=False, batch_size=1)
+    return calibration.build(
+        model, out, [300, 400], 2, ["kv", "copy"], seed=1, max_answer_tokens=3, progress=False, batch_size=1
+    )
 
 
 def test_calibrate_resumes(tiny_char_dir, tmp_path, cells):
@@ -92,8 +93,16 @@ def test_calibrate_resumes(tiny_char_dir, tmp_path, cells):
 def calib(tiny_char_dir, tmp_path_factory):
     from moa_plan.search import calibration
 
-    return calibration.build(tiny_char_dir, tmp_path_factory.mktemp("calib") / "c.json", [300, 400, 500], 1,
-                             ["kv"], seed=1, max_answer_tokens=3, progress=False)
+    return calibration.build(
+        tiny_char_dir,
+        tmp_path_factory.mktemp("calib") / "c.json",
+        [300, 400, 500],
+        1,
+        ["kv"],
+        seed=1,
+        max_answer_tokens=3,
+        progress=False,
+    )
 
 
 def test_profile_resumes(tiny_char_dir, calib, tmp_path, cells):
@@ -111,12 +120,44 @@ def test_profile_resumes(tiny_char_dir, calib, tmp_path, cells):
 def test_optimize_resumes_its_measured_validation(tiny_char_dir, calib, tmp_path, cells):
     pytest.importorskip("pyomo")
     prof = tmp_path / "prof"
-    assert main(["profile", "--model", str(tiny_char_dir), "--data", str(calib), "--chunk", "64", *SEARCH,
-                 "--out", str(prof)]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(tiny_char_dir),
+                "--data",
+                str(calib),
+                "--chunk",
+                "64",
+                *SEARCH,
+                "--out",
+                str(prof),
+            ]
+        )
+        == 0
+    )
     cells.keys.clear()
-    args = ["optimize", "--profile", str(prof), "--lengths", "300,400", "--validation-length", "500", "--density",
-            "0.6", "--model", str(tiny_char_dir), "--data", str(calib), "--solver", "highs", "--weight-steps", "2",
-            "--quiet"]
+    args = [
+        "optimize",
+        "--profile",
+        str(prof),
+        "--lengths",
+        "300,400",
+        "--validation-length",
+        "500",
+        "--density",
+        "0.6",
+        "--model",
+        str(tiny_char_dir),
+        "--data",
+        str(calib),
+        "--solver",
+        "highs",
+        "--weight-steps",
+        "2",
+        "--quiet",
+    ]
     assert main([*args, "--out", str(tmp_path / "ref" / "plan.json")]) == 0
     n_plans = len(cells.keys)
     cells.keys.clear()
@@ -130,6 +171,7 @@ def test_optimize_resumes_its_measured_validation(tiny_char_dir, calib, tmp_path
 
 # ---- retrieval, perplexity, context ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bpe(tiny_bpe_dir):
     from moa_plan.io import load_model_shape, save_plan
@@ -141,17 +183,57 @@ def bpe(tiny_bpe_dir):
     return tiny_bpe_dir
 
 
-@pytest.mark.parametrize("command", [
-    ["retrieval", "--task", "passkey", "--lengths", "120,160", "--positions", "0,1", "--samples", "1",
-     "--max-new-tokens", "2", "--out", "{out}/r.json"],
-    ["perplexity", "--lengths", "64,96", "--windows", "1", "--out", "{out}/r.json"],
-    ["context", "--task", "passkey", "--lengths", "120,160", "--positions", "0", "--samples", "1",
-     "--max-new-tokens", "2", "--baselines", "dense", "--out-dir", "{out}"],
-], ids=["retrieval", "perplexity", "context"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [
+            "retrieval",
+            "--task",
+            "passkey",
+            "--lengths",
+            "120,160",
+            "--positions",
+            "0,1",
+            "--samples",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            "{out}/r.json",
+        ],
+        ["perplexity", "--lengths", "64,96", "--windows", "1", "--out", "{out}/r.json"],
+        [
+            "context",
+            "--task",
+            "passkey",
+            "--lengths",
+            "120,160",
+            "--positions",
+            "0",
+            "--samples",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--baselines",
+            "dense",
+            "--out-dir",
+            "{out}",
+        ],
+    ],
+    ids=["retrieval", "perplexity", "context"],
+)
 def test_evaluations_resume(bpe, command, tmp_path, cells, capsys):
     def job(out):
-        argv = ["eval", command[0], "--model", str(bpe), "--plan", f"p={bpe.parent / 'p.json'}",
-                *[a.replace("{out}", str(out)) for a in command[1:]], "--quiet"]
+        argv = [
+            "eval",
+            command[0],
+            "--model",
+            str(bpe),
+            "--plan",
+            f"p={bpe.parent / 'p.json'}",
+            *[a.replace("{out}", str(out)) for a in command[1:]],
+            "--quiet",
+        ]
         assert main(argv) == 0
 
     job(tmp_path / "ref")
@@ -165,14 +247,24 @@ def test_evaluations_resume(bpe, command, tmp_path, cells, capsys):
     assert json.loads(first.read_text())["fingerprint"]
     capsys.readouterr()
     changed = ["--windows", "2"] if command[0] == "perplexity" else ["--samples", "2"]
-    argv = ["eval", command[0], "--model", str(bpe), "--plan", f"p={bpe.parent / 'p.json'}",
-            *[a.replace("{out}", str(tmp_path / "run")) for a in command[1:]], *changed, "--quiet"]
+    argv = [
+        "eval",
+        command[0],
+        "--model",
+        str(bpe),
+        "--plan",
+        f"p={bpe.parent / 'p.json'}",
+        *[a.replace("{out}", str(tmp_path / "run")) for a in command[1:]],
+        *changed,
+        "--quiet",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "made with other settings: " in err and f"{changed[0][2:]} is 1 there, 2 now" in err
 
 
 # ---- bench --------------------------------------------------------------------------------------
+
 
 class FakeKernels:
     """The bench's GPU measurements, replaced by deterministic numbers (the run layer is under test)."""
@@ -185,9 +277,14 @@ class FakeKernels:
 
     def decode_group(self, shape, n, batch):
         key = f"decode/{shape}/n{n}/b{batch}"
-        return {"kernels": {f"{key}/sdpa": {"ms": n * batch / 1e6}, **{f"{key}/moa{d:g}": {"ms": d, "sink": self.s.sink}
-                                                                       for d in self.s.densities}},
-                "guard": {}, "skipped": []}
+        return {
+            "kernels": {
+                f"{key}/sdpa": {"ms": n * batch / 1e6},
+                **{f"{key}/moa{d:g}": {"ms": d, "sink": self.s.sink} for d in self.s.densities},
+            },
+            "guard": {},
+            "skipped": [],
+        }
 
     def prefill_group(self, shape, n):
         return {"kernels": {f"prefill/{shape}/n{n}/sdpa": {"ms": n / 1e5}}, "guard": {}, "skipped": []}
@@ -205,12 +302,27 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(kernels, "Kernels", FakeKernels)
-    monkeypatch.setattr(kernels, "device_info", lambda: {"device": "NVIDIA H200", "torch": "t", "triton": "t",
-                                                         "cuda": "c", "python": "p", "sms": 132})
+    monkeypatch.setattr(
+        kernels,
+        "device_info",
+        lambda: {"device": "NVIDIA H200", "torch": "t", "triton": "t", "cuda": "c", "python": "p", "sms": 132},
+    )
 
 
-BENCH = ["bench", "--shapes", "llama3-8b", "--densities", "0.5,0.25", "--prefill-lens", "4096",
-         "--decode-lens", "4096,8192", "--batches", "1,8", "--quiet"]
+BENCH = [
+    "bench",
+    "--shapes",
+    "llama3-8b",
+    "--densities",
+    "0.5,0.25",
+    "--prefill-lens",
+    "4096",
+    "--decode-lens",
+    "4096,8192",
+    "--batches",
+    "1,8",
+    "--quiet",
+]
 
 
 def test_bench_resumes(fake_gpu, tmp_path, cells, capsys):
@@ -223,20 +335,24 @@ def test_bench_resumes(fake_gpu, tmp_path, cells, capsys):
     assert (tmp_path / "run" / "bench-h200.md").read_text().count("| llama3-8b |") == 4 * 2  # a row per decode case
 
 
-@pytest.mark.parametrize("changed", [["--sink", "0"], ["--densities", "0.5"], ["--no-flex"], ["--e2e-context", "8192"],
-                                     ["--flex-batches", "8"]])
+@pytest.mark.parametrize(
+    "changed",
+    [["--sink", "0"], ["--densities", "0.5"], ["--no-flex"], ["--e2e-context", "8192"], ["--flex-batches", "8"]],
+)
 def test_bench_resume_refuses_a_changed_setting(fake_gpu, tmp_path, capsys, changed):
     assert main([*BENCH, "--out", str(tmp_path)]) == 0
     capsys.readouterr()
     assert main([*BENCH, "--resume", *changed, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     name = changed[0][2:].replace("-", "_")
-    assert err.count("\n") == 1 and err.startswith(f"moa-plan bench: {tmp_path / 'bench-h200.json'}: made with "
-                                                  f"other settings: {name} is ")
+    assert err.count("\n") == 1 and err.startswith(
+        f"moa-plan bench: {tmp_path / 'bench-h200.json'}: made with other settings: {name} is "
+    )
     assert main([*BENCH, *changed, "--overwrite", "--out", str(tmp_path)]) == 0
 
 
 # ---- the layer itself ---------------------------------------------------------------------------
+
 
 def test_a_growing_setting_accepts_new_names_and_refuses_changed_ones(tmp_path):
     path = tmp_path / "r.json"

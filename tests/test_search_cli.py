@@ -19,8 +19,21 @@ from moa_plan.cli import main  # noqa: E402
 from moa_plan.io import load_plan  # noqa: E402
 from moa_plan.search import calibration  # noqa: E402
 
-COMMON = ["--samples", "1", "--tasks", "kv,multihop,copy", "--sink", "16", "--block-size", "16", "--max-answer-tokens", "4", "--chunk", "64",
-          "--quiet"]
+COMMON = [
+    "--samples",
+    "1",
+    "--tasks",
+    "kv,multihop,copy",
+    "--sink",
+    "16",
+    "--block-size",
+    "16",
+    "--max-answer-tokens",
+    "4",
+    "--chunk",
+    "64",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +43,22 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "plan.json"
-    rc = main(["search", "--model", str(tiny_dir), "--density", "0.5", "--lengths", "256,512",
-               "--validation-length", "768", "--out", str(out), *COMMON])
+    rc = main(
+        [
+            "search",
+            "--model",
+            str(tiny_dir),
+            "--density",
+            "0.5",
+            "--lengths",
+            "256,512",
+            "--validation-length",
+            "768",
+            "--out",
+            str(out),
+            *COMMON,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert main(["validate", str(out)]) == 0
     plan = load_plan(out)
@@ -65,8 +92,23 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     # the profile is reused: another budget, GQA mode and a rule cap are a cheap optimize call
     work = tmp_path / "plan.json.work"
     out2 = tmp_path / "plan25.json"
-    rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.3", "--validation-length", "768",
-               "--gqa", "--max-rules-per-layer", "2", "--out", str(out2), "--quiet"])
+    rc = main(
+        [
+            "optimize",
+            "--profile",
+            str(work / "profile"),
+            "--density",
+            "0.3",
+            "--validation-length",
+            "768",
+            "--gqa",
+            "--max-rules-per-layer",
+            "2",
+            "--out",
+            str(out2),
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     plan2 = load_plan(out2)
     for n in (256, 512, 768):
@@ -75,22 +117,47 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
         assert len({(r.alpha, r.beta) for r in layer}) <= 2
         g = plan2.model.group_size
         for kv in range(plan2.model.num_key_value_heads):
-            assert len({(r.alpha, r.beta) for r in layer[kv * g:(kv + 1) * g]}) == 1
+            assert len({(r.alpha, r.beta) for r in layer[kv * g : (kv + 1) * g]}) == 1
 
     # infeasible budget: exit 1, one line per length naming the smallest reachable density, no plan written
     capsys.readouterr()
     out3 = tmp_path / "never.json"
-    rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.01", "--validation-length", "768",
-               "--out", str(out3), "--quiet"])
+    rc = main(
+        [
+            "optimize",
+            "--profile",
+            str(work / "profile"),
+            "--density",
+            "0.01",
+            "--validation-length",
+            "768",
+            "--out",
+            str(out3),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
-    assert err.splitlines()[0] == ("moa-plan: --density: 0.01 is infeasible at length 256: with sink 16 the sparsest "
-                                   "rule there has density 0.1250")
+    assert err.splitlines()[0] == (
+        "moa-plan: --density: 0.01 is infeasible at length 256: with sink 16 the sparsest rule there has density 0.1250"
+    )
     assert not out3.exists()
 
     # missing solver: exit 1 with a clear line
-    rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.5", "--solver", "nosuchsolver",
-               "--out", str(out3), "--quiet"])
+    rc = main(
+        [
+            "optimize",
+            "--profile",
+            str(work / "profile"),
+            "--density",
+            "0.5",
+            "--solver",
+            "nosuchsolver",
+            "--out",
+            str(out3),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "solver 'nosuchsolver' is not installed" in err
 
@@ -98,7 +165,9 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
 def test_bad_model_folder_is_one_line(tmp_path, capsys):
     rc = main(["calibrate", "--model", str(tmp_path / "nope"), "--lengths", "256", "--out", str(tmp_path / "c.jsonl")])
     err = capsys.readouterr().err
-    assert rc == 2 and err == f"moa-plan calibrate: --model: {tmp_path / 'nope'}: not a model folder or its config.json\n"
+    assert (
+        rc == 2 and err == f"moa-plan calibrate: --model: {tmp_path / 'nope'}: not a model folder or its config.json\n"
+    )
     (tmp_path / "config.json").write_text("{}")
     rc = main(["calibrate", "--model", str(tmp_path / "config.json"), "--lengths", "256", "--out", str(tmp_path / "c")])
     assert rc == 2 and "has a config.json but no weights" in capsys.readouterr().err
@@ -107,13 +176,26 @@ def test_bad_model_folder_is_one_line(tmp_path, capsys):
 def test_search_checks_every_option_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch):
     """Infeasible budgets, a missing solver, a bad device or model fail at once, before calibration."""
     monkeypatch.setattr(calibration, "build", lambda *a, **k: pytest.fail("calibration started"))
-    base = ["search", "--model", str(tiny_dir / "config.json"), "--lengths", "256,512", "--sink", "64",
-            "--block-size", "16", "--out", str(tmp_path / "p.json")]
+    base = [
+        "search",
+        "--model",
+        str(tiny_dir / "config.json"),
+        "--lengths",
+        "256,512",
+        "--sink",
+        "64",
+        "--block-size",
+        "16",
+        "--out",
+        str(tmp_path / "p.json"),
+    ]
     # option errors exit 2 (one line each), found before any work
     assert main([*base, "--density", "0.1", "--validation-length", "1024"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == ("moa-plan search: --density: 0.1 is infeasible at length 256: with sink 64 the sparsest rule there "
-                      "has density 0.3125")  # (64 + a 16-token window) / 256
+    assert err[0] == (
+        "moa-plan search: --density: 0.1 is infeasible at length 256: with sink 64 the sparsest rule there "
+        "has density 0.3125"
+    )  # (64 + a 16-token window) / 256
     assert len(err) == 2 and "at length 512" in err[1]  # 1024 and the extension length 2048 are reachable
     assert main([*base, "--density", "0.5", "--solver", "nosuchsolver"]) == 1
     assert "--solver: solver 'nosuchsolver' is not installed" in capsys.readouterr().err
@@ -128,11 +210,13 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("alpha beta gamma " * 200)
-    (docs / "b.jsonl").write_text(json.dumps({"text": "one two three " * 200, "question": "Which word comes first?"})
-                                  + "\n")
+    (docs / "b.jsonl").write_text(
+        json.dumps({"text": "one two three " * 200, "question": "Which word comes first?"}) + "\n"
+    )
     out = tmp_path / "calib.jsonl"
-    calibration.build(tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
-                      progress=False)
+    calibration.build(
+        tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs), progress=False
+    )
     settings, samples = calibration.load_dataset(out)
     assert settings["lengths"] == [300] and settings["chat_template"] is False
     assert [s["task"] for s in samples] == ["kv", "copy", "text", "kv", "copy", "text"]
@@ -150,14 +234,16 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
     from moa_plan.runtime import load as loader
 
     monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("model reloaded on resume"))
-    calibration.build(tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
-                      progress=False)
+    calibration.build(
+        tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs), progress=False
+    )
     # a different seed is refused instead of silently mixing datasets
     from moa_plan.errors import OptionError
 
     with pytest.raises(OptionError, match="seed is 1 there, 2 now"):
-        calibration.build(tiny_dir, out, [300], 4, ["kv", "copy"], seed=2, max_answer_tokens=3, text=str(docs),
-                          progress=False)
+        calibration.build(
+            tiny_dir, out, [300], 4, ["kv", "copy"], seed=2, max_answer_tokens=3, text=str(docs), progress=False
+        )
 
 
 def test_task_answers_lie_far_back():
@@ -192,8 +278,11 @@ def test_docs_calibration_is_a_multi_turn_chat(tiny_dir, tmp_path):
     tok = char_tokenizer()
     for s in samples:
         assert len(s["questions"]) == 3 and len(s["answers"]) == 3
-        asked = s["questions"][0].removeprefix('Summarize the section "').removesuffix(
-            '" of the text above in a few sentences.')
+        asked = (
+            s["questions"][0]
+            .removeprefix('Summarize the section "')
+            .removesuffix('" of the text above in a few sentences.')
+        )
         assert asked in titles
         text = tok.decode(s["prompt_ids"] + s["answer_ids"])
         assert text.index(asked) < len(text) // 2  # the section asked about lies in the first half

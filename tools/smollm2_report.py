@@ -29,7 +29,8 @@ def retrieval(path: Path) -> tuple[dict, dict, list[int]]:
     for cell in data["cells"].values():
         m, n = _name(cell["method"]), int(cell["length"])
         out.setdefault(m, {}).setdefault(n, []).extend(
-            (cell["position"], i, s["correct"]) for i, s in enumerate(cell["samples"]))
+            (cell["position"], i, s["correct"]) for i, s in enumerate(cell["samples"])
+        )
     for m in out:
         for n in out[m]:
             out[m][n] = [c for *_, c in sorted(out[m][n])]
@@ -61,16 +62,23 @@ def main(argv: list[str]) -> int:
     for task, (acc, stats, lengths) in tasks.items():
         methods = [m for m in ORDER if m in acc] + [m for m in acc if m not in ORDER]
         n_docs = len(next(iter(acc.values()))[lengths[0]])
-        lines += [f"### {task} retrieval: accuracy [95% Wilson interval], {n_docs} documents per cell", "",
-                  "| method | " + " | ".join(str(n) for n in lengths) + " | mean |",
-                  "|---" * (len(lengths) + 2) + "|"]
+        lines += [
+            f"### {task} retrieval: accuracy [95% Wilson interval], {n_docs} documents per cell",
+            "",
+            "| method | " + " | ".join(str(n) for n in lengths) + " | mean |",
+            "|---" * (len(lengths) + 2) + "|",
+        ]
         for m in methods:
             allx = [x for n in lengths for x in acc[m][n]]
             lines.append(f"| {m} | " + " | ".join(fmt_acc(acc[m][n]) for n in lengths) + f" | {fmt_acc(allx)} |")
-        lines += ["", f"Paired difference against the uniform window at the same density (same documents; "
-                  "bootstrap 95% interval; * = interval excludes 0):", "",
-                  "| method - uniform | " + " | ".join(str(n) for n in lengths) + " | mean |",
-                  "|---" * (len(lengths) + 2) + "|"]
+        lines += [
+            "",
+            "Paired difference against the uniform window at the same density (same documents; "
+            "bootstrap 95% interval; * = interval excludes 0):",
+            "",
+            "| method - uniform | " + " | ".join(str(n) for n in lengths) + " | mean |",
+            "|---" * (len(lengths) + 2) + "|",
+        ]
         for m in methods:
             d = m.rsplit("-", 1)[-1]
             base = f"uniform-{d}"
@@ -78,8 +86,11 @@ def main(argv: list[str]) -> int:
                 continue
             allm = [x for n in lengths for x in acc[m][n]]
             allb = [x for n in lengths for x in acc[base][n]]
-            lines.append(f"| {m} - {base} | " + " | ".join(fmt_diff(acc[m][n], acc[base][n]) for n in lengths)
-                         + f" | {fmt_diff(allm, allb)} |")
+            lines.append(
+                f"| {m} - {base} | "
+                + " | ".join(fmt_diff(acc[m][n], acc[base][n]) for n in lengths)
+                + f" | {fmt_diff(allm, allb)} |"
+            )
         lines.append("")
     if (res / "perplexity.json").exists():
         data = json.loads((res / "perplexity.json").read_text())
@@ -87,10 +98,13 @@ def main(argv: list[str]) -> int:
         methods = [m for m in ORDER if m in meths] + [m for m in meths if m not in ORDER]
         cols = [(kind, n) for kind in meths["dense"]["perplexity"] for n in meths["dense"]["perplexity"][kind]]
         windows = len(meths["dense"]["perplexity"][cols[0][0]][cols[0][1]]["window_nll"])
-        lines += [f"### perplexity ({windows} held-out windows per cell); in brackets: ratio to the uniform window "
-                  "at the same density, paired bootstrap 95% interval over the same windows (* = excludes 1)", "",
-                  "| method | " + " | ".join(f"{kind} ppl@{n}" for kind, n in cols) + " |",
-                  "|---" * (len(cols) + 1) + "|"]
+        lines += [
+            f"### perplexity ({windows} held-out windows per cell); in brackets: ratio to the uniform window "
+            "at the same density, paired bootstrap 95% interval over the same windows (* = excludes 1)",
+            "",
+            "| method | " + " | ".join(f"{kind} ppl@{n}" for kind, n in cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+        ]
         for m in methods:
             cells = []
             d = m.rsplit("-", 1)[-1]
@@ -111,12 +125,20 @@ def main(argv: list[str]) -> int:
         lines.append("")
     if tasks:
         _, stats, lengths = next(iter(tasks.values()))
-        lines += ["### what each plan keeps (exact, from the plans)", "",
-                  "| method | " + " | ".join(f"density / KV-cache fraction @{n}" for n in lengths) + " |",
-                  "|---" * (len(lengths) + 1) + "|"]
+        lines += [
+            "### what each plan keeps (exact, from the plans)",
+            "",
+            "| method | " + " | ".join(f"density / KV-cache fraction @{n}" for n in lengths) + " |",
+            "|---" * (len(lengths) + 1) + "|",
+        ]
         for m in [m for m in ORDER if m in stats]:
-            lines.append(f"| {m} | " + " | ".join(
-                f"{stats[m][str(n)]['density']:.3f} / {stats[m][str(n)]['kv_cache_fraction']:.3f}" for n in lengths) + " |")
+            lines.append(
+                f"| {m} | "
+                + " | ".join(
+                    f"{stats[m][str(n)]['density']:.3f} / {stats[m][str(n)]['kv_cache_fraction']:.3f}" for n in lengths
+                )
+                + " |"
+            )
         lines.append("")
     out_md.write_text("\n".join(lines))
     if png and "passkey" in tasks:
@@ -133,8 +155,14 @@ def main(argv: list[str]) -> int:
                     continue
                 ys = [sum(acc[m][n]) / len(acc[m][n]) for n in lengths]
                 err = [wilson(sum(acc[m][n]), len(acc[m][n])) for n in lengths]
-                ax.errorbar(lengths, ys, yerr=[[y - lo for y, (lo, _) in zip(ys, err)],
-                                               [hi - y for y, (_, hi) in zip(ys, err)]], marker="o", capsize=3, label=m)
+                ax.errorbar(
+                    lengths,
+                    ys,
+                    yerr=[[y - lo for y, (lo, _) in zip(ys, err)], [hi - y for y, (_, hi) in zip(ys, err)]],
+                    marker="o",
+                    capsize=3,
+                    label=m,
+                )
             ax.set_xscale("log", base=2)
             ax.set_title(f"passkey accuracy, density {d}%")
             ax.set_xlabel("tokens")

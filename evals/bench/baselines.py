@@ -44,6 +44,7 @@ class Baselines:
             def mask_mod(b, h, q_idx, kv_idx):
                 i = q_idx + off
                 return (kv_idx <= i) & ((kv_idx < sink) | (i - kv_idx < buf[h]))
+
             self._mask_mods[key] = (buf, mask_mod)
         sp, mask_mod = self._mask_mods[key]
         sp.copy_(spans.to(torch.int64))
@@ -72,10 +73,11 @@ class Baselines:
         pn, pi = pack(part)
         fn, fi = pack(full)
         try:
-            return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(q_len, k_len))
+            return BlockMask.from_kv_blocks(
+                pn, pi, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(q_len, k_len)
+            )
         except TypeError:  # older torch: no seq_lengths
             return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod)
-
 
     def _sdpa_backends(self, tag: str, run_small, want, fns, graph: bool) -> dict[str, Any]:
         """Time dense SDPA forced onto each backend (cuDNN, flash, efficient); ms or why not."""
@@ -95,4 +97,3 @@ class Baselines:
             except Exception as exc:  # noqa: BLE001 - a backend that refuses these inputs
                 out[name] = f"n/a ({type(exc).__name__})"
         return out
-

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
 SHAPES: dict[str, dict[str, int]] = {
     # attention shape + the rest of a Llama-style decoder (for the whole-model decode step)
     "llama3-8b": dict(layers=32, hq=32, hkv=8, d=128, hidden=4096, inter=14336, vocab=128256),
     "mha-7b": dict(layers=32, hq=32, hkv=32, d=128, hidden=4096, inter=11008, vocab=32000),
 }
-
 
 
 def bench_plan(shape: dict[str, int], density: float, n: int, sink: int, layer_shift: bool = True):
@@ -29,8 +27,13 @@ def bench_plan(shape: dict[str, int], density: float, n: int, sink: int, layer_s
         for layer in range(layers):
             shift = (layer * group) % hq if layer_shift else 0
             rows.append(Layer(heads=[Rule(alpha=0.0, beta=min(1.0, c * base[(h + shift) % hq])) for h in range(hq)]))
-        return Plan(format_version=FORMAT_VERSION, model=model, sink=sink, layers=rows,
-                    provenance={"method": "bench", "density": density, "n": n})
+        return Plan(
+            format_version=FORMAT_VERSION,
+            model=model,
+            sink=sink,
+            layers=rows,
+            provenance={"method": "bench", "density": density, "n": n},
+        )
 
     if density >= 1.0:
         return make(1.0 / min(base))
@@ -50,7 +53,7 @@ def decode_tokens_read(spans: list[int], caps: list[int], sink: int, n: int, gro
     for k, cap in enumerate(caps):
         n_sink = min(sink, cap)
         ring = cap - n_sink
-        w = max(spans[k * group:(k + 1) * group])
+        w = max(spans[k * group : (k + 1) * group])
         p_lo = max(n_sink, n - w)
         out.append(min(n_sink, n) + min(max(n - p_lo, 0), ring))
     return out

@@ -56,30 +56,56 @@ class BenchSettings:
 def register(subparsers: Any) -> None:
     """Add the `bench` subcommand (imports nothing heavy)."""
     shapes = choice_list(SHAPE_NAMES)
-    p = subparsers.add_parser("bench", help="GPU benchmark of the MoA kernels and decode throughput",
-                              description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "bench", help="GPU benchmark of the MoA kernels and decode throughput", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--shapes", type=shapes, default=list(SHAPE_NAMES), help=f"comma list of {', '.join(SHAPE_NAMES)}")
     p.add_argument("--densities", type=densities, default=[1.0, 0.5, 0.25], help="plan densities, comma list")
     p.add_argument("--prefill-lens", type=lengths, default=[4096, 16384, 65536], help="prefill lengths, comma list")
-    p.add_argument("--decode-lens", type=lengths, default=[4096, 16384, 65536],
-                   help="cached lengths of the decode cases, comma list")
+    p.add_argument(
+        "--decode-lens",
+        type=lengths,
+        default=[4096, 16384, 65536],
+        help="cached lengths of the decode cases, comma list",
+    )
     p.add_argument("--batches", type=comma_list(positive), default=[1, 8, 32, 128], help="decode batch sizes")
     p.add_argument("--sink", type=int_in(0), default=64, help="sink tokens of the benchmark plans (default 64)")
-    p.add_argument("--max-cache-gb", type=float_in(0, 1e6, low_open=True), default=30.0,
-                   help="skip decode cases whose dense K+V exceed this")
+    p.add_argument(
+        "--max-cache-gb",
+        type=float_in(0, 1e6, low_open=True),
+        default=30.0,
+        help="skip decode cases whose dense K+V exceed this",
+    )
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
-    p.add_argument("--flex-shapes", type=choice_list(SHAPE_NAMES, empty=True), default=["llama3-8b"],
-                   help="shapes FlexAttention runs on (each length compiles)")
-    p.add_argument("--flex-batches", type=comma_list(positive, empty=True), default=[32],
-                   help="decode batches FlexAttention runs at")
-    p.add_argument("--e2e", type=choice_list(SHAPE_NAMES, empty=True), default=["llama3-8b"],
-                   help="shape for the whole-model decode step ('' to skip)")
+    p.add_argument(
+        "--flex-shapes",
+        type=choice_list(SHAPE_NAMES, empty=True),
+        default=["llama3-8b"],
+        help="shapes FlexAttention runs on (each length compiles)",
+    )
+    p.add_argument(
+        "--flex-batches",
+        type=comma_list(positive, empty=True),
+        default=[32],
+        help="decode batches FlexAttention runs at",
+    )
+    p.add_argument(
+        "--e2e",
+        type=choice_list(SHAPE_NAMES, empty=True),
+        default=["llama3-8b"],
+        help="shape for the whole-model decode step ('' to skip)",
+    )
     p.add_argument("--e2e-context", type=positive, default=16384, help="context of the whole-model decode step")
-    p.add_argument("--e2e-density", type=float_in(0, 1, low_open=True), default=0.5,
-                   help="plan density of the whole-model decode step")
+    p.add_argument(
+        "--e2e-density",
+        type=float_in(0, 1, low_open=True),
+        default=0.5,
+        help="plan density of the whole-model decode step",
+    )
     p.add_argument("--sweep", action="store_true", help="also time alternative kernel block sizes")
-    p.add_argument("--time-budget", type=float_in(0, 1e9), default=420.0,
-                   help="seconds; later cells are left for a rerun past it")
+    p.add_argument(
+        "--time-budget", type=float_in(0, 1e9), default=420.0, help="seconds; later cells are left for a rerun past it"
+    )
     p.add_argument("--out", default="evals/results", help="directory for bench-<gpu>.json/.md")
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # resuming is the default now
     add_run_flags(p)
@@ -101,8 +127,12 @@ def grid(s: BenchSettings) -> list[tuple[str, tuple]]:
     """The run's cells in order: (key, (method of Kernels, arguments))."""
     cells: list[tuple[str, tuple]] = [("ceilings", ("ceilings",))]
     for shape in s.shapes:
-        cells += [(f"decode/{shape}/n{n}/b{b}", ("decode_group", shape, n, b)) for n in s.decode_lens
-                  for b in s.batches if dense_cache_bytes(shape, n, b) <= s.max_cache_gb * 1e9]
+        cells += [
+            (f"decode/{shape}/n{n}/b{b}", ("decode_group", shape, n, b))
+            for n in s.decode_lens
+            for b in s.batches
+            if dense_cache_bytes(shape, n, b) <= s.max_cache_gb * 1e9
+        ]
         cells += [(f"prefill/{shape}/n{n}", ("prefill_group", shape, n)) for n in s.prefill_lens]
         if shape == s.shapes[0] and s.e2e:
             cells.append((f"e2e/{s.e2e[0]}", ("e2e", s.e2e[0])))
@@ -135,8 +165,13 @@ def run_bench(s: BenchSettings) -> Path:
     info = kernels.device_info()
     json_path = Path(s.out) / f"bench-{gpu_tag(info['device'])}.json"
     t0 = time.time()
-    with Run(json_path, "bench", {**{k: info[k] for k in ("device", "torch", "triton", "cuda")}, **s.fixed()},
-             overwrite=s.overwrite, quiet=s.quiet) as run:
+    with Run(
+        json_path,
+        "bench",
+        {**{k: info[k] for k in ("device", "torch", "triton", "cuda")}, **s.fixed()},
+        overwrite=s.overwrite,
+        quiet=s.quiet,
+    ) as run:
         torch.manual_seed(0)
         measure = kernels.Kernels(s, lambda: time.time() - t0 > s.time_budget, run.cells.get("ceilings"))
         cells, skipped = grid(s), []
@@ -157,10 +192,15 @@ def run_bench(s: BenchSettings) -> Path:
                 if key == "ceilings":
                     raise
         argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
-        meta = {**info, "command": "moa-plan bench " + " ".join(shlex.quote(a) for a in argv), "dtype": "bfloat16",
-                "sink": s.sink, "elapsed_s": round(time.time() - t0, 1),
-                "density": "plan.density(N), the MoA paper's: mean over heads of min(N, sink + span) / N; "
-                           "attention_fraction: computed part of the causal N x N triangle"}
+        meta = {
+            **info,
+            "command": "moa-plan bench " + " ".join(shlex.quote(a) for a in argv),
+            "dtype": "bfloat16",
+            "sink": s.sink,
+            "elapsed_s": round(time.time() - t0, 1),
+            "density": "plan.density(N), the MoA paper's: mean over heads of min(N, sink + span) / N; "
+            "attention_fraction: computed part of the causal N x N triangle",
+        }
         run.finish([k for k, _ in cells], prune=False, meta=meta, skipped=skipped)
         res = results_view(run.cells, meta, skipped)
     write_atomic(json_path.with_suffix(".md"), render_markdown(res))
@@ -172,11 +212,15 @@ def results_view(cells: dict[str, Any], meta: dict[str, Any], skipped: list[str]
     """The cells as the report reads them: meta, ceilings, kernels, guard, e2e, sweep, skipped."""
     groups = [v for k, v in cells.items() if k.startswith(("decode/", "prefill/")) and isinstance(v, dict)]
     e2e = [v for k, v in cells.items() if k.startswith("e2e/")]
-    return {"meta": meta, "ceilings": cells.get("ceilings", {}),
-            "kernels": {k: e for g in groups for k, e in g.get("kernels", {}).items()},
-            "guard": {k: e for g in groups for k, e in g.get("guard", {}).items()},
-            "e2e": e2e[0] if e2e else None, "sweep": cells.get("sweep"),
-            "skipped": [x for g in groups for x in g.get("skipped", [])] + skipped}
+    return {
+        "meta": meta,
+        "ceilings": cells.get("ceilings", {}),
+        "kernels": {k: e for g in groups for k, e in g.get("kernels", {}).items()},
+        "guard": {k: e for g in groups for k, e in g.get("guard", {}).items()},
+        "e2e": e2e[0] if e2e else None,
+        "sweep": cells.get("sweep"),
+        "skipped": [x for g in groups for x in g.get("skipped", [])] + skipped,
+    }
 
 
 if __name__ == "__main__":  # python -m moa_plan.evals.bench.cli ...

@@ -23,13 +23,20 @@ class RandomDecoder:
         self.head = torch.randn(h, shape["vocab"], **bf) * sd
         self.layers = []
         for _ in range(shape["layers"]):
-            self.layers.append(dict(
-                wqkv=torch.randn(h, (hq + 2 * hkv) * d, **bf) * sd, wo=torch.randn(hq * d, h, **bf) * sd,
-                wgu=torch.randn(h, 2 * inter, **bf) * sd, wd=torch.randn(inter, h, **bf) * sd,
-                n1=torch.ones(h, **bf), n2=torch.ones(h, **bf)))
+            self.layers.append(
+                dict(
+                    wqkv=torch.randn(h, (hq + 2 * hkv) * d, **bf) * sd,
+                    wo=torch.randn(hq * d, h, **bf) * sd,
+                    wgu=torch.randn(h, 2 * inter, **bf) * sd,
+                    wd=torch.randn(inter, h, **bf) * sd,
+                    n1=torch.ones(h, **bf),
+                    n2=torch.ones(h, **bf),
+                )
+            )
         self.norm = torch.ones(h, **bf)
         self.weight_bytes = sum(t.numel() * 2 for t in [self.embed, self.head, self.norm]) + sum(
-            t.numel() * 2 for layer in self.layers for t in layer.values())
+            t.numel() * 2 for layer in self.layers for t in layer.values()
+        )
 
     @staticmethod
     def _rms(x, w):
@@ -47,9 +54,9 @@ class RandomDecoder:
         bsz = x.shape[0]
         for li, layer in enumerate(self.layers):
             qkv = self._rms(x, layer["n1"]) @ layer["wqkv"]
-            q = qkv[:, :hq * d].view(bsz, hq, d)
-            k = qkv[:, hq * d:(hq + hkv) * d].view(bsz, hkv, d)
-            v = qkv[:, (hq + hkv) * d:].view(bsz, hkv, d)
+            q = qkv[:, : hq * d].view(bsz, hq, d)
+            k = qkv[:, hq * d : (hq + hkv) * d].view(bsz, hkv, d)
+            v = qkv[:, (hq + hkv) * d :].view(bsz, hkv, d)
             a = attend(li, q, k, v)  # [B, hq, d]
             x = x + a.reshape(bsz, hq * d) @ layer["wo"]
             gu = self._rms(x, layer["n2"]) @ layer["wgu"]
@@ -100,6 +107,7 @@ class RandomDecoder:
                 kc[li].index_copy_(2, pos.view(1), k[:, :, None])
                 vc[li].index_copy_(2, pos.view(1), v[:, :, None])
                 return F.scaled_dot_product_attention(q[:, :, None], kc[li], vc[li], enable_gqa=True)[:, :, 0]
+
             kv_bytes = sum(t.numel() * 2 for t in kc + vc)
         else:
             lays = plan_layouts(plan, ctx, device=self.dev)
@@ -116,8 +124,10 @@ class RandomDecoder:
                 kk.index_copy_(1, slots[li], k)
                 vv.index_copy_(1, slots[li], v)
                 lay = lays[li]
-                return decode_attention(q, kk, vv, lay.offset, lay.cap, lay.n_sink, spans[li], plan.sink, n_dev,
-                                        max_cap=max(lay.caps))
+                return decode_attention(
+                    q, kk, vv, lay.offset, lay.cap, lay.n_sink, spans[li], plan.sink, n_dev, max_cap=max(lay.caps)
+                )
+
             kv_bytes = sum(t.numel() * 2 for c in caches for t in c)
             plan_bytes = 2 * sum(sum(c) for c in plan.kv_slots(ctx)) * d * 2 * batch
             if kv_bytes != plan_bytes:
@@ -126,9 +136,15 @@ class RandomDecoder:
         if not bool((tokens >= 0).all() and (tokens < s["vocab"]).all()):
             raise RuntimeError("decode produced invalid tokens")
         peak = torch.cuda.max_memory_allocated()
-        return {"batch": batch, "ms_per_step": round(ms, 3), "tok_s": round(batch * 1000 / ms, 1),
-                "kv_cache_GB": round(kv_bytes / 1e9, 3), "kv_cache_bytes": kv_bytes, "peak_GB": round(peak / 1e9, 2),
-                "peak_bytes_per_context_token": round((peak - base) / (batch * ctx), 1)}
+        return {
+            "batch": batch,
+            "ms_per_step": round(ms, 3),
+            "tok_s": round(batch * 1000 / ms, 1),
+            "kv_cache_GB": round(kv_bytes / 1e9, 3),
+            "kv_cache_bytes": kv_bytes,
+            "peak_GB": round(peak / 1e9, 2),
+            "peak_bytes_per_context_token": round((peak - base) / (batch * ctx), 1),
+        }
 
 
 def e2e(shape_name: str, context: int, density: float, sink: int, device: Any) -> dict[str, Any]:
@@ -139,12 +155,16 @@ def e2e(shape_name: str, context: int, density: float, sink: int, device: Any) -
     ctx = context
     plan = bench_plan(shape, density, ctx, sink)
     model = RandomDecoder(shape, device)
-    res: dict[str, Any] = {"shape": shape_name, "context": ctx, "density": plan.density(ctx),
-                           "weights_GB": round(model.weight_bytes / 1e9, 2),
-                           "note": "random-weight Llama-style decoder written in evals/bench/decoder.py (RMSNorm, "
-                                   "fused QKV, SwiGLU MLP, LM head, greedy argmax; no RoPE), one CUDA graph "
-                                   "per step; dense = SDPA over a static [B, Hkv, ctx, D] cache, MoA = "
-                                   "runtime.cache write + Triton decode over the plan's per-head cache"}
+    res: dict[str, Any] = {
+        "shape": shape_name,
+        "context": ctx,
+        "density": plan.density(ctx),
+        "weights_GB": round(model.weight_bytes / 1e9, 2),
+        "note": "random-weight Llama-style decoder written in evals/bench/decoder.py (RMSNorm, "
+        "fused QKV, SwiGLU MLP, LM head, greedy argmax; no RoPE), one CUDA graph "
+        "per step; dense = SDPA over a static [B, Hkv, ctx, D] cache, MoA = "
+        "runtime.cache write + Triton decode over the plan's per-head cache",
+    }
     for variant in ("dense", "moa"):
         try:
             res[variant] = model.throughput(variant, plan, ctx)
@@ -157,9 +177,12 @@ def e2e(shape_name: str, context: int, density: float, sink: int, device: Any) -
     from moa_plan.runtime.cache import memory_report
 
     rep = memory_report(plan, ctx, batch=1, dtype=torch.bfloat16)
-    res["kv_bytes_per_seq"] = {"moa": rep.bytes_allocated, "dense": rep.bytes_dense, "ratio": round(rep.ratio, 4),
-                               "plan_slots": rep.slots}
+    res["kv_bytes_per_seq"] = {
+        "moa": rep.bytes_allocated,
+        "dense": rep.bytes_dense,
+        "ratio": round(rep.ratio, 4),
+        "plan_slots": rep.slots,
+    }
     del model
     torch.cuda.empty_cache()
     return res
-

@@ -24,8 +24,13 @@ def _timed_generate(model, ids, new_tokens: int) -> tuple[float, float]:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+        )
     torch.cuda.synchronize()
     return time.perf_counter() - start, torch.cuda.max_memory_allocated()
 
@@ -37,9 +42,13 @@ def measure(model, ids, new_tokens: int) -> dict[str, float]:
     total_s, peak = _timed_generate(model, ids, new_tokens)
     steps = new_tokens - 1
     batch = ids.shape[0]
-    return {"prefill_ms": prefill_s * 1e3, "total_s": total_s,
-            "decode_tok_per_s": batch * steps / (total_s - prefill_s),
-            "ms_per_step": (total_s - prefill_s) / steps * 1e3, "peak_gib": peak / 2**30}
+    return {
+        "prefill_ms": prefill_s * 1e3,
+        "total_s": total_s,
+        "decode_tok_per_s": batch * steps / (total_s - prefill_s),
+        "ms_per_step": (total_s - prefill_s) / steps * 1e3,
+        "peak_gib": peak / 2**30,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,10 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_generate: needs a CUDA device", file=sys.stderr)
         return 1
     n_max = args.prompt + args.new_tokens
-    config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                         num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8,
-                         max_position_embeddings=max(n_max, 8192), bos_token_id=0, eos_token_id=None,
-                         pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=max(n_max, 8192),
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()

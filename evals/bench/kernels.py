@@ -88,19 +88,34 @@ class Kernels(Baselines):
         q = torch.randn(batch, hq, 1, d, device=self.dev, dtype=dt)
 
         # dense SDPA
-        ref_dense = reference_attention(qf[:, :, None], kf, vf, torch.full((hq,), n, dtype=torch.int32,
-                                                                             device=self.dev), 0)[:, :, 0]
+        ref_dense = reference_attention(
+            qf[:, :, None], kf, vf, torch.full((hq,), n, dtype=torch.int32, device=self.dev), 0
+        )[:, :, 0]
         got = F.scaled_dot_product_attention(qf[:, :, None], kf, vf, enable_gqa=True)[:, :, 0]
-        ms = self._guarded(tag + "/sdpa", got, ref_dense, lambda: [
-            (lambda i=i: F.scaled_dot_product_attention(q, kd[i], vd[i], enable_gqa=True)) for i in range(copies)])
+        ms = self._guarded(
+            tag + "/sdpa",
+            got,
+            ref_dense,
+            lambda: [
+                (lambda i=i: F.scaled_dot_product_attention(q, kd[i], vd[i], enable_gqa=True)) for i in range(copies)
+            ],
+        )
         sdpa_ms = sdpa_best = ms
         if ms is not None:
-            entry = {"ms": ms, "backend": "default", "GBps": round(dense_bytes / ms / 1e6, 1),
-                     "bytes": dense_bytes, "copy_frac": self._bw_frac(dense_bytes, ms)}
+            entry = {
+                "ms": ms,
+                "backend": "default",
+                "GBps": round(dense_bytes / ms / 1e6, 1),
+                "bytes": dense_bytes,
+                "copy_frac": self._bw_frac(dense_bytes, ms),
+            }
             entry["backends"] = self._sdpa_backends(
-                tag, lambda **kw: F.scaled_dot_product_attention(qf[:, :, None], kf, vf, **kw)[:, :, 0], ref_dense,
+                tag,
+                lambda **kw: F.scaled_dot_product_attention(qf[:, :, None], kf, vf, **kw)[:, :, 0],
+                ref_dense,
                 [(lambda i=i: F.scaled_dot_product_attention(q, kd[i], vd[i], enable_gqa=True)) for i in range(copies)],
-                graph=True)
+                graph=True,
+            )
             sdpa_best = min([ms] + [v for v in entry["backends"].values() if isinstance(v, float)])
             entry["best_ms"] = sdpa_best
             self.record(tag + "/sdpa", entry)
@@ -124,12 +139,26 @@ class Kernels(Baselines):
                 kc.normal_()
                 vc.normal_()
             q2 = q[:, :, 0]
-            ms = self._guarded(key, got, want, lambda: [
-                (lambda c=c: decode_attention(q2, c[0], c[1], layout.offset, layout.cap, layout.n_sink,
-                                              spans, sink, n)) for c in caches])
-            entry = {"density": plan.density(n), "attention_fraction": plan.attention_fraction(n),
-                     "kv_fraction": sum(caps) / (hkv * n),
-                     "read_fraction": sum(read) / (hkv * n), "bytes_read": bytes_read}
+            ms = self._guarded(
+                key,
+                got,
+                want,
+                lambda: [
+                    (
+                        lambda c=c: decode_attention(
+                            q2, c[0], c[1], layout.offset, layout.cap, layout.n_sink, spans, sink, n
+                        )
+                    )
+                    for c in caches
+                ],
+            )
+            entry = {
+                "density": plan.density(n),
+                "attention_fraction": plan.attention_fraction(n),
+                "kv_fraction": sum(caps) / (hkv * n),
+                "read_fraction": sum(read) / (hkv * n),
+                "bytes_read": bytes_read,
+            }
             if ms is not None:
                 entry.update(ms=ms, GBps=round(bytes_read / ms / 1e6, 1), copy_frac=self._bw_frac(bytes_read, ms))
                 if sdpa_ms:
@@ -142,8 +171,14 @@ class Kernels(Baselines):
                     bm = self._flex_block_mask(spans, sink, 1, n)
                     gotf = flex(q, kd[0], vd[0], block_mask=bm, enable_gqa=True)[:gb, :, 0]
                     wantf = reference_attention(q[:gb], kd[0][:gb], vd[0][:gb], spans, sink)[:, :, 0]
-                    fms = self._guarded(key + "/flex", gotf, wantf, lambda: [
-                        (lambda i=i: flex(q, kd[i], vd[i], block_mask=bm, enable_gqa=True)) for i in range(copies)])
+                    fms = self._guarded(
+                        key + "/flex",
+                        gotf,
+                        wantf,
+                        lambda: [
+                            (lambda i=i: flex(q, kd[i], vd[i], block_mask=bm, enable_gqa=True)) for i in range(copies)
+                        ],
+                    )
                     if fms is not None:
                         entry["flex_ms"] = fms
                         if ms:
@@ -177,7 +212,6 @@ class Kernels(Baselines):
             torch.cuda.synchronize()
             ms = _bench_time(fns[0])
         return round(ms, 5)
-
 
     def prefill_group(self, shape_name: str, n: int) -> dict[str, Any]:
         """Prefill attention at length n, batch 1: SDPA flash (and other backends), ours at every
@@ -219,6 +253,7 @@ class Kernels(Baselines):
                 if kx.shape[1] == hq:
                     return F.scaled_dot_product_attention(q, kx, vx, is_causal=True)
                 return F.scaled_dot_product_attention(q, kx, vx, is_causal=True, enable_gqa=True)
+
         try:
             out = sdpa()
         except RuntimeError:  # flash backend refuses GQA here: expand K/V once (not timed)
@@ -230,8 +265,12 @@ class Kernels(Baselines):
         sdpa_best = None
         if rel <= REL_TOL and mx <= ABS_TOL:
             sdpa_ms = round(_bench_time(sdpa), 4)
-            entry = {"ms": sdpa_ms, "backend": backend, "TFLOPs": round(dense_flops / sdpa_ms / 1e9, 1),
-                     "matmul_frac": round(dense_flops / sdpa_ms / 1e9 / peak, 3)}
+            entry = {
+                "ms": sdpa_ms,
+                "backend": backend,
+                "TFLOPs": round(dense_flops / sdpa_ms / 1e9, 1),
+                "matmul_frac": round(dense_flops / sdpa_ms / 1e9 / peak, 3),
+            }
             del out
             others: dict[str, Any] = {}
             for name in ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
@@ -239,13 +278,17 @@ class Kernels(Baselines):
                 if be is None:
                     continue
                 try:
+
                     def run(be=be):
                         with sdpa_kernel([be]):
                             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
                     o2 = run()
                     r2, m2 = guard(o2, full)
                     del o2
-                    others[name] = round(_bench_time(run), 4) if r2 <= REL_TOL and m2 <= ABS_TOL else f"WRONG rel {r2:.3g}"
+                    others[name] = (
+                        round(_bench_time(run), 4) if r2 <= REL_TOL and m2 <= ABS_TOL else f"WRONG rel {r2:.3g}"
+                    )
                 except Exception as exc:  # noqa: BLE001
                     others[name] = f"n/a ({type(exc).__name__})"
             entry["backends"] = others
@@ -262,8 +305,11 @@ class Kernels(Baselines):
             spans_l = plan.spans(n)[0]
             spans = torch.tensor(spans_l, dtype=torch.int32, device=self.dev)
             flops = 4 * d * sum(visible_pairs(s, sink, n) for s in spans_l)
-            entry: dict[str, Any] = {"density": plan.density(n), "attention_fraction": plan.attention_fraction(n),
-                                     "layer0_attention_fraction": flops / (hq * 4 * d * causal_pairs(n))}
+            entry: dict[str, Any] = {
+                "density": plan.density(n),
+                "attention_fraction": plan.attention_fraction(n),
+                "layer0_attention_fraction": flops / (hq * 4 * d * causal_pairs(n)),
+            }
             out = prefill_attention(q, k, v, spans, sink)
             rel, mx = guard(out, spans)
             self.guard[key] = {"rel": round(rel, 5), "max_abs": round(mx, 5)}
@@ -297,7 +343,6 @@ class Kernels(Baselines):
         torch.cuda.empty_cache()
         return self.end()
 
-
     def e2e(self, shape_name: str) -> dict[str, Any]:
         from moa_plan.evals.bench.decoder import e2e
 
@@ -318,5 +363,11 @@ def device_info() -> dict[str, Any]:
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "sms": torch.cuda.get_device_properties(dev).multi_processor_count}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "sms": torch.cuda.get_device_properties(dev).multi_processor_count,
+    }

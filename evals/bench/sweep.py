@@ -28,9 +28,19 @@ def sweep(sink: int, device: Any, over_budget: Callable[[], bool]) -> dict[str, 
         q = torch.randn(1, hq, n, d, device=device, dtype=torch.bfloat16)
         k = torch.randn(1, hkv, n, d, device=device, dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        for bm, bn, w, st in [(0, 0, 0, 0), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                              (128, 64, 8, 4), (128, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3),
-                              (128, 64, 8, 2), (64, 32, 4, 3)]:
+        for bm, bn, w, st in [
+            (0, 0, 0, 0),
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (128, 64, 4, 3),
+            (64, 64, 4, 3),
+            (128, 64, 8, 4),
+            (128, 32, 4, 4),
+            (128, 128, 8, 2),
+            (64, 128, 4, 3),
+            (128, 64, 8, 2),
+            (64, 32, 4, 3),
+        ]:
             if over_budget():
                 break
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st} if bm else None
@@ -46,8 +56,10 @@ def sweep(sink: int, device: Any, over_budget: Callable[[], bool]) -> dict[str, 
         layout = LayerLayout.from_caps(caps, sink, n, device=device)
         for batch in (1, 8, 32):
             per = 2 * batch * layout.slots * d * 2
-            caches = [allocate(layout, batch, d, torch.bfloat16, device=device)
-                      for _ in range(max(1, min(64, math.ceil(256e6 / per))))]
+            caches = [
+                allocate(layout, batch, d, torch.bfloat16, device=device)
+                for _ in range(max(1, min(64, math.ceil(256e6 / per))))
+            ]
             q = torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16)
             for bn in (32, 64, 128):
                 for splits in (None, 1, 2, 4, 8, 16, 32, 64):
@@ -55,12 +67,28 @@ def sweep(sink: int, device: Any, over_budget: Callable[[], bool]) -> dict[str, 
                         break
                     name = f"decode/n{n}/b{batch}/bn{bn}/splits{splits}"
                     try:
-                        ms = _graph_time([(lambda c=c: decode_attention(q, c[0], c[1], layout.offset, layout.cap,
-                                                                          layout.n_sink, spans, sink, n, block_n=bn,
-                                                                          num_splits=splits)) for c in caches])
+                        ms = _graph_time(
+                            [
+                                (
+                                    lambda c=c: decode_attention(
+                                        q,
+                                        c[0],
+                                        c[1],
+                                        layout.offset,
+                                        layout.cap,
+                                        layout.n_sink,
+                                        spans,
+                                        sink,
+                                        n,
+                                        block_n=bn,
+                                        num_splits=splits,
+                                    )
+                                )
+                                for c in caches
+                            ]
+                        )
                         out[name] = round(ms, 5)
                     except Exception as exc:  # noqa: BLE001
                         out[name] = f"{type(exc).__name__}"
             del caches
     return out
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def _graph_time(fns: list, reps: int = 10, inner: int = 0) -> float:
     """Median ms per call of the functions (rotated; L2 never holds them all), timed as CUDA-graph replays."""
     import torch

@@ -42,8 +42,9 @@ def local_rules(plan, rank: int, heads: int) -> LocalRules:
     """Rules of query heads [rank * heads, (rank + 1) * heads) of every layer (vLLM's TP split)."""
     lo, hi = rank * heads, (rank + 1) * heads
     if hi > plan.model.num_attention_heads:
-        raise MoAPlanError(f"{PLAN_ENV}: rank {rank} holds query heads {lo}..{hi - 1}, "
-                           f"the plan has {plan.model.num_attention_heads}")
+        raise MoAPlanError(
+            f"{PLAN_ENV}: rank {rank} holds query heads {lo}..{hi - 1}, the plan has {plan.model.num_attention_heads}"
+        )
     import torch
 
     alphas = torch.tensor([row[lo:hi] for row in plan.alphas()], dtype=torch.float64)

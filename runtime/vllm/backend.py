@@ -17,8 +17,14 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl, AttentionMetadataBuilder,
-                                       AttentionType, CommonAttentionMetadata)
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
 
 from moa_plan.io import shape_from_config
 from moa_plan.runtime.paged import paged_attention, spans_at, write_kv
@@ -37,8 +43,9 @@ def rules_for(vllm_config: VllmConfig, heads: int) -> LocalRules:
     """The plan of MOA_PLAN checked against the served model, sliced for this TP rank."""
     spec = plan_spec()
     if spec is None:
-        raise MoAPlanError(f"{PLAN_ENV}: not set: the MoA attention backend needs a plan "
-                           "(a plan file, 'dense' or 'uniform:<density>')")
+        raise MoAPlanError(
+            f"{PLAN_ENV}: not set: the MoA attention backend needs a plan (a plan file, 'dense' or 'uniform:<density>')"
+        )
     from vllm.distributed import get_tensor_model_parallel_rank
 
     config = vllm_config.model_config.hf_text_config.to_json_string(use_diff=False)
@@ -65,15 +72,21 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
         self.rules = rules_for(vllm_config, heads)
         self.exact_cpu_lens = vllm_config.speculative_config is None
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> MoAMetadata:
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> MoAMetadata:
         m = common_attn_metadata
         lens = m.seq_lens_cpu_upper_bound if self.exact_cpu_lens else None
-        lens = (m.seq_lens if lens is None else lens)[:m.num_reqs]
+        lens = (m.seq_lens if lens is None else lens)[: m.num_reqs]
         spans = spans_at(self.rules.alphas, self.rules.betas, lens).to(self.device, non_blocking=True)
-        return MoAMetadata(num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
-                           query_start_loc=m.query_start_loc[:m.num_reqs + 1], seq_lens=m.seq_lens[:m.num_reqs],
-                           block_table=m.block_table_tensor[:m.num_reqs], spans=spans)
+        return MoAMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            max_query_len=m.max_query_len,
+            query_start_loc=m.query_start_loc[: m.num_reqs + 1],
+            seq_lens=m.seq_lens[: m.num_reqs],
+            block_table=m.block_table_tensor[: m.num_reqs],
+            spans=spans,
+        )
 
 
 def _split_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,15 +95,28 @@ def _split_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, 
 
 
 class MoAImpl(AttentionImpl[MoAMetadata]):
-    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
-                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
-                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
-                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
-                 sinks: torch.Tensor | None = None) -> None:
-        unsupported = {"ALiBi": alibi_slopes is not None, "a model sliding window": sliding_window is not None,
-                       "logits soft-capping": bool(logits_soft_cap), "learned attention sinks": sinks is not None,
-                       f"attention type {attn_type}": attn_type != AttentionType.DECODER,
-                       f"kv_cache_dtype {kv_cache_dtype}": kv_cache_dtype not in ("auto", "float16", "bfloat16")}
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "a model sliding window": sliding_window is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            "learned attention sinks": sinks is not None,
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            f"kv_cache_dtype {kv_cache_dtype}": kv_cache_dtype not in ("auto", "float16", "bfloat16"),
+        }
         for what, bad in unsupported.items():
             if bad:
                 raise NotImplementedError(f"moa-plan's vLLM backend does not support {what}")
@@ -101,14 +127,24 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         self.rules = rules_for(get_current_vllm_config(), num_heads)  # a bad plan stops here, before weights load
         self.layer_idx: int | None = None
 
-    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor) -> None:
+    def do_kv_cache_update(
+        self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
         key_cache, value_cache = _split_cache(kv_cache, self.head_size)
         write_kv(key, value, key_cache, value_cache, slot_mapping)
 
-    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: MoAMetadata | None, output: torch.Tensor, output_scale: torch.Tensor | None = None,
-                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: MoAMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("moa-plan's vLLM backend does not fuse output quantization")
         if attn_metadata is None:  # profiling run
@@ -119,9 +155,19 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
             self.layer_idx = extract_layer_index(layer.layer_name)
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = _split_cache(kv_cache, self.head_size)
-        paged_attention(query[:n], key_cache, value_cache, attn_metadata.block_table, attn_metadata.query_start_loc,
-                        attn_metadata.seq_lens, attn_metadata.spans[self.layer_idx], self.rules.sink, self.scale,
-                        out=output[:n], max_query_len=attn_metadata.max_query_len)
+        paged_attention(
+            query[:n],
+            key_cache,
+            value_cache,
+            attn_metadata.block_table,
+            attn_metadata.query_start_loc,
+            attn_metadata.seq_lens,
+            attn_metadata.spans[self.layer_idx],
+            self.rules.sink,
+            self.scale,
+            out=output[:n],
+            max_query_len=attn_metadata.max_query_len,
+        )
         return output
 
 
