@@ -79,9 +79,9 @@ def test_demo_prints_steps_table_and_writes_results(tiny, tmp_path, capsys):
 
 
 def test_demo_with_another_model_needs_a_plan(tiny, capsys):
-    assert main(["demo", "--model", str(tiny)]) == 1
+    assert main(["demo", "--model", str(tiny)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "moa-plan: --plan: the shipped plans are for SmolLM2: with another --model, pass --plan"
+        "moa-plan demo: --plan: the shipped plans are for SmolLM2: with another --model, pass --plan"
     )
 
 
