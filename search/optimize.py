@@ -103,6 +103,47 @@ def check_feasible(inst: Instance) -> None:
         raise Infeasible(problems)
 
 
+def satisfies(inst: Instance, assign: list[int], eps: dict[int, float] | None = None) -> bool:
+    """Whether an assignment meets every constraint of the instance (and the epsilon bounds)."""
+    for k, budget in inst.budgets.items():
+        if inst.density(assign, k) > budget + DENSITY_TOL:
+            return False
+    for k, floor in inst.floors.items():
+        if inst.density(assign, k) < floor - DENSITY_TOL:
+            return False
+    for k, bound in (eps or {}).items():
+        if inst.loss(assign, k) > bound:
+            return False
+    cap = inst.max_rules_per_layer
+    if cap is not None:
+        per_layer: dict[int, set[int]] = {}
+        for u, r in enumerate(assign):
+            per_layer.setdefault(inst.layer[u], set()).add(r)
+        if any(len(rs) > cap for rs in per_layer.values()):
+            return False
+    return True
+
+
+def feasible_start(inst: Instance, objective: list[float], known: list[list[int]],
+                   eps: dict[int, float] | None = None) -> list[int] | None:
+    """The best known plan meeting every constraint, as a MIP start: earlier solutions, and every
+    plan giving all units one rule that meets the budgets and floors on its own (the uniform
+    window is one). A time-limited solve then never ends without a plan when one is known."""
+    units = len(inst.cost)
+    pool = [a for a in known if len(a) == units]
+    for r, row in enumerate(inst.dens):
+        if all(row[k] <= b + DENSITY_TOL for k, b in inst.budgets.items()) and \
+                all(row[k] >= f - DENSITY_TOL for k, f in inst.floors.items()):
+            pool.append([r] * units)
+    best, best_value = None, math.inf
+    for a in pool:
+        if satisfies(inst, a, eps):
+            value = sum(objective[u * len(inst.dens) + r] for u, r in enumerate(a))
+            if value < best_value:
+                best, best_value = a, value
+    return best
+
+
 SOLVER_ALIASES = {"highs": "appsi_highs"}
 
 
@@ -239,7 +280,8 @@ def weight_grid(n_obj: int, steps: int) -> list[list[float]]:
 
 
 def _set_objective(m: Any, inst: Instance, weights: list[float], scales: dict[int, float],
-                   eps: dict[int, float] | None = None) -> None:
+                   eps: dict[int, float] | None = None) -> list[float]:
+    """Set the weighted objective (and the epsilon bounds); returns its coefficients, unit-major."""
     import pyomo.environ as pyo
     from pyomo.core.expr.numeric_expr import LinearExpression
 
@@ -258,6 +300,7 @@ def _set_objective(m: Any, inst: Instance, weights: list[float], scales: dict[in
             xs.append(m.x[u, r])
     m.obj = pyo.Objective(expr=LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=xs),
                           sense=pyo.minimize)
+    return coefs
 
 
 def _gap(results: Any) -> float | None:
@@ -270,19 +313,43 @@ def _gap(results: Any) -> float | None:
     return abs(ub - lb) / max(abs(ub), 1e-12)
 
 
+def _takes_warm_start(opt: Any) -> bool:
+    try:
+        return bool(opt.warm_start_capable())
+    except Exception:  # noqa: BLE001 - plugins without the method take no start
+        return False
+
+
+def _load_start(m: Any, inst: Instance, assign: list[int]) -> None:
+    """Set the model's variables to an assignment (a MIP start, or the kept plan)."""
+    for u in range(len(inst.cost)):
+        for r in range(len(inst.dens)):
+            m.x[u, r].set_value(1 if assign[u] == r else 0)
+    if hasattr(m, "y"):
+        used = {(inst.layer[u], r) for u, r in enumerate(assign)}
+        for (layer, r) in m.y:
+            m.y[layer, r].set_value(1 if (layer, r) in used else 0)
+
+
 def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit: float | None = None,
           mip_gap: float | None = None, model: Any = None, opt: Any = None,
-          eps: dict[int, float] | None = None) -> Solution:
+          eps: dict[int, float] | None = None, known: list[list[int]] | None = None) -> Solution:
     """Solve one weighted MILP (with ``loss_k <= eps[k]`` bounds if given); a time limit keeps the
-    best feasible solution and reports its gap. Raises ``Infeasible`` when nothing fits."""
+    best feasible solution and reports its gap. The best feasible plan among ``known`` and the
+    one-rule plans is the MIP start where the solver takes one, and the answer when the solver
+    finds nothing in time. Raises ``Infeasible`` when nothing fits."""
     import pyomo.environ as pyo
     from pyomo.opt import TerminationCondition as TC
 
     check_feasible(inst)
     opt = opt or make_solver(solver)
     m = model or build_model(inst)
-    _set_objective(m, inst, weights, objective_scales(inst), eps)
+    coefs = _set_objective(m, inst, weights, objective_scales(inst), eps)
     kwargs = _apply_limits(opt, SOLVER_ALIASES.get(solver, solver), time_limit, mip_gap)
+    start = feasible_start(inst, coefs, known or [], eps)
+    if start is not None and _takes_warm_start(opt):
+        _load_start(m, inst, start)
+        kwargs["warmstart"] = True
     log = None
     if solver == "glpk":  # keep glpsol's log: it holds the branch-and-bound gap Pyomo does not parse
         fd, log = tempfile.mkstemp(prefix="moa-glpk-", suffix=".log")
@@ -308,18 +375,30 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
                            f"together{' within the epsilon bounds' if eps else ''} (solver: infeasible); smallest "
                            f"achievable density per length on its own: {lows}")])
     n_solutions = len(getattr(results, "solution", []) or [])
-    if n_solutions == 0 and term not in (TC.optimal, TC.locallyOptimal, TC.feasible):
-        raise PlanError([("solver", f"{solver} found no feasible plan (termination: {term}, "
-                          f"status: {results.solver.status})")])
-    try:
-        m.solutions.load_from(results)
-    except Exception as exc:  # noqa: BLE001
-        raise PlanError([("solver", f"{solver} returned no loadable solution (termination: {term}): {exc}")]) from None
-    assign = []
-    for u in range(len(inst.cost)):
-        vals = [pyo.value(m.x[u, r], exception=False) or 0.0 for r in range(len(inst.dens))]
-        assign.append(max(range(len(vals)), key=vals.__getitem__))
-    gap = _gap(results)
+    found = n_solutions > 0 or term in (TC.optimal, TC.locallyOptimal, TC.feasible)
+    if found:
+        try:
+            m.solutions.load_from(results)
+        except Exception as exc:  # noqa: BLE001
+            if start is None:
+                raise PlanError([("solver", f"{solver} returned no loadable solution (termination: {term}): "
+                                  f"{exc}")]) from None
+            found = False
+    if found:
+        assign = []
+        for u in range(len(inst.cost)):
+            vals = [pyo.value(m.x[u, r], exception=False) or 0.0 for r in range(len(inst.dens))]
+            assign.append(max(range(len(vals)), key=vals.__getitem__))
+        if start is not None and not satisfies(inst, assign):
+            found = False  # a time-limited solver may hand back an unfinished point (epsilon
+            # bounds are not re-checked: they only steer the front, and solvers meet them to a tolerance)
+    if not found:
+        if start is None:
+            raise PlanError([("solver", f"{solver} found no feasible plan (termination: {term}, "
+                              f"status: {results.solver.status}); give it more --time-limit")])
+        _load_start(m, inst, start)  # the known plan stands; its gap is measured below
+        assign, term = list(start), f"{term} (kept the start plan)"
+    gap = _gap(results) if found else None
     if term == TC.optimal and gap is None:
         gap = 0.0
     if gap is None and log_text:
@@ -360,13 +439,14 @@ def pareto(inst: Instance, solver: str = "glpk", steps: int = 4, time_limit: flo
     solves: list[Solution] = []
     if method == "weighted" or len(objs) == 1:
         for w in tqdm(weight_grid(len(objs), steps), desc="optimize", disable=not progress):
-            solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt))
+            solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt,
+                                known=[x.assign for x in solves]))
     elif method == "epsilon":
         bar = tqdm(total=len(objs) + (steps + 1) ** (len(objs) - 1), desc="optimize", disable=not progress)
         anchors = []  # each objective on its own (others weighted WEIGHT_FLOOR): the payoff table
         for i in range(len(objs)):
             anchors.append(solve(inst, [1.0 if j == i else WEIGHT_FLOOR for j in range(len(objs))], solver,
-                                 time_limit, mip_gap, model=m, opt=opt))
+                                 time_limit, mip_gap, model=m, opt=opt, known=[a.assign for a in anchors]))
             bar.update()
         solves += anchors
         grids = []
@@ -377,7 +457,8 @@ def pareto(inst: Instance, solver: str = "glpk", steps: int = 4, time_limit: flo
         for bounds in itertools.product(*grids):
             eps = {k: b * (1 + 1e-9) + 1e-12 for k, b in zip(objs[1:], bounds)}
             try:
-                solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt, eps=eps))
+                solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt, eps=eps,
+                                    known=[x.assign for x in solves]))
             except Infeasible:
                 pass  # a bound below what the time-limited solver can reach
             bar.update()

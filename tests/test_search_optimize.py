@@ -247,3 +247,73 @@ def test_time_limit_and_gap_reach_each_solver_interface():
     # appsi's legacy solve() overwrites config.time_limit: the limit must go through solve()
     assert opt._apply_limits(highs, "appsi_highs", 7.0, 1e-4) == {"timelimit": 7.0}
     assert highs.config.mip_gap == 1e-4
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("cap", [None, 1])
+def test_satisfies_agrees_with_brute_force(seed, cap):
+    inst = _instance(seed, units=3, rules=3, cap=cap)
+    rng = random.Random(seed)
+    inst.floors = {0: inst.budgets[0] * rng.uniform(0.5, 1.0)}
+    feasible = {tuple(a) for a in _feasible(inst)}
+    for assign in itertools.product(range(3), repeat=3):
+        assert opt.satisfies(inst, list(assign)) == (assign in feasible)
+
+
+def test_feasible_start_is_the_best_known_plan_meeting_the_constraints():
+    inst = _instance(3, units=4, rules=4)
+    coefs = [c[0] for row in inst.cost for c in row]  # objective: the first loss, unit-major
+    start = opt.feasible_start(inst, coefs, [])
+    assert start is not None and opt.satisfies(inst, start)
+    one_rule = [[r] * 4 for r in range(4) if opt.satisfies(inst, [r] * 4)]
+    assert min(inst.loss(a, 0) for a in one_rule) == pytest.approx(inst.loss(start, 0))
+    # a better known plan replaces it; an infeasible one never does
+    feasible = sorted(_feasible(inst), key=lambda a: inst.loss(a, 0))
+    assert opt.feasible_start(inst, coefs, [feasible[0]]) == feasible[0]
+    worse_but_infeasible = [min(range(4), key=lambda r: inst.cost[u][r][0]) for u in range(4)]
+    if not opt.satisfies(inst, worse_but_infeasible):
+        assert opt.feasible_start(inst, coefs, [worse_but_infeasible]) != worse_but_infeasible
+    # epsilon bounds no start meets: none
+    assert opt.feasible_start(inst, coefs, [], eps={1: -1.0}) is None
+
+
+class _NothingInTime:
+    """A solver that stops at its time limit without a plan (HiGHS did this on SmolLM2's 270
+    heads x 72 rules at 25 s), and takes no MIP start."""
+
+    calls = 0
+
+    def solve(self, model, load_solutions=False, **kwargs):
+        from types import SimpleNamespace
+
+        from pyomo.opt import TerminationCondition as TC
+
+        self.calls += 1
+        if self.calls > 1:  # the LP relaxation for the gap: no bound either
+            raise RuntimeError("no LP either")
+        return SimpleNamespace(solver=SimpleNamespace(termination_condition=TC.maxTimeLimit, status="aborted"),
+                               solution=[], problem=SimpleNamespace(lower_bound=float("nan"), upper_bound=float("nan")))
+
+
+def test_solver_without_a_plan_in_time_keeps_the_feasible_start():
+    inst = _instance(4, units=5, rules=4)
+    sol = opt.solve(inst, [1.0, 1e-3], "fake", model=opt.build_model(inst), opt=_NothingInTime())
+    assert "kept the start plan" in sol.termination
+    assert opt.satisfies(inst, sol.assign)
+    assert sol.assign == opt.feasible_start(inst, [c[0] / opt.objective_scales(inst)[0] + 1e-3 * c[1] /
+                                                   opt.objective_scales(inst)[1] for row in inst.cost for c in row], [])
+    # with nothing known (a floor no one-rule plan meets) it still says so in one line
+    top = max(r[0] for r in inst.dens)  # floor just under the densest rule, budget between them:
+    inst.floors, inst.budgets = {0: top - 1e-4}, {0: top - 5e-5}  # no one-rule plan (no start)
+    assert not any(opt.satisfies(inst, [r] * 5) for r in range(4))
+    with pytest.raises(PlanError, match="found no feasible plan"):
+        opt.solve(inst, [1.0, 1e-3], "fake", model=opt.build_model(inst), opt=_NothingInTime())
+
+
+def test_highs_takes_the_start_and_the_front_never_loses_a_unit():
+    pytest.importorskip("highspy")
+    inst = _instance(6, units=8, rules=4, cap=1)
+    solver = opt.make_solver("highs")
+    assert opt._takes_warm_start(solver)
+    front, solves = opt.pareto(inst, "highs", steps=2, time_limit=5, progress=False)
+    assert front and all(opt.satisfies(inst, s.assign) for s in solves)
