@@ -108,6 +108,8 @@ def _docs_task(rng: random.Random, units: int) -> tuple[str, list[str]]:
     return " ".join(words[:units]), questions
 
 
+DOC_QUESTIONS = 3  # questions per document where they fit (``questions_at``)
+
 _SYNTHETIC: dict[str, Callable[[random.Random, int], tuple[str, str | list[str]]]] = {
     "docs": _docs_task, "kv": _kv_task, "multihop": _multihop_task, "copy": _copy_task}
 
@@ -311,10 +313,9 @@ def build(model_dir: str | os.PathLike, out: str | os.PathLike, lengths: list[in
     if max_answer_tokens < 1:
         raise PlanError([("--max-answer-tokens", "must be >= 1")])
     model_dir = model_mod.check_model_dir(model_dir)
-    turns = 3 if "docs" in tasks else 1
     for n in lengths:
-        if n <= turns * (max_answer_tokens + 48) + 32:
-            raise PlanError([("lengths", f"{n} is too short for a prompt plus {turns} answers of "
+        if questions_at(n, max_answer_tokens, 1) < 1:
+            raise PlanError([("lengths", f"{n} is too short for a prompt plus an answer of "
                               f"{max_answer_tokens} tokens")])
     settings = {"model": model_mod.model_name(model_dir), "lengths": sorted(set(lengths)),
                 "samples_per_length": samples_per_length, "tasks": list(tasks), "seed": seed,
@@ -347,14 +348,15 @@ def build(model_dir: str | os.PathLike, out: str | os.PathLike, lengths: list[in
         batch = todo[start:start + batch_size]
         convs = []
         for spec in batch:
-            n_q = turns if spec["task"] == "docs" else 1
+            n_q = questions_at(spec["length"], max_answer_tokens, DOC_QUESTIONS if spec["task"] == "docs" else 1)
             target = spec["length"] - n_q * (max_answer_tokens + 1)
             if spec["task"] == "text":
                 doc = docs[spec["index"] % len(docs)]
                 make = lambda units, doc=doc: _text_task(doc, units)  # noqa: E731
             else:
                 fn, rng_seed = _SYNTHETIC[spec["task"]], f"{seed}-{spec['id']}"
-                make = lambda units, fn=fn, s=rng_seed: _as_list(fn(random.Random(s), units))  # noqa: E731
+                make = lambda units, fn=fn, s=rng_seed, q=n_q: _first_questions(  # noqa: E731
+                    _as_list(fn(random.Random(s), units)), q)
             convs.append(fit_conversation(tok, make, target))
         answers: list[list[str]] = [[] for _ in batch]
         for turn in range(max(len(q) for _, q in convs)):
@@ -374,6 +376,18 @@ def build(model_dir: str | os.PathLike, out: str | os.PathLike, lengths: list[in
         bar.update(len(batch))
     bar.close()
     return out
+
+
+def questions_at(length: int, max_answer_tokens: int, wanted: int) -> int:
+    """How many question turns (up to ``wanted``) a sample of ``length`` tokens holds: each answer
+    reserves ``max_answer_tokens`` plus its turn's markup, and a prompt remains. Short lengths
+    get fewer questions rather than none, so they can be profiled too (0: not even one fits)."""
+    fits = [t for t in range(1, wanted + 1) if length > t * (max_answer_tokens + 48) + 32]
+    return max(fits, default=0)
+
+
+def _first_questions(task: tuple[str, list[str]], n: int) -> tuple[str, list[str]]:
+    return task[0], task[1][:n]
 
 
 def _as_list(task: tuple[str, str | list[str]]) -> tuple[str, list[str]]:
