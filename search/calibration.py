@@ -115,6 +115,8 @@ def _docs_task(rng: random.Random, units: int) -> tuple[str, list[str]]:
     return " ".join(words[:units]), questions
 
 
+DOC_QUESTIONS = 3  # questions per document where they fit (``questions_at``)
+
 _SYNTHETIC: dict[str, Callable[[random.Random, int], tuple[str, str | list[str]]]] = {
     "docs": _docs_task,
     "kv": _kv_task,
@@ -320,11 +322,10 @@ def build(
     if max_answer_tokens < 1:
         raise OptionError([("--max-answer-tokens", "must be >= 1")])
     model_dir = loader.resolve(model_dir)
-    turns = 3 if "docs" in tasks else 1
     for n in lengths:
-        if n <= turns * (max_answer_tokens + 48) + 32:
+        if questions_at(n, max_answer_tokens, 1) < 1:
             raise OptionError(
-                [("--lengths", f"{n} is too short for a prompt plus {turns} answers of {max_answer_tokens} tokens")]
+                [("--lengths", f"{n} is too short for a prompt plus an answer of {max_answer_tokens} tokens")]
             )
     settings = {
         "model": loader.model_name(model_dir),
@@ -358,7 +359,6 @@ def _generate(
     from moa_plan.runtime import load as loader
 
     seed, max_answer_tokens = settings["seed"], settings["max_answer_tokens"]
-    turns = 3 if "docs" in settings["tasks"] else 1
     model, tok = loader.load(model_dir, device=device)
     run.summary["chat_template"] = bool(getattr(tok, "chat_template", None))
     docs = read_user_texts(text) if text else []
@@ -368,14 +368,16 @@ def _generate(
             batch = todo[start : start + batch_size]
             convs = []
             for spec in batch:
-                n_q = turns if spec["task"] == "docs" else 1
+                n_q = questions_at(spec["length"], max_answer_tokens, DOC_QUESTIONS if spec["task"] == "docs" else 1)
                 target = spec["length"] - n_q * (max_answer_tokens + 1)
                 if spec["task"] == "text":
                     doc = docs[spec["index"] % len(docs)]
                     make = lambda units, doc=doc: _text_task(doc, units)  # noqa: E731
                 else:
                     fn, rng_seed = _SYNTHETIC[spec["task"]], f"{seed}-{spec['id']}"
-                    make = lambda units, fn=fn, s=rng_seed: _as_list(fn(random.Random(s), units))  # noqa: E731
+                    make = lambda units, fn=fn, s=rng_seed, q=n_q: _first_questions(  # noqa: E731
+                        _as_list(fn(random.Random(s), units)), q
+                    )
                 convs.append(fit_conversation(tok, make, target))
             answers: list[list[str]] = [[] for _ in batch]
             for turn in range(max(len(q) for _, q in convs)):
@@ -400,6 +402,18 @@ def _generate(
                 }
             run.put_many(cells)
             bar.update(len(batch))
+
+
+def questions_at(length: int, max_answer_tokens: int, wanted: int) -> int:
+    """How many question turns (up to ``wanted``) a sample of ``length`` tokens holds: each answer
+    reserves ``max_answer_tokens`` plus its turn's markup, and a prompt remains. Short lengths
+    get fewer questions rather than none, so they can be profiled too (0: not even one fits)."""
+    fits = [t for t in range(1, wanted + 1) if length > t * (max_answer_tokens + 48) + 32]
+    return max(fits, default=0)
+
+
+def _first_questions(task: tuple[str, list[str]], n: int) -> tuple[str, list[str]]:
+    return task[0], task[1][:n]
 
 
 def _as_list(task: tuple[str, str | list[str]]) -> tuple[str, list[str]]:
