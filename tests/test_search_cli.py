@@ -294,7 +294,7 @@ def test_docs_calibration_is_a_multi_turn_chat(tiny_dir, tmp_path):
 def test_short_lengths_get_fewer_questions_not_an_error(tiny_dir, tmp_path):
     """512 tokens cannot hold three 128-token answers; it gets the questions that fit, so short
     lengths can be profiled (and one answer that does not fit is a located error)."""
-    from moa_plan.plan import PlanError
+    from moa_plan.errors import OptionError
 
     assert [calibration.questions_at(n, 128, 3) for n in (250, 400, 512, 600, 1024)] == [1, 2, 2, 3, 3]
     assert calibration.questions_at(170, 128, 3) == 0
@@ -305,5 +305,5 @@ def test_short_lengths_get_fewer_questions_not_an_error(tiny_dir, tmp_path):
     assert len(by_length[470]["questions"]) == len(by_length[470]["answers"]) == 2
     assert len(by_length[1500]["questions"]) == 3
     assert all(s["n_tokens"] <= s["length"] for s in samples)
-    with pytest.raises(PlanError, match="too short for a prompt plus an answer"):
+    with pytest.raises(OptionError, match="too short for a prompt plus an answer"):
         calibration.build(tiny_dir, tmp_path / "x.jsonl", [170], 1, ["docs"], max_answer_tokens=128, progress=False)
