@@ -197,8 +197,8 @@ def check_optimize_args(
 ) -> None:
     """Every optimiser option, checked before any work starts (one located line each); with the
     sink and block size (``search``) also whether the density budget is reachable at every length."""
-    from moa_plan.search import optimize as opt_mod
     from moa_plan.search.select import check_budgets, parse_budgets
+    from moa_plan.search.solvers import make_solver
 
     problems = []
     if lengths and args.validation_length in lengths:
@@ -227,7 +227,7 @@ def check_optimize_args(
     check_output("--out", args.out)
     if args.plots:
         check_output("--plots", args.plots, folder=True)
-    opt_mod.make_solver(args.solver)  # a missing solver is found now, not after the profile (exit 1: not installed)
+    make_solver(args.solver)  # a missing solver is found now, not after the profile (exit 1: not installed)
 
 
 def _extension(args: argparse.Namespace, lengths: list[int]) -> list[int]:

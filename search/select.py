@@ -18,6 +18,7 @@ from typing import Any
 from moa_plan import semantics
 from moa_plan.plan import Layer, ModelShape, Plan, PlanError, Rule
 from moa_plan.search import optimize as opt_mod
+from moa_plan.search.pareto import pareto as pareto_front
 from moa_plan.search.rules import Candidate, candidate_grid, density_table
 
 
@@ -208,7 +209,7 @@ def optimize_profile(
         table, cands, shape, sink, all_lengths, list(range(len(lengths))), budgets, gqa, max_rules_per_layer, floors
     )
     t_build = time.perf_counter() - t0
-    front, solves = opt_mod.pareto(inst, solver, steps, time_limit, mip_gap, progress, pareto)
+    front, solves = pareto_front(inst, solver, steps, time_limit, mip_gap, progress, pareto)
     if validation_length:
         kv = len(lengths)
         chosen = min(range(len(front)), key=lambda i: front[i].losses[kv])

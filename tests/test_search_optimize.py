@@ -10,13 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moa_plan.search.optimize import glpsol_path
+from moa_plan.search.solvers import glpsol_path
 
 pytest.importorskip("pyomo")
 
 from moa_plan import semantics  # noqa: E402
 from moa_plan.plan import PlanError  # noqa: E402
 from moa_plan.search import optimize as opt  # noqa: E402
+from moa_plan.search import pareto, solvers  # noqa: E402
 from moa_plan.search.rules import candidate_grid, density_table  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def _brute(inst: opt.Instance, weights, scales):
 def test_weighted_solves_match_brute_force(seed, cap):
     inst = _instance(seed, cap=cap)
     scales = opt.objective_scales(inst)
-    for w in opt.weight_grid(len(inst.objectives), 2):
+    for w in pareto.weight_grid(len(inst.objectives), 2):
         sol = opt.solve(inst, w, "glpk")
         want, _ = _brute(inst, w, scales)
         got = sum(wk * sol.losses[k] / scales[k] for wk, k in zip(w, inst.objectives))
@@ -110,8 +111,8 @@ def test_weighted_solves_match_brute_force(seed, cap):
 
 def test_group_weights_and_pareto_front_are_non_dominated():
     inst = _instance(11, units=3, rules=5, lengths=(64, 128, 256), weight=[2, 1, 3], layer=[0, 0, 1])
-    front, solves = opt.pareto(inst, "glpk", steps=3, progress=False, method="weighted")
-    assert front and len(solves) == len(opt.weight_grid(3, 3))
+    front, solves = pareto.pareto(inst, "glpk", steps=3, progress=False, method="weighted")
+    assert front and len(solves) == len(pareto.weight_grid(3, 3))
     for a in front:
         for b in front:
             if a is not b:
@@ -133,7 +134,7 @@ def test_epsilon_front_is_pareto_optimal_against_brute_force(seed):
     inst = _instance(seed, units=4, rules=4, cap=2)
     inst.floors = {k: 0.8 * b for k, b in inst.budgets.items()}
     try:
-        front, _ = opt.pareto(inst, "glpk", steps=4, progress=False, method="epsilon")
+        front, _ = pareto.pareto(inst, "glpk", steps=4, progress=False, method="epsilon")
     except opt.Infeasible:
         assert not list(_feasible(inst))
         return
@@ -190,12 +191,12 @@ def test_jointly_infeasible_budgets_report_solver_infeasible():
 
 def test_missing_solver_is_a_clear_error(monkeypatch):
     with pytest.raises(PlanError) as err:
-        opt.make_solver("no_such_solver_xyz")
+        solvers.make_solver("no_such_solver_xyz")
     assert err.value.problems[0][0] == "--solver" and "no_such_solver_xyz" in err.value.problems[0][1]
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     with pytest.raises(PlanError) as err:
-        opt.make_solver("glpk")
+        solvers.make_solver("glpk")
     assert "glpsol" in err.value.problems[0][1] and "moa-plan[search]" in err.value.problems[0][1]
     assert "--solver highs" in err.value.problems[0][1]
 
@@ -242,8 +243,8 @@ def test_glpk_log_gap_parsing():
         "+  1682: mip =   2.624331740e-01 >=   2.623510251e-01 < 0.1% (322; 140)\n"
         "TIME LIMIT EXCEEDED; SEARCH TERMINATED\n"
     )
-    assert opt.glpk_log_gap(log) == pytest.approx((2.624331740e-01 - 2.623510251e-01) / 2.624331740e-01)
-    assert opt.glpk_log_gap("no branch and bound here") is None
+    assert solvers.glpk_log_gap(log) == pytest.approx((2.624331740e-01 - 2.623510251e-01) / 2.624331740e-01)
+    assert solvers.glpk_log_gap("no branch and bound here") is None
 
 
 def test_lp_relaxation_bounds_the_optimum():
@@ -252,7 +253,7 @@ def test_lp_relaxation_bounds_the_optimum():
     sol = opt.solve(inst, w, "glpk")
     scales = opt.objective_scales(inst)
     value = sum(wk * sol.losses[k] / scales[k] for wk, k in zip(w, inst.objectives))
-    bound = opt.lp_bound(inst, w, opt.make_solver("glpk"))
+    bound = opt.lp_bound(inst, w, solvers.make_solver("glpk"))
     assert bound is not None and bound <= value + 1e-9
 
 
@@ -262,12 +263,12 @@ def test_time_limit_and_gap_reach_each_solver_interface():
             self.options, self.config = {}, type("C", (), {})()
 
     glpk = Fake()
-    assert opt._apply_limits(glpk, "glpk", 2.5, 1e-3) == {}
+    assert solvers.apply_limits(glpk, "glpk", 2.5, 1e-3) == {}
     # plus glpsol's primal heuristics (feasibility pump, proximity search for a quarter of the limit)
     assert glpk.options == {"tmlim": 3, "mipgap": 1e-3, "fpump": None, "proxy": 1}
     highs = Fake()
     # appsi's legacy solve() overwrites config.time_limit: the limit must go through solve()
-    assert opt._apply_limits(highs, "appsi_highs", 7.0, 1e-4) == {"timelimit": 7.0}
+    assert solvers.apply_limits(highs, "appsi_highs", 7.0, 1e-4) == {"timelimit": 7.0}
     assert highs.config.mip_gap == 1e-4
 
 
@@ -345,7 +346,7 @@ def test_solver_without_a_plan_in_time_keeps_the_feasible_start():
 def test_highs_takes_the_start_and_the_front_never_loses_a_unit():
     pytest.importorskip("highspy")
     inst = _instance(6, units=8, rules=4, cap=1)
-    solver = opt.make_solver("highs")
-    assert opt._takes_warm_start(solver)
-    front, solves = opt.pareto(inst, "highs", steps=2, time_limit=5, progress=False)
+    solver = solvers.make_solver("highs")
+    assert solvers.takes_warm_start(solver)
+    front, solves = pareto.pareto(inst, "highs", steps=2, time_limit=5, progress=False)
     assert front and all(opt.satisfies(inst, s.assign) for s in solves)
