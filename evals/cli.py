@@ -167,7 +167,7 @@ def check_args(args: argparse.Namespace, out: Path | None = None, out_dir: Path 
 def _setup(args: argparse.Namespace):
     from moa_plan.evals.methods import check_plan_files
     from moa_plan.evals.retrieval import ModelPool
-    from moa_plan.io import load_model_shape
+    from moa_plan.model_config import load_model_shape
     from moa_plan.runtime.load import offline
 
     offline()
@@ -213,7 +213,7 @@ def run_context(args: argparse.Namespace, methods, pool, model: str, title: str)
     """Grid + summary + heatmap + table into ``args.out_dir``; returns the summary."""
     from moa_plan.evals.context import heatmap, markdown_table, summarize
     from moa_plan.evals.retrieval import run_grid
-    from moa_plan.io import write_atomic
+    from moa_plan.files import write_atomic
 
     settings = _settings(args, model)
     out_dir: Path = args.out_dir

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.evals.retrieval import Results, accuracy_table, cell_key
-from moa_plan.io import write_atomic
+from moa_plan.files import write_atomic
 
 THRESHOLD = 0.9
 

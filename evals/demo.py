@@ -110,7 +110,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from moa_plan.evals.cli import resolve_model
     from moa_plan.evals.methods import comparison
     from moa_plan.evals.retrieval import ModelPool
-    from moa_plan.io import load_model_shape, write_atomic
+    from moa_plan.files import write_atomic
+    from moa_plan.model_config import load_model_shape
 
     hf_logging.disable_progress_bar()  # these step lines are the progress
     if args.model == "smollm2":

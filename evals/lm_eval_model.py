@@ -34,7 +34,8 @@ def check_plan(pretrained: Any, spec: str) -> Any:
     """The plan of ``plan=``, read (and checked against a local model's config) before any weights
     load; the spec string itself when the model is not a local folder (checked when applied)."""
     from moa_plan.build import plan_from_spec
-    from moa_plan.io import load_model_shape, load_plan, shape_from_config
+    from moa_plan.io import load_plan
+    from moa_plan.model_config import load_model_shape, shape_from_config
 
     try:
         if isinstance(pretrained, (str, Path)) and Path(pretrained).exists():

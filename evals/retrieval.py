@@ -64,7 +64,7 @@ class ModelPool:
         self.tokenizer: Any = None
 
     def shape(self):
-        from moa_plan.io import load_model_shape
+        from moa_plan.model_config import load_model_shape
 
         return load_model_shape(self.model_dir)
 

@@ -2,7 +2,8 @@
 
 from importlib import metadata as _metadata
 
-from moa_plan.io import check_fits, load_model_shape, load_plan, plan_from_data, plan_from_json, save_plan
+from moa_plan.io import load_plan, plan_from_data, plan_from_json, save_plan
+from moa_plan.model_config import check_fits, load_model_shape
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, PlanError, Rule
 from moa_plan.semantics import head_density, span, visible, visible_pairs
 

@@ -13,7 +13,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from moa_plan.io import check_fits, load_plan
+from moa_plan.io import load_plan
+from moa_plan.model_config import check_fits
 from moa_plan.plan import FORMAT_VERSION, MAX_LENGTH, Layer, ModelShape, Plan, PlanError, Rule
 
 MOA_REFERENCE_SINK = 64
@@ -154,7 +155,7 @@ def plan_for_pretrained(plan: Any, pretrained: Any) -> Any:
         return plan
     text = str(plan)
     if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
-        from moa_plan.io import load_model_shape
+        from moa_plan.model_config import load_model_shape
 
         return plan_from_spec(text, load_model_shape(pretrained))
     return plan if is_plan_name(text) else load_plan(text)

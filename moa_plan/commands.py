@@ -2,7 +2,7 @@
 
 Every handler turns bad input (unreadable files, malformed JSON, invalid plans, unwritable
 outputs) into located ``FILE: location: message`` lines and exit 1; every output file goes
-through ``io.write_atomic``.
+through ``files.write_atomic``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from moa_plan import build, io
+from moa_plan import build, files, io, model_config, strict_json
 from moa_plan.args import int_in, lengths
 from moa_plan.errors import OptionError, UserError, printable, report
 from moa_plan.plan import MAX_LENGTH, ModelShape, Plan, PlanError
@@ -58,13 +58,13 @@ def load_shape(path: str) -> ModelShape:
     """A model shape from a config.json or a model folder, or UserError naming the config file."""
     p = Path(path)
     source = str(p / "config.json") if p.is_dir() else path
-    return _guarded(source, io.load_model_shape, path)
+    return _guarded(source, model_config.load_model_shape, path)
 
 
 def write(path: str, text: str | bytes) -> None:
     """Write an output file atomically, or UserError naming it."""
     try:
-        io.write_atomic(path, text)
+        files.write_atomic(path, text)
     except OSError as exc:
         raise UserError(path, PlanError([("", f"cannot write: {exc.strerror or exc}")])) from None
 
@@ -108,7 +108,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             plan = load(path)
             if shape is not None:
-                _guarded(path, io.check_fits, plan, shape)
+                _guarded(path, model_config.check_fits, plan, shape)
         except UserError as exc:
             report(exc.source, exc.error)
             failed = True
@@ -247,7 +247,7 @@ def cmd_uniform(args: argparse.Namespace) -> int:
 
 
 def _read_json(path: str):
-    return io.parse_json(io.read_text_limited(path))
+    return strict_json.parse_json(files.read_text_limited(path))
 
 
 def cmd_import_moa(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ The result file is one JSON object::
 ``settings`` is everything besides the grid that decides a cell's value; ``fingerprint`` is
 its hash; ``cells`` are stored in grid order, one per line; a job may add summary fields
 derived from its cells. After every cell the whole file is rewritten atomically
-(``io.write_atomic``), and while a run holds it the file is locked (``io.exclusive``).
+(``files.write_atomic``), and while a run holds it the file is locked (``files.exclusive``).
 
 One policy for every job: an existing file is resumed (its finished cells are never computed
 again); a file made with other settings is refused with one line naming the first differing
@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.errors import OptionError, Problems, UsageError, printable
-from moa_plan.io import MAX_RESULT_BYTES, exclusive, read_json_limited, write_atomic
+from moa_plan.files import MAX_RESULT_BYTES, exclusive, write_atomic
+from moa_plan.strict_json import read_json_limited
 
 FORMAT = 1
 HEADER = ("job", "format", "settings", "fingerprint", "cells")

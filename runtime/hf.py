@@ -31,7 +31,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from moa_plan.build import plan_for_pretrained, plan_from_spec
-from moa_plan.io import check_fits, read_model_config, shape_from_config
+from moa_plan.model_config import check_fits, read_model_config, shape_from_config
 from moa_plan.plan import Plan, PlanError
 from moa_plan.runtime.attention import cached_keys, chunk_attention, decode_attention, prefill_attention
 from moa_plan.runtime.cache import LayerLayout, MemoryReport, allocate, memory_report, write_kv

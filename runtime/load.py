@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.errors import OptionError, Problems, UsageError
-from moa_plan.io import load_model_shape, model_folder, read_model_config
+from moa_plan.model_config import load_model_shape, model_folder, read_model_config
 from moa_plan.plan import ModelShape
 
 SMOLLM2 = "smollm2"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.errors import OptionError, Problems, UsageError
-from moa_plan.io import MAX_RESULT_BYTES, read_text_limited
+from moa_plan.files import MAX_RESULT_BYTES, read_text_limited
 from moa_plan.run import Run, read_result
 
 TASKS = ("docs", "kv", "multihop", "copy")

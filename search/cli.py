@@ -360,7 +360,7 @@ def _optimize(
 
 def write_candidates(res, measured: list[float] | None, path: Path) -> None:
     """The Pareto candidates (estimated losses, densities, measured loss) as a markdown table."""
-    from moa_plan.io import write_atomic
+    from moa_plan.files import write_atomic
 
     plans = res.plans
     lens = list(plans[0].provenance["achieved_density"])

@@ -6,7 +6,7 @@ import io
 import os
 from typing import Any
 
-from moa_plan.io import write_atomic
+from moa_plan.files import write_atomic
 from moa_plan.plan import Plan
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.errors import OptionError, Problems, UsageError
-from moa_plan.io import read_bytes_limited, write_atomic
+from moa_plan.files import read_bytes_limited, write_atomic
 from moa_plan.run import HEADER, Run, read_result
 
 META = "profile.json"

@@ -625,7 +625,7 @@ def test_import_moa_huge_numbers_are_located(tmp_path, config):
 
 
 def test_orphaned_temporaries_are_cleaned_and_special_targets_refused(tmp_path):
-    from moa_plan.io import STALE_TMP_SECONDS, write_atomic
+    from moa_plan.files import STALE_TMP_SECONDS, write_atomic
 
     target = tmp_path / "plan.json"
     old, fresh, other = tmp_path / ".plan.json.abc.tmp", tmp_path / ".plan.json.def.tmp", tmp_path / ".x.json.a.tmp"

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from moa_plan.cli import main
-from moa_plan.io import load_model_shape, save_plan
+from moa_plan.io import save_plan
+from moa_plan.model_config import load_model_shape
 from moa_plan.plan import Layer, Plan, Rule
 
 
@@ -267,7 +268,7 @@ def test_out_is_checked_before_the_first_cell(tiny, tmp_path, capsys, monkeypatc
 
 
 def test_a_result_file_is_written_by_one_run_at_a_time(tiny, tmp_path, capsys):
-    from moa_plan.io import exclusive
+    from moa_plan.files import exclusive
 
     out = tmp_path / "r.json"
     with exclusive(out):  # as if another run were resuming the same file

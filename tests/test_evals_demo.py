@@ -8,7 +8,8 @@ import json
 import pytest
 
 from moa_plan.cli import main
-from moa_plan.io import load_model_shape, save_plan
+from moa_plan.io import save_plan
+from moa_plan.model_config import load_model_shape
 from moa_plan.plan import Layer, Plan, Rule
 
 pytest.importorskip("transformers")

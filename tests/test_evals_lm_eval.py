@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from moa_plan.io import load_model_shape, save_plan
+from moa_plan.io import save_plan
+from moa_plan.model_config import load_model_shape
 from moa_plan.plan import Plan, Rule
 
 pytest.importorskip("lm_eval")

@@ -174,7 +174,8 @@ def test_optimize_resumes_its_measured_validation(tiny_char_dir, calib, tmp_path
 
 @pytest.fixture(scope="module")
 def bpe(tiny_bpe_dir):
-    from moa_plan.io import load_model_shape, save_plan
+    from moa_plan.io import save_plan
+    from moa_plan.model_config import load_model_shape
     from moa_plan.plan import Layer, Plan, Rule
 
     shape = load_model_shape(tiny_bpe_dir)

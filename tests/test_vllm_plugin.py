@@ -26,7 +26,8 @@ pytest.importorskip("vllm")
 from conftest import make_tiny_model  # noqa: E402
 
 from moa_plan.build import dense_plan  # noqa: E402
-from moa_plan.io import load_model_shape, save_plan  # noqa: E402
+from moa_plan.io import save_plan  # noqa: E402
+from moa_plan.model_config import load_model_shape  # noqa: E402
 from moa_plan.plan import Layer, Plan, Rule  # noqa: E402
 from moa_plan.runtime import MoACache, load_model  # noqa: E402
 from moa_plan.runtime.vllm import check_served_model, served_model  # noqa: E402

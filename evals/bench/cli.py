@@ -153,7 +153,7 @@ def run_bench(s: BenchSettings) -> Path:
     from moa_plan.errors import UsageError
     from moa_plan.evals.bench import kernels
     from moa_plan.evals.bench.report import render_markdown
-    from moa_plan.io import write_atomic
+    from moa_plan.files import write_atomic
     from moa_plan.run import Run
 
     try:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from moa_plan.build import uniform_plan
-    from moa_plan.io import write_atomic
+    from moa_plan.files import write_atomic
     from moa_plan.runtime import MoACache, apply_plan
     from moa_plan.runtime.hf import model_shape
 

@@ -95,7 +95,7 @@ def check_served_model(argv: list[str]) -> None:
     spec, model = plan_spec(), served_model(argv)
     if spec is None or model is None or not (Path(model) / "config.json").is_file():
         return
-    from moa_plan.io import load_model_shape
+    from moa_plan.model_config import load_model_shape
 
     try:
         shape = load_model_shape(model)

@@ -26,7 +26,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from moa_plan.io import shape_from_config
+from moa_plan.model_config import shape_from_config
 from moa_plan.runtime.paged import paged_attention, spans_at, write_kv
 from moa_plan.runtime.vllm import PLAN_ENV, LocalRules, MoAPlanError, local_rules, plan_spec, resolve
 
