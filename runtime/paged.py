@@ -108,7 +108,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Plan attention of every sequence's new tokens (layouts above); returns ``out`` [T, Hq, D].
 
-    The Triton kernel (``triton_prefill._paged_kernel``) on CUDA, the PyTorch path otherwise;
+    The Triton kernel (``triton_paged_kernel.paged_kernel``) on CUDA, the PyTorch path otherwise;
     ``MOA_ATTENTION_BACKEND`` forces one, as for the rest of the runtime."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out = torch.empty_like(query) if out is None else out
