@@ -17,7 +17,7 @@ from conftest import char_tokenizer, save_tiny  # noqa: E402
 
 from moa_plan.cli import main  # noqa: E402
 from moa_plan.io import load_plan  # noqa: E402
-from moa_plan.search import calibration  # noqa: E402
+from moa_plan.search import calibration, calibration_tasks  # noqa: E402
 
 COMMON = [
     "--samples",
@@ -249,7 +249,7 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
 def test_task_answers_lie_far_back():
     import random
 
-    for name, fn in calibration._SYNTHETIC.items():
+    for name, fn in calibration_tasks.SYNTHETIC.items():
         if name == "docs":
             continue  # natural text: tested in test_docs_calibration_is_a_multi_turn_chat
         context, question = fn(random.Random(0), 90)
