@@ -139,7 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _eval_root(args: argparse.Namespace) -> int:
     if args.print_include_path:
-        from moa_plan.evals.lm_eval_plugin import include_path
+        from moa_plan.evals.lm_eval.plugin import include_path
 
         print(include_path())
         return 0
@@ -165,8 +165,8 @@ def check_args(args: argparse.Namespace, out: Path | None = None, out_dir: Path 
 
 
 def _setup(args: argparse.Namespace):
-    from moa_plan.evals.methods import check_plan_files
-    from moa_plan.evals.retrieval import ModelPool
+    from moa_plan.evals.quality.methods import check_plan_files
+    from moa_plan.evals.quality.retrieval import ModelPool
     from moa_plan.model_config import load_model_shape
     from moa_plan.runtime.load import offline
 
@@ -178,13 +178,13 @@ def _setup(args: argparse.Namespace):
 
 def _settings(args: argparse.Namespace, model: str):
     from moa_plan.args import settings_from
-    from moa_plan.evals.retrieval import Settings
+    from moa_plan.evals.quality.retrieval import Settings
 
     return settings_from(Settings, args, model=str(Path(model).resolve()))
 
 
 def _print_grid(results, methods, settings) -> None:
-    from moa_plan.evals.retrieval import accuracy_table
+    from moa_plan.evals.quality.retrieval import accuracy_table
 
     for m in methods:
         grid = accuracy_table(results, m.name, settings.task, settings.lengths, settings.positions)
@@ -195,8 +195,8 @@ def _print_grid(results, methods, settings) -> None:
 
 
 def _retrieval(args: argparse.Namespace) -> int:
-    from moa_plan.evals.methods import parse_methods
-    from moa_plan.evals.retrieval import run_grid
+    from moa_plan.evals.quality.methods import parse_methods
+    from moa_plan.evals.quality.retrieval import run_grid
 
     check_args(args, out=args.out)
     model, shape, pool = _setup(args)
@@ -211,8 +211,8 @@ def _retrieval(args: argparse.Namespace) -> int:
 
 def run_context(args: argparse.Namespace, methods, pool, model: str, title: str) -> dict[str, Any]:
     """Grid + summary + heatmap + table into ``args.out_dir``; returns the summary."""
-    from moa_plan.evals.context import heatmap, markdown_table, summarize
-    from moa_plan.evals.retrieval import run_grid
+    from moa_plan.evals.quality.context import heatmap, markdown_table, summarize
+    from moa_plan.evals.quality.retrieval import run_grid
     from moa_plan.files import write_atomic
 
     settings = _settings(args, model)
@@ -229,8 +229,8 @@ def run_context(args: argparse.Namespace, methods, pool, model: str, title: str)
 
 
 def _context(args: argparse.Namespace) -> int:
-    from moa_plan.evals.context import markdown_table
-    from moa_plan.evals.methods import comparison
+    from moa_plan.evals.quality.context import markdown_table
+    from moa_plan.evals.quality.methods import comparison
     from moa_plan.runtime.load import model_name
 
     check_args(args, out_dir=args.out_dir)
@@ -253,8 +253,8 @@ def _print_grid_summary(summary: dict[str, Any]) -> None:
 
 
 def _perplexity(args: argparse.Namespace) -> int:
-    from moa_plan.evals.methods import parse_methods
-    from moa_plan.evals.perplexity import perplexity_table, run_perplexity
+    from moa_plan.evals.quality.methods import parse_methods
+    from moa_plan.evals.quality.perplexity import perplexity_table, run_perplexity
 
     check_args(args, out=args.out)
     model, shape, pool = _setup(args)

@@ -97,7 +97,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.model != "smollm2" and not args.plan:
         raise OptionError([("--plan", "the shipped plans are for SmolLM2: with another --model, pass --plan")])
     specs = args.plan or [f"{name}={shipped_plan(file)}" for name, file in DEMO_PLANS.items()]
-    from moa_plan.evals.methods import check_plan_files
+    from moa_plan.evals.quality.methods import check_plan_files
 
     check_plan_files(specs)
     clock(f"moa-plan demo: dense vs StreamingLLM vs MoA at {args.length} tokens on {args.device}")
@@ -108,8 +108,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from moa_plan.evals.cli import resolve_model
-    from moa_plan.evals.methods import comparison
-    from moa_plan.evals.retrieval import ModelPool
+    from moa_plan.evals.quality.methods import comparison
+    from moa_plan.evals.quality.retrieval import ModelPool
     from moa_plan.files import write_atomic
     from moa_plan.model_config import load_model_shape
 
@@ -166,8 +166,8 @@ def key_found(model: Any, tokenizer: Any, doc: Any) -> tuple[bool, str]:
 
 def measure(pool: Any, methods: list, shape: Any, n: int, clock) -> list[dict[str, Any]]:
     """One row per method: density, KV-cache fraction, text and copy perplexity, pass key per depth."""
-    from moa_plan.evals.generate import make_document
-    from moa_plan.evals.perplexity import reference_text, token_nll, windows
+    from moa_plan.evals.quality.documents import make_document
+    from moa_plan.evals.quality.perplexity import reference_text, token_nll, windows
 
     tokenizer = pool.get_tokenizer()
     ids = tokenizer.encode(reference_text()[: 8 * n], add_special_tokens=False)  # plenty for one window

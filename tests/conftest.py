@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from moa_plan.evals.generate import LINES_INTRO, PASSKEY_FILLER, PASSKEY_INTRO, WORDS
+from moa_plan.evals.quality.documents import LINES_INTRO, PASSKEY_FILLER, PASSKEY_INTRO, WORDS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

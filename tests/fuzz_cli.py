@@ -324,7 +324,7 @@ def run(
     hf_logging.disable_progress_bar()
     from conftest import make_tiny_model
 
-    from moa_plan.evals.lm_eval_model import MoALM
+    from moa_plan.evals.lm_eval.model import MoALM
     from moa_plan.runtime import load_model
 
     tallies: dict[str, Tally] = {}

@@ -77,7 +77,7 @@ def test_retrieval_writes_results_and_resumes(tiny, tmp_path, capsys, monkeypatc
     assert cell["samples"][0]["answer"].isdigit() and abs(cell["samples"][0]["prompt_tokens"] - 240) <= 12
     assert data["methods"]["moa"]["stats"]["240"]["avg_span"] < 240
 
-    import moa_plan.evals.retrieval as retrieval
+    import moa_plan.evals.quality.retrieval as retrieval
 
     def no_generation(*a, **k):
         raise AssertionError("a finished cell was recomputed")
@@ -157,7 +157,7 @@ def test_perplexity(tiny, tmp_path, capsys):
             cell = data["methods"][name]["perplexity"][kind]["96"]
             assert cell["ppl"] > 1 and cell["tokens"] == (95 if kind == "text" else 48)
     assert "text ppl@96" in capsys.readouterr().out
-    import moa_plan.evals.perplexity as perplexity
+    import moa_plan.evals.quality.perplexity as perplexity
 
     def no_forward(*a, **k):
         raise AssertionError("a finished perplexity cell was recomputed")
@@ -194,7 +194,7 @@ def test_perplexity(tiny, tmp_path, capsys):
 
 
 def test_perplexity_windows():
-    from moa_plan.evals.perplexity import windows
+    from moa_plan.evals.quality.perplexity import windows
 
     ids = list(range(100))
     ((w, start),) = windows(ids, 10, 1, "repeat")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from moa_plan.errors import Problems
-from moa_plan.evals.context import accuracy_by_length, effective_context, heatmap, markdown_table, summarize
-from moa_plan.evals.methods import comparison, parse_method, parse_methods
-from moa_plan.evals.retrieval import Results, cell_key
+from moa_plan.evals.quality.context import accuracy_by_length, effective_context, heatmap, markdown_table, summarize
+from moa_plan.evals.quality.methods import comparison, parse_method, parse_methods
+from moa_plan.evals.quality.retrieval import Results, cell_key
 from moa_plan.io import save_plan
 from moa_plan.plan import Layer, ModelShape, Plan, Rule
 

@@ -48,13 +48,13 @@ def test_pth_hook_is_installed_and_registers_lazily():
     assert any((Path(d) / "moa_plan_lm_eval.pth").is_file() for d in dirs), "pip install -e . (or .) first"
     code = (
         "import sys\n"
-        "assert 'moa_plan.evals.lm_eval_model' not in sys.modules\n"
+        "assert 'moa_plan.evals.lm_eval.model' not in sys.modules\n"
         "from lm_eval.api.registry import get_model, model_registry\n"
         "import lm_eval.models\n"
         "assert 'moa' in model_registry and 'hf' in model_registry\n"
         "assert 'torch' not in sys.modules, 'registration must not import torch'\n"
         "from lm_eval.tasks import TaskManager\n"
-        "from moa_plan.evals.lm_eval_plugin import include_path\n"
+        "from moa_plan.evals.lm_eval.plugin import include_path\n"
         "tm = TaskManager(include_path=str(include_path()))\n"  # given twice: no duplicates
         "assert {'moa_passkey', 'moa_longeval_lines'} <= set(tm.all_tasks)\n"
         "print(get_model('moa').__name__)\n"
@@ -67,7 +67,7 @@ def test_pth_hook_is_installed_and_registers_lazily():
 
 
 def test_moa_model_batching_and_plan(tiny):
-    from moa_plan.evals.lm_eval_model import MoALM
+    from moa_plan.evals.lm_eval.model import MoALM
 
     dense = MoALM(pretrained=str(tiny), plan="dense", device="cpu", batch_size=4)
     assert dense.batch_size == 4 and dense.moa_plan is None
@@ -96,7 +96,7 @@ def test_moa_model_refuses_a_bad_plan_file_before_loading(tiny, tmp_path, monkey
 
     from lm_eval.models.huggingface import HFLM
 
-    from moa_plan.evals.lm_eval_model import MoALM
+    from moa_plan.evals.lm_eval.model import MoALM
 
     monkeypatch.setattr(HFLM, "__init__", lambda *a, **k: pytest.fail("model loaded before the plan was read"))
     os.mkfifo(tmp_path / "fifo.json")
@@ -115,7 +115,7 @@ def test_moa_model_refuses_a_bad_plan_file_before_loading(tiny, tmp_path, monkey
 def test_a_bad_plan_is_one_line_before_the_model_loads(tiny, tmp_path, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
-    from moa_plan.evals.lm_eval_model import MoALM
+    from moa_plan.evals.lm_eval.model import MoALM
 
     monkeypatch.setattr(HFLM, "__init__", lambda *a, **k: pytest.fail("the model loaded before the plan was checked"))
     missing = tmp_path / "missing.json"

@@ -6,7 +6,7 @@ registering too early would hide the built-in models. Instead, ``setup.py`` embe
 one-line ``.pth`` (run by ``site`` at interpreter start). It only adds a meta-path finder: nothing
 is imported until ``lm_eval.models`` (the module that fills lm-eval's model registry) or
 ``lm_eval.tasks.manager`` is imported; right after either module has run, the matching function of
-``moa_plan.evals.lm_eval_plugin`` registers the ``moa`` model (lazily, by import path) or adds our
+``moa_plan.evals.lm_eval.plugin`` registers the ``moa`` model (lazily, by import path) or adds our
 task folder to the TaskManager. The file must stay importable on its own (stdlib only) and must
 never raise: a broken hook may not break the interpreter.
 """
@@ -56,7 +56,7 @@ class _PostExecLoader:
         module.__loader__ = self.loader
         self.loader.exec_module(module)
         try:
-            from moa_plan.evals import lm_eval_plugin
+            from moa_plan.evals.lm_eval import plugin as lm_eval_plugin
 
             getattr(lm_eval_plugin, self.callback)(module)
         except Exception as exc:  # never break lm_eval because of our hook

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moa_plan.evals.methods import Method
+from moa_plan.evals.quality.methods import Method
 from moa_plan.run import Run
 
 KINDS = ("text", "repeat")

@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import Any
 
 MODEL_NAME = "moa"
-MODEL_TARGET = "moa_plan.evals.lm_eval_model:MoALM"
+MODEL_TARGET = "moa_plan.evals.lm_eval.model:MoALM"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moa_plan.evals.generate import Document, make_document, score
-from moa_plan.evals.methods import Method
+from moa_plan.evals.quality.documents import Document, make_document, score
+from moa_plan.evals.quality.methods import Method
 from moa_plan.run import Run
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moa_plan.evals.retrieval import Results, accuracy_table, cell_key
+from moa_plan.evals.quality.retrieval import Results, accuracy_table, cell_key
 from moa_plan.files import write_atomic
 
 THRESHOLD = 0.9

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from moa_plan.evals.generate import make_documents, score
+from moa_plan.evals.quality.documents import make_documents, score
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_POSITIONS = (0.0, 0.25, 0.5, 0.75, 1.0)

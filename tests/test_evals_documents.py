@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moa_plan.evals.generate import TASKS, extract_answer, make_document, make_documents, score, token_counter
+from moa_plan.evals.quality.documents import TASKS, extract_answer, make_document, make_documents, score, token_counter
 
 
 def words(text: str) -> int:
