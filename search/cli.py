@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from moa_plan.args import (
+    add_model_flag,
     add_run_flags,
     densities,
     float_in,
@@ -44,12 +45,9 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="CONFIG_OR_DIR",
-        help="transformers model folder or its config.json (with weights)",
-    )
+    """The model the command runs, and where."""
+    add_model_flag(p, "transformers model folder or its config.json (with weights)")
+    _add_device(p)
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -138,7 +136,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model(p)
     p.add_argument("--lengths", type=lengths, required=True, help="token lengths, comma-separated")
     _add_calib(p)
-    _add_device(p)
     p.add_argument("--out", required=True, help="calibration file to write (resumed if it exists)")
     add_run_flags(p)
     p.set_defaults(handler=_calibrate)
@@ -147,7 +144,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model(p)
     p.add_argument("--data", required=True, help="calibration file from `moa-plan calibrate`")
     _add_profile(p)
-    _add_device(p)
     p.add_argument("--out", required=True, help="profile folder (resumed if it exists)")
     add_run_flags(p)
     p.set_defaults(handler=_profile)
@@ -159,11 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=lengths,
         help="optimisation lengths (default: every profiled length except the validation length)",
     )
-    p.add_argument(
-        "--model",
-        metavar="CONFIG_OR_DIR",
-        help="model folder or its config.json, for measured validation (with --data)",
-    )
+    add_model_flag(p, "model folder or its config.json, for measured validation (with --data)", required=False)
     p.add_argument("--data", help="calibration file holding the validation samples")
     _add_device(p)
     _add_opt(p)
@@ -174,7 +166,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", type=lengths, required=True, help="optimisation lengths, comma-separated")
     _add_calib(p)
     _add_profile(p)
-    _add_device(p)
     p.add_argument("--work", help="folder for the calibration data and profile (default: OUT.work)")
     _add_opt(p)
     p.set_defaults(handler=_search)

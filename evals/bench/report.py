@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def _moa_keys(cells: dict, case: str) -> list[str]:
+    """The plan cells of one case, densest first."""
+    return sorted((x for x in cells if x.startswith(case + "/moa")), key=lambda x: -float(x.rsplit("moa", 1)[1]))
+
+
 def render_markdown(res: dict) -> str:
     """The results as markdown tables (device, versions, command first)."""
     m = res.get("meta", {})
@@ -33,7 +38,7 @@ def render_markdown(res: dict) -> str:
             _, shape, n, b = t.split("/")
             sd = k.get(t + "/sdpa", {})
             sd_txt = f"{sd.get('ms', '-')} / {sd.get('best_ms', '-')}"
-            for key in sorted((x for x in k if x.startswith(t + "/moa")), key=lambda x: -float(x.rsplit("moa", 1)[1])):
+            for key in _moa_keys(k, t):
                 e = k[key]
                 lines.append(
                     f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {e.get('density', 0):.3f} | "
@@ -60,7 +65,7 @@ def render_markdown(res: dict) -> str:
         for t in pre:
             _, shape, n = t.split("/")
             sd = k.get(t + "/sdpa", {})
-            for key in sorted((x for x in k if x.startswith(t + "/moa")), key=lambda x: -float(x.rsplit("moa", 1)[1])):
+            for key in _moa_keys(k, t):
                 e = k[key]
                 lines.append(
                     f"| {shape} | {n[1:]} | {sd.get('ms', '-')} ({sd.get('TFLOPs', '-')}) | "
