@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from moa_plan.build import uniform_plan
     from moa_plan.files import write_atomic
     from moa_plan.runtime import MoACache, apply_plan
-    from moa_plan.runtime.hf import model_shape
+    from moa_plan.runtime.hf_apply import model_shape
 
     if not torch.cuda.is_available():
         print("bench_generate: needs a CUDA device", file=sys.stderr)

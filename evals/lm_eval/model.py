@@ -3,7 +3,7 @@
 ``--model_args pretrained=DIR,plan=PLAN[,dtype=...,device=...]`` where PLAN is a plan file,
 ``dense`` (the unmodified model: transformers' own attention, batching as in ``hf``) or
 ``uniform:<density>[@<length>]`` (StreamingLLM at that density, see
-``moa_plan.runtime.hf.resolve_plan``). Every other ``hf`` model argument works as there.
+``moa_plan.runtime.hf_apply.resolve_plan``). Every other ``hf`` model argument works as there.
 
 Batching: a plan's spans depend on the total length N of each sequence, and padding would both
 change N and shift positions, so with a non-dense plan every request runs alone (batch size 1);
@@ -60,7 +60,7 @@ def check_plan(pretrained: Any, spec: str) -> Any:
 
 @register_model("moa")
 class MoALM(HFLM):
-    """HFLM whose model attends as a MoA plan says (``moa_plan.runtime.hf.apply_plan``)."""
+    """HFLM whose model attends as a MoA plan says (``moa_plan.runtime.hf_apply.apply_plan``)."""
 
     def __init__(self, pretrained: Any, plan: str = "dense", **kwargs: Any) -> None:
         self.plan_spec = str(plan)
@@ -69,7 +69,7 @@ class MoALM(HFLM):
         self.moa_plan = None
         if checked is None:
             return
-        from moa_plan.runtime.hf import apply_plan
+        from moa_plan.runtime.hf_apply import apply_plan
 
         apply_plan(self.model, checked)
         self.moa_plan = self.model.moa_plan

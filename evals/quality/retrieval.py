@@ -71,7 +71,7 @@ class ModelPool:
     def get(self, method: Method, n: int) -> Any:
         from moa_plan.io import plan_to_json
         from moa_plan.runtime import load as loader
-        from moa_plan.runtime.hf import apply_plan
+        from moa_plan.runtime.hf_apply import apply_plan
 
         plan = method.plan_at(self.shape(), n)
         if plan is None:
