@@ -307,3 +307,26 @@ def test_short_lengths_get_fewer_questions_not_an_error(tiny_dir, tmp_path):
     assert all(s["n_tokens"] <= s["length"] for s in samples)
     with pytest.raises(OptionError, match="too short for a prompt plus an answer"):
         calibration.build(tiny_dir, tmp_path / "x.jsonl", [170], 1, ["docs"], max_answer_tokens=128, progress=False)
+
+
+def test_search_flags_become_the_three_steps_settings(tmp_path):
+    from moa_plan.cli import build_parser
+    from moa_plan.search.cli import search_settings
+
+    out = tmp_path / "plan.json"
+    args = build_parser().parse_args(
+        ["search", "--model", "m", "--lengths", "400,200,200", "--validation-length", "300", "--density", "0.5"]
+        + ["--sink", "8", "--samples", "3", "--device", "cpu", "--quiet", "--out", str(out)]
+    )
+    s = search_settings(args)
+    work = Path(str(out) + ".work")
+    assert (s.calibrate.lengths, s.calibrate.out, s.calibrate.samples) == (
+        [200, 400, 300],
+        work / "calibration.json",
+        3,
+    )
+    assert (s.profile.out, s.profile.data, s.profile.sink) == (work / "profile", None, 8)
+    assert (s.optimize.lengths, s.optimize.validation_length, s.optimize.out) == ([200, 400], 300, str(out))
+    assert s.optimize.extension(s.optimize.lengths) == [800]  # twice the longest of 200, 400, 300
+    assert {s.calibrate.device, s.profile.device, s.optimize.device} == {"cpu"}
+    assert s.calibrate.quiet and s.profile.quiet and s.optimize.quiet
