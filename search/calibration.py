@@ -24,6 +24,7 @@ from moa_plan.errors import OptionError, UsageError
 from moa_plan.run import Run, read_result
 from moa_plan.search.calibration_prompts import fit_conversation, generate_answers, render, tokenize_sample
 from moa_plan.search.calibration_tasks import DOC_QUESTIONS, SYNTHETIC, read_user_texts, text_task
+from moa_plan.search.settings import CalibrateSettings
 
 
 def sample_plan(settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,20 +50,7 @@ def load_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str
     return {**data["settings"], **{k: data[k] for k in GRID if k in data}}, samples
 
 
-def build(
-    model_dir: str | os.PathLike,
-    out: str | os.PathLike,
-    lengths: list[int],
-    samples_per_length: int,
-    tasks: list[str],
-    seed: int = 0,
-    max_answer_tokens: int = 128,
-    text: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    batch_size: int = 16,
-    device: str = "auto",
-) -> Path:
+def build(job: CalibrateSettings) -> Path:
     """Build (or resume) the calibration file at ``out`` (a ``moa_plan.run`` result file whose
     cells are the samples); returns its path.
 
@@ -71,6 +59,8 @@ def build(
     """
     from moa_plan.runtime import load as loader
 
+    model_dir, out, lengths, samples_per_length, tasks = job.model, job.out, job.lengths, job.samples, job.tasks
+    seed, max_answer_tokens, text = job.seed, job.max_answer_tokens, job.text
     bad = [t for t in tasks if t not in SYNTHETIC]
     if bad:
         raise OptionError([("--tasks", f"unknown task(s) {bad}; known: {list(SYNTHETIC)}")])
@@ -97,10 +87,10 @@ def build(
     grid = {"lengths": sorted(set(lengths)), "samples_per_length": samples_per_length}
     wanted = sample_plan({**settings, **grid})
     keys = [s["id"] for s in wanted]
-    with Run(out, "calibrate", settings, overwrite=overwrite, quiet=not progress) as run:
+    with Run(out, "calibrate", settings, overwrite=job.overwrite, quiet=job.quiet) as run:
         todo = [s for s in wanted if s["id"] in set(run.todo(keys))]
         if todo:
-            _generate(run, todo, model_dir, settings, text, batch_size, device)
+            _generate(run, todo, model_dir, settings, text, job.batch_size, job.device)
         run.finish(keys, **grid, chat_template=bool(run.summary.get("chat_template")))
     return Path(out)
 

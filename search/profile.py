@@ -26,6 +26,7 @@ from typing import Any
 from moa_plan.errors import OptionError, Problems, UsageError
 from moa_plan.files import read_bytes_limited, write_atomic
 from moa_plan.run import HEADER, Run, read_result
+from moa_plan.search.settings import ProfileSettings
 
 META = "profile.json"
 TENSORS = "influence"  # one safetensors file per sample: <id>.safetensors
@@ -103,18 +104,7 @@ def profile_sample(
     return float(loss.detach()), diag
 
 
-def run_profile(
-    model_dir: str | os.PathLike,
-    data: str | os.PathLike,
-    out: str | os.PathLike,
-    sink: int = 64,
-    block_size: int = 64,
-    chunk: int = 256,
-    overwrite: bool = False,
-    progress: bool = True,
-    signed: bool = False,
-    device: str = "auto",
-) -> Path:
+def run_profile(job: ProfileSettings) -> Path:
     """Profile every calibration sample (a ``moa_plan.run`` job: a cell per sample, keyed by its
     id and token fingerprint, its tensor in ``influence/<id>.safetensors``); returns the folder."""
     from safetensors.torch import save
@@ -122,6 +112,8 @@ def run_profile(
     from moa_plan.runtime import load as loader
     from moa_plan.search import calibration, influence
 
+    model_dir, data, out, sink, block_size = job.model, job.data, job.out, job.sink, job.block_size
+    chunk, signed, device = job.chunk, job.signed_influence, job.device
     if sink < 0:
         raise OptionError([("--sink", "must be >= 0")])
     if block_size < 1 or chunk < 1:
@@ -142,7 +134,7 @@ def run_profile(
         "'influence' is 'signed', as the MoA reference does) over i - j = d, j >= sink",
     }
     keys = {f"{s['id']}@{_fingerprint(s)}": s for s in samples}
-    with Run(out / META, "profile", settings, overwrite=overwrite, quiet=not progress) as run:
+    with Run(out / META, "profile", settings, overwrite=job.overwrite, quiet=job.quiet) as run:
         todo = run.todo(keys)
         if todo:
             influence.register_attention()

@@ -18,49 +18,13 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def build_calibration(s: CalibrateSettings) -> Path:
-    """Build (or resume) the calibration file; returns its path."""
-    from moa_plan.search import calibration
-
-    return calibration.build(
-        s.model,
-        s.out,
-        s.lengths,
-        s.samples,
-        s.tasks,
-        s.seed,
-        s.max_answer_tokens,
-        s.text,
-        s.overwrite,
-        not s.quiet,
-        s.batch_size,
-        s.device,
-    )
-
-
-def build_profile(s: ProfileSettings) -> Path:
-    """Profile (or resume profiling) every calibration sample; returns the profile folder."""
-    from moa_plan.search import profile
-
-    return profile.run_profile(
-        s.model,
-        s.data,
-        s.out,
-        s.sink,
-        s.block_size,
-        s.chunk,
-        s.overwrite,
-        not s.quiet,
-        s.signed_influence,
-        s.device,
-    )
-
-
 def calibrate(s: CalibrateSettings) -> int:
     check_device("--device", s.device, allow_auto=True)
     check_output("--out", s.out)
     t0 = time.perf_counter()
-    out = build_calibration(s)
+    from moa_plan.search import calibration
+
+    out = calibration.build(s)
     _log(f"calibration data: {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -69,7 +33,9 @@ def profile(s: ProfileSettings) -> int:
     check_device("--device", s.device, allow_auto=True)
     check_output("--out", s.out, folder=True)
     t0 = time.perf_counter()
-    out = build_profile(s)
+    from moa_plan.search import profile
+
+    out = profile.run_profile(s)
     _log(f"profile: {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -192,15 +158,16 @@ def search(s: SearchSettings) -> int:
     """Calibrate, profile and optimise in one go; every option is checked before the first step."""
     check_optimize(s.optimize, s.profile.sink, s.profile.block_size)
     from moa_plan.runtime import load as loader
+    from moa_plan.search import calibration, profile
 
     loader.resolve(s.calibrate.model)
     loader.resolve_device(s.calibrate.device)
     times = {}
     t0 = time.perf_counter()
-    data = build_calibration(s.calibrate)
+    data = calibration.build(s.calibrate)
     times["calibrate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    prof = build_profile(dataclasses.replace(s.profile, data=data))
+    prof = profile.run_profile(dataclasses.replace(s.profile, data=data))
     times["profile"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     rc = _optimize(dataclasses.replace(s.optimize, profile=prof, model=s.calibrate.model, data=data))

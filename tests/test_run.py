@@ -75,9 +75,20 @@ SEARCH = ["--sink", "16", "--block-size", "16", "--quiet"]
 
 def calibrate(model, out):
     from moa_plan.search import calibration
+    from moa_plan.search.settings import CalibrateSettings
 
     return calibration.build(
-        model, out, [300, 400], 2, ["kv", "copy"], seed=1, max_answer_tokens=3, progress=False, batch_size=1
+        CalibrateSettings(
+            model=model,
+            out=out,
+            lengths=[300, 400],
+            samples=2,
+            tasks=["kv", "copy"],
+            seed=1,
+            max_answer_tokens=3,
+            quiet=True,
+            batch_size=1,
+        )
     )
 
 
@@ -92,16 +103,19 @@ def test_calibrate_resumes(tiny_char_dir, tmp_path, cells):
 @pytest.fixture(scope="module")
 def calib(tiny_char_dir, tmp_path_factory):
     from moa_plan.search import calibration
+    from moa_plan.search.settings import CalibrateSettings
 
     return calibration.build(
-        tiny_char_dir,
-        tmp_path_factory.mktemp("calib") / "c.json",
-        [300, 400, 500],
-        1,
-        ["kv"],
-        seed=1,
-        max_answer_tokens=3,
-        progress=False,
+        CalibrateSettings(
+            model=tiny_char_dir,
+            out=tmp_path_factory.mktemp("calib") / "c.json",
+            lengths=[300, 400, 500],
+            samples=1,
+            tasks=["kv"],
+            seed=1,
+            max_answer_tokens=3,
+            quiet=True,
+        )
     )
 
 

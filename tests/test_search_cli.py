@@ -18,6 +18,7 @@ from conftest import char_tokenizer, save_tiny  # noqa: E402
 from moa_plan.cli import main  # noqa: E402
 from moa_plan.io import load_plan  # noqa: E402
 from moa_plan.search import calibration, calibration_tasks  # noqa: E402
+from moa_plan.search.settings import CalibrateSettings  # noqa: E402
 
 COMMON = [
     "--samples",
@@ -215,7 +216,17 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
     )
     out = tmp_path / "calib.jsonl"
     calibration.build(
-        tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs), progress=False
+        CalibrateSettings(
+            model=tiny_dir,
+            out=out,
+            lengths=[300],
+            samples=6,
+            tasks=["kv", "copy"],
+            seed=1,
+            max_answer_tokens=3,
+            text=str(docs),
+            quiet=True,
+        )
     )
     settings, samples = calibration.load_dataset(out)
     assert settings["lengths"] == [300] and settings["chat_template"] is False
@@ -235,14 +246,34 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("model reloaded on resume"))
     calibration.build(
-        tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs), progress=False
+        CalibrateSettings(
+            model=tiny_dir,
+            out=out,
+            lengths=[300],
+            samples=6,
+            tasks=["kv", "copy"],
+            seed=1,
+            max_answer_tokens=3,
+            text=str(docs),
+            quiet=True,
+        )
     )
     # a different seed is refused instead of silently mixing datasets
     from moa_plan.errors import OptionError
 
     with pytest.raises(OptionError, match="seed is 1 there, 2 now"):
         calibration.build(
-            tiny_dir, out, [300], 4, ["kv", "copy"], seed=2, max_answer_tokens=3, text=str(docs), progress=False
+            CalibrateSettings(
+                model=tiny_dir,
+                out=out,
+                lengths=[300],
+                samples=4,
+                tasks=["kv", "copy"],
+                seed=2,
+                max_answer_tokens=3,
+                text=str(docs),
+                quiet=True,
+            )
         )
 
 
@@ -272,7 +303,18 @@ def test_docs_calibration_is_a_multi_turn_chat(tiny_dir, tmp_path):
     from moa_plan.corpus import sections
 
     out = tmp_path / "docs.jsonl"
-    calibration.build(tiny_dir, out, [1500], 2, ["docs"], max_answer_tokens=5, progress=False, batch_size=2)
+    calibration.build(
+        CalibrateSettings(
+            model=tiny_dir,
+            out=out,
+            lengths=[1500],
+            samples=2,
+            tasks=["docs"],
+            max_answer_tokens=5,
+            quiet=True,
+            batch_size=2,
+        )
+    )
     _, samples = calibration.load_dataset(out)
     titles = {t for t, _ in sections("calibration")}
     tok = char_tokenizer()
@@ -299,14 +341,35 @@ def test_short_lengths_get_fewer_questions_not_an_error(tiny_dir, tmp_path):
     assert [calibration.questions_at(n, 128, 3) for n in (250, 400, 512, 600, 1024)] == [1, 2, 2, 3, 3]
     assert calibration.questions_at(170, 128, 3) == 0
     out = tmp_path / "short.jsonl"
-    calibration.build(tiny_dir, out, [470, 1500], 1, ["docs"], max_answer_tokens=100, progress=False, batch_size=2)
+    calibration.build(
+        CalibrateSettings(
+            model=tiny_dir,
+            out=out,
+            lengths=[470, 1500],
+            samples=1,
+            tasks=["docs"],
+            max_answer_tokens=100,
+            quiet=True,
+            batch_size=2,
+        )
+    )
     _, samples = calibration.load_dataset(out)
     by_length = {s["length"]: s for s in samples}
     assert len(by_length[470]["questions"]) == len(by_length[470]["answers"]) == 2
     assert len(by_length[1500]["questions"]) == 3
     assert all(s["n_tokens"] <= s["length"] for s in samples)
     with pytest.raises(OptionError, match="too short for a prompt plus an answer"):
-        calibration.build(tiny_dir, tmp_path / "x.jsonl", [170], 1, ["docs"], max_answer_tokens=128, progress=False)
+        calibration.build(
+            CalibrateSettings(
+                model=tiny_dir,
+                out=tmp_path / "x.jsonl",
+                lengths=[170],
+                samples=1,
+                tasks=["docs"],
+                max_answer_tokens=128,
+                quiet=True,
+            )
+        )
 
 
 def test_search_flags_become_the_three_steps_settings(tmp_path):
