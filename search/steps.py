@@ -19,22 +19,22 @@ def _log(msg: str) -> None:
 
 
 def calibrate(s: CalibrateSettings) -> int:
+    from moa_plan.search import calibration
+
     check_device("--device", s.device, allow_auto=True)
     check_output("--out", s.out)
     t0 = time.perf_counter()
-    from moa_plan.search import calibration
-
     out = calibration.build(s)
     _log(f"calibration data: {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
 def profile(s: ProfileSettings) -> int:
+    from moa_plan.search import profile
+
     check_device("--device", s.device, allow_auto=True)
     check_output("--out", s.out, folder=True)
     t0 = time.perf_counter()
-    from moa_plan.search import profile
-
     out = profile.run_profile(s)
     _log(f"profile: {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
