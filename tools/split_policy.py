@@ -13,7 +13,7 @@ import torch
 import triton
 
 from moa_plan.evals.bench.cases import SHAPES, bench_plan
-from moa_plan.evals.bench.timing import _graph_time
+from moa_plan.evals.bench.timing import graph_time
 from moa_plan.runtime.cache import LayerLayout, allocate
 from moa_plan.runtime.triton_decode import decode_attention
 
@@ -76,7 +76,7 @@ for shape_name, n, batch, dens in CASES:
     for rep in range(3):
         for name, pol in POLICIES.items():
             s = pol(batch, sh["hkv"], tokens, 64, sms)
-            ms = _graph_time(
+            ms = graph_time(
                 [
                     (
                         lambda c=c: decode_attention(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from moa_plan.evals.bench.cases import SHAPES, bench_plan
-from moa_plan.evals.bench.timing import _graph_time
+from moa_plan.evals.bench.timing import graph_time
 
 
 class RandomDecoder:
@@ -132,7 +132,7 @@ class RandomDecoder:
             plan_bytes = 2 * sum(sum(c) for c in plan.kv_slots(ctx)) * d * 2 * batch
             if kv_bytes != plan_bytes:
                 raise RuntimeError(f"MoA cache holds {kv_bytes} bytes, the plan's slots {plan_bytes}")
-        ms = _graph_time([lambda: self._step(tokens, attend)], reps=steps, inner=1)
+        ms = graph_time([lambda: self._step(tokens, attend)], reps=steps, inner=1)
         if not bool((tokens >= 0).all() and (tokens < s["vocab"]).all()):
             raise RuntimeError("decode produced invalid tokens")
         peak = torch.cuda.max_memory_allocated()

@@ -11,7 +11,7 @@ from typing import Any
 
 from moa_plan.evals.bench.baselines import Baselines
 from moa_plan.evals.bench.cases import SHAPES, bench_plan, decode_tokens_read
-from moa_plan.evals.bench.timing import ABS_TOL, REL_TOL, _bench_time, _graph_time, _rel_err, torch_isfinite
+from moa_plan.evals.bench.timing import ABS_TOL, REL_TOL, bench_time, graph_time, rel_err, torch_isfinite
 
 
 class Kernels(Baselines):
@@ -47,11 +47,11 @@ class Kernels(Baselines):
 
         x = torch.randn(2**28, device=self.dev, dtype=torch.bfloat16)  # 512 MiB
         y = torch.empty_like(x)
-        ms = _bench_time(lambda: y.copy_(x))
+        ms = bench_time(lambda: y.copy_(x))
         copy_gbs = 2 * x.numel() * 2 / ms / 1e6
         a = torch.randn(8192, 8192, device=self.dev, dtype=torch.bfloat16)
         b = torch.randn(8192, 8192, device=self.dev, dtype=torch.bfloat16)
-        ms_mm = _bench_time(lambda: a @ b)
+        ms_mm = bench_time(lambda: a @ b)
         self.ceil = {"copy_GBps": round(copy_gbs, 1), "matmul_bf16_TFLOPs": round(2 * 8192**3 / ms_mm / 1e9, 1)}
         print("ceilings", self.ceil, flush=True)
         x = y = a = b = None  # free the memory (a del would leave the lambdas above unbound)
@@ -196,7 +196,7 @@ class Kernels(Baselines):
 
     def _guarded(self, key: str, got, want, make_fns, graph: bool = True) -> float | None:
         """Compare with the reference; time only if right. Returns ms or None."""
-        rel, mx = _rel_err(got, want)
+        rel, mx = rel_err(got, want)
         ok = bool(torch_isfinite(got)) and rel <= REL_TOL and mx <= ABS_TOL
         self.guard[key] = {"rel": round(rel, 5), "max_abs": round(mx, 5), "ok": ok}
         if not ok:
@@ -204,13 +204,13 @@ class Kernels(Baselines):
             return None
         fns = make_fns()
         try:
-            ms = _graph_time(fns) if graph else _bench_time(fns[0])
+            ms = graph_time(fns) if graph else bench_time(fns[0])
         except Exception as exc:  # noqa: BLE001 - e.g. a baseline that cannot be captured in a graph
             print(f"graph capture failed for {key} ({type(exc).__name__}); timing eagerly", flush=True)
             import torch
 
             torch.cuda.synchronize()
-            ms = _bench_time(fns[0])
+            ms = bench_time(fns[0])
         return round(ms, 5)
 
     def prefill_group(self, shape_name: str, n: int) -> dict[str, Any]:
@@ -240,7 +240,7 @@ class Kernels(Baselines):
             for r in rows:
                 lo = max(0, r - 128)
                 ref = reference_attention(q[:, :, lo:r], k[:, :, :r], v[:, :, :r], spans, sink)
-                e = _rel_err(out[:, :, lo:r], ref)
+                e = rel_err(out[:, :, lo:r], ref)
                 worst = (max(worst[0], e[0]), max(worst[1], e[1]))
             return worst
 
@@ -264,7 +264,7 @@ class Kernels(Baselines):
         sdpa_ms = None
         sdpa_best = None
         if rel <= REL_TOL and mx <= ABS_TOL:
-            sdpa_ms = round(_bench_time(sdpa), 4)
+            sdpa_ms = round(bench_time(sdpa), 4)
             entry = {
                 "ms": sdpa_ms,
                 "backend": backend,
@@ -287,7 +287,7 @@ class Kernels(Baselines):
                     r2, m2 = guard(o2, full)
                     del o2
                     others[name] = (
-                        round(_bench_time(run), 4) if r2 <= REL_TOL and m2 <= ABS_TOL else f"WRONG rel {r2:.3g}"
+                        round(bench_time(run), 4) if r2 <= REL_TOL and m2 <= ABS_TOL else f"WRONG rel {r2:.3g}"
                     )
                 except Exception as exc:  # noqa: BLE001
                     others[name] = f"n/a ({type(exc).__name__})"
@@ -314,7 +314,7 @@ class Kernels(Baselines):
             rel, mx = guard(out, spans)
             self.guard[key] = {"rel": round(rel, 5), "max_abs": round(mx, 5)}
             if rel <= REL_TOL and mx <= ABS_TOL:
-                ms = round(_bench_time(lambda: prefill_attention(q, k, v, spans, sink)), 4)
+                ms = round(bench_time(lambda: prefill_attention(q, k, v, spans, sink)), 4)
                 entry.update(ms=ms, TFLOPs=round(flops / ms / 1e9, 1), matmul_frac=round(flops / ms / 1e9 / peak, 3))
                 if sdpa_ms:
                     entry["speedup_vs_sdpa"] = round(sdpa_ms / ms, 3)
@@ -330,7 +330,7 @@ class Kernels(Baselines):
                     rel, mx = guard(fout, spans)
                     del fout
                     if rel <= REL_TOL and mx <= ABS_TOL:
-                        fms = round(_bench_time(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True)), 4)
+                        fms = round(bench_time(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True)), 4)
                         entry["flex_ms"] = fms
                         if "ms" in entry:
                             entry["speedup_vs_flex"] = round(fms / entry["ms"], 3)

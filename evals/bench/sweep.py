@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moa_plan.evals.bench.cases import SHAPES, bench_plan
-from moa_plan.evals.bench.timing import _bench_time, _graph_time
+from moa_plan.evals.bench.timing import bench_time, graph_time
 
 
 def sweep(sink: int, device: Any, over_budget: Callable[[], bool]) -> dict[str, Any]:
@@ -46,7 +46,7 @@ def sweep(sink: int, device: Any, over_budget: Callable[[], bool]) -> dict[str, 
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st} if bm else None
             name = f"prefill/n{n}/moa0.5/{bm}x{bn}w{w}s{st}" if bm else f"prefill/n{n}/moa0.5/default"
             try:
-                ms = _bench_time(lambda: prefill_attention(q, k, v, spans, sink, config=cfg), rep_ms=100)
+                ms = bench_time(lambda: prefill_attention(q, k, v, spans, sink, config=cfg), rep_ms=100)
                 out[name] = round(ms, 4)
             except Exception as exc:  # noqa: BLE001
                 out[name] = f"{type(exc).__name__}"
@@ -67,7 +67,7 @@ def sweep(sink: int, device: Any, over_budget: Callable[[], bool]) -> dict[str, 
                         break
                     name = f"decode/n{n}/b{batch}/bn{bn}/splits{splits}"
                     try:
-                        ms = _graph_time(
+                        ms = graph_time(
                             [
                                 (
                                     lambda c=c: decode_attention(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def _graph_time(fns: list, reps: int = 10, inner: int = 0) -> float:
+def graph_time(fns: list, reps: int = 10, inner: int = 0) -> float:
     """Median ms per call of the functions (rotated; L2 never holds them all), timed as CUDA-graph replays."""
     import torch
 
@@ -34,13 +34,13 @@ def _graph_time(fns: list, reps: int = 10, inner: int = 0) -> float:
     return times[len(times) // 2]
 
 
-def _bench_time(fn, rep_ms: int = 200) -> float:
+def bench_time(fn, rep_ms: int = 200) -> float:
     import triton
 
     return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
 
 
-def _rel_err(got, want) -> tuple[float, float]:
+def rel_err(got, want) -> tuple[float, float]:
     d = got.float() - want.float()
     return (d.norm() / want.float().norm()).item(), d.abs().max().item()
 
