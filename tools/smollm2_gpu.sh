@@ -63,9 +63,9 @@ profile)
   echo "model: $M"
   S=${SAMPLES:-64}
   ( time timeout 280 python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 64 \
-      --out "$W/calib.jsonl" ) 2>&1 | tee "$R/calibrate.log" | tail -3
-  ( time timeout 200 python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.jsonl" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
-  python3 - "$W/calib.jsonl" > "$R/calibration-summary.json" <<'EOF2'
+      --out "$W/calib.json" ) 2>&1 | tee "$R/calibrate.log" | tail -3
+  ( time timeout 200 python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.json" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
+  python3 - "$W/calib.json" > "$R/calibration-summary.json" <<'EOF2'
 import json, sys
 from moa_plan.search.calibration import load_dataset
 settings, samples = load_dataset(sys.argv[1])
@@ -82,7 +82,7 @@ optimize)
     local name=$1 d=$2; shift 2
     ( time timeout "${OPT_TIMEOUT:-540}" python3 -m moa_plan.cli optimize --profile "$W/profile" --lengths $LENS \
         --validation-length $VAL --density "$d" --extension-length "$EXT" --alpha-step 64 --weight-steps 2 \
-        --model "$M" --data "$W/calib.jsonl" --validation-samples 32 --solver highs --time-limit "${TLIM:-60}" \
+        --model "$M" --data "$W/calib.json" --validation-samples 32 --solver highs --time-limit "${TLIM:-60}" \
         --mip-gap "${GAP:-0.005}" --quiet --out "$R/smollm2-135m-$name.json" "$@" ) > "$R/optimize-$name.log" 2>&1
   }
   run_static() {  # name density length: the ablation's per-head static windows (beta 0), searched at one length
