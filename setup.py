@@ -1,4 +1,4 @@
-"""Only job: install ``moa_plan_lm_eval.pth`` next to the package (see evals/_lm_eval_pth.py).
+"""Only job: install ``moa_plan_lm_eval.pth`` next to the package (see evals/lm_eval/_pth_hook.py).
 
 Everything else is configured in pyproject.toml. The .pth is one line that runs the hook source;
 it goes to the wheel's root (site-packages) for normal installs, and into the unpacked editable
@@ -11,7 +11,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 PTH_NAME = "moa_plan_lm_eval.pth"
-HOOK_SOURCE = Path(__file__).resolve().parent / "evals" / "_lm_eval_pth.py"
+HOOK_SOURCE = Path(__file__).resolve().parent / "evals" / "lm_eval" / "_pth_hook.py"
 
 
 def pth_line() -> str:

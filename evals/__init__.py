@@ -1,1 +1,2 @@
-"""moa_plan.evals: lm-eval model, LongEval-style retrieval, effective context and benchmarks."""
+"""moa_plan.evals: quality of plans (``quality/``), lm-eval glue (``lm_eval/``), GPU benchmarks
+(``bench/``), the ``moa-plan eval`` command (``cli``) and the demo."""

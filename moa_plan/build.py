@@ -13,16 +13,24 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from moa_plan import semantics
-from moa_plan.io import check_fits, load_plan
+from moa_plan.io import load_plan
+from moa_plan.model_config import check_fits
 from moa_plan.plan import FORMAT_VERSION, MAX_LENGTH, Layer, ModelShape, Plan, PlanError, Rule
 
 MOA_REFERENCE_SINK = 64
 
 
+def _plan(shape: ModelShape, sink: int, block_size: int, provenance: dict[str, Any], **rules: Any) -> Plan:
+    """A plan of this format version; ``rules`` is ``default=`` or ``layers=``."""
+    return Plan(
+        format_version=FORMAT_VERSION, model=shape, sink=sink, block_size=block_size, provenance=provenance, **rules
+    )
+
+
 def _check_density(density: float) -> None:
-    if isinstance(density, bool) or not (isinstance(density, (int, float)) and math.isfinite(density)
-                                         and 0 < density <= 1):
+    if isinstance(density, bool) or not (
+        isinstance(density, (int, float)) and math.isfinite(density) and 0 < density <= 1
+    ):
         raise PlanError([("density", f"must be in (0, 1], got {density!r}")])
 
 
@@ -39,8 +47,15 @@ def uniform_span(density: float, length: int, sink: int) -> int:
     keys = math.floor(Fraction(density) * length)  # exact: attended keys <= d * N
     span_ = length if keys >= length else keys - sink
     if span_ < 1:
-        raise PlanError([("density", f"{density} is below the least density a head can have at "
-                          f"N={length} with sink={sink}: span 1 already gives {(sink + 1) / length:.6g}")])
+        raise PlanError(
+            [
+                (
+                    "density",
+                    f"{density} is below the least density a head can have at "
+                    f"N={length} with sink={sink}: span 1 already gives {(sink + 1) / length:.6g}",
+                )
+            ]
+        )
     return span_
 
 
@@ -60,8 +75,9 @@ def _check_settings(sink: int, block_size: int) -> None:
         raise PlanError(problems)
 
 
-def uniform_plan(shape: ModelShape, density: float, sink: int = 64, block_size: int = 64,
-                 static_length: int | None = None) -> Plan:
+def uniform_plan(
+    shape: ModelShape, density: float, sink: int = 64, block_size: int = 64, static_length: int | None = None
+) -> Plan:
     """StreamingLLM baseline with the same rule for every head.
 
     Elastic (default, as the MoA reference's StreamingLLM baseline): alpha = -sink, beta =
@@ -73,23 +89,34 @@ def uniform_plan(shape: ModelShape, density: float, sink: int = 64, block_size: 
     _check_density(density)
     if static_length is None:
         rule = Rule(alpha=float(-sink), beta=float(density))
-        provenance = {"method": "uniform (StreamingLLM, elastic: sink + a window of density*N - sink)",
-                      "density": "paper", "target_density": density,
-                      "exact_from_length": uniform_exact_from(density, sink)}
+        provenance = {
+            "method": "uniform (StreamingLLM, elastic: sink + a window of density*N - sink)",
+            "density": "paper",
+            "target_density": density,
+            "exact_from_length": uniform_exact_from(density, sink),
+        }
     else:
         _check_length(static_length, "static_length")
         span_ = uniform_span(density, static_length, sink)
         rule = Rule(alpha=float(span_), beta=0.0)
-        provenance = {"method": "uniform (StreamingLLM, static: sink + one fixed window)",
-                      "density": "paper", "target_density": {str(static_length): density}, "span": span_}
-    return Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, block_size=block_size,
-                default=rule, provenance=provenance)
+        provenance = {
+            "method": "uniform (StreamingLLM, static: sink + one fixed window)",
+            "density": "paper",
+            "target_density": {str(static_length): density},
+            "span": span_,
+        }
+    return _plan(shape, sink, block_size, provenance, default=rule)
 
 
 def dense_plan(shape: ModelShape) -> Plan:
     """Every head sees every earlier key (span = N, no sink): the model's own causal attention."""
-    return Plan(format_version=FORMAT_VERSION, model=shape, sink=0, default=Rule(alpha=0.0, beta=1.0),
-                provenance={"method": "dense"})
+    return Plan(
+        format_version=FORMAT_VERSION,
+        model=shape,
+        sink=0,
+        default=Rule(alpha=0.0, beta=1.0),
+        provenance={"method": "dense"},
+    )
 
 
 PLAN_SPEC_HELP = "a plan file, 'dense', 'uniform:<density>' (elastic) or 'uniform:<density>@<length>' (static)"
@@ -128,7 +155,7 @@ def plan_for_pretrained(plan: Any, pretrained: Any) -> Any:
         return plan
     text = str(plan)
     if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
-        from moa_plan.io import load_model_shape
+        from moa_plan.model_config import load_model_shape
 
         return plan_from_spec(text, load_model_shape(pretrained))
     return plan if is_plan_name(text) else load_plan(text)
@@ -185,22 +212,26 @@ def plan_from_moa(data: Any, shape: ModelShape, sink: int = MOA_REFERENCE_SINK, 
     problems = [(key, "required field is missing") for key in ("alphas", "betas") if key not in data]
     if problems:
         raise PlanError(problems)
-    problems = (_number_problems(data["alphas"], "alphas", shape, unit=False)
-                + _number_problems(data["betas"], "betas", shape, unit=True))
+    problems = _number_problems(data["alphas"], "alphas", shape, unit=False) + _number_problems(
+        data["betas"], "betas", shape, unit=True
+    )
     if problems:
         raise PlanError(problems[:50])
-    layers = [Layer(heads=[Rule(alpha=float(a), beta=float(b)) for a, b in zip(al, bl)])
-              for al, bl in zip(data["alphas"], data["betas"])]
+    layers = [
+        Layer(heads=[Rule(alpha=float(a), beta=float(b)) for a, b in zip(al, bl)])
+        for al, bl in zip(data["alphas"], data["betas"])
+    ]
     provenance: dict[str, Any] = {"method": "imported from the MoA reference format (alphas, betas)"}
     extra = sorted(str(k) for k in data if k not in ("alphas", "betas"))
     if extra:
         provenance["ignored_keys"] = extra
-    return Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, block_size=block_size,
-                layers=layers, provenance=provenance)
+    return _plan(shape, sink, block_size, provenance, layers=layers)
 
 
 def plan_to_moa(plan: Plan) -> dict[str, list[list[float]]]:
     """The MoA reference form of a plan: per-layer, per-head alphas and betas (the reference
     runtime assumes 64 sink tokens; the plan's ``sink`` is not part of this format)."""
-    return {"alphas": [[float(a) for a in row] for row in plan.alphas()],
-            "betas": [[float(b) for b in row] for row in plan.betas()]}
+    return {
+        "alphas": [[float(a) for a in row] for row in plan.alphas()],
+        "betas": [[float(b) for b in row] for row in plan.betas()],
+    }

@@ -2,7 +2,7 @@
 
 Every handler turns bad input (unreadable files, malformed JSON, invalid plans, unwritable
 outputs) into located ``FILE: location: message`` lines and exit 1; every output file goes
-through ``io.write_atomic``.
+through ``files.write_atomic``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from moa_plan import build, io
-from moa_plan.cli import UserError, int_in, printable, report
+from moa_plan import build, files, io, model_config, strict_json
+from moa_plan.args import int_in, lengths
+from moa_plan.errors import OptionError, UserError, printable, report
 from moa_plan.plan import MAX_LENGTH, ModelShape, Plan, PlanError
 
 DEFAULT_LENGTHS = (1024, 4096)
@@ -57,13 +58,13 @@ def load_shape(path: str) -> ModelShape:
     """A model shape from a config.json or a model folder, or UserError naming the config file."""
     p = Path(path)
     source = str(p / "config.json") if p.is_dir() else path
-    return _guarded(source, io.load_model_shape, path)
+    return _guarded(source, model_config.load_model_shape, path)
 
 
 def write(path: str, text: str | bytes) -> None:
     """Write an output file atomically, or UserError naming it."""
     try:
-        io.write_atomic(path, text)
+        files.write_atomic(path, text)
     except OSError as exc:
         raise UserError(path, PlanError([("", f"cannot write: {exc.strerror or exc}")])) from None
 
@@ -99,6 +100,7 @@ def describe(plan: Plan) -> str:
 
 # ---- validate --------------------------------------------------------------------------------
 
+
 def cmd_validate(args: argparse.Namespace) -> int:
     shape = load_shape(args.model) if args.model else None
     failed = False
@@ -106,7 +108,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             plan = load(path)
             if shape is not None:
-                _guarded(path, io.check_fits, plan, shape)
+                _guarded(path, model_config.check_fits, plan, shape)
         except UserError as exc:
             report(exc.source, exc.error)
             failed = True
@@ -119,6 +121,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 # ---- show ------------------------------------------------------------------------------------
 
+
 def _form(plan: Plan) -> str:
     if plan.layers is None:
         return "compact (one global default rule)"
@@ -129,13 +132,15 @@ def _form(plan: Plan) -> str:
 
 def show_text(plan: Plan, source: str, lengths: list[int]) -> str:
     m = plan.model
-    lines = [printable(source),
-             f"  model       {printable(m.name or '(unnamed)')}{' @ ' + printable(m.revision) if m.revision else ''}",
-             f"  shape       {describe(plan)}, head_dim {m.head_dim}, "
-             f"max_position_embeddings {m.max_position_embeddings or 'unknown'}",
-             f"  sink        {plan.sink}",
-             f"  block_size  {plan.block_size}",
-             f"  form        {_form(plan)}"]
+    lines = [
+        printable(source),
+        f"  model       {printable(m.name or '(unnamed)')}{' @ ' + printable(m.revision) if m.revision else ''}",
+        f"  shape       {describe(plan)}, head_dim {m.head_dim}, "
+        f"max_position_embeddings {m.max_position_embeddings or 'unknown'}",
+        f"  sink        {plan.sink}",
+        f"  block_size  {plan.block_size}",
+        f"  form        {_form(plan)}",
+    ]
     method = plan.provenance.get("method") if isinstance(plan.provenance, dict) else None
     if method:
         lines.append(f"  provenance  {printable(str(method), limit=200)}")
@@ -143,10 +148,15 @@ def show_text(plan: Plan, source: str, lengths: list[int]) -> str:
     means = {}
     for n in lengths:
         means[n] = plan.mean_spans(n)
-        lines.append(f"  {n:>8}  {plan.density(n):>8.4f}  {plan.attention_fraction(n):>9.4f}  "
-                     f"{plan.kv_cache_fraction(n):>8.4f}  {plan.mean_span(n):>10.1f}")
-    lines += ["", "  density: mean over heads of min(N, sink + span) / N (the MoA paper's); attn frac: computed",
-              "  fraction of the causal N x N triangle; KV cache: per-KV-head cache slots / a dense cache's"]
+        lines.append(
+            f"  {n:>8}  {plan.density(n):>8.4f}  {plan.attention_fraction(n):>9.4f}  "
+            f"{plan.kv_cache_fraction(n):>8.4f}  {plan.mean_span(n):>10.1f}"
+        )
+    lines += [
+        "",
+        "  density: mean over heads of min(N, sink + span) / N (the MoA paper's); attn frac: computed",
+        "  fraction of the causal N x N triangle; KV cache: per-KV-head cache slots / a dense cache's",
+    ]
     lines += ["", "  mean span per layer", "  " + f"{'layer':>5}" + "".join(f"  {'N=' + str(n):>9}" for n in lengths)]
     for layer in range(m.num_layers):
         lines.append("  " + f"{layer:>5}" + "".join(f"  {means[n][layer]:>9.1f}" for n in lengths))
@@ -186,7 +196,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.expanded:
         sys.stdout.write(io.plan_to_json(plan.expanded()))
         return 0
-    lengths = lengths_of(plan, args.length)
+    lengths = lengths_of(plan, args.lengths)
     sys.stdout.write(show_text(plan, args.plan, lengths))
     if args.plot:
         n = args.plot_length or max(lengths)
@@ -197,9 +207,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # ---- density ---------------------------------------------------------------------------------
 
+
 def cmd_density(args: argparse.Namespace) -> int:
+    if not args.lengths:
+        raise OptionError([("--lengths", "required: the input lengths, e.g. --lengths 1024,4096")])
     plan = load(args.plan)
-    for n in dict.fromkeys(args.length):
+    for n in dict.fromkeys(args.lengths):
         print(f"density at N={n}: {plan.density(n):.6g}")
         if args.all:
             print(f"attention fraction at N={n}: {plan.attention_fraction(n):.6g}")
@@ -212,23 +225,29 @@ def cmd_density(args: argparse.Namespace) -> int:
 
 # ---- uniform / import / export / schema ------------------------------------------------------
 
+
 def cmd_uniform(args: argparse.Namespace) -> int:
     shape = load_shape(args.model)
-    plan = build.uniform_plan(shape, args.density, sink=args.sink, block_size=args.block_size,
-                              static_length=args.static_length)
+    plan = build.uniform_plan(
+        shape, args.density, sink=args.sink, block_size=args.block_size, static_length=args.static_length
+    )
     write(args.out, io.plan_to_json(plan))
     lengths = [args.static_length] if args.static_length else lengths_of(plan, None)
     report_ = ", ".join(f"{plan.density(n):.4f} at N={n}" for n in lengths)
     rule = plan.default
-    print(printable(f"wrote {args.out}") + f": alpha {rule.alpha:g}, beta {rule.beta:g} for every head; density {report_}")
+    print(
+        printable(f"wrote {args.out}") + f": alpha {rule.alpha:g}, beta {rule.beta:g} for every head; density {report_}"
+    )
     if args.static_length is None:
-        print(f"density is {args.density} (within 1/N) at every N >= {plan.provenance['exact_from_length']}; "
-              f"below that the window is one token and the density is (sink + 1) / N")
+        print(
+            f"density is {args.density} (within 1/N) at every N >= {plan.provenance['exact_from_length']}; "
+            f"below that the window is one token and the density is (sink + 1) / N"
+        )
     return 0
 
 
 def _read_json(path: str):
-    return io.parse_json(io.read_text_limited(path))
+    return strict_json.parse_json(files.read_text_limited(path))
 
 
 def cmd_import_moa(args: argparse.Namespace) -> int:
@@ -237,8 +256,12 @@ def cmd_import_moa(args: argparse.Namespace) -> int:
     plan = _guarded(args.file, build.plan_from_moa, data, shape, args.sink, args.block_size)
     plan.provenance["source"] = Path(args.file).name
     write(args.out, io.plan_to_json(plan))
-    print(printable(f"wrote {args.out} ({describe(plan)}, density {plan.density(summary_length(plan)):.4f} "
-                    f"at N={summary_length(plan)})"))
+    print(
+        printable(
+            f"wrote {args.out} ({describe(plan)}, density {plan.density(summary_length(plan)):.4f} "
+            f"at N={summary_length(plan)})"
+        )
+    )
     return 0
 
 
@@ -256,8 +279,11 @@ def cmd_export_moa(args: argparse.Namespace) -> int:
     write(args.out, moa_json(build.plan_to_moa(plan)))
     print(printable(f"wrote {args.out} ({describe(plan)})"))
     if plan.sink != build.MOA_REFERENCE_SINK:
-        print(f"note: the MoA format has no sink field (its runtime uses {build.MOA_REFERENCE_SINK}); "
-              f"this plan's sink is {plan.sink}", file=sys.stderr)
+        print(
+            f"note: the MoA format has no sink field (its runtime uses {build.MOA_REFERENCE_SINK}); "
+            f"this plan's sink is {plan.sink}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -272,6 +298,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 # ---- registration ----------------------------------------------------------------------------
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the plan-format subcommands."""
     model_help = "a transformers config.json or a model folder holding one"
@@ -279,36 +306,59 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check plan files (exit 1 and one line per problem)")
     p.add_argument("plans", nargs="+", metavar="PLAN", help="plan JSON files")
     p.add_argument("--model", metavar="CONFIG_OR_DIR", help=f"also check the shape against {model_help}")
-    p.add_argument("--length", type=_positive_int, metavar="N",
-                   help="length of the density in the ok line (default: the lengths the plan was searched at, "
-                        "else max_position_embeddings, else 4096)")
+    p.add_argument(
+        "--length",
+        type=_positive_int,
+        metavar="N",
+        help="length of the density in the ok line (default: the lengths the plan was searched at, "
+        "else max_position_embeddings, else 4096)",
+    )
     p.set_defaults(handler=cmd_validate)
 
     p = sub.add_parser("show", help="summary table of a plan; --plot draws its span map")
     p.add_argument("plan", metavar="PLAN", help="plan JSON file")
-    p.add_argument("--length", type=_positive_int, nargs="+", metavar="N",
-                   help="lengths of the table (default: 1024, 4096 and max_position_embeddings)")
+    p.add_argument(
+        "--lengths",
+        type=lengths,
+        metavar="N,N",
+        help="lengths of the table, comma-separated (default: 1024, 4096 and max_position_embeddings)",
+    )
+    p.add_argument("--length", type=_positive_int, nargs="+", dest="lengths", help=argparse.SUPPRESS)  # old name
     p.add_argument("--plot", metavar="PNG", help="write the span map (layers x heads) to this PNG")
-    p.add_argument("--plot-length", type=_positive_int, metavar="N",
-                   help="length of the span map (default: the largest --length)")
+    p.add_argument(
+        "--plot-length", type=_positive_int, metavar="N", help="length of the span map (default: the largest --lengths)"
+    )
     p.add_argument("--expanded", action="store_true", help="print the canonical expanded JSON instead")
     p.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("density", help="plan density (mean over heads of min(N, sink + span) / N) at lengths")
     p.add_argument("plan", metavar="PLAN", help="plan JSON file")
-    p.add_argument("--length", type=_positive_int, nargs="+", required=True, metavar="N", help="input lengths in tokens")
+    p.add_argument("--lengths", type=lengths, metavar="N,N", help="input lengths in tokens, comma-separated (required)")
+    p.add_argument("--length", type=_positive_int, nargs="+", dest="lengths", help=argparse.SUPPRESS)  # old name
     p.add_argument("--per-layer", action="store_true", help="also each layer's density")
-    p.add_argument("--all", action="store_true",
-                   help="also the attention fraction (computed part of the causal triangle) and the "
-                        "KV-cache fraction (per-KV-head cache slots / a dense cache's)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also the attention fraction (computed part of the causal triangle) and the "
+        "KV-cache fraction (per-KV-head cache slots / a dense cache's)",
+    )
     p.set_defaults(handler=cmd_density)
 
     p = sub.add_parser("uniform", help="StreamingLLM baseline plan at a density (the same at every length)")
     p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help=model_help)
-    p.add_argument("--density", type=_density, required=True, metavar="D",
-                   help="density in (0, 1]: every head sees sink + density*N - sink keys at length N")
-    p.add_argument("--static-length", type=_positive_int, metavar="N",
-                   help="instead one fixed window (beta 0) whose density at N is D: a constant-size cache")
+    p.add_argument(
+        "--density",
+        type=_density,
+        required=True,
+        metavar="D",
+        help="density in (0, 1]: every head sees sink + density*N - sink keys at length N",
+    )
+    p.add_argument(
+        "--static-length",
+        type=_positive_int,
+        metavar="N",
+        help="instead one fixed window (beta 0) whose density at N is D: a constant-size cache",
+    )
     p.add_argument("--sink", type=_nonnegative_int, default=64, help="tokens every head always sees (default 64)")
     p.add_argument("--block-size", type=_positive_int, default=64, help="the plan's block size (default 64)")
     p.add_argument("--out", required=True, metavar="PLAN", help="plan JSON to write")
@@ -317,8 +367,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-moa", help='convert a MoA reference {"alphas", "betas"} file to a plan')
     p.add_argument("file", metavar="FILE", help='MoA reference JSON {"alphas": [[...]], "betas": [[...]]}')
     p.add_argument("--model", required=True, metavar="CONFIG_OR_DIR", help=model_help)
-    p.add_argument("--sink", type=_nonnegative_int, default=build.MOA_REFERENCE_SINK,
-                   help=f"sink tokens (default {build.MOA_REFERENCE_SINK}, the MoA runtime's)")
+    p.add_argument(
+        "--sink",
+        type=_nonnegative_int,
+        default=build.MOA_REFERENCE_SINK,
+        help=f"sink tokens (default {build.MOA_REFERENCE_SINK}, the MoA runtime's)",
+    )
     p.add_argument("--block-size", type=_positive_int, default=64, help="the plan's block size (default 64)")
     p.add_argument("--out", required=True, metavar="PLAN", help="plan JSON to write")
     p.set_defaults(handler=cmd_import_moa)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from moa_plan import semantics
+from moa_plan.errors import PlanError
 
 FORMAT_VERSION = 1
 # Limits of a plan (spec/README.md, "Limits"). Real models stay far inside them; they exist so
@@ -28,31 +29,6 @@ MAX_HEAD_DIM = 65536
 MAX_LENGTH = 2**40  # sequence lengths stay far below 2**53, where alpha + beta*N stops being exact
 MAX_NAME_CHARS = 256  # model.name, model.revision
 MAX_PROVENANCE_DEPTH = 32  # nesting of objects / lists inside provenance
-
-
-MAX_REPORTED = 50  # problems shown per file (printed lines, or an exception's message); the rest are counted
-
-
-def printable(text: str, limit: int | None = None) -> str:
-    """``text`` safe for a terminal line: control characters and lone surrogates escaped as in
-    JSON (so a name cannot move the cursor or recolour the screen), cut to ``limit`` characters."""
-    if limit is not None and len(text) > limit:
-        text = text[:limit] + "..."
-    return re.sub(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-class PlanError(Exception):
-    """A plan (or its pairing with a model) is invalid; ``problems`` holds (location, message) pairs,
-    ``source`` the file they are in when one is (printed first: ``FILE: location: message``)."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        shown = problems[:MAX_REPORTED]
-        text = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in shown)
-        if len(problems) > MAX_REPORTED:
-            text += f"; ... and {len(problems) - MAX_REPORTED} more problems"
-        super().__init__(printable(f"{source}: {text}" if source else text))
 
 
 def key_location(key: str) -> str:
@@ -104,8 +80,9 @@ class Rule(_Strict):
     """Elastic span rule of one query head: span(N) = min(N, max(1, floor(alpha + beta*N)))."""
 
     alpha: float = Field(ge=-MAX_LENGTH, le=MAX_LENGTH, description="Span offset in tokens; may be negative.")
-    beta: float = Field(description="Span growth per token of input length, in [0, 1].",
-                        json_schema_extra={"minimum": 0, "maximum": 1})
+    beta: float = Field(
+        description="Span growth per token of input length, in [0, 1].", json_schema_extra={"minimum": 0, "maximum": 1}
+    )
 
     @field_validator("beta")
     @classmethod
@@ -128,16 +105,19 @@ _NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"  # one printable line
 class ModelShape(_Strict):
     """The attention shape a plan fits (from the model's transformers config)."""
 
-    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS, pattern=_NO_CONTROL,
-                             description="Model name or path, informative.")
-    revision: str | None = Field(default=None, max_length=MAX_NAME_CHARS, pattern=_NO_CONTROL,
-                                 description="Model revision, informative.")
+    name: str | None = Field(
+        default=None, max_length=MAX_NAME_CHARS, pattern=_NO_CONTROL, description="Model name or path, informative."
+    )
+    revision: str | None = Field(
+        default=None, max_length=MAX_NAME_CHARS, pattern=_NO_CONTROL, description="Model revision, informative."
+    )
     num_layers: int = Field(ge=1, le=MAX_LAYERS, description="Decoder layers (config num_hidden_layers).")
     num_attention_heads: int = Field(ge=1, le=MAX_HEADS, description="Query heads per layer.")
     num_key_value_heads: int = Field(ge=1, description="KV heads per layer; divides num_attention_heads (GQA).")
     head_dim: int = Field(ge=1, le=MAX_HEAD_DIM, description="Size of one head's query / key vector.")
-    max_position_embeddings: int | None = Field(default=None, ge=1, le=MAX_LENGTH,
-                                                description="Longest context the model was trained for.")
+    max_position_embeddings: int | None = Field(
+        default=None, ge=1, le=MAX_LENGTH, description="Longest context the model was trained for."
+    )
 
     @field_validator("name", "revision")
     @classmethod
@@ -149,11 +129,19 @@ class ModelShape(_Strict):
     @model_validator(mode="after")
     def _gqa_groups_divide(self) -> ModelShape:
         if self.num_attention_heads % self.num_key_value_heads:
-            raise PlanError([("model.num_key_value_heads",
-                              f"must divide num_attention_heads ({self.num_attention_heads})")])
+            raise PlanError(
+                [("model.num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads})")]
+            )
         if self.num_layers * self.num_attention_heads > MAX_TOTAL_HEADS:
-            raise PlanError([("model", f"num_layers * num_attention_heads is {self.num_layers * self.num_attention_heads}, "
-                              f"more than the {MAX_TOTAL_HEADS} query heads a plan may have")])
+            raise PlanError(
+                [
+                    (
+                        "model",
+                        f"num_layers * num_attention_heads is {self.num_layers * self.num_attention_heads}, "
+                        f"more than the {MAX_TOTAL_HEADS} query heads a plan may have",
+                    )
+                ]
+            )
         return self
 
     @property
@@ -167,8 +155,10 @@ class Layer(_Strict):
     heads: list[Rule] | None = Field(default=None, description="One rule per query head (canonical form).")
     default: Rule | None = Field(default=None, description="Rule of heads not listed in overrides.")
     overrides: dict[str, Rule] | None = Field(
-        default=None, description="Per-head rules keyed by the head index as a decimal string.",
-        json_schema_extra={"propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"}})
+        default=None,
+        description="Per-head rules keyed by the head index as a decimal string.",
+        json_schema_extra={"propertyNames": {"pattern": "^(0|[1-9][0-9]*)$"}},
+    )
 
 
 class Plan(_Strict):
@@ -177,11 +167,15 @@ class Plan(_Strict):
     format_version: Literal[1] = Field(description="Version of this file format; this release reads 1.")
     model: ModelShape
     sink: int = Field(default=64, ge=0, le=MAX_LENGTH, description="Initial tokens every head always sees.")
-    block_size: int = Field(default=64, ge=1, le=MAX_LENGTH, description="Granularity of the search and prefill kernel.")
+    block_size: int = Field(
+        default=64, ge=1, le=MAX_LENGTH, description="Granularity of the search and prefill kernel."
+    )
     default: Rule | None = Field(default=None, description="Rule of every head not given elsewhere.")
     layers: list[Layer] | None = Field(default=None, description="One entry per layer (canonical form).")
-    provenance: dict[str, Any] = Field(default_factory=dict, description="How the plan was made; free-form "
-                                       f"JSON, nested at most {MAX_PROVENANCE_DEPTH} levels deep.")
+    provenance: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"How the plan was made; free-form JSON, nested at most {MAX_PROVENANCE_DEPTH} levels deep.",
+    )
 
     @field_validator("provenance")
     @classmethod
@@ -216,8 +210,14 @@ class Plan(_Strict):
     def expanded(self) -> Plan:
         """The canonical form: every layer lists every head; no defaults, no overrides."""
         layers = [Layer(heads=heads) for heads in self.rules()]
-        return Plan(format_version=self.format_version, model=self.model, sink=self.sink,
-                    block_size=self.block_size, layers=layers, provenance=self.provenance)
+        return Plan(
+            format_version=self.format_version,
+            model=self.model,
+            sink=self.sink,
+            block_size=self.block_size,
+            layers=layers,
+            provenance=self.provenance,
+        )
 
     # ---- queries --------------------------------------------------------------------------
     def alphas(self) -> list[list[float]]:
@@ -265,7 +265,7 @@ class Plan(_Strict):
             layer = self.layers[l] if self.layers is not None else Layer()
             if layer.heads is not None:
                 spans = [span(r) for r in layer.heads]
-                out.append(Counter(max(spans[k * g:(k + 1) * g]) for k in range(hkv)))
+                out.append(Counter(max(spans[k * g : (k + 1) * g]) for k in range(hkv)))
                 continue
             groups: dict[int, list[int]] = {}
             for key, r in (layer.overrides or {}).items():
@@ -289,14 +289,16 @@ class Plan(_Strict):
 
     def _layer_ratios(self, n: int, count, total: int) -> list[float]:
         h = self.model.num_attention_heads
-        return [sum(count(s, self.sink, n) * c for s, c in counts.items()) / (total * h)
-                for counts in self.span_counts(n)]
+        return [
+            sum(count(s, self.sink, n) * c for s, c in counts.items()) / (total * h) for counts in self.span_counts(n)
+        ]
 
     def _ratio(self, n: int, count, total: int) -> float:
         """Mean over heads of count(span) / total, as one correctly rounded division of exact integers."""
         heads = self.model.num_layers * self.model.num_attention_heads
-        return (sum(count(s, self.sink, n) * c for counts in self.span_counts(n) for s, c in counts.items())
-                / (total * heads))
+        return sum(count(s, self.sink, n) * c for counts in self.span_counts(n) for s, c in counts.items()) / (
+            total * heads
+        )
 
     def density(self, n: int) -> float:
         """The plan's density at length ``n`` (the MoA paper's): mean over query heads of
@@ -316,15 +318,17 @@ class Plan(_Strict):
 
     def kv_cache_fraction(self, n: int) -> float:
         """Slots the per-KV-head cache holds at length ``n`` over a dense cache's (memory)."""
-        slots = sum(semantics.kv_slots(s, self.sink, n) * c for counts in self.kv_span_counts(n)
-                    for s, c in counts.items())
+        slots = sum(
+            semantics.kv_slots(s, self.sink, n) * c for counts in self.kv_span_counts(n) for s, c in counts.items()
+        )
         return slots / (n * self.model.num_layers * self.model.num_key_value_heads)
 
     def kv_spans(self, n: int) -> list[list[int]]:
         """Per layer, per KV head: the largest span among the query heads sharing it."""
         g = self.model.group_size
-        return [[max(layer[k * g:(k + 1) * g]) for k in range(self.model.num_key_value_heads)]
-                for layer in self.spans(n)]
+        return [
+            [max(layer[k * g : (k + 1) * g]) for k in range(self.model.num_key_value_heads)] for layer in self.spans(n)
+        ]
 
     def kv_slots(self, n_max: int) -> list[list[int]]:
         """KV cache slots each (layer, KV head) needs to serve every length up to ``n_max``.
@@ -362,13 +366,21 @@ def _shape_problems(plan: Plan) -> list[tuple[str, str]]:
             if layer.default is not None or layer.overrides is not None:
                 problems.append((where, "give either 'heads' or 'default'/'overrides', not both"))
             if len(layer.heads) != shape.num_attention_heads:
-                problems.append((f"{where}.heads", f"has {len(layer.heads)} entries, "
-                                 f"model.num_attention_heads is {shape.num_attention_heads}"))
+                problems.append(
+                    (
+                        f"{where}.heads",
+                        f"has {len(layer.heads)} entries, model.num_attention_heads is {shape.num_attention_heads}",
+                    )
+                )
             continue
         for key in layer.overrides or {}:
             if not (key.isdigit() and int(key) < shape.num_attention_heads and str(int(key)) == key):
-                problems.append((f"{where}.overrides{key_location(key)}",
-                                 f"must be a head index in 0..{shape.num_attention_heads - 1}"))
+                problems.append(
+                    (
+                        f"{where}.overrides{key_location(key)}",
+                        f"must be a head index in 0..{shape.num_attention_heads - 1}",
+                    )
+                )
         covered = len(layer.overrides or {}) == shape.num_attention_heads
         if layer.default is None and plan.default is None and not covered:
             problems.append((where, "needs 'heads', a 'default' rule, or a global 'default'"))

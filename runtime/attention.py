@@ -59,8 +59,16 @@ def _use_triton(name: str, device: torch.device) -> ModuleType | None:
     return module if device.type == "cuda" else None
 
 
-def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
-                 spans: torch.Tensor, sink: int, scale: float) -> torch.Tensor:
+def masked_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    spans: torch.Tensor,
+    sink: int,
+    scale: float,
+) -> torch.Tensor:
     """SDPA of q [B,Hq,Lq,D] over k/v [B,Hkv,K,D]; qpos [Lq], kpos [K] or [Hkv,K] (-1 = no key)."""
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
@@ -101,7 +109,7 @@ def _is_range(idx: list[int]) -> bool:
 def _pick(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """x[:, idx]: a view when idx is a range, else a copy."""
     if _is_range(idx):
-        return x[:, idx[0]:idx[0] + len(idx)]
+        return x[:, idx[0] : idx[0] + len(idx)]
     return torch.stack([x[:, i] for i in idx], dim=1)  # index_select would copy all of a strided x first
 
 
@@ -119,8 +127,9 @@ def _band_mask(span: int, sink: int, rows: int, dtype: torch.dtype, device: str)
     return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
 
 
-def _band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int, rows: int, span: int, sink: int,
-          scale: float, gqa: bool) -> torch.Tensor:
+def _band(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int, rows: int, span: int, sink: int, scale: float, gqa: bool
+) -> torch.Tensor:
     """``rows`` queries q [B,H,rows*nb,D] at positions p0.. (p0 >= span + sink), taken as nb blocks of
     ``rows`` in one SDPA call: block b's keys are the sink + its window, gathered without a loop."""
     batch, h, total, d = q.shape
@@ -130,7 +139,7 @@ def _band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int, rows: int,
     lo = p0 - span + 1
 
     def keys(x: torch.Tensor) -> torch.Tensor:
-        w = x[:, :, lo:p0 + total].unfold(2, win, rows).permute(0, 2, 1, 4, 3)  # [B, nb, Hk, win, D] view
+        w = x[:, :, lo : p0 + total].unfold(2, win, rows).permute(0, 2, 1, 4, 3)  # [B, nb, Hk, win, D] view
         if sink:
             w = torch.cat([x[:, :, :sink].unsqueeze(1).expand(batch, nb, hk, sink, d), w], dim=3)
         return w.reshape(batch * nb, hk, sink + win, d)
@@ -141,8 +150,17 @@ def _band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int, rows: int,
     return o.view(batch, nb, h, rows, d).transpose(1, 2)  # [B, H, nb, rows, D]
 
 
-def _head_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int, sink: int, scale: float,
-                gqa: bool, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def _head_group(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    span: int,
+    sink: int,
+    scale: float,
+    gqa: bool,
+    block: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention of heads sharing one span. Rows that still see every earlier key (positions <
     span + sink) are plain causal attention; later rows go in blocks of ``block`` over only the sink
     keys and their window (``_band``), so the cost follows the attended pairs, not N^2."""
@@ -153,30 +171,40 @@ def _head_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int, si
     out = torch.empty_like(q) if out is None else out
     if first == 0:  # the dense rows are one causal call
         out[:, :, :dense_end] = F.scaled_dot_product_attention(
-            q[:, :, :dense_end], k[:, :, :dense_end], v[:, :, :dense_end], is_causal=True, scale=scale,
-            enable_gqa=gqa)
+            q[:, :, :dense_end], k[:, :, :dense_end], v[:, :, :dense_end], is_causal=True, scale=scale, enable_gqa=gqa
+        )
     for p0 in range(first, dense_end if first else 0, block):  # queries after earlier keys: causal mask per block
         p1 = min(dense_end, p0 + block)
         mask = torch.arange(p1, device=q.device).view(1, -1) <= torch.arange(p0, p1, device=q.device).view(-1, 1)
-        out[:, :, p0 - first:p1 - first] = F.scaled_dot_product_attention(
-            q[:, :, p0 - first:p1 - first], k[:, :, :p1], v[:, :, :p1], attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[:, :, p0 - first : p1 - first] = F.scaled_dot_product_attention(
+            q[:, :, p0 - first : p1 - first], k[:, :, :p1], v[:, :, :p1], attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
     p0 = max(first, dense_end)
     rem = (k_len - p0) % block
     if rem:  # the first rem band rows, so that the rest is whole blocks
-        out[:, :, p0 - first:p0 - first + rem] = _band(q[:, :, p0 - first:p0 - first + rem], k, v, p0, rem, span,
-                                                       sink, scale, gqa).flatten(2, 3)
+        out[:, :, p0 - first : p0 - first + rem] = _band(
+            q[:, :, p0 - first : p0 - first + rem], k, v, p0, rem, span, sink, scale, gqa
+        ).flatten(2, 3)
         p0 += rem
     per_call = max(1, BAND_BYTES // ((sink + span - 1 + block) * k.shape[1] * d * k.element_size()))
     for b0 in range(p0, k_len, per_call * block):
         b1 = min(k_len, b0 + per_call * block)
-        dst = out[:, :, b0 - first:b1 - first]
-        dst.view(batch, h, -1, block, d).copy_(_band(q[:, :, b0 - first:b1 - first], k, v, b0, block, span, sink,
-                                                     scale, gqa))
+        dst = out[:, :, b0 - first : b1 - first]
+        dst.view(batch, h, -1, block, d).copy_(
+            _band(q[:, :, b0 - first : b1 - first], k, v, b0, block, span, sink, scale, gqa)
+        )
     return out
 
 
-def torch_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int,
-                            scale: float | None = None, block: int | None = None) -> torch.Tensor:
+def torch_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spans: torch.Tensor,
+    sink: int,
+    scale: float | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
     """The plan's attention on CPU (any device) with work proportional to the pairs it attends:
     heads are grouped by span, each group is one causal SDPA call for the rows that see every
     earlier key plus blocks of ``block`` rows over the sink and their window (``_head_group``).
@@ -194,8 +222,17 @@ def torch_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     for span, heads in groups.items():
         for qh, kvh in _head_parts(heads, group):
             in_place = _is_range(qh)  # then the group writes straight into its heads of ``out``
-            o = _head_group(_pick(q, qh), _pick(k, kvh), _pick(v, kvh), span, sink, scale, len(qh) > len(kvh),
-                            block or band_block(span, sink, k_len), out[:, qh[0]:qh[0] + len(qh)] if in_place else None)
+            o = _head_group(
+                _pick(q, qh),
+                _pick(k, kvh),
+                _pick(v, kvh),
+                span,
+                sink,
+                scale,
+                len(qh) > len(kvh),
+                block or band_block(span, sink, k_len),
+                out[:, qh[0] : qh[0] + len(qh)] if in_place else None,
+            )
             if not in_place:
                 for i, h in enumerate(qh):  # slices: indexed assignment would copy all of ``out`` twice
                     out[:, h] = o[:, i]
@@ -214,8 +251,9 @@ def band_block(span: int, sink: int, k_len: int) -> int:
     return next((c for c in range(target, target // 2 - 1, -32) if rows % c == 0), target)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int,
-                      scale: float | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int, scale: float | None = None
+) -> torch.Tensor:
     """Plan attention of q [B,Hq,Lq,D] over all keys k/v [B,Hkv,Lk,D] (Lq <= Lk), spans at N = Lk."""
     module = _use_triton("triton_prefill", q.device)
     if module is not None:
@@ -223,17 +261,26 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: 
     return torch_prefill_attention(q, k, v, spans, sink, scale)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: LayerLayout,
-                     spans: torch.Tensor, sink: int, n: int | torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: LayerLayout,
+    spans: torch.Tensor,
+    sink: int,
+    n: int | torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
     """One decode step q [B,Hq,D] -> [B,Hq,D] over the static cache at total length n."""
     module = _use_triton("triton_decode", q.device)
     if module is None:
-        return torch_decode_attention(q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans,
-                                      sink, n, scale)
+        return torch_decode_attention(
+            q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans, sink, n, scale
+        )
     extra = {"max_cap": max(layout.caps)} if _takes_max_cap(module.decode_attention) else {}  # no host sync
-    return module.decode_attention(q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans, sink,
-                                   n, scale, **extra)
+    return module.decode_attention(
+        q, k_cache, v_cache, layout.offset, layout.cap, layout.n_sink, spans, sink, n, scale, **extra
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,19 +288,30 @@ def _takes_max_cap(fn) -> bool:
     return "max_cap" in inspect.signature(fn).parameters
 
 
-def cached_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, layout: LayerLayout,
-                past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cached_keys(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, layout: LayerLayout, past: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the cache holds at total length ``past``, per KV head: K, V [B,Hkv,W,D] and positions [Hkv,W]."""
     width = max(layout.caps)
     pos = _head_positions(layout.cap, layout.n_sink, past, width)
-    return (gather_heads(k_cache, layout.offset, layout.cap, width),
-            gather_heads(v_cache, layout.offset, layout.cap, width), pos)
+    return (
+        gather_heads(k_cache, layout.offset, layout.cap, width),
+        gather_heads(v_cache, layout.offset, layout.cap, width),
+        pos,
+    )
 
 
-def chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor], past: int,
-                    spans: torch.Tensor, sink: int, scale: float | None = None,
-                    block: int = QUERY_BLOCK) -> torch.Tensor:
+def chunk_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    past: int,
+    spans: torch.Tensor,
+    sink: int,
+    scale: float | None = None,
+    block: int = QUERY_BLOCK,
+) -> torch.Tensor:
     """Plan attention of Lq new queries at positions past..past+Lq-1 over the cached keys
     (``cached_keys`` taken before the chunk was written) and the chunk's own keys."""
     k_old, v_old, pos_old = cached

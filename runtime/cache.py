@@ -34,8 +34,7 @@ class LayerLayout:
         return len(self.caps)
 
     @classmethod
-    def from_caps(cls, caps: list[int], sink: int, n_max: int,
-                  device: torch.device | str | None = None) -> LayerLayout:
+    def from_caps(cls, caps: list[int], sink: int, n_max: int, device: torch.device | str | None = None) -> LayerLayout:
         if any(c < 1 for c in caps):
             raise ValueError(f"every KV head needs at least one slot, got caps {caps}")
         sinks = [min(sink, c) for c in caps]
@@ -43,13 +42,19 @@ class LayerLayout:
         for c in caps[:-1]:
             offsets.append(offsets[-1] + c)
         i32 = dict(dtype=torch.int32, device=device)
-        return cls(offset=torch.tensor(offsets, **i32), cap=torch.tensor(caps, **i32),
-                   n_sink=torch.tensor(sinks, **i32), slots=sum(caps), caps=tuple(caps),
-                   sinks=tuple(sinks), n_max=n_max, sink=sink)
+        return cls(
+            offset=torch.tensor(offsets, **i32),
+            cap=torch.tensor(caps, **i32),
+            n_sink=torch.tensor(sinks, **i32),
+            slots=sum(caps),
+            caps=tuple(caps),
+            sinks=tuple(sinks),
+            n_max=n_max,
+            sink=sink,
+        )
 
     @classmethod
-    def from_plan(cls, plan: Plan, layer: int, n_max: int,
-                  device: torch.device | str | None = None) -> LayerLayout:
+    def from_plan(cls, plan: Plan, layer: int, n_max: int, device: torch.device | str | None = None) -> LayerLayout:
         """Layout of ``layer`` serving every total length up to ``n_max``."""
         if n_max < 1:
             raise ValueError(f"n_max must be >= 1, got {n_max}")
@@ -80,8 +85,10 @@ class MemoryReport:
         return self.bytes_allocated / self.bytes_dense
 
     def __str__(self) -> str:
-        return (f"KV cache {self.bytes_allocated / 2**20:.2f} MiB vs dense {self.bytes_dense / 2**20:.2f} MiB "
-                f"({100 * self.ratio:.1f}%; batch {self.batch}, n_max {self.n_max}, {self.dtype})")
+        return (
+            f"KV cache {self.bytes_allocated / 2**20:.2f} MiB vs dense {self.bytes_dense / 2**20:.2f} MiB "
+            f"({100 * self.ratio:.1f}%; batch {self.batch}, n_max {self.n_max}, {self.dtype})"
+        )
 
 
 def memory_report(plan: Plan, n_max: int, batch: int = 1, dtype: torch.dtype = torch.float16) -> MemoryReport:
@@ -90,12 +97,20 @@ def memory_report(plan: Plan, n_max: int, batch: int = 1, dtype: torch.dtype = t
     per_slot = 2 * batch * shape.head_dim * torch.empty((), dtype=dtype).element_size()  # K and V
     slots = sum(sum(layer) for layer in plan.kv_slots(n_max))
     dense = shape.num_layers * shape.num_key_value_heads * n_max
-    return MemoryReport(batch=batch, n_max=n_max, dtype=str(dtype).removeprefix("torch."), slots=slots,
-                        dense_slots=dense, bytes_allocated=slots * per_slot, bytes_dense=dense * per_slot)
+    return MemoryReport(
+        batch=batch,
+        n_max=n_max,
+        dtype=str(dtype).removeprefix("torch."),
+        slots=slots,
+        dense_slots=dense,
+        bytes_allocated=slots * per_slot,
+        bytes_dense=dense * per_slot,
+    )
 
 
-def allocate(layout: LayerLayout, batch: int, head_dim: int, dtype: torch.dtype,
-             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def allocate(
+    layout: LayerLayout, batch: int, head_dim: int, dtype: torch.dtype, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed K and V buffers [B, S, D] of one layer."""
     k = torch.zeros(batch, layout.slots, head_dim, dtype=dtype, device=device)
     return k, torch.zeros_like(k)
@@ -108,8 +123,14 @@ def _slot_of(offset: torch.Tensor, cap: torch.Tensor, n_sink: torch.Tensor, pos:
     return torch.where(pos < ns, off + pos, off + ns + torch.remainder(pos - ns, ring))
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, layout: LayerLayout, k_new: torch.Tensor,
-             v_new: torch.Tensor, start_pos: int) -> None:
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: LayerLayout,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    start_pos: int,
+) -> None:
     """Write K/V of positions start_pos .. start_pos+T-1 ([B, Hkv, T, D]) into the cache, in place.
 
     Positions must be written in increasing order across calls. Within one call only the
@@ -176,10 +197,18 @@ def gather_heads(cache: torch.Tensor, offset: torch.Tensor, cap: torch.Tensor, w
     return cache[:, idx.view(-1)].view(cache.shape[0], hkv, width, cache.shape[-1])
 
 
-def torch_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           offset: torch.Tensor, cap: torch.Tensor, n_sink: torch.Tensor,
-                           spans: torch.Tensor, sink: int, n: int | torch.Tensor,
-                           scale: float | None = None) -> torch.Tensor:
+def torch_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    offset: torch.Tensor,
+    cap: torch.Tensor,
+    n_sink: torch.Tensor,
+    spans: torch.Tensor,
+    sink: int,
+    n: int | torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
     """One decode step over the static cache: q [B, Hq, D] -> [B, Hq, D] (PyTorch twin of the Triton kernel).
 
     ``n`` is the total length after the new token was written; query head h (KV head h // G)

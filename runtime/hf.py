@@ -13,16 +13,14 @@ tensor with the step (layer, cached length), so N = cached + q_len; without one 
 or a transformers cache that returns all keys) N = k_len.
 
 The plan replaces the model's attention pattern entirely: a native sliding window (Mistral,
-Qwen2 with use_sliding_window) is not applied on top of it.
+Qwen2 with use_sliding_window) is not applied on top of it. ``hf_apply`` puts all this on a model.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,9 +28,7 @@ from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from moa_plan.build import plan_for_pretrained, plan_from_spec
-from moa_plan.io import check_fits, read_model_config, shape_from_config
-from moa_plan.plan import Plan, PlanError
+from moa_plan.plan import Plan
 from moa_plan.runtime.attention import cached_keys, chunk_attention, decode_attention, prefill_attention
 from moa_plan.runtime.cache import LayerLayout, MemoryReport, allocate, memory_report, write_kv
 
@@ -55,6 +51,7 @@ CACHE_ARG = _cache_arg()
 
 # ---- plan state shared by the attention modules -------------------------------------------
 
+
 class PlanState:
     """The plan of a model plus a small per-length cache of its spans as device tensors."""
 
@@ -76,6 +73,7 @@ class PlanState:
 
 
 # ---- the static cache ----------------------------------------------------------------------
+
 
 @dataclass
 class _Step:
@@ -110,16 +108,19 @@ class MoALayer(CacheLayerMixin):
         self.keys, self.values = allocate(self.layout, batch, d, self.dtype, self.device)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new positions; return the new K/V tagged with the step for the attention function."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[2]
         past = self.length
         if past + t > self.n_max:
-            raise ValueError(f"MoACache holds {self.n_max} positions (n_max); this step needs {past + t}: "
-                             "build the cache with a larger n_max")
+            raise ValueError(
+                f"MoACache holds {self.n_max} positions (n_max); this step needs {past + t}: "
+                "build the cache with a larger n_max"
+            )
         if key_states.shape[0] != self.keys.shape[0]:
             raise ValueError(f"batch of {key_states.shape[0]} does not match the cache's {self.keys.shape[0]}")
         cached = cached_keys(self.keys, self.values, self.layout, past) if past > 0 and t > 1 else None
@@ -187,9 +188,17 @@ class MoACache(Cache):
 
 # ---- attention and mask functions ------------------------------------------------------------
 
-def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, scaling: float | None = None,
-                          dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+
+def moa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers attention function: q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D] -> ([B,Lq,Hq,D], None)."""
     state: PlanState | None = getattr(module, "moa_state", None)
     if state is None:
@@ -205,15 +214,24 @@ def moa_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         spans = state.spans(layer, n, query.device)
         cache = step.layer
         if q_len == 1:
-            out = decode_attention(query[:, :, 0], cache.keys, cache.values, cache.layout, spans, state.sink,
-                                   n, scaling).unsqueeze(2)
+            out = decode_attention(
+                query[:, :, 0], cache.keys, cache.values, cache.layout, spans, state.sink, n, scaling
+            ).unsqueeze(2)
         else:
             out = chunk_attention(query, key, value, step.cached, step.past, spans, state.sink, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
-def moa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-             mask_function: Any = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+def moa_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> None:
     """No mask tensor: the plan's mask is built inside the attention function (the inputs were
     checked by ``check_inputs`` before the decoder ran)."""
     return None
@@ -231,22 +249,30 @@ def check_inputs(attention_mask: Any, position_ids: torch.Tensor | None, past: i
     """
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
-            raise ValueError(f"moa attention takes no {type(attention_mask).__name__} attention_mask; pass a 2-D "
-                             "padding-free mask or none")
+            raise ValueError(
+                f"moa attention takes no {type(attention_mask).__name__} attention_mask; pass a 2-D "
+                "padding-free mask or none"
+            )
         if attention_mask.dim() == 2:
             if not bool(attention_mask.bool().all()):
-                raise ValueError("moa attention runs batches of equal-length prompts only: the attention_mask has "
-                                 "padding (0 entries); run the prompts one by one or batch prompts of the same length")
+                raise ValueError(
+                    "moa attention runs batches of equal-length prompts only: the attention_mask has "
+                    "padding (0 entries); run the prompts one by one or batch prompts of the same length"
+                )
         elif attention_mask.dim() == 4 and q_len is not None:
             _check_mask_4d(attention_mask, past, q_len)
         else:
-            raise ValueError(f"moa attention takes a 2-D [batch, length] or 4-D attention_mask, got shape "
-                             f"{tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"moa attention takes a 2-D [batch, length] or 4-D attention_mask, got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
     if position_ids is not None and position_ids.shape[-1] > 1:
         steps = torch.diff(position_ids.reshape(-1, position_ids.shape[-1]), dim=-1)
         if not bool((steps == 1).all()):
-            raise ValueError("moa attention runs one sequence per row: these position_ids do not count up by one "
-                             "(packed sequences restart them); give each document its own row or call")
+            raise ValueError(
+                "moa attention runs one sequence per row: these position_ids do not count up by one "
+                "(packed sequences restart them); give each document its own row or call"
+            )
 
 
 def _check_mask_4d(mask: torch.Tensor, past: int, q_len: int) -> None:
@@ -256,21 +282,27 @@ def _check_mask_4d(mask: torch.Tensor, past: int, q_len: int) -> None:
         attend = mask == 0
         hidden = mask <= torch.finfo(mask.dtype).min / 2  # -inf or the dtype's min, as transformers writes it
         if not bool((attend | hidden).all()):
-            raise ValueError("moa attention cannot add an attention bias: a float attention_mask may only hold 0 "
-                             "(attend) and -inf / the dtype's minimum (hidden)")
+            raise ValueError(
+                "moa attention cannot add an attention bias: a float attention_mask may only hold 0 "
+                "(attend) and -inf / the dtype's minimum (hidden)"
+            )
     else:
         raise ValueError(f"moa attention takes a bool or float 4-D attention_mask, got {mask.dtype}")
     if mask.shape[-2] != q_len or mask.shape[-1] < past + q_len:
-        raise ValueError(f"4-D attention_mask of shape {tuple(mask.shape)} does not cover {q_len} queries after "
-                         f"{past} cached positions")
+        raise ValueError(
+            f"4-D attention_mask of shape {tuple(mask.shape)} does not cover {q_len} queries after "
+            f"{past} cached positions"
+        )
     i = torch.arange(past, past + q_len, device=mask.device).view(-1, 1)
     j = torch.arange(mask.shape[-1], device=mask.device).view(1, -1)
     if not bool((attend == (j <= i)).all()):
-        raise ValueError("moa attention honours only the causal mask: this 4-D attention_mask hides keys the plan "
-                         "would show (padding?) or shows later ones; batch prompts of equal length without padding")
+        raise ValueError(
+            "moa attention honours only the causal mask: this 4-D attention_mask hides keys the plan "
+            "would show (padding?) or shows later ones; batch prompts of equal length without padding"
+        )
 
 
-def _check_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+def check_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of the decoder: ``check_inputs`` on its arguments, before any layer runs."""
     bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
     bound.update(bound.pop("kwargs", None) or {})
@@ -293,110 +325,8 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, moa_mask)
 
 
-# ---- plans for a model ------------------------------------------------------------------------
-
-def model_shape(model: PreTrainedModel):
-    """The attention shape of a transformers model (from its config)."""
-    config = model.config.get_text_config(decoder=True)
-    shape = shape_from_config(config.to_dict())
-    name = getattr(model.config, "_name_or_path", None) or None
-    return shape.model_copy(update={"name": name}) if name else shape
-
-
-def resolve_plan(plan: Plan | str | os.PathLike, model: PreTrainedModel) -> Plan:
-    """A Plan from a Plan or a plan string (``moa_plan.build.plan_from_spec``: a file, 'dense',
-    'uniform:<density>' or 'uniform:<density>@<length>')."""
-    if isinstance(plan, Plan):
-        return plan
-    return plan_from_spec(str(plan), model_shape(model))
-
-
 def plan_of(model: PreTrainedModel) -> Plan:
     plan = getattr(model, "moa_plan", None)
     if plan is None:
         raise ValueError("this model has no plan: call moa_plan.runtime.apply_plan(model, plan) first")
     return plan
-
-
-def _attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
-    return [m for m in model.modules()
-            if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")]
-
-
-def apply_plan(model: PreTrainedModel, plan: Plan | str | os.PathLike) -> PreTrainedModel:
-    """Make ``model`` attend as ``plan`` says (in place; returns the model).
-
-    Checks the plan fits the model's attention shape (PlanError with located problems), registers
-    and selects the 'moa' attention, stores the plan (``model.moa_plan``, ``config.moa_plan``) and
-    makes ``model.generate`` use a ``MoACache`` unless a cache is passed.
-    """
-    plan = resolve_plan(plan, model)
-    check_fits(plan, model_shape(model))
-    modules = _attention_modules(model)
-    found = sorted({m.layer_idx for m in modules})
-    if found != list(range(plan.model.num_layers)):
-        raise PlanError([("model", f"{type(model).__name__}: found attention modules for layers {found}, "
-                          f"expected 0..{plan.model.num_layers - 1} (not a supported Llama-family model?)")])
-    register()
-    decoder = model.get_decoder()
-    if getattr(decoder, "_moa_input_check", None) is None:
-        decoder._moa_input_check = decoder.register_forward_pre_hook(_check_call, with_kwargs=True)
-    model.set_attn_implementation(ATTN_NAME)
-    if model.config._attn_implementation != ATTN_NAME:
-        raise PlanError([("model", f"{type(model).__name__} does not accept a custom attention implementation")])
-    state = PlanState(plan)
-    for m in modules:
-        m.moa_state = state
-    model.moa_plan = plan
-    model.config.moa_plan = plan.model_dump(mode="json", exclude_none=True)
-    model.generate = functools.partial(_generate, model)
-    return model
-
-
-def _generation_length(model: PreTrainedModel, args: tuple, kwargs: dict) -> int | None:
-    """Prompt + new tokens of a generate call, or None when it cannot be told."""
-    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    if inputs is None and kwargs.get("inputs_embeds") is not None:
-        inputs = kwargs["inputs_embeds"]
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
-        return None
-    config = kwargs.get("generation_config") or model.generation_config
-    new = kwargs.get("max_new_tokens", config.max_new_tokens)
-    if new is not None:
-        return inputs.shape[1] + int(new)
-    total = kwargs.get("max_length", config.max_length)
-    return int(total) if total is not None else None
-
-
-def _generate(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
-    """``generate`` with a MoACache of n_max = prompt + max_new_tokens unless a cache is given."""
-    wants_cache = (kwargs.get("cache") is None and kwargs.get("past_key_values") is None
-                   and kwargs.get("use_cache", True) is not False and kwargs.get("cache_implementation") is None)
-    if wants_cache:
-        n_max = _generation_length(model, args, kwargs)
-        if n_max is not None:
-            kwargs[CACHE_ARG] = MoACache(model, n_max)
-    return type(model).generate(model, *args, **kwargs)
-
-
-def load_model(pretrained: str | os.PathLike, plan: Plan | str | os.PathLike | None = None,
-               **from_pretrained_kwargs: Any) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)`` with ``plan`` applied.
-
-    ``plan``: a Plan, a plan file, 'dense', 'uniform:<density>[@<length>]', or None for the plan
-    stored in the model's config by ``apply_plan`` + ``save_pretrained``.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if Path(pretrained).is_dir():
-        read_model_config(pretrained)  # a config transformers would read without bound is refused first
-    if plan is not None:
-        plan = plan_for_pretrained(plan, pretrained)  # a bad plan is reported before any weights are read
-    model = AutoModelForCausalLM.from_pretrained(pretrained, **from_pretrained_kwargs)
-    if plan is None:
-        stored = getattr(model.config, "moa_plan", None)
-        if stored is None:
-            raise PlanError([("plan", f"none given and {pretrained} stores none")])
-        from moa_plan.io import plan_from_data
-        plan = plan_from_data(stored)
-    return apply_plan(model, plan)

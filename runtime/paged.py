@@ -30,8 +30,13 @@ def spans_at(alphas: torch.Tensor, betas: torch.Tensor, lengths: torch.Tensor) -
     return torch.minimum(raw.clamp(min=1.0), n).to(torch.int32)
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """Store token t's K/V [T, Hkv, D] at slot ``slot_mapping[t]`` (page slot // PAGE, row slot %
     PAGE); negative slots (padding) are skipped."""
     t = slot_mapping.shape[0]
@@ -47,10 +52,19 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
     value_cache[pages, rows] = value.to(value_cache.dtype)
 
 
-def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                          block_table: torch.Tensor, query_start: list[int], seq_lens: list[int],
-                          spans: torch.Tensor, sink: int, scale: float, out: torch.Tensor,
-                          block: int = QUERY_BLOCK) -> torch.Tensor:
+def torch_paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start: list[int],
+    seq_lens: list[int],
+    spans: torch.Tensor,
+    sink: int,
+    scale: float,
+    out: torch.Tensor,
+    block: int = QUERY_BLOCK,
+) -> torch.Tensor:
     """The PyTorch path: per sequence and block of query rows, gather only the sink keys and the
     keys inside the block's widest window from the pages, then ``masked_sdpa``."""
     page = key_cache.shape[1]
@@ -72,20 +86,29 @@ def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
             pages = block_table[s, kpos // page].to(torch.long)
             k = key_cache[pages, kpos % page].permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, K, D]
             v = value_cache[pages, kpos % page].permute(1, 0, 2).unsqueeze(0)
-            q = query[q0 + r0:q0 + r1].transpose(0, 1).unsqueeze(0)  # [1, Hq, rows, D]
+            q = query[q0 + r0 : q0 + r1].transpose(0, 1).unsqueeze(0)  # [1, Hq, rows, D]
             qpos = torch.arange(p0, p1, device=device)
             o = masked_sdpa(q, k.to(q.dtype), v.to(q.dtype), qpos, kpos, head_spans, sink, scale)
-            out[q0 + r0:q0 + r1] = o[0].transpose(0, 1)
+            out[q0 + r0 : q0 + r1] = o[0].transpose(0, 1)
     return out
 
 
-def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                    block_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
-                    spans: torch.Tensor, sink: int, scale: float | None = None, out: torch.Tensor | None = None,
-                    max_query_len: int | None = None) -> torch.Tensor:
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    spans: torch.Tensor,
+    sink: int,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
     """Plan attention of every sequence's new tokens (layouts above); returns ``out`` [T, Hq, D].
 
-    The Triton kernel (``triton_prefill._paged_kernel``) on CUDA, the PyTorch path otherwise;
+    The Triton kernel (``triton_paged_kernel.paged_kernel``) on CUDA, the PyTorch path otherwise;
     ``MOA_ATTENTION_BACKEND`` forces one, as for the rest of the runtime."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out = torch.empty_like(query) if out is None else out
@@ -93,7 +116,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if module is not None:
         if max_query_len is None:
             max_query_len = int((query_start[1:] - query_start[:-1]).max()) if seq_lens.numel() else 0
-        return module.paged_attention(query, key_cache, value_cache, block_table, query_start, seq_lens, spans,
-                                      sink, scale, out, max_query_len)
-    return torch_paged_attention(query, key_cache, value_cache, block_table, query_start.tolist(),
-                                 seq_lens.tolist(), spans, sink, scale, out)
+        return module.paged_attention(
+            query, key_cache, value_cache, block_table, query_start, seq_lens, spans, sink, scale, out, max_query_len
+        )
+    return torch_paged_attention(
+        query, key_cache, value_cache, block_table, query_start.tolist(), seq_lens.tolist(), spans, sink, scale, out
+    )

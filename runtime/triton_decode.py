@@ -46,11 +46,38 @@ def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P: tl.constexp
 
 @triton.jit(do_not_specialize=["n_arg", "chunk", "num_splits"])
 def _decode_kernel(
-    Q, K, V, OFFSET, CAP, NSINK, SPANS, O, M_PART, L_PART, O_PART,
-    n_arg, sink, qk_scale, chunk, num_splits,
-    stride_qb, stride_qh, stride_kb, stride_ks, stride_vb, stride_vs, stride_ob, stride_oh, HKV, GROUP,
-    GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, N_PTR: tl.constexpr, IEEE: tl.constexpr,
+    Q,
+    K,
+    V,
+    OFFSET,
+    CAP,
+    NSINK,
+    SPANS,
+    O,
+    M_PART,
+    L_PART,
+    O_PART,
+    n_arg,
+    sink,
+    qk_scale,
+    chunk,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    HKV,
+    GROUP,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    N_PTR: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
@@ -70,8 +97,7 @@ def _decode_kernel(
         gmask = g < GROUP
         span = tl.load(SPANS + heads, mask=gmask, other=1)
         offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=gmask[:, None], other=0.0)
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
         ring_safe = tl.maximum(ring, 1)
         r_lo = (p_lo - n_sink) % ring_safe
         k_base = K + b * stride_kb
@@ -96,7 +122,9 @@ def _decode_kernel(
             else:
                 qk = tl.dot(q, kt)
             qk = qk * qk_scale
-            seen = valid[None, :] & (in_sink[None, :] | (pos[None, :] < sink) | ((n - 1 - pos)[None, :] < span[:, None]))
+            seen = valid[None, :] & (
+                in_sink[None, :] | (pos[None, :] < sink) | ((n - 1 - pos)[None, :] < span[:, None])
+            )
             qk = tl.where(seen, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -113,8 +141,11 @@ def _decode_kernel(
         if not SPLIT:
             l_safe = tl.where(l_i == 0.0, 1.0, l_i)
             out = acc / l_safe[:, None]
-            tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(O.dtype.element_ty), mask=gmask[:, None])
+            tl.store(
+                O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                out.to(O.dtype.element_ty),
+                mask=gmask[:, None],
+            )
         else:
             row = (b * HKV * GROUP + heads) * num_splits + split
             tl.store(M_PART + row, m_i, mask=gmask)
@@ -124,10 +155,25 @@ def _decode_kernel(
 
 @triton.jit(do_not_specialize=["n_arg", "chunk", "num_splits"])
 def _reduce_kernel(
-    M_PART, L_PART, O_PART, O, OFFSET, CAP, NSINK, SPANS,
-    n_arg, chunk, num_splits, stride_ob, stride_oh, HQ, GROUP,
-    GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SPLITS_P: tl.constexpr, N_PTR: tl.constexpr,
+    M_PART,
+    L_PART,
+    O_PART,
+    O,
+    OFFSET,
+    CAP,
+    NSINK,
+    SPANS,
+    n_arg,
+    chunk,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    HQ,
+    GROUP,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+    N_PTR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // HQ
@@ -214,8 +260,10 @@ def decode_attention(
     when `n` is a tensor; `block_n` / `num_splits` override the tuning.
     """
     if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q must be [B, Hq, D] and caches equal [B, S, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"q must be [B, Hq, D] and caches equal [B, S, D]; got {tuple(q.shape)}, "
+            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
     batch, hq, d = q.shape
     hkv = offset.shape[0]
     if k_cache.shape[0] != batch or k_cache.shape[2] != d:
@@ -262,20 +310,62 @@ def decode_attention(
     warps = 4
     stages = 1 if _interpreting() else 3
     _decode_kernel[(splits, batch * hkv)](
-        q, k_cache, v_cache, offset, cap, n_sink, spans, out, m_part, l_part, o_part,
-        n_arg, int(sink), scale * _LOG2E, chunk, splits,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), hkv, group,
-        GROUP_P=group_p, HEAD_DIM=d, BLOCK_N=block_n,
-        SPLIT=splits > 1, N_PTR=n_ptr, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+        q,
+        k_cache,
+        v_cache,
+        offset,
+        cap,
+        n_sink,
+        spans,
+        out,
+        m_part,
+        l_part,
+        o_part,
+        n_arg,
+        int(sink),
+        scale * _LOG2E,
+        chunk,
+        splits,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        hkv,
+        group,
+        GROUP_P=group_p,
+        HEAD_DIM=d,
+        BLOCK_N=block_n,
+        SPLIT=splits > 1,
+        N_PTR=n_ptr,
+        IEEE=q.dtype == torch.float32,
+        num_warps=warps,
+        num_stages=stages,
     )
     if splits > 1:
         _reduce_kernel[(batch * hq,)](
-            m_part, l_part, o_part, out, offset, cap, n_sink, spans,
-            n_arg, chunk, splits, out.stride(0), out.stride(1), hq, group,
-            GROUP_P=group_p, HEAD_DIM=d,
-            SPLITS_P=max(2, triton.next_power_of_2(splits)), N_PTR=n_ptr,
+            m_part,
+            l_part,
+            o_part,
+            out,
+            offset,
+            cap,
+            n_sink,
+            spans,
+            n_arg,
+            chunk,
+            splits,
+            out.stride(0),
+            out.stride(1),
+            hq,
+            group,
+            GROUP_P=group_p,
+            HEAD_DIM=d,
+            SPLITS_P=max(2, triton.next_power_of_2(splits)),
+            N_PTR=n_ptr,
             num_warps=4,
         )
     return out

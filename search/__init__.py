@@ -3,7 +3,7 @@
 Pipeline (MOA.md steps 1-3), each step a file the next one reads:
 
 * ``calibration`` - long-range synthetic tasks / user text at token lengths, supervised by the
-  dense model's own greedy answer (JSONL with settings; ``moa-plan calibrate``).
+  dense model's own greedy answer (a run-layer JSON file with its settings; ``moa-plan calibrate``).
 * ``influence`` + ``profile`` - exact attention gradients through a recomputing backward that
   accumulates the per-head influence by key offset (``moa-plan profile``).
 * ``rules`` - the (alpha, beta) candidate grid; ``optimize`` - the Pyomo MILP (weighted sums,

@@ -17,8 +17,16 @@ import random
 import time
 
 
-def synthetic_instance(layers: int = 32, heads: int = 32, lengths=(2048, 4096, 8192), alpha_step: int = 512,
-                       beta_step: float = 0.1, sink: int = 64, density: float = 0.5, seed: int = 0):
+def synthetic_instance(
+    layers: int = 32,
+    heads: int = 32,
+    lengths=(2048, 4096, 8192),
+    alpha_step: int = 512,
+    beta_step: float = 0.1,
+    sink: int = 64,
+    density: float = 0.5,
+    seed: int = 0,
+):
     import torch
 
     from moa_plan.search import optimize as opt
@@ -40,9 +48,15 @@ def synthetic_instance(layers: int = 32, heads: int = 32, lengths=(2048, 4096, 8
             diag = weight * torch.exp(-d / (reach * n)) / (reach * n) * (1 + 0.1 * rng.gauss(0, 1))
             diag[0] = 0.0
             cost[u, :, k] = rule_influence(diag, [c.span(n) for c in cands])
-    inst = opt.Instance(cost=cost.tolist(), dens=density_table(cands, sink, lengths), weight=[1] * units,
-                        layer=[u // heads for u in range(units)], lengths=lengths,
-                        objectives=list(range(len(lengths))), budgets={k: density for k in range(len(lengths))})
+    inst = opt.Instance(
+        cost=cost.tolist(),
+        dens=density_table(cands, sink, lengths),
+        weight=[1] * units,
+        layer=[u // heads for u in range(units)],
+        lengths=lengths,
+        objectives=list(range(len(lengths))),
+        budgets={k: density for k in range(len(lengths))},
+    )
     return inst, cands
 
 
@@ -70,13 +84,30 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     sol = opt.solve(inst, w, args.solver, time_limit=args.time_limit, mip_gap=args.mip_gap, model=model)
     total = time.perf_counter() - t0
-    print(json.dumps({"heads": len(inst.cost), "rules": len(cands), "lengths": inst.lengths,
-                      "binaries": len(inst.cost) * len(cands), "solver": args.solver, "weights": w,
-                      "max_rules_per_layer": args.max_rules_per_layer, "mip_gap": args.mip_gap, "time_limit": args.time_limit,
-                      "termination": sol.termination, "status": sol.status, "gap": sol.gap, "gap_source": sol.gap_source,
-                      "solver_seconds": round(sol.seconds, 2), "solve_call_seconds": round(total, 2),
-                      "model_build_seconds": round(t_build, 2), "instance_seconds": round(t_inst, 2),
-                      "densities": {str(inst.lengths[k]): round(v, 4) for k, v in sol.densities.items()}}))
+    print(
+        json.dumps(
+            {
+                "heads": len(inst.cost),
+                "rules": len(cands),
+                "lengths": inst.lengths,
+                "binaries": len(inst.cost) * len(cands),
+                "solver": args.solver,
+                "weights": w,
+                "max_rules_per_layer": args.max_rules_per_layer,
+                "mip_gap": args.mip_gap,
+                "time_limit": args.time_limit,
+                "termination": sol.termination,
+                "status": sol.status,
+                "gap": sol.gap,
+                "gap_source": sol.gap_source,
+                "solver_seconds": round(sol.seconds, 2),
+                "solve_call_seconds": round(total, 2),
+                "model_build_seconds": round(t_build, 2),
+                "instance_seconds": round(t_inst, 2),
+                "densities": {str(inst.lengths[k]): round(v, 4) for k, v in sol.densities.items()},
+            }
+        )
+    )
     return 0
 
 

@@ -65,8 +65,15 @@ def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def chunked_backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-    scale: float, chunk: int, sink: int | None, signed: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    dout: torch.Tensor,
+    scale: float,
+    chunk: int,
+    sink: int | None,
+    signed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Exact dq, dk, dv of causal softmax attention, and (if ``sink`` is not None) the diag sums.
 
@@ -120,8 +127,9 @@ class InfluenceAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, recorder, layer):  # noqa: D102
         group = q.shape[1] // k.shape[1]
         with torch.no_grad():
-            out = F.scaled_dot_product_attention(q, _repeat_kv(k, group), _repeat_kv(v, group),
-                                                 is_causal=True, scale=scale)
+            out = F.scaled_dot_product_attention(
+                q, _repeat_kv(k, group), _repeat_kv(v, group), is_causal=True, scale=scale
+            )
         ctx.save_for_backward(q, k, v, out)
         ctx.scale, ctx.recorder, ctx.layer = scale, recorder, layer
         return out
@@ -131,16 +139,25 @@ class InfluenceAttention(torch.autograd.Function):
         q, k, v, out = ctx.saved_tensors
         rec: InfluenceRecorder | None = ctx.recorder
         record = rec is not None and rec.enabled
-        dq, dk, dv, diag = chunked_backward(q, k, v, out, dout.contiguous(), ctx.scale,
-                                            rec.chunk if rec is not None else 256,
-                                            rec.sink if record else None, rec.signed if rec is not None else False)
+        dq, dk, dv, diag = chunked_backward(
+            q,
+            k,
+            v,
+            out,
+            dout.contiguous(),
+            ctx.scale,
+            rec.chunk if rec is not None else 256,
+            rec.sink if record else None,
+            rec.signed if rec is not None else False,
+        )
         if record:
             rec.add(ctx.layer, diag)
         return dq, dk, dv, None, None, None
 
 
-def influence_attention(q, k, v, scale: float | None = None, recorder: InfluenceRecorder | None = None,
-                        layer: int = 0) -> torch.Tensor:
+def influence_attention(
+    q, k, v, scale: float | None = None, recorder: InfluenceRecorder | None = None, layer: int = 0
+) -> torch.Tensor:
     """Causal attention over q [B,Hq,L,D], k/v [B,Hkv,L,D] with the influence-recording backward."""
     if q.shape[2] != k.shape[2]:
         raise ValueError("influence attention needs a full causal pass (query length == key length)")
@@ -180,12 +197,15 @@ def set_recorder(recorder: InfluenceRecorder | None) -> None:
 
 # ---- from diag sums to rule influence ------------------------------------------------------
 
+
 def suffix_sums(diag: torch.Tensor) -> torch.Tensor:
     """``out[..., s] = sum_{d >= s} diag[..., d]`` with one extra trailing zero (index N)."""
     n = diag.shape[-1]
     rev = torch.flip(diag, dims=[-1]).cumsum(-1)
     out = torch.flip(rev, dims=[-1])
-    return torch.cat([out, torch.zeros(*diag.shape[:-1], 1, dtype=diag.dtype, device=diag.device)], dim=-1)[..., : n + 1]
+    return torch.cat([out, torch.zeros(*diag.shape[:-1], 1, dtype=diag.dtype, device=diag.device)], dim=-1)[
+        ..., : n + 1
+    ]
 
 
 def rule_influence(diag: torch.Tensor, spans: list[int]) -> torch.Tensor:

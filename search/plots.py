@@ -6,7 +6,7 @@ import io
 import os
 from typing import Any
 
-from moa_plan.io import write_atomic
+from moa_plan.files import write_atomic
 from moa_plan.plan import Plan
 
 
@@ -37,19 +37,36 @@ def pareto_png(result: Any, path: str | os.PathLike) -> None:
     def yv(s):
         return s.losses[ky] if ky is not None else (s.losses[val] if val is not None else 0.0)
 
-    ax.scatter([s.losses[kx] for s in result.solves], [yv(s) for s in result.solves], c="lightgray",
-               label="weighted-sum solves", zorder=1)
+    ax.scatter(
+        [s.losses[kx] for s in result.solves],
+        [yv(s) for s in result.solves],
+        c="lightgray",
+        label="weighted-sum solves",
+        zorder=1,
+    )
     front = result.front
     colors = [s.losses[val] for s in front] if val is not None else None
-    sc = ax.scatter([s.losses[kx] for s in front], [yv(s) for s in front], c=colors, cmap="viridis",
-                    edgecolor="k", label="Pareto plans", zorder=2)
+    sc = ax.scatter(
+        [s.losses[kx] for s in front],
+        [yv(s) for s in front],
+        c=colors,
+        cmap="viridis",
+        edgecolor="k",
+        label="Pareto plans",
+        zorder=2,
+    )
     if colors is not None:
         fig.colorbar(sc, ax=ax, label=f"estimated loss at validation length {inst.lengths[val]}")
     best = front[result.chosen]
     ax.scatter([best.losses[kx]], [yv(best)], marker="*", s=250, c="red", label="chosen", zorder=3)
     ax.set_xlabel(f"estimated loss increase at N={inst.lengths[kx]}")
-    ylabel = (f"estimated loss increase at N={inst.lengths[ky]}" if ky is not None else
-              f"estimated loss at validation N={inst.lengths[val]}" if val is not None else "")
+    ylabel = (
+        f"estimated loss increase at N={inst.lengths[ky]}"
+        if ky is not None
+        else f"estimated loss at validation N={inst.lengths[val]}"
+        if val is not None
+        else ""
+    )
     ax.set_ylabel(ylabel)
     ax.set_title("Pareto front of the plan search")
     ax.legend(fontsize=8)
@@ -60,8 +77,9 @@ def pareto_png(result: Any, path: str | os.PathLike) -> None:
 def span_map_png(plan: Plan, lengths: list[int], path: str | os.PathLike) -> None:
     """Heatmaps of span / N for every [layer, head] at each given length."""
     plt = _figure()
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 0.18 * plan.model.num_layers + 2.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(lengths), figsize=(4 * len(lengths), 0.18 * plan.model.num_layers + 2.5), squeeze=False
+    )
     for i, (ax, n) in enumerate(zip(axes[0], lengths)):
         spans = plan.spans(n)
         frac = [[s / n for s in row] for row in spans]

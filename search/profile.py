@@ -7,10 +7,10 @@ cross-entropy of the model's own answer tokens, backpropagate through the influe
 vector at the rule's span at the sample's own total length (semantics: N = tokens in the
 forward call); the optimiser averages it over the samples of each nominal length.
 
-Output folder: ``profile.json`` (model, shape, lengths, sink, block size, samples with their
-lengths and dense losses, calibration settings) and ``influence.safetensors`` (one tensor per
-sample). Both are rewritten atomically every ``CHECKPOINT_SECONDS`` and at the end: an
-interrupted run resumes from the last checkpoint.
+Output folder: ``profile.json``, a ``moa_plan.run`` result file (settings: model, shape, sink,
+block size, influence sign, calibration settings; one cell per sample with its length and dense
+loss) and ``influence/<id>.safetensors`` (the sample's diag tensor), each written atomically
+before its cell is recorded: an interrupted run resumes after the last finished sample.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moa_plan.io import MAX_RESULT_BYTES, read_bytes_limited, read_json_limited, write_atomic
-from moa_plan.plan import PlanError
+from moa_plan.errors import OptionError, Problems, UsageError
+from moa_plan.files import read_bytes_limited, write_atomic
+from moa_plan.run import HEADER, Run, read_result
+from moa_plan.search.settings import ProfileSettings
 
 META = "profile.json"
-CHECKPOINT_SECONDS = 30.0  # an interrupted run loses at most this much work
-TENSORS = "influence.safetensors"
+TENSORS = "influence"  # one safetensors file per sample: <id>.safetensors
 
 
 @dataclass
@@ -41,35 +42,30 @@ class Profile:
         return sorted({s["length"] for s in self.meta["samples"]})
 
 
-def _save(out: Path, meta: dict[str, Any], diags: dict[str, Any]) -> None:
-    from safetensors.torch import save
-
-    write_atomic(out / TENSORS, save({k: v.contiguous() for k, v in diags.items()}))
-    write_atomic(out / META, json.dumps(meta, indent=1) + "\n")
-
-
 def load_profile(path: str | os.PathLike) -> Profile:
     """Read a profile folder; located errors for missing or inconsistent files."""
     from safetensors.torch import load
 
     path = Path(path)
     if not (path / META).is_file():
-        raise PlanError([("--profile", f"{path} has no {META} (run `moa-plan profile` first)")])
-    try:
-        meta = read_json_limited(path / META, MAX_RESULT_BYTES)
-        diags = load(read_bytes_limited(path / TENSORS, None)) if (path / TENSORS).exists() else {}
-    except PlanError as exc:
-        raise PlanError(exc.problems, source=str(exc.source or path / META)) from None
-    except (OSError, ValueError) as exc:  # safetensors' own errors
-        raise PlanError([("", f"cannot read influence tensors: {exc}")], source=str(path / TENSORS)) from None
-    samples = meta.get("samples") if isinstance(meta, dict) else None
-    if not isinstance(samples, list) or not all(isinstance(s, dict) and isinstance(s.get("id"), str)
-                                                and isinstance(s.get("length"), int) for s in samples):
-        raise PlanError([("samples", "must be a list of {id, length, ...} objects (not a profile of this "
-                          "moa-plan?)")], source=str(path / META))
-    missing = [s["id"] for s in meta.get("samples", []) if s["id"] not in diags]
-    if missing:
-        raise PlanError([("--profile", f"{path}: samples {missing[:3]} lack influence tensors")])
+        raise OptionError([("--profile", f"{path} has no {META} (run `moa-plan profile` first)")])
+    data = read_result(path / META, "profile")
+    samples = list(data["cells"].values())
+    if not all(
+        isinstance(s, dict) and isinstance(s.get("id"), str) and isinstance(s.get("length"), int) for s in samples
+    ):
+        raise UsageError([("cells", "each must be a {id, length, ...} object")], source=str(path / META))
+    diags = {}
+    for s in samples:
+        file = path / TENSORS / f"{s['id']}.safetensors"
+        try:
+            diags[s["id"]] = load(read_bytes_limited(file, None))["diag"]
+        except Problems as exc:
+            raise UsageError([("--profile", f"sample {s['id']} lacks its influence tensor ({exc})")]) from None
+        except (OSError, ValueError, KeyError) as exc:  # safetensors' own errors
+            raise UsageError([("", f"cannot read influence tensors: {exc}")], source=str(file)) from None
+    meta = {**data["settings"], **{k: v for k, v in data.items() if k not in HEADER}, "samples": samples}
+    meta["calibration_settings"] = {**meta.get("calibration_settings", {}), **meta.pop("calibration_grid", {})}
     return Profile(meta, diags)
 
 
@@ -79,21 +75,14 @@ def _fingerprint(sample: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def answer_loss(logits: Any, answer_ids: list[int], loss_mask: list[int] | None) -> Any:
-    """Mean cross-entropy of the answer tokens (``loss_mask`` 1) given ``logits`` [len(answer), V]."""
-    import torch
-
-    target = torch.tensor(answer_ids, device=logits.device)
-    if loss_mask is not None:
-        target = target.masked_fill(torch.tensor(loss_mask, device=logits.device) == 0, -100)
-    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=-100)
-
-
-def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], recorder: Any,
-                   loss_mask: list[int] | None = None) -> tuple[float, Any]:
+def profile_sample(
+    model: Any, prompt_ids: list[int], answer_ids: list[int], recorder: Any, loss_mask: list[int] | None = None
+) -> tuple[float, Any]:
     """Dense loss of the answer and the diag sums [layers, heads, n] of one sample."""
     import torch
+
     from moa_plan.search import influence
+    from moa_plan.search.loss import answer_loss
 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + answer_ids], device=device)
@@ -115,66 +104,65 @@ def profile_sample(model: Any, prompt_ids: list[int], answer_ids: list[int], rec
     return float(loss.detach()), diag
 
 
-def run_profile(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, sink: int = 64,
-                block_size: int = 64, chunk: int = 256, overwrite: bool = False, progress: bool = True,
-                signed: bool = False, device: str = "auto") -> Path:
-    """Profile every calibration sample (resuming finished ones); returns the profile folder."""
-    from moa_plan.search import calibration, influence
-    from moa_plan.search import model as model_mod
-    from tqdm import tqdm
+def run_profile(job: ProfileSettings) -> Path:
+    """Profile every calibration sample (a ``moa_plan.run`` job: a cell per sample, keyed by its
+    id and token fingerprint, its tensor in ``influence/<id>.safetensors``); returns the folder."""
+    from safetensors.torch import save
 
+    from moa_plan.runtime import load as loader
+    from moa_plan.search import calibration, influence
+
+    model_dir, data, out, sink, block_size = job.model, job.data, job.out, job.sink, job.block_size
+    chunk, signed, device = job.chunk, job.signed_influence, job.device
     if sink < 0:
-        raise PlanError([("--sink", "must be >= 0")])
+        raise OptionError([("--sink", "must be >= 0")])
     if block_size < 1 or chunk < 1:
-        raise PlanError([("--block-size/--chunk", "must be >= 1")])
-    settings, samples = calibration.load_dataset(data)
+        raise OptionError([("--block-size/--chunk", "must be >= 1")])
+    calib, samples = calibration.load_dataset(data)
     if not samples:
-        raise PlanError([("--data", f"{data} holds no samples")])
-    shape = model_mod.model_shape(model_dir)
+        raise UsageError([("--data", f"{data} holds no samples")])
     out = Path(out)
-    base = {"model": model_mod.model_name(model_dir), "model_shape": shape.model_dump(mode="json"),
-            "sink": sink, "block_size": block_size, "calibration": Path(data).name,
-            "influence": "signed" if signed else "absolute",
-            "calibration_settings": settings,
-            "convention": "influence = estimated loss increase of hiding key j from query i "
-                          "(A_ij (S_i - G_ij) / (1 - A_ij)); diag[d] sums it (its absolute value unless "
-                          "'influence' is 'signed', as the MoA reference does) over i - j = d, j >= sink"}
-    meta: dict[str, Any] = {**base, "samples": [], "seconds": 0.0}
-    diags: dict[str, Any] = {}
-    strict = ("model", "model_shape", "sink", "influence")
-    if (out / META).is_file() and not overwrite:
-        old = load_profile(out)
-        if any(old.meta.get(k) != base[k] for k in strict):
-            raise PlanError([("--out", f"{out} holds a profile with another model, sink or influence sign; "
-                              "pass --overwrite or another --out")])
-        # keep the profiled samples that are still in the data, unchanged (same fingerprint)
-        prints = {s["id"]: _fingerprint(s) for s in samples}
-        kept = [m for m in old.meta["samples"] if prints.get(m["id"]) == m.get("fingerprint")]
-        meta = {**base, "samples": kept, "seconds": old.meta.get("seconds", 0.0)}
-        diags = {m["id"]: old.diags[m["id"]] for m in kept}
-    done = {s["id"] for s in meta["samples"]}
-    todo = [s for s in samples if s["id"] not in done]
-    if not todo:
-        _save(out, meta, diags)
-        return out
-    influence.register_attention()
-    model, _ = model_mod.load(model_dir, attn_implementation=influence.ATTN_NAME, device=device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    recorder = influence.InfluenceRecorder(sink=sink, chunk=chunk, signed=signed)
-    saved = time.perf_counter()
-    for s in tqdm(todo, desc="profile", disable=not progress):
-        t0 = time.perf_counter()
-        loss, diag = profile_sample(model, s["prompt_ids"], s["answer_ids"], recorder, s.get("loss_mask"))
-        diags[s["id"]] = diag
-        meta["samples"].append({"id": s["id"], "task": s.get("task"), "length": s["length"],
-                                "n_tokens": len(s["prompt_ids"]) + len(s["answer_ids"]), "loss": loss,
-                                "seconds": round(time.perf_counter() - t0, 2), "fingerprint": _fingerprint(s)})
-        meta["seconds"] = meta.get("seconds", 0.0) + time.perf_counter() - t0
-        if time.perf_counter() - saved >= CHECKPOINT_SECONDS:  # the whole file is rewritten: not per sample
-            _save(out, meta, diags)
-            saved = time.perf_counter()
-    _save(out, meta, diags)
+    settings = {
+        "model": loader.model_name(model_dir),
+        "model_shape": loader.model_shape(model_dir).model_dump(mode="json"),
+        "sink": sink,
+        "block_size": block_size,
+        "influence": "signed" if signed else "absolute",
+        "calibration_settings": {k: v for k, v in calib.items() if k not in calibration.GRID},
+        "convention": "influence = estimated loss increase of hiding key j from query i "
+        "(A_ij (S_i - G_ij) / (1 - A_ij)); diag[d] sums it (its absolute value unless "
+        "'influence' is 'signed', as the MoA reference does) over i - j = d, j >= sink",
+    }
+    keys = {f"{s['id']}@{_fingerprint(s)}": s for s in samples}
+    with Run(out / META, "profile", settings, overwrite=job.overwrite, quiet=job.quiet) as run:
+        todo = run.todo(keys)
+        if todo:
+            influence.register_attention()
+            model, _ = loader.load(model_dir, attn_implementation=influence.ATTN_NAME, device=device)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            recorder = influence.InfluenceRecorder(sink=sink, chunk=chunk, signed=signed)
+            with run.progress(len(todo), "profile", unit="sample") as bar:
+                for key in todo:
+                    s = keys[key]
+                    t0 = time.perf_counter()
+                    loss, diag = profile_sample(model, s["prompt_ids"], s["answer_ids"], recorder, s.get("loss_mask"))
+                    write_atomic(out / TENSORS / f"{s['id']}.safetensors", save({"diag": diag.contiguous()}))
+                    run.put(
+                        key,
+                        {
+                            "id": s["id"],
+                            "task": s.get("task"),
+                            "length": s["length"],
+                            "n_tokens": len(s["prompt_ids"]) + len(s["answer_ids"]),
+                            "loss": loss,
+                            "seconds": round(time.perf_counter() - t0, 2),
+                        },
+                    )
+                    bar.update()
+        run.finish(
+            keys, calibration=Path(data).name, calibration_grid={k: calib[k] for k in calibration.GRID if k in calib}
+        )
     return out
 
 
@@ -185,6 +173,7 @@ def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> A
     token count; samples are grouped by their nominal length.
     """
     import torch
+
     from moa_plan.search.influence import rule_influence
 
     shape = profile.meta["model_shape"]
@@ -193,8 +182,7 @@ def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> A
     for k, n in enumerate(lengths):
         group = [s for s in profile.meta["samples"] if s["length"] == n]
         if not group:
-            raise PlanError([("lengths", f"the profile has no samples of length {n} "
-                              f"(it has {profile.lengths})")])
+            raise UsageError([("lengths", f"the profile has no samples of length {n} (it has {profile.lengths})")])
         for s in group:
             spans = [c.span(s["n_tokens"]) for c in cands]
             diag = profile.diags[s["id"]].to(torch.float64).reshape(units, -1)
@@ -227,6 +215,8 @@ def split_half_agreement(profile: Profile, cands: list[Any], lengths: list[int])
             halves.append(influence_table(sub, cands, [n])[:, :, 0])
         a, b = halves
         across = [_spearman(a[:, r], b[:, r]) for r in range(a.shape[1]) if float(a[:, r].abs().sum()) > 0]
-        out[str(n)] = {"heads_x_rules": round(_spearman(a.reshape(-1), b.reshape(-1)), 4),
-                       "across_heads": round(sum(across) / max(1, len(across)), 4)}
+        out[str(n)] = {
+            "heads_x_rules": round(_spearman(a.reshape(-1), b.reshape(-1)), 4),
+            "across_heads": round(sum(across) / max(1, len(across)), 4),
+        }
     return out

@@ -78,8 +78,15 @@ def candidate_grid(
             seen.add(key)
             out.append(cand)
     if not out:
-        raise PlanError([("candidates", f"no (alpha, beta) rule is valid at every length {sorted(set(lengths))}; "
-                          "widen the alpha range or refine the beta step")])
+        raise PlanError(
+            [
+                (
+                    "candidates",
+                    f"no (alpha, beta) rule is valid at every length {sorted(set(lengths))}; "
+                    "widen the alpha range or refine the beta step",
+                )
+            ]
+        )
     out.sort(key=lambda c: (c.beta, c.alpha))
     return out
 

@@ -22,10 +22,22 @@ from moa_plan.io import save_plan
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 
 SHAPES = {
-    "smollm2-135m": ModelShape(name="HuggingFaceTB/SmolLM2-135M", num_layers=30, num_attention_heads=9,
-                               num_key_value_heads=3, head_dim=64, max_position_embeddings=8192),
-    "llama-3-8b": ModelShape(name="meta-llama/Meta-Llama-3-8B", num_layers=32, num_attention_heads=32,
-                             num_key_value_heads=8, head_dim=128, max_position_embeddings=8192),
+    "smollm2-135m": ModelShape(
+        name="HuggingFaceTB/SmolLM2-135M",
+        num_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+    ),
+    "llama-3-8b": ModelShape(
+        name="meta-llama/Meta-Llama-3-8B",
+        num_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=8192,
+    ),
 }
 LENGTH = 8192
 DENSITY = 0.5
@@ -37,10 +49,12 @@ SINK = 64
 def menu(block: int = BLOCK, min_length: int = 1024) -> list[Rule]:
     """MoA-style candidates: alpha a multiple of the block size, beta in eighths, every span at
     least one block at ``min_length``; sorted by density at LENGTH (sparsest first)."""
-    rules = [Rule(alpha=float(a), beta=b)
-             for b in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
-             for a in range(-2048, 4096 + 1, 4 * block)
-             if a + b * min_length >= block]
+    rules = [
+        Rule(alpha=float(a), beta=b)
+        for b in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+        for a in range(-2048, 4096 + 1, 4 * block)
+        if a + b * min_length >= block
+    ]
     return sorted(rules, key=lambda r: (semantics.head_density(r.alpha, r.beta, SINK, LENGTH), r.beta, r.alpha))
 
 
@@ -49,14 +63,23 @@ def illustrative_plan(key: str, shape: ModelShape, density: float = DENSITY) -> 
     rng = random.Random(f"moa-plan example {key}")
     candidates = menu()
     # first two layers and the last layer lean dense, as in searched MoA plans
-    prefs = [[min(1.0, rng.random() + (0.5 if l < 2 or l == shape.num_layers - 1 else 0.0))
-              for _ in range(shape.num_attention_heads)] for l in range(shape.num_layers)]
+    prefs = [
+        [
+            min(1.0, rng.random() + (0.5 if l < 2 or l == shape.num_layers - 1 else 0.0))
+            for _ in range(shape.num_attention_heads)
+        ]
+        for l in range(shape.num_layers)
+    ]
 
     def build(gamma: float) -> Plan:
-        pick = [[candidates[min(len(candidates) - 1, int(p ** gamma * len(candidates)))] for p in row]
-                for row in prefs]
-        return Plan(format_version=FORMAT_VERSION, model=shape, sink=SINK, block_size=BLOCK,
-                    layers=[Layer(heads=row) for row in pick])
+        pick = [[candidates[min(len(candidates) - 1, int(p**gamma * len(candidates)))] for p in row] for row in prefs]
+        return Plan(
+            format_version=FORMAT_VERSION,
+            model=shape,
+            sink=SINK,
+            block_size=BLOCK,
+            layers=[Layer(heads=row) for row in pick],
+        )
 
     lo, hi = 1.0, 64.0  # density falls as gamma grows; find the smallest gamma within budget
     if build(hi).density(LENGTH) > density:
@@ -68,15 +91,17 @@ def illustrative_plan(key: str, shape: ModelShape, density: float = DENSITY) -> 
         else:
             lo = mid
     plan = build(hi)
-    plan.provenance.update({
-        "method": "illustrative: deterministic recipe in spec/make_examples.py, NOT a searched plan",
-        "recipe": "per-head pseudo-random preference p (seeded by the file key; layers 0, 1 and the "
-                  "last get +0.5); rule = menu[floor(p**gamma * len(menu))], the menu sorted by "
-                  f"density at N={LENGTH}; gamma bisected to the budget",
-        "density": "paper",
-        "target_density": {str(LENGTH): density},
-        "achieved_density": {str(n): plan.density(n) for n in REPORT_LENGTHS},
-    })
+    plan.provenance.update(
+        {
+            "method": "illustrative: deterministic recipe in spec/make_examples.py, NOT a searched plan",
+            "recipe": "per-head pseudo-random preference p (seeded by the file key; layers 0, 1 and the "
+            "last get +0.5); rule = menu[floor(p**gamma * len(menu))], the menu sorted by "
+            f"density at N={LENGTH}; gamma bisected to the budget",
+            "density": "paper",
+            "target_density": {str(LENGTH): density},
+            "achieved_density": {str(n): plan.density(n) for n in REPORT_LENGTHS},
+        }
+    )
     return plan
 
 
@@ -84,8 +109,7 @@ def main(out_dir: str = "spec/examples") -> None:
     out = Path(out_dir)
     for key, shape in SHAPES.items():
         tag = f"{int(DENSITY * 100)}"
-        save_plan(uniform_plan(shape, DENSITY, sink=SINK, block_size=BLOCK),
-                  out / f"{key}-uniform-{tag}.json")
+        save_plan(uniform_plan(shape, DENSITY, sink=SINK, block_size=BLOCK), out / f"{key}-uniform-{tag}.json")
         save_plan(illustrative_plan(key, shape), out / f"{key}-illustrative-{tag}.json")
 
 

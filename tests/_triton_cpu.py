@@ -12,14 +12,22 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 triton = __import__("pytest").importorskip("triton")
 
+# kernels before their launchers: a reloaded launcher then imports the interpreted kernels
+_MODULES = ("triton_prefill_kernel", "triton_paged_kernel", "triton_prefill", "triton_decode")
+
+
+def _compiled(mod) -> bool:
+    """Whether the module holds a kernel decorated without the interpreter."""
+    return any(type(v).__name__ == "JITFunction" for v in vars(mod).values())
+
 
 def kernels():
     """(triton_prefill, triton_decode) modules whose kernels run in the interpreter."""
-    mods = []
-    for name in ("moa_plan.runtime.triton_prefill", "moa_plan.runtime.triton_decode"):
+    mods = {}
+    for short in _MODULES:
+        name = f"moa_plan.runtime.{short}"
         mod = importlib.import_module(name)
-        kern = getattr(mod, "_prefill_kernel", None) or getattr(mod, "_decode_kernel")
-        if type(kern).__name__ != "InterpretedFunction":
+        if _compiled(mod):
             mod = importlib.reload(sys.modules[name])
-        mods.append(mod)
-    return tuple(mods)
+        mods[short] = mod
+    return mods["triton_prefill"], mods["triton_decode"]

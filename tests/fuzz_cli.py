@@ -29,20 +29,42 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moa_plan.cli import MAX_REPORTED, main
-from moa_plan.plan import PlanError, printable
+from moa_plan.cli import main
+from moa_plan.errors import MAX_REPORTED, printable
+from moa_plan.plan import PlanError
 
 HANG_SECONDS = 10
 SHAPE = {"num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
-VALID = {"format_version": 1, "model": dict(SHAPE, max_position_embeddings=4096), "sink": 2,
-         "default": {"alpha": 3, "beta": 0.25},
-         "layers": [{"overrides": {"1": {"alpha": -4, "beta": 1}}},
-                    {"heads": [{"alpha": 0, "beta": 0.5}, {"alpha": 8, "beta": 0}, {"alpha": 1, "beta": 1},
-                               {"alpha": -64, "beta": 0.75}]}],
-         "provenance": {"method": "fuzz seed"}}
-FIELDS = {"": ["format_version", "model", "sink", "block_size", "default", "layers", "provenance"],
-          "model": ["num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "name", "revision",
-                    "max_position_embeddings"]}
+VALID = {
+    "format_version": 1,
+    "model": dict(SHAPE, max_position_embeddings=4096),
+    "sink": 2,
+    "default": {"alpha": 3, "beta": 0.25},
+    "layers": [
+        {"overrides": {"1": {"alpha": -4, "beta": 1}}},
+        {
+            "heads": [
+                {"alpha": 0, "beta": 0.5},
+                {"alpha": 8, "beta": 0},
+                {"alpha": 1, "beta": 1},
+                {"alpha": -64, "beta": 0.75},
+            ]
+        },
+    ],
+    "provenance": {"method": "fuzz seed"},
+}
+FIELDS = {
+    "": ["format_version", "model", "sink", "block_size", "default", "layers", "provenance"],
+    "model": [
+        "num_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "name",
+        "revision",
+        "max_position_embeddings",
+    ],
+}
 
 
 class Hang(Exception):
@@ -50,6 +72,7 @@ class Hang(Exception):
 
 
 # ---- cases ---------------------------------------------------------------------------------------
+
 
 def _value(rng: random.Random, depth: int = 0):
     """A random JSON value, hostile leaning: huge / negative / fractional numbers, odd strings."""
@@ -59,18 +82,34 @@ def _value(rng: random.Random, depth: int = 0):
     if kind == 1:
         return rng.random() < 0.5
     if kind == 2:
-        return rng.choice([0, 1, -1, 2**31, 2**40, 2**40 + 1, 2**53 + 1, 2**63, -(2**63), 10**rng.randrange(1, 400)])
+        return rng.choice([0, 1, -1, 2**31, 2**40, 2**40 + 1, 2**53 + 1, 2**63, -(2**63), 10 ** rng.randrange(1, 400)])
     if kind == 3:
         return rng.choice([0.5, -0.0, 1e-300, 1e300, 2.5, -7.25, 1.0, 64.0])
     if kind == 4:
-        return rng.choice(["", "64", "\ud800", "\udfff x", "a\x1b[31mred", "line\nbreak", "\u202e", "x" * 5000,
-                           "é", "\x00", "dense", "uniform:0.5"])
+        return rng.choice(
+            [
+                "",
+                "64",
+                "\ud800",
+                "\udfff x",
+                "a\x1b[31mred",
+                "line\nbreak",
+                "\u202e",
+                "x" * 5000,
+                "é",
+                "\x00",
+                "dense",
+                "uniform:0.5",
+            ]
+        )
     if kind in (5, 6, 7):
         return rng.randrange(-3, 70)
     if kind in (8, 9):
         return [_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
-    return {rng.choice(["alpha", "beta", "heads", "default", "overrides", "0", "1", "\ud800", "x"]):
-            _value(rng, depth + 1) for _ in range(rng.randrange(0, 4))}
+    return {
+        rng.choice(["alpha", "beta", "heads", "default", "overrides", "0", "1", "\ud800", "x"]): _value(rng, depth + 1)
+        for _ in range(rng.randrange(0, 4))
+    }
 
 
 def _nested(depth: int, rng: random.Random):
@@ -102,8 +141,12 @@ def _special(rng: random.Random) -> dict:
     data = json.loads(json.dumps(VALID))
     kind = rng.randrange(10)
     if kind == 0:  # a huge model in a few bytes
-        data["model"] = {"num_layers": rng.choice([64, 512, 1024]), "num_attention_heads": rng.choice([128, 1024]),
-                         "num_key_value_heads": 1, "head_dim": 64}
+        data["model"] = {
+            "num_layers": rng.choice([64, 512, 1024]),
+            "num_attention_heads": rng.choice([128, 1024]),
+            "num_key_value_heads": 1,
+            "head_dim": 64,
+        }
         data.pop("layers")
     elif kind == 1:
         data["provenance"] = {"deep": _nested(rng.randrange(20, 800), rng)}  # json.dumps recurses
@@ -112,9 +155,9 @@ def _special(rng: random.Random) -> dict:
     elif kind == 3:
         data["provenance"] = {rng.choice(["\ud800", "ok"]): rng.choice(["\udfff", "ok", 1])}
     elif kind == 4:
-        data["sink"] = rng.choice([2**40, 2**40 + 1, 10**rng.randrange(12, 4000)])
+        data["sink"] = rng.choice([2**40, 2**40 + 1, 10 ** rng.randrange(12, 4000)])
     elif kind == 5:
-        data["default"]["alpha"] = rng.choice([1e300, -1e300, 2**40, -(2**40) - 1, 10**rng.randrange(20, 300)])
+        data["default"]["alpha"] = rng.choice([1e300, -1e300, 2**40, -(2**40) - 1, 10 ** rng.randrange(20, 300)])
     elif kind == 6:  # very many bad overrides: one problem each
         data["layers"][0] = {"overrides": {f"0{i}": {"alpha": 1, "beta": 0} for i in range(rng.randrange(60, 20000))}}
     elif kind == 7:
@@ -137,7 +180,7 @@ def plan_bytes(rng: random.Random) -> bytes:
     if kind == 8:  # textual damage: truncation, a duplicated key, NaN, a BOM, a stray byte
         choice = rng.randrange(5)
         if choice == 0:
-            text = text[:rng.randrange(len(text))]
+            text = text[: rng.randrange(len(text))]
         elif choice == 1:
             text = text.replace('"sink": 2', '"sink": 2, "sink": 3')
         elif choice == 2:
@@ -146,14 +189,16 @@ def plan_bytes(rng: random.Random) -> bytes:
             text = "\ufeff" + text
         else:
             i = rng.randrange(len(text))
-            text = text[:i] + rng.choice(["\x00", "\\", "\"", "{", "\udcff"]) + text[i + 1:]
+            text = text[:i] + rng.choice(["\x00", "\\", '"', "{", "\udcff"]) + text[i + 1 :]
     return text.encode("utf-8", "surrogatepass")
 
 
 def moa_bytes(rng: random.Random) -> bytes:
     """One hostile MoA reference file ({"alphas", "betas"} for the 2 x 4 fuzz model)."""
-    data = {"alphas": [[rng.randrange(-64, 4096) for _ in range(4)] for _ in range(2)],
-            "betas": [[rng.random() for _ in range(4)] for _ in range(2)]}
+    data = {
+        "alphas": [[rng.randrange(-64, 4096) for _ in range(4)] for _ in range(2)],
+        "betas": [[rng.random() for _ in range(4)] for _ in range(2)],
+    }
     for _ in range(rng.randrange(0, 3)):
         key = rng.choice(["alphas", "betas"])
         if rng.random() < 0.3:
@@ -163,7 +208,7 @@ def moa_bytes(rng: random.Random) -> bytes:
             if isinstance(row, list) and row:
                 row[rng.randrange(len(row))] = _value(rng)
     text = json.dumps(data)
-    return (text[:rng.randrange(len(text))] if rng.random() < 0.05 else text).encode("utf-8", "surrogatepass")
+    return (text[: rng.randrange(len(text))] if rng.random() < 0.05 else text).encode("utf-8", "surrogatepass")
 
 
 def special_path(rng: random.Random, folder: Path) -> Path | None:
@@ -184,6 +229,7 @@ def special_path(rng: random.Random, folder: Path) -> Path | None:
 
 
 # ---- targets -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Tally:
@@ -266,8 +312,9 @@ def _timed(tally: Tally, name: str, case: int, run: Callable[[], tuple[bool, str
         tally.failures.append(f"{name} case {case}: {problem}")
 
 
-def run(cases: int, seed: int = 0, heavy_every: int = 1, only: int | None = None,
-        log: Callable[[str], None] | None = None) -> dict[str, Tally]:
+def run(
+    cases: int, seed: int = 0, heavy_every: int = 1, only: int | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Tally]:
     """Run ``cases`` hostile files through every target; ``heavy_every`` > 1 thins the targets that
     load a model (load_model, the lm-eval model) to every k-th case."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -275,8 +322,9 @@ def run(cases: int, seed: int = 0, heavy_every: int = 1, only: int | None = None
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from moa_plan.evals.lm_eval_model import MoALM
-    from moa_plan.evals.tiny import make_tiny_model
+    from conftest import make_tiny_model
+
+    from moa_plan.evals.lm_eval.model import MoALM
     from moa_plan.runtime import load_model
 
     tallies: dict[str, Tally] = {}
@@ -288,12 +336,14 @@ def run(cases: int, seed: int = 0, heavy_every: int = 1, only: int | None = None
             "validate": lambda f: check_cli(["validate", f], f),
             "show": lambda f: check_cli(["show", f], f),
             "show --expanded": lambda f: check_cli(["show", "--expanded", f], f),
-            "density": lambda f: check_cli(["density", f, "--length", "1", "1000", "1000000", "--all",
-                                            "--per-layer"], f),
+            "density": lambda f: check_cli(
+                ["density", f, "--length", "1", "1000", "1000000", "--all", "--per-layer"], f
+            ),
             "export-moa": lambda f: check_cli(["export-moa", f, "--out", str(root / "out" / "moa.json")], f),
             "load_model": lambda f: check_api(lambda: load_model(model, f), f),
-            "lm-eval moa": lambda f: check_api(lambda: MoALM(pretrained=str(model), plan=f, device="cpu"), f,
-                                                prefix="moa: plan="),
+            "lm-eval moa": lambda f: check_api(
+                lambda: MoALM(pretrained=str(model), plan=f, device="cpu"), f, prefix="moa: plan="
+            ),
         }
         heavy = {"load_model", "lm-eval moa"}
         for case in range(cases):
@@ -313,9 +363,15 @@ def run(cases: int, seed: int = 0, heavy_every: int = 1, only: int | None = None
                 _timed(tallies.setdefault(name, Tally()), name, case, lambda: target(f))
             moa = folder / "moa_alpha_beta.json"
             moa.write_bytes(moa_bytes(rng))
-            _timed(tallies.setdefault("import-moa", Tally()), "import-moa", case,
-                   lambda: check_cli(["import-moa", str(moa), "--model", str(config), "--out",
-                                      str(root / "out" / "imported.json")], str(moa)))
+            _timed(
+                tallies.setdefault("import-moa", Tally()),
+                "import-moa",
+                case,
+                lambda: check_cli(
+                    ["import-moa", str(moa), "--model", str(config), "--out", str(root / "out" / "imported.json")],
+                    str(moa),
+                ),
+            )
             if log and (case + 1) % 100 == 0:
                 log(f"{case + 1} cases")
         bad = tallies.setdefault("bad options", Tally())
@@ -329,34 +385,40 @@ def bad_options(root: Path, config: str) -> list[list[str]]:
     plan = root / "ok.json"
     plan.write_text(json.dumps(VALID))
     p = str(plan)
-    return [["show", p, "--length", "0"], ["show", p, "--length", "x"], ["density", p, "--length", "-5"],
-            ["density", p], ["validate", p, "--length", "1e3"], ["show", p, "--plot-length", "0"],
-            ["uniform", "--model", config, "--density", "0", "--out", str(root / "u.json")],
-            ["uniform", "--model", config, "--density", "nan", "--out", str(root / "u.json")],
-            ["uniform", "--model", config, "--density", "0.5", "--sink", "-1", "--out", str(root / "u.json")],
-            ["import-moa", p, "--model", config, "--block-size", "0", "--out", str(root / "i.json")],
-            ["calibrate", "--model", str(root), "--lengths", "100", "--samples", "0", "--out", str(root / "c.jsonl")],
-            ["calibrate", "--model", str(root), "--lengths", "0", "--out", str(root / "c.jsonl")],
-            ["calibrate", "--model", str(root), "--lengths", "100", "--device", "bogus", "--out", str(root / "c")],
-            ["calibrate", "--model", str(root), "--lengths", "100", "--out", str(root)],
-            ["profile", "--model", str(root), "--data", "x", "--chunk", "0", "--out", str(root / "p")],
-            ["profile", "--model", str(root), "--data", "x", "--out", p],
-            ["optimize", "--profile", str(root), "--density", "0.5", "--time-limit", "-1", "--out", str(root / "o")],
-            ["optimize", "--profile", str(root), "--density", "2", "--out", str(root / "o.json")],
-            ["optimize", "--profile", str(root), "--density", "0.5", "--mip-gap", "1", "--out", str(root / "o")],
-            ["optimize", "--profile", str(root), "--density", "0.5", "--beta-step", "0", "--out", str(root / "o")],
-            ["optimize", "--profile", str(root), "--density", "0.5", "--out", "/proc/o.json"],
-            ["optimize", "--profile", str(root), "--density", "0.5", "--device", "cuda:7x", "--out", str(root / "o")],
-            ["eval", "retrieval", "--model", str(root), "--plan", "dense", "--samples", "0"],
-            ["eval", "retrieval", "--model", str(root / "model"), "--plan", "dense", "--out", str(root)],
-            ["eval", "retrieval", "--model", str(root / "model"), "--plan", "dense", "--out", "/proc/x.json"],
-            ["eval", "retrieval", "--model", str(root / "model"), "--plan", "dense", "--device", "bogus"],
-            ["eval", "retrieval", "--model", str(root / "model"), "--plan", "dense", "--dtype", "int"],
-            ["eval", "retrieval", "--model", str(root / "model"), "--plan", "uniform:2"],
-            ["eval", "context", "--model", str(root / "model"), "--plan", p, "--threshold", "0", "--out-dir", "x"],
-            ["eval", "context", "--model", str(root / "model"), "--plan", p, "--out-dir", p],
-            ["eval", "perplexity", "--model", str(root / "model"), "--plan", "dense", "--kinds", "nope"],
-            ["eval", "perplexity", "--model", str(root / "model"), "--plan", "dense", "--windows", "0"]]
+    return [
+        ["show", p, "--length", "0"],
+        ["show", p, "--length", "x"],
+        ["density", p, "--length", "-5"],
+        ["density", p],
+        ["validate", p, "--length", "1e3"],
+        ["show", p, "--plot-length", "0"],
+        ["uniform", "--model", config, "--density", "0", "--out", str(root / "u.json")],
+        ["uniform", "--model", config, "--density", "nan", "--out", str(root / "u.json")],
+        ["uniform", "--model", config, "--density", "0.5", "--sink", "-1", "--out", str(root / "u.json")],
+        ["import-moa", p, "--model", config, "--block-size", "0", "--out", str(root / "i.json")],
+        ["calibrate", "--model", str(root), "--lengths", "100", "--samples", "0", "--out", str(root / "c.jsonl")],
+        ["calibrate", "--model", str(root), "--lengths", "0", "--out", str(root / "c.jsonl")],
+        ["calibrate", "--model", str(root), "--lengths", "100", "--device", "bogus", "--out", str(root / "c")],
+        ["calibrate", "--model", str(root), "--lengths", "100", "--out", str(root)],
+        ["profile", "--model", str(root), "--data", "x", "--chunk", "0", "--out", str(root / "p")],
+        ["profile", "--model", str(root), "--data", "x", "--out", p],
+        ["optimize", "--profile", str(root), "--density", "0.5", "--time-limit", "-1", "--out", str(root / "o")],
+        ["optimize", "--profile", str(root), "--density", "2", "--out", str(root / "o.json")],
+        ["optimize", "--profile", str(root), "--density", "0.5", "--mip-gap", "1", "--out", str(root / "o")],
+        ["optimize", "--profile", str(root), "--density", "0.5", "--beta-step", "0", "--out", str(root / "o")],
+        ["optimize", "--profile", str(root), "--density", "0.5", "--out", "/proc/o.json"],
+        ["optimize", "--profile", str(root), "--density", "0.5", "--device", "cuda:7x", "--out", str(root / "o")],
+        ["eval", "retrieval", "--model", str(root), "--plan", "dense", "--samples", "0"],
+        ["eval", "retrieval", "--model", str(root / "model"), "--plan", "dense", "--out", str(root)],
+        ["eval", "retrieval", "--model", str(root / "model"), "--plan", "dense", "--out", "/proc/x.json"],
+        ["eval", "retrieval", "--model", str(root / "model"), "--plan", "dense", "--device", "bogus"],
+        ["eval", "retrieval", "--model", str(root / "model"), "--plan", "dense", "--dtype", "int"],
+        ["eval", "retrieval", "--model", str(root / "model"), "--plan", "uniform:2"],
+        ["eval", "context", "--model", str(root / "model"), "--plan", p, "--threshold", "0", "--out-dir", "x"],
+        ["eval", "context", "--model", str(root / "model"), "--plan", p, "--out-dir", p],
+        ["eval", "perplexity", "--model", str(root / "model"), "--plan", "dense", "--kinds", "nope"],
+        ["eval", "perplexity", "--model", str(root / "model"), "--plan", "dense", "--windows", "0"],
+    ]
 
 
 def _option_check(argv: list[str]) -> tuple[bool, str | None]:
@@ -378,18 +440,23 @@ def main_(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=int, help="run one case (reproduce a failure)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    tallies = run(args.cases, args.seed, args.heavy_every, args.only, log=lambda m: print(m, file=sys.stderr,
-                                                                                          flush=True))
+    tallies = run(
+        args.cases, args.seed, args.heavy_every, args.only, log=lambda m: print(m, file=sys.stderr, flush=True)
+    )
     failed = False
     for name, t in tallies.items():
-        print(f"{name:16s} runs {t.runs:6d}  ok {t.ok:6d}  refused {t.refused:6d}  failures {len(t.failures):4d}  "
-              f"slowest {t.slowest:6.2f} s")
+        print(
+            f"{name:16s} runs {t.runs:6d}  ok {t.ok:6d}  refused {t.refused:6d}  failures {len(t.failures):4d}  "
+            f"slowest {t.slowest:6.2f} s"
+        )
         for line in t.failures[:20]:
             print("   ", line)
         failed |= bool(t.failures)
     total = sum(t.runs for t in tallies.values())
-    print(f"total runs {total}, failures {sum(len(t.failures) for t in tallies.values())}, "
-          f"{time.perf_counter() - t0:.0f} s (seed {args.seed}, {args.cases} cases)")
+    print(
+        f"total runs {total}, failures {sum(len(t.failures) for t in tallies.values())}, "
+        f"{time.perf_counter() - t0:.0f} s (seed {args.seed}, {args.cases} cases)"
+    )
     return 1 if failed else 0
 
 

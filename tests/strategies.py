@@ -40,8 +40,7 @@ def alphas(max_alpha: float = 4096) -> st.SearchStrategy[float]:
 
 def betas() -> st.SearchStrategy[float]:
     """Growth rates in [0, 1], with the end points 0 and 1 drawn often."""
-    return st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.25]),
-                     st.floats(0.0, 1.0, allow_nan=False, allow_infinity=False))
+    return st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.25]), st.floats(0.0, 1.0, allow_nan=False, allow_infinity=False))
 
 
 @st.composite
@@ -52,11 +51,14 @@ def rules(draw, max_alpha: float = 4096) -> Rule:
 
 provenances = st.one_of(
     st.just({}),
-    st.fixed_dictionaries({"method": st.sampled_from(["test", "moa-search", "uniform"])},
-                          optional={"note": st.text(max_size=20),
-                                    "budget": st.dictionaries(st.sampled_from(["1024", "4096"]),
-                                                              st.floats(0, 1), max_size=2),
-                                    "seed": st.integers(0, 2**31)}),
+    st.fixed_dictionaries(
+        {"method": st.sampled_from(["test", "moa-search", "uniform"])},
+        optional={
+            "note": st.text(max_size=20),
+            "budget": st.dictionaries(st.sampled_from(["1024", "4096"]), st.floats(0, 1), max_size=2),
+            "seed": st.integers(0, 2**31),
+        },
+    ),
 )
 
 
@@ -73,8 +75,15 @@ def _compact_layer(draw, heads: int, max_alpha: float, have_global: bool) -> Lay
 
 
 @st.composite
-def plans(draw, shape: ModelShape | None = None, max_layers: int = 4, max_heads: int = 8,
-          max_alpha: float = 4096, max_sink: int = 128, forms: tuple[str, ...] = FORMS) -> Plan:
+def plans(
+    draw,
+    shape: ModelShape | None = None,
+    max_layers: int = 4,
+    max_heads: int = 8,
+    max_alpha: float = 4096,
+    max_sink: int = 128,
+    forms: tuple[str, ...] = FORMS,
+) -> Plan:
     """A valid plan for ``shape`` (drawn when None), written in one of ``forms``."""
     shape = shape if shape is not None else draw(model_shapes(max_layers, max_heads))
     form = draw(st.sampled_from(forms))
@@ -84,8 +93,10 @@ def plans(draw, shape: ModelShape | None = None, max_layers: int = 4, max_heads:
     if form == "global":
         default = draw(rules(max_alpha))
     elif form == "heads":
-        layers = [Layer(heads=draw(st.lists(rules(max_alpha), min_size=heads, max_size=heads)))
-                  for _ in range(shape.num_layers)]
+        layers = [
+            Layer(heads=draw(st.lists(rules(max_alpha), min_size=heads, max_size=heads)))
+            for _ in range(shape.num_layers)
+        ]
     else:
         default = draw(st.none() | rules(max_alpha))
         layers = []
@@ -131,8 +142,10 @@ def one_layer_plans(draw, n_max: int, head_dims: list[int], const_alpha: tuple[i
         elif kind == "const":
             heads.append(Rule(alpha=float(draw(st.integers(low, high))), beta=0.0))
         else:
-            heads.append(Rule(alpha=draw(st.floats(-8, 8, allow_nan=False)),
-                              beta=draw(st.floats(0.05, 0.9, allow_nan=False))))
-    shape = ModelShape(num_layers=1, num_attention_heads=hq, num_key_value_heads=hkv,
-                       head_dim=draw(st.sampled_from(head_dims)))
+            heads.append(
+                Rule(alpha=draw(st.floats(-8, 8, allow_nan=False)), beta=draw(st.floats(0.05, 0.9, allow_nan=False)))
+            )
+    shape = ModelShape(
+        num_layers=1, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=draw(st.sampled_from(head_dims))
+    )
     return Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, layers=[Layer(heads=heads)])

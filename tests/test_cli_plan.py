@@ -24,14 +24,22 @@ from moa_plan.io import load_plan, plan_schema_json, plan_to_json, save_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "spec" / "examples").glob("*.json"))
-SMOLLM2_CONFIG = {"_name_or_path": "HuggingFaceTB/SmolLM2-135M", "model_type": "llama", "num_hidden_layers": 30,
-                  "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
-                  "max_position_embeddings": 8192}
-VALID = {"format_version": 1,
-         "model": {"num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
-         "sink": 2,
-         "default": {"alpha": 3, "beta": 0.25},
-         "layers": [{"overrides": {"1": {"alpha": -4, "beta": 1}}}, {"heads": [{"alpha": 0, "beta": 0.5}] * 4}]}
+SMOLLM2_CONFIG = {
+    "_name_or_path": "HuggingFaceTB/SmolLM2-135M",
+    "model_type": "llama",
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "hidden_size": 576,
+    "max_position_embeddings": 8192,
+}
+VALID = {
+    "format_version": 1,
+    "model": {"num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+    "sink": 2,
+    "default": {"alpha": 3, "beta": 0.25},
+    "layers": [{"overrides": {"1": {"alpha": -4, "beta": 1}}}, {"heads": [{"alpha": 0, "beta": 0.5}] * 4}],
+}
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -57,13 +65,20 @@ def write(path: Path, text: str | bytes) -> Path:
 
 # ---- validate --------------------------------------------------------------------------------
 
+
 def test_validate_examples_ok():
     code, out, err = run("validate", *EXAMPLES)
     assert code == 0 and err == ""
     lines = out.splitlines()
     assert len(lines) == len(EXAMPLES)
-    assert all(re.fullmatch(r".+: ok \(\d+ layers x \d+ heads, \d+ KV heads, density [01]\.\d{4} at N=\d+"
-                            r"(, [01]\.\d{4} at N=\d+)*\)", l) for l in lines)
+    assert all(
+        re.fullmatch(
+            r".+: ok \(\d+ layers x \d+ heads, \d+ KV heads, density [01]\.\d{4} at N=\d+"
+            r"(, [01]\.\d{4} at N=\d+)*\)",
+            l,
+        )
+        for l in lines
+    )
 
 
 def test_validate_ok_line_is_exact(tmp_path):
@@ -76,10 +91,15 @@ def test_validate_ok_line_is_exact(tmp_path):
 
 BAD_FILES = [
     # (file text, expected stderr line after "FILE: ")
-    (json.dumps({**VALID, "model": {**VALID["model"], "num_attention_heads": 6}}),
-     "layers[1].heads: has 4 entries, model.num_attention_heads is 6"),
+    (
+        json.dumps({**VALID, "model": {**VALID["model"], "num_attention_heads": 6}}),
+        "layers[1].heads: has 4 entries, model.num_attention_heads is 6",
+    ),
     (json.dumps({**VALID, "default": {"alpha": 3, "beta": 1.5}}), "default.beta: must be in [0, 1]"),
-    (json.dumps(VALID).replace('"alpha": 3', '"alpha": NaN'), "default.alpha: NaN is not valid JSON; must be a finite number"),
+    (
+        json.dumps(VALID).replace('"alpha": 3', '"alpha": NaN'),
+        "default.alpha: NaN is not valid JSON; must be a finite number",
+    ),
     (json.dumps({k: v for k, v in VALID.items() if k != "model"}), "model: required field is missing"),
     (json.dumps({**VALID, "format_version": 2}), "format_version: unsupported version 2; this moa-plan reads 1"),
     ('{"format_version": 1,\n "model": ', "line 2, column 11: invalid JSON: Expecting value"),
@@ -103,12 +123,18 @@ def test_validate_reports_every_file_and_fails_if_any_fails(tmp_path):
     code, out, err = run("validate", good, missing, tmp_path)
     assert code == 1
     assert out.startswith(f"{good}: ok (")
-    assert err == f"{missing}: cannot read: No such file or directory\n{tmp_path}: cannot read: a folder, not a regular file\n"
+    assert (
+        err
+        == f"{missing}: cannot read: No such file or directory\n{tmp_path}: cannot read: a folder, not a regular file\n"
+    )
 
 
 def test_validate_caps_the_problem_lines(tmp_path):
-    bad = {**VALID, "layers": [{"heads": [{"alpha": 0, "beta": 2}] * 4}] * 20,
-           "model": {**VALID["model"], "num_layers": 20}}
+    bad = {
+        **VALID,
+        "layers": [{"heads": [{"alpha": 0, "beta": 2}] * 4}] * 20,
+        "model": {**VALID["model"], "num_layers": 20},
+    }
     code, _, err = run("validate", write(tmp_path / "p.json", json.dumps(bad)))
     lines = err.splitlines()
     assert code == 1 and len(lines) == 51
@@ -130,10 +156,12 @@ def test_validate_against_a_model(tmp_path, config):
     assert run("validate", "--model", config, *smol)[0] == 0
     code, _, err = run("validate", "--model", config.parent, llama)
     assert code == 1
-    assert err.splitlines() == [f"{llama}: model.num_layers: is 32, the model has 30",
-                                f"{llama}: model.num_attention_heads: is 32, the model has 9",
-                                f"{llama}: model.num_key_value_heads: is 8, the model has 3",
-                                f"{llama}: model.head_dim: is 128, the model has 64"]
+    assert err.splitlines() == [
+        f"{llama}: model.num_layers: is 32, the model has 30",
+        f"{llama}: model.num_attention_heads: is 32, the model has 9",
+        f"{llama}: model.num_key_value_heads: is 8, the model has 3",
+        f"{llama}: model.head_dim: is 128, the model has 64",
+    ]
     code, _, err = run("validate", "--model", tmp_path, llama)
     assert code == 1 and err == f"{tmp_path / 'config.json'}: cannot read: No such file or directory\n"
     broken = write(tmp_path / "broken.json", '{"num_hidden_layers": 2}')
@@ -142,6 +170,7 @@ def test_validate_against_a_model(tmp_path, config):
 
 
 # ---- show / density --------------------------------------------------------------------------
+
 
 def test_show_table(tmp_path):
     path = write(tmp_path / "p.json", json.dumps(VALID))
@@ -209,6 +238,7 @@ def test_density_needs_a_positive_length(tmp_path):
 
 # ---- uniform / import-moa / export-moa / schema ----------------------------------------------
 
+
 def test_uniform_command(tmp_path, config):
     out_path = tmp_path / "u.json"
     code, out, err = run("uniform", "--model", config.parent, "--density", 0.25, "--out", out_path)
@@ -218,11 +248,13 @@ def test_uniform_command(tmp_path, config):
         f"wrote {out_path}: alpha -64, beta 0.25 for every head; density 0.2500 at N=1024, 0.2500 at N=4096, "
         "0.2500 at N=8192",
         "density is 0.25 (within 1/N) at every N >= 260; below that the window is one token and the density "
-        "is (sink + 1) / N"]
+        "is (sink + 1) / N",
+    ]
     assert plan.model.num_layers == 30 and plan.model.name == "HuggingFaceTB/SmolLM2-135M"
     assert plan.density(8192) == plan.density(2048) == 0.25
-    code, out, err = run("uniform", "--model", config, "--density", 0.25, "--static-length", 8192,
-                         "--out", tmp_path / "v.json")
+    code, out, err = run(
+        "uniform", "--model", config, "--density", 0.25, "--static-length", 8192, "--out", tmp_path / "v.json"
+    )
     assert code == 0 and load_plan(tmp_path / "v.json").spans(100_000)[0][0] == 2048 - 64
     assert "density 0.2500 at N=8192" in out
 
@@ -231,8 +263,10 @@ def test_uniform_impossible_budget_and_bad_arguments(tmp_path, config):
     out_path = tmp_path / "u.json"
     code, _, err = run("uniform", "--model", config, "--density", 0.001, "--static-length", 8192, "--out", out_path)
     assert code == 1 and not out_path.exists()
-    assert err == ("moa-plan: density: 0.001 is below the least density a head can have at N=8192 with "
-                   "sink=64: span 1 already gives 0.00793457\n")
+    assert err == (
+        "moa-plan: density: 0.001 is below the least density a head can have at N=8192 with "
+        "sink=64: span 1 already gives 0.00793457\n"
+    )
     for bad in (["--density", "2"], ["--density", "x"], ["--density", "0.5", "--sink", "-1"]):
         with pytest.raises(SystemExit) as info:
             run("uniform", "--model", config, "--out", out_path, *bad)
@@ -260,7 +294,9 @@ def test_export_moa_notes_a_non_reference_sink(tmp_path):
 
 
 def test_import_moa_errors_are_located(tmp_path, config):
-    bad = write(tmp_path / "m.json", json.dumps({"alphas": [[0] * 9] * 30, "betas": [[0] * 9] * 29 + [[0] * 8 + [1.5]]}))
+    bad = write(
+        tmp_path / "m.json", json.dumps({"alphas": [[0] * 9] * 30, "betas": [[0] * 9] * 29 + [[0] * 8 + [1.5]]})
+    )
     code, _, err = run("import-moa", bad, "--model", config, "--out", tmp_path / "p.json")
     assert code == 1 and err == f"{bad}: betas[29][8]: must be in [0, 1], got 1.5\n"
     assert not (tmp_path / "p.json").exists()
@@ -277,6 +313,7 @@ def test_schema_command(tmp_path):
 
 
 # ---- fuzzing: never a traceback --------------------------------------------------------------
+
 
 def _validate_text(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -318,8 +355,9 @@ def test_fuzz_random_json_values(value):
 
 
 @FUZZ
-@given(st.sampled_from(["format_version", "model", "sink", "block_size", "default", "layers", "provenance"]),
-       json_values)
+@given(
+    st.sampled_from(["format_version", "model", "sink", "block_size", "default", "layers", "provenance"]), json_values
+)
 def test_fuzz_one_field_replaced(key, value):
     data = json.loads(json.dumps(VALID))
     data[key] = value
@@ -327,8 +365,12 @@ def test_fuzz_one_field_replaced(key, value):
 
 
 @FUZZ
-@given(st.sampled_from(["num_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                        "max_position_embeddings", "name"]), json_values)
+@given(
+    st.sampled_from(
+        ["num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "name"]
+    ),
+    json_values,
+)
 def test_fuzz_model_field_replaced(key, value):
     data = json.loads(json.dumps(VALID))
     data["model"][key] = value
@@ -343,8 +385,9 @@ def test_fuzz_model_config_field_replaced(key, value):
         path = write(Path(tmp) / "config.json", json.dumps(config))
         code, out, err = run("validate", "--model", path, EXAMPLES[0])
     assert "Traceback" not in err and code in (0, 1)
-    assert code == 0 or all(line.startswith(f"{path}: ") or line.startswith(f"{EXAMPLES[0]}: ")
-                            for line in err.splitlines())
+    assert code == 0 or all(
+        line.startswith(f"{path}: ") or line.startswith(f"{EXAMPLES[0]}: ") for line in err.splitlines()
+    )
 
 
 def test_deeply_nested_json_is_a_located_error(tmp_path):
@@ -357,6 +400,7 @@ def test_deeply_nested_json_is_a_located_error(tmp_path):
 
 
 # ---- the installed console script ------------------------------------------------------------
+
 
 def test_installed_console_script():
     exe = Path(sys.executable).with_name("moa-plan")
@@ -373,30 +417,41 @@ def test_installed_console_script():
 
 def test_plan_commands_need_no_heavy_modules(tmp_path):
     """The format-only install has pydantic and nothing else: block torch & co and run the CLI."""
-    code = ("import sys\n"
-            "for name in ('torch', 'transformers', 'triton', 'numpy', 'matplotlib', 'pyomo', 'tqdm'):\n"
-            "    sys.modules[name] = None\n"
-            "from moa_plan.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'triton', 'numpy', 'matplotlib', 'pyomo', 'tqdm'):\n"
+        "    sys.modules[name] = None\n"
+        "from moa_plan.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
     out = tmp_path / "u.json"
     config = write(tmp_path / "config.json", json.dumps(SMOLLM2_CONFIG))
-    for argv in (["validate", *map(str, EXAMPLES)], ["uniform", "--model", str(config), "--density", "0.5", "--out", str(out)],
-                 ["show", str(out)], ["density", str(out), "--length", "100"], ["schema"]):
+    for argv in (
+        ["validate", *map(str, EXAMPLES)],
+        ["uniform", "--model", str(config), "--density", "0.5", "--out", str(out)],
+        ["show", str(out)],
+        ["density", str(out), "--length", "100"],
+        ["schema"],
+    ):
         done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, (argv, done.stderr)
 
 
 # ---- issue 15: hostile and careless input ------------------------------------------------------
 
+
 def _subprocess(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """The CLI in a child process with a timeout: a hang fails the test instead of stopping it."""
-    return subprocess.run([sys.executable, "-m", "moa_plan.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "moa_plan.cli", *map(str, argv)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("target", ["fifo", "/dev/zero", "/dev/urandom", "folder"])
-@pytest.mark.parametrize("command", [["validate"], ["show"], ["show", "--expanded"], ["density", "--length", "9"],
-                                     ["export-moa", "--out", "x.json"]])
+@pytest.mark.parametrize(
+    "command",
+    [["validate"], ["show"], ["show", "--expanded"], ["density", "--length", "9"], ["export-moa", "--out", "x.json"]],
+)
 def test_non_regular_plan_files_are_refused_at_once(tmp_path, target, command):
     """A FIFO or a link to /dev/zero used to hang (st_size is 0 for them): refused before any read."""
     path = tmp_path / "plan.json"
@@ -416,7 +471,9 @@ def test_non_regular_plan_files_are_refused_at_once(tmp_path, target, command):
 def test_model_config_fifo_is_refused(tmp_path):
     os.mkfifo(tmp_path / "config.json")
     done = _subprocess("validate", "--model", tmp_path, EXAMPLES[0])
-    assert done.returncode == 1 and done.stderr == f"{tmp_path / 'config.json'}: cannot read: a FIFO, not a regular file\n"
+    assert (
+        done.returncode == 1 and done.stderr == f"{tmp_path / 'config.json'}: cannot read: a FIFO, not a regular file\n"
+    )
 
 
 def _plan_with(**fields) -> dict:
@@ -436,19 +493,22 @@ def _nested(depth: int):
     return value
 
 
-@pytest.mark.parametrize("fields, location, message", [
-    ({"name": "\ud800"}, "model.name", "holds a lone surrogate (not valid Unicode text)"),
-    ({"revision": "x\udfffy"}, "model.revision", "holds a lone surrogate (not valid Unicode text)"),
-    ({"provenance": {"method": "\ud800"}}, "provenance.method", "holds a lone surrogate (not valid Unicode text)"),
-    ({"provenance": {"\ud800": 1}}, "provenance", "key '\\ud800' is not a valid Unicode string"),
-    ({"provenance": _nested(300)}, "provenance" + ".a" * 32, "nested deeper than 32 levels"),
-    ({"name": "a\x1b[31mred"}, "model.name", "must be one line without control characters"),
-    ({"name": "n" * 257}, "model.name", "must be at most 256 characters"),
-    ({"sink": 2**40 + 1}, "sink", "must be <= 1099511627776"),
-    ({"sink": 10**3000}, "sink", "must be <= 1099511627776"),
-    ({"block_size": 2**41}, "block_size", "must be <= 1099511627776"),
-    ({"default": {"alpha": 1e300, "beta": 0.5}}, "default.alpha", "must be <= 1099511627776"),
-])
+@pytest.mark.parametrize(
+    "fields, location, message",
+    [
+        ({"name": "\ud800"}, "model.name", "holds a lone surrogate (not valid Unicode text)"),
+        ({"revision": "x\udfffy"}, "model.revision", "holds a lone surrogate (not valid Unicode text)"),
+        ({"provenance": {"method": "\ud800"}}, "provenance.method", "holds a lone surrogate (not valid Unicode text)"),
+        ({"provenance": {"\ud800": 1}}, "provenance", "key '\\ud800' is not a valid Unicode string"),
+        ({"provenance": _nested(300)}, "provenance" + ".a" * 32, "nested deeper than 32 levels"),
+        ({"name": "a\x1b[31mred"}, "model.name", "must be one line without control characters"),
+        ({"name": "n" * 257}, "model.name", "must be at most 256 characters"),
+        ({"sink": 2**40 + 1}, "sink", "must be <= 1099511627776"),
+        ({"sink": 10**3000}, "sink", "must be <= 1099511627776"),
+        ({"block_size": 2**41}, "block_size", "must be <= 1099511627776"),
+        ({"default": {"alpha": 1e300, "beta": 0.5}}, "default.alpha", "must be <= 1099511627776"),
+    ],
+)
 def test_what_later_commands_cannot_handle_does_not_validate(tmp_path, fields, location, message):
     """Each of these used to validate and then crash show, show --expanded, eval or load_model."""
     path = write(tmp_path / "p.json", json.dumps(_plan_with(**fields)))
@@ -468,13 +528,16 @@ def test_the_deepest_allowed_provenance_works_everywhere(tmp_path):
 
 
 def test_model_shape_limits(tmp_path):
-    huge = {**VALID, "model": {**VALID["model"], "num_layers": 1024, "num_attention_heads": 1024,
-                               "num_key_value_heads": 1}}
+    huge = {
+        **VALID,
+        "model": {**VALID["model"], "num_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1},
+    }
     huge.pop("layers")
     path = write(tmp_path / "huge.json", json.dumps(huge))
     code, _, err = run("show", path)
-    assert code == 1 and err == (f"{path}: model: num_layers * num_attention_heads is 1048576, more than the "
-                                 "65536 query heads a plan may have\n")
+    assert code == 1 and err == (
+        f"{path}: model: num_layers * num_attention_heads is 1048576, more than the 65536 query heads a plan may have\n"
+    )
     big = {**huge, "model": {**huge["model"], "num_attention_heads": 64}}  # 65536 heads: allowed
     assert run("show", write(tmp_path / "big.json", json.dumps(big)))[0] == 0
 
@@ -485,14 +548,25 @@ def test_summaries_cost_one_span_per_distinct_rule(monkeypatch):
     from moa_plan import semantics
     from moa_plan.plan import Plan
 
-    plan = Plan.model_validate({**VALID, "model": {**VALID["model"], "num_layers": 1024, "num_attention_heads": 64,
-                                                   "num_key_value_heads": 8},
-                                "layers": None, "default": {"alpha": 5, "beta": 0.5}})
+    plan = Plan.model_validate(
+        {
+            **VALID,
+            "model": {**VALID["model"], "num_layers": 1024, "num_attention_heads": 64, "num_key_value_heads": 8},
+            "layers": None,
+            "default": {"alpha": 5, "beta": 0.5},
+        }
+    )
     calls = []
     real = semantics.span
     monkeypatch.setattr(semantics, "span", lambda *a: calls.append(a) or real(*a))
-    for figure in (plan.density, plan.attention_fraction, plan.kv_cache_fraction, plan.mean_span,
-                   plan.layer_densities, plan.mean_spans):
+    for figure in (
+        plan.density,
+        plan.attention_fraction,
+        plan.kv_cache_fraction,
+        plan.mean_span,
+        plan.layer_densities,
+        plan.mean_spans,
+    ):
         calls.clear()
         figure(4096)
         assert len(calls) == 1, figure.__name__
@@ -503,7 +577,7 @@ def test_summaries_cost_one_span_per_distinct_rule(monkeypatch):
 def test_counted_figures_equal_the_per_head_ones(plan, n):
     spans = plan.spans(n)
     g = plan.model.group_size
-    kv = [[max(layer[k * g:(k + 1) * g]) for k in range(plan.model.num_key_value_heads)] for layer in spans]
+    kv = [[max(layer[k * g : (k + 1) * g]) for k in range(plan.model.num_key_value_heads)] for layer in spans]
     assert plan.kv_spans(n) == kv
     slots = sum(min(n, plan.sink + s) for layer in kv for s in layer)
     assert plan.kv_cache_fraction(n) == slots / (n * plan.model.num_layers * plan.model.num_key_value_heads)
@@ -527,8 +601,9 @@ def test_duplicate_keys_are_refused_and_a_bom_accepted(tmp_path):
     dup = write(tmp_path / "dup.json", text.replace('"sink": 2', '"sink": 2, "sink": 3'))
     assert run("validate", dup)[2] == f"{dup}: sink: duplicate key (a JSON object names each key once)\n"
     dup2 = write(tmp_path / "dup2.json", text.replace('"alpha": -4', '"alpha": -4, "alpha": 5'))
-    assert run("validate", dup2)[2] == (f"{dup2}: layers[0].overrides.1.alpha: duplicate key "
-                                        "(a JSON object names each key once)\n")
+    assert run("validate", dup2)[2] == (
+        f"{dup2}: layers[0].overrides.1.alpha: duplicate key (a JSON object names each key once)\n"
+    )
     bom = write(tmp_path / "bom.json", b"\xef\xbb\xbf" + text.encode())
     assert run("validate", bom)[0] == 0
 
@@ -541,7 +616,7 @@ def test_a_plan_named_like_an_option(tmp_path, monkeypatch):
 
 
 def test_import_moa_huge_numbers_are_located(tmp_path, config):
-    moa = write(tmp_path / "m.json", '{"alphas": [[1' + "0" * 400 + "]], \"betas\": [[1e400]]}")
+    moa = write(tmp_path / "m.json", '{"alphas": [[1' + "0" * 400 + ']], "betas": [[1e400]]}')
     code, _, err = run("import-moa", moa, "--model", config, "--out", tmp_path / "o.json")
     assert code == 1 and "Traceback" not in err
     assert f"{moa}: alphas[0][0]: must be a finite number, got an integer of 401 digits\n" in err
@@ -550,7 +625,7 @@ def test_import_moa_huge_numbers_are_located(tmp_path, config):
 
 
 def test_orphaned_temporaries_are_cleaned_and_special_targets_refused(tmp_path):
-    from moa_plan.io import STALE_TMP_SECONDS, write_atomic
+    from moa_plan.files import STALE_TMP_SECONDS, write_atomic
 
     target = tmp_path / "plan.json"
     old, fresh, other = tmp_path / ".plan.json.abc.tmp", tmp_path / ".plan.json.def.tmp", tmp_path / ".x.json.a.tmp"
@@ -568,10 +643,21 @@ def test_orphaned_temporaries_are_cleaned_and_special_targets_refused(tmp_path):
 
 
 def test_option_errors_are_one_line_and_exit_2(capsys):
-    for argv, line in [(["show", "p.json", "--length", "0"],
-                        "moa-plan show: --length: must be in [1, 2^40], got 0 (see moa-plan show --help)"),
-                       (["density", "p.json"],
-                        "moa-plan density: the following arguments are required: --length (see moa-plan density --help)")]:
+    for argv, line in [
+        (
+            ["show", "p.json", "--length", "0"],
+            "moa-plan show: --length: must be in [1, 2^40], got 0 (see moa-plan show --help)",
+        ),
+        (
+            ["show", "p.json", "--lengths", "8,0"],
+            "moa-plan show: --lengths: 0: must be in [1, 2^40], got 0 (see moa-plan show --help)",
+        ),
+    ]:
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and capsys.readouterr().err == line + "\n"
+    assert main(["density", "p.json"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "moa-plan density: --lengths: required: the input lengths, e.g. --lengths 1024,4096\n"
+    )

@@ -12,17 +12,33 @@ from moa_plan.cli import main
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from moa_plan.evals.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+@pytest.fixture
+def tiny(tiny_bpe_dir):
+    return tiny_bpe_dir
 
 
 def test_bench_cpu_writes_table_and_results(tiny, tmp_path, capsys):
     out = tmp_path / "cpu"
-    rc = main(["bench-cpu", "--model", str(tiny), "--plan", "half=uniform:0.5", "--plan", "quarter=uniform:0.25",
-               "--lengths", "160,2304", "--repeats", "2", "--threads", "1", "--profile", "--out-dir", str(out)])
+    rc = main(
+        [
+            "bench-cpu",
+            "--model",
+            str(tiny),
+            "--plan",
+            "half=uniform:0.5",
+            "--plan",
+            "quarter=uniform:0.25",
+            "--lengths",
+            "160,2304",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--profile",
+            "--out-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     table = [ln for ln in printed.splitlines() if ln.startswith("| ")]
@@ -46,13 +62,16 @@ def test_bench_cpu_writes_table_and_results(tiny, tmp_path, capsys):
     assert "## quarter" in (out / "profile-2304.md").read_text()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lengths", "2k"], "--lengths: a comma list of token counts, got '2k'"),
-    (["--lengths", "1"], "--lengths: lengths must be >= 2 tokens, got '1'"),
-    (["--plan", "nothing"], "--plan: expected NAME=PLAN (a file, dense or uniform:<density>), got 'nothing'"),
-    (["--plan", "a=dense", "--plan", "a=uniform:0.5"], "--plan: the name 'a' is used twice"),
-    (["--repeats", "0"], "--repeats: must be in [1, 100], got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lengths", "2k"], "--lengths: a comma list of token counts, got '2k'"),
+        (["--lengths", "1"], "--lengths: lengths must be >= 2 tokens, got '1'"),
+        (["--plan", "nothing"], "--plan: expected NAME=PLAN (a file, dense or uniform:<density>), got 'nothing'"),
+        (["--plan", "a=dense", "--plan", "a=uniform:0.5"], "--plan: the name 'a' is used twice"),
+        (["--repeats", "0"], "--repeats: must be in [1, 100], got 0"),
+    ],
+)
 def test_bench_cpu_bad_options_exit_2(tiny, argv, message, capsys):
     try:
         code = main(["bench-cpu", "--model", str(tiny), *argv])

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moa_plan.evals.stats import paired_bootstrap, wilson
+from moa_plan.evals.quality.stats import paired_bootstrap, wilson
 
 
 def test_wilson_known_values():

@@ -16,7 +16,16 @@ def test_hostile_plans_never_trace_back_hang_or_go_unnamed(monkeypatch):
     tallies = fuzz_cli.run(cases, seed=15, heavy_every=4)
     failures = [line for t in tallies.values() for line in t.failures]
     assert not failures, "\n".join(failures[:20])
-    assert {"validate", "show", "show --expanded", "density", "export-moa", "import-moa", "load_model",
-            "lm-eval moa", "bad options"} <= set(tallies)
+    assert {
+        "validate",
+        "show",
+        "show --expanded",
+        "density",
+        "export-moa",
+        "import-moa",
+        "load_model",
+        "lm-eval moa",
+        "bad options",
+    } <= set(tallies)
     assert tallies["validate"].ok and tallies["validate"].refused  # the cases reach both outcomes
     assert tallies["bad options"].runs > 20

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moa_plan.cli import main
-from moa_plan.evals.bench import SHAPES, bench_plan, decode_tokens_read, render_markdown
+from moa_plan.evals.bench.cases import SHAPES, bench_plan, decode_tokens_read
+from moa_plan.evals.bench.report import render_markdown
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 from moa_plan.runtime.cache import LayerLayout, slot_positions
 
@@ -30,8 +32,10 @@ def test_bench_plans_hit_density_and_are_heterogeneous():
 @given(st.integers(1, 3), st.sampled_from([1, 2, 4]), st.integers(1, 200), st.integers(0, 20), st.data())
 def test_decode_bytes_are_the_visible_slots(hkv, group, n_max, sink, data):
     hq = hkv * group
-    rules = [Rule(alpha=float(data.draw(st.integers(1, n_max))), beta=data.draw(st.sampled_from([0.0, 0.1, 1.0])))
-             for _ in range(hq)]
+    rules = [
+        Rule(alpha=float(data.draw(st.integers(1, n_max))), beta=data.draw(st.sampled_from([0.0, 0.1, 1.0])))
+        for _ in range(hq)
+    ]
     shape = ModelShape(num_layers=1, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=16)
     plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=sink, layers=[Layer(heads=rules)])
     n = data.draw(st.integers(1, n_max))
@@ -40,16 +44,20 @@ def test_decode_bytes_are_the_visible_slots(hkv, group, n_max, sink, data):
     pos = slot_positions(layout, n)
     for k in range(hkv):
         off, cap = int(layout.offset[k]), layout.caps[k]
-        p = pos[off:off + cap]
-        w = max(spans[k * group:(k + 1) * group])
+        p = pos[off : off + cap]
+        w = max(spans[k * group : (k + 1) * group])
         seen = (p >= 0) & ((p < sink) | (n - 1 - p < w))
         assert decode_tokens_read(spans, list(layout.caps), sink, n, group)[k] == int(seen.sum())
 
 
 def test_bench_cli_refuses_bad_input(capsys):
-    assert main(["bench", "--shapes", "nope"]) == 1
-    assert "unknown shape" in capsys.readouterr().err
-    assert main(["bench", "--densities", "0.5,2"]) == 1
+    for argv, message in (
+        (["--shapes", "nope"], "--shapes: nope: choose from llama3-8b, mha-7b"),
+        (["--densities", "0.5,2"], "--densities: 2: must be in (0, 1], got 2"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench"]) == 1
         assert "CUDA" in capsys.readouterr().err

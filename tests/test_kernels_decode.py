@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _triton_cpu import kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from _triton_cpu import kernels
 from strategies import one_layer_plans
+
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 from moa_plan.runtime.cache import LayerLayout, allocate, write_kv
 from moa_plan.runtime.reference import reference_attention
@@ -28,10 +28,18 @@ def decode_cases(draw):
     n_max = draw(st.integers(1, 120))
     plan = draw(one_layer_plans(n_max, head_dims=[16, 32, 64]))
     n = draw(st.integers(1, n_max))
-    return dict(plan=plan, n_max=n_max, n=n, prompt=draw(st.integers(1, n)), batch=draw(st.integers(1, 2)),
-                dtype=draw(st.sampled_from([torch.float16, torch.float32])),
-                splits=draw(st.sampled_from([None, 1, 2, 3])), block_n=draw(st.sampled_from([None, 16])),
-                n_tensor=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        plan=plan,
+        n_max=n_max,
+        n=n,
+        prompt=draw(st.integers(1, n)),
+        batch=draw(st.integers(1, 2)),
+        dtype=draw(st.sampled_from([torch.float16, torch.float32])),
+        splits=draw(st.sampled_from([None, 1, 2, 3])),
+        block_n=draw(st.sampled_from([None, 16])),
+        n_tensor=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _filled_cache(c):
@@ -50,7 +58,7 @@ def _filled_cache(c):
     prompt = c["prompt"]
     write_kv(kc, vc, layout, k[:, :, :prompt], v[:, :, :prompt], 0)
     for p in range(prompt, n):
-        write_kv(kc, vc, layout, k[:, :, p:p + 1], v[:, :, p:p + 1], p)
+        write_kv(kc, vc, layout, k[:, :, p : p + 1], v[:, :, p : p + 1], p)
     return q, k, v, kc, vc, layout
 
 
@@ -61,8 +69,19 @@ def test_decode_matches_reference(c):
     q, k, v, kc, vc, layout = _filled_cache(c)
     spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32)
     n_arg = torch.tensor(n, dtype=torch.int32) if c["n_tensor"] else n
-    got = triton_decode.decode_attention(q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans,
-                                         plan.sink, n_arg, num_splits=c["splits"], block_n=c["block_n"])
+    got = triton_decode.decode_attention(
+        q,
+        kc,
+        vc,
+        layout.offset,
+        layout.cap,
+        layout.n_sink,
+        spans,
+        plan.sink,
+        n_arg,
+        num_splits=c["splits"],
+        block_n=c["block_n"],
+    )
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
     assert got.shape == want.shape and got.dtype == q.dtype
     assert torch.isfinite(got).all(), "read a poisoned (NaN) slot or lost a row"
@@ -79,8 +98,9 @@ def test_decode_long_ring_wraps_with_many_splits():
     q, k, v, kc, vc, layout = _filled_cache(c)
     spans = torch.tensor(plan.spans(300)[0], dtype=torch.int32)
     for splits in (1, 5, 19):
-        got = triton_decode.decode_attention(q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans,
-                                             plan.sink, 300, num_splits=splits, block_n=16)
+        got = triton_decode.decode_attention(
+            q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, plan.sink, 300, num_splits=splits, block_n=16
+        )
         want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
         assert (got - want).abs().max().item() <= 1e-5, splits
 

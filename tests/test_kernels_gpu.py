@@ -20,8 +20,10 @@ from moa_plan.runtime.reference import reference_attention
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-                       reason="interpreter mode; run this module in its own process"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        reason="interpreter mode; run this module in its own process",
+    ),
 ]
 
 TOL = {torch.bfloat16: (1e-2, 3e-2), torch.float16: (2e-3, 5e-3)}
@@ -29,7 +31,7 @@ TOL = {torch.bfloat16: (1e-2, 3e-2), torch.float16: (2e-3, 5e-3)}
 
 def _check(got, want, dtype, what):
     assert torch.isfinite(got).all(), f"{what}: non-finite output"
-    diff = (got.float() - want.float())
+    diff = got.float() - want.float()
     rel = (diff.norm() / want.float().norm()).item()
     mx = diff.abs().max().item()
     rel_tol, abs_tol = TOL[dtype]
@@ -41,12 +43,18 @@ def prefill_cases(draw):
     hkv = draw(st.sampled_from([1, 2, 4]))
     group = draw(st.sampled_from([1, 2, 4]))
     k_len = draw(st.integers(1, 2100))
-    return dict(batch=draw(st.integers(1, 2)), hq=hkv * group, hkv=hkv, k_len=k_len,
-                q_len=draw(st.sampled_from([k_len, 1]) | st.integers(1, k_len)),
-                d=draw(st.sampled_from([64, 128])), sink=draw(st.sampled_from([0, 64]) | st.integers(0, k_len)),
-                spans=[draw(st.sampled_from([1, k_len]) | st.integers(1, k_len)) for _ in range(hkv * group)],
-                dtype=draw(st.sampled_from([torch.bfloat16, torch.bfloat16, torch.float16])),
-                seed=draw(st.integers(0, 2**16)))
+    return dict(
+        batch=draw(st.integers(1, 2)),
+        hq=hkv * group,
+        hkv=hkv,
+        k_len=k_len,
+        q_len=draw(st.sampled_from([k_len, 1]) | st.integers(1, k_len)),
+        d=draw(st.sampled_from([64, 128])),
+        sink=draw(st.sampled_from([0, 64]) | st.integers(0, k_len)),
+        spans=[draw(st.sampled_from([1, k_len]) | st.integers(1, k_len)) for _ in range(hkv * group)],
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.bfloat16, torch.float16])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -73,17 +81,34 @@ def decode_cases(draw):
     rules = []
     for _ in range(hq):
         kind = draw(st.sampled_from(["one", "full", "const", "grow"]))
-        rules.append({"one": Rule(alpha=1, beta=0), "full": Rule(alpha=0, beta=1),
-                      "const": Rule(alpha=float(draw(st.integers(1, n_max))), beta=0),
-                      "grow": Rule(alpha=float(draw(st.integers(-64, 64))), beta=draw(st.floats(0.05, 0.9)))}[kind])
-    shape = ModelShape(num_layers=1, num_attention_heads=hq, num_key_value_heads=hkv,
-                       head_dim=draw(st.sampled_from([64, 128])))
-    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=draw(st.sampled_from([0, 64]) | st.integers(0, 100)),
-                layers=[Layer(heads=rules)])
+        rules.append(
+            {
+                "one": Rule(alpha=1, beta=0),
+                "full": Rule(alpha=0, beta=1),
+                "const": Rule(alpha=float(draw(st.integers(1, n_max))), beta=0),
+                "grow": Rule(alpha=float(draw(st.integers(-64, 64))), beta=draw(st.floats(0.05, 0.9))),
+            }[kind]
+        )
+    shape = ModelShape(
+        num_layers=1, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=draw(st.sampled_from([64, 128]))
+    )
+    plan = Plan(
+        format_version=FORMAT_VERSION,
+        model=shape,
+        sink=draw(st.sampled_from([0, 64]) | st.integers(0, 100)),
+        layers=[Layer(heads=rules)],
+    )
     n = draw(st.integers(1, n_max))
-    return dict(plan=plan, n_max=n_max, n=n, prompt=max(1, n - draw(st.integers(0, 3))),
-                batch=draw(st.sampled_from([1, 3, 16])), dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
-                n_tensor=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        plan=plan,
+        n_max=n_max,
+        n=n,
+        prompt=max(1, n - draw(st.integers(0, 3))),
+        batch=draw(st.sampled_from([1, 3, 16])),
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        n_tensor=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @settings(max_examples=30, deadline=None)
@@ -102,9 +127,9 @@ def test_gpu_decode_matches_reference(c):
     layout = LayerLayout.from_plan(plan, 0, c["n_max"], device=dev)
     kc, vc = allocate(layout, c["batch"], d, dt, device=dev)
     vc.fill_(float("nan"))  # stale slots must never be read
-    write_kv(kc, vc, layout, k[:, :, :c["prompt"]], v[:, :, :c["prompt"]], 0)
+    write_kv(kc, vc, layout, k[:, :, : c["prompt"]], v[:, :, : c["prompt"]], 0)
     for p in range(c["prompt"], n):
-        write_kv(kc, vc, layout, k[:, :, p:p + 1], v[:, :, p:p + 1], p)
+        write_kv(kc, vc, layout, k[:, :, p : p + 1], v[:, :, p : p + 1], p)
     spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32, device=dev)
     n_arg = torch.tensor(n, dtype=torch.int32, device=dev) if c["n_tensor"] else n
     got = decode_attention(q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, plan.sink, n_arg)
@@ -128,7 +153,7 @@ def test_gpu_llama_shape_8k(hq, hkv):
     got = prefill_attention(q[:, :, -512:], k, v, spans, sink)
     _check(got, reference_attention(q[:, :, -512:], k, v, spans, sink), dt, "prefill 8k")
     group = hq // hkv
-    caps = [min(n, sink + int(spans[i * group:(i + 1) * group].max())) for i in range(hkv)]
+    caps = [min(n, sink + int(spans[i * group : (i + 1) * group].max())) for i in range(hkv)]
     layout = LayerLayout.from_caps(caps, sink, n, device=dev)
     kc, vc = allocate(layout, 1, d, dt, device=dev)
     write_kv(kc, vc, layout, k, v, 0)

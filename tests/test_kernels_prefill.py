@@ -7,10 +7,10 @@ Error bound (stated, tested): max |out - ref| <= 1e-5 in fp32 (IEEE dots) and <=
 from __future__ import annotations
 
 import torch
+from _triton_cpu import kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _triton_cpu import kernels
 from moa_plan.runtime.reference import reference_attention
 
 triton_prefill, _ = kernels()
@@ -27,10 +27,18 @@ def prefill_cases(draw):
     q_len = draw(st.sampled_from([k_len, 1]) | st.integers(1, k_len))
     sink = draw(st.sampled_from([0, 0, 4]) | st.integers(0, k_len + 5))
     spans = [draw(st.sampled_from([1, k_len]) | st.integers(1, k_len)) for _ in range(hq)]
-    return dict(batch=draw(st.integers(1, 2)), hq=hq, hkv=hkv, q_len=q_len, k_len=k_len,
-                d=draw(st.sampled_from([16, 32, 64])), sink=sink, spans=spans,
-                dtype=draw(st.sampled_from([torch.float16, torch.float32])),
-                seed=draw(st.integers(0, 2**16)))
+    return dict(
+        batch=draw(st.integers(1, 2)),
+        hq=hq,
+        hkv=hkv,
+        q_len=q_len,
+        k_len=k_len,
+        d=draw(st.sampled_from([16, 32, 64])),
+        sink=sink,
+        spans=spans,
+        dtype=draw(st.sampled_from([torch.float16, torch.float32])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _inputs(c):
@@ -55,10 +63,24 @@ def test_prefill_matches_reference(c):
 
 def test_prefill_block_edges_and_scale():
     """Lengths around the block size, a window edge inside a block, and an explicit scale."""
-    for k_len, q_len, sink, spans in [(64, 64, 0, [1, 64]), (65, 33, 2, [31, 33]), (97, 97, 96, [1, 2]),
-                                      (130, 7, 0, [65, 128])]:
-        c = dict(batch=1, hq=2, hkv=1, q_len=q_len, k_len=k_len, d=32, sink=sink, spans=spans,
-                 dtype=torch.float32, seed=k_len)
+    for k_len, q_len, sink, spans in [
+        (64, 64, 0, [1, 64]),
+        (65, 33, 2, [31, 33]),
+        (97, 97, 96, [1, 2]),
+        (130, 7, 0, [65, 128]),
+    ]:
+        c = dict(
+            batch=1,
+            hq=2,
+            hkv=1,
+            q_len=q_len,
+            k_len=k_len,
+            d=32,
+            sink=sink,
+            spans=spans,
+            dtype=torch.float32,
+            seed=k_len,
+        )
         q, k, v, sp = _inputs(c)
         got = triton_prefill.prefill_attention(q, k, v, sp, sink, scale=0.3)
         want = reference_attention(q, k, v, sp, sink, scale=0.3)
@@ -79,10 +101,17 @@ def test_prefill_noncontiguous_inputs():
 def test_prefill_rejects_bad_shapes():
     q = torch.randn(1, 3, 4, 16)
     k = torch.randn(1, 2, 4, 16)
-    for args in [(q, k, k, torch.ones(3, dtype=torch.int32), 0),                      # 3 % 2 != 0
-                 (torch.randn(1, 2, 5, 16), k, k, torch.ones(2, dtype=torch.int32), 0),  # Lq > Lk
-                 (torch.randn(1, 2, 4, 24), torch.randn(1, 2, 4, 24), torch.randn(1, 2, 4, 24),
-                  torch.ones(2, dtype=torch.int32), 0)]:                                 # D = 24
+    for args in [
+        (q, k, k, torch.ones(3, dtype=torch.int32), 0),  # 3 % 2 != 0
+        (torch.randn(1, 2, 5, 16), k, k, torch.ones(2, dtype=torch.int32), 0),  # Lq > Lk
+        (
+            torch.randn(1, 2, 4, 24),
+            torch.randn(1, 2, 4, 24),
+            torch.randn(1, 2, 4, 24),
+            torch.ones(2, dtype=torch.int32),
+            0,
+        ),
+    ]:  # D = 24
         try:
             triton_prefill.prefill_attention(*args)
         except ValueError:

@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from strategies import model_shapes, plans
 
 from moa_plan import semantics
-from moa_plan.build import (plan_from_moa, plan_from_spec, plan_to_moa, uniform_exact_from, uniform_plan,
-                            uniform_span)
+from moa_plan.build import plan_from_moa, plan_from_spec, plan_to_moa, uniform_exact_from, uniform_plan, uniform_span
 from moa_plan.plan import ModelShape, PlanError
 
-SHAPE = ModelShape(num_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                   max_position_embeddings=4096)
+SHAPE = ModelShape(
+    num_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096
+)
 
 
 @settings(max_examples=80, deadline=None)
@@ -61,15 +61,18 @@ def test_uniform_plan_known_values():
     assert uniform_plan(SHAPE, 1.0, sink=0, static_length=100).provenance["span"] == 100
 
 
-@pytest.mark.parametrize("kwargs, location", [
-    (dict(density=0.0), "density"),
-    (dict(density=1.5), "density"),
-    (dict(density=float("nan")), "density"),
-    (dict(density=0.5, static_length=0), "static_length"),
-    (dict(density=0.001, static_length=8192), "density"),  # span 1 plus 64 sinks is already ~0.8%
-    (dict(density=0.5, sink=-1), "sink"),
-    (dict(density=0.5, block_size=0), "block_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, location",
+    [
+        (dict(density=0.0), "density"),
+        (dict(density=1.5), "density"),
+        (dict(density=float("nan")), "density"),
+        (dict(density=0.5, static_length=0), "static_length"),
+        (dict(density=0.001, static_length=8192), "density"),  # span 1 plus 64 sinks is already ~0.8%
+        (dict(density=0.5, sink=-1), "sink"),
+        (dict(density=0.5, block_size=0), "block_size"),
+    ],
+)
 def test_uniform_plan_bad_arguments(kwargs, location):
     with pytest.raises(PlanError) as info:
         uniform_plan(SHAPE, **kwargs)
@@ -111,19 +114,35 @@ def test_moa_import_of_a_published_style_file():
     assert plan.provenance["method"].startswith("imported from the MoA reference format")
 
 
-@pytest.mark.parametrize("data, problem", [
-    ([], ("", "a MoA plan must be a JSON object with 'alphas' and 'betas'")),
-    ({"alphas": []}, ("betas", "required field is missing")),
-    ({"alphas": {}, "betas": [[0] * 4] * 3}, ("alphas", "must be a list of per-layer lists")),
-    ({"alphas": [[0] * 4] * 2, "betas": [[0] * 4] * 3}, ("alphas", "has 2 layers, the model has 3")),
-    ({"alphas": [[0] * 4, [0] * 4, 5], "betas": [[0] * 4] * 3}, ("alphas[2]", "must be a list of per-head numbers")),
-    ({"alphas": [[0] * 4, [0] * 4, [0] * 3], "betas": [[0] * 4] * 3}, ("alphas[2]", "has 3 heads, the model has 4")),
-    ({"alphas": [[0] * 4, [0] * 4, [0, 0, 0, "x"]], "betas": [[0] * 4] * 3},
-     ("alphas[2][3]", "must be a finite number, got 'x'")),
-    ({"alphas": [[0] * 4] * 3, "betas": [[0] * 4, [0] * 4, [0, 1.5, 0, 0]]},
-     ("betas[2][1]", "must be in [0, 1], got 1.5")),
-    ({"alphas": [[0, True, 0, 0]] * 3, "betas": [[0] * 4] * 3}, ("alphas[0][1]", "must be a finite number, got True")),
-])
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        ([], ("", "a MoA plan must be a JSON object with 'alphas' and 'betas'")),
+        ({"alphas": []}, ("betas", "required field is missing")),
+        ({"alphas": {}, "betas": [[0] * 4] * 3}, ("alphas", "must be a list of per-layer lists")),
+        ({"alphas": [[0] * 4] * 2, "betas": [[0] * 4] * 3}, ("alphas", "has 2 layers, the model has 3")),
+        (
+            {"alphas": [[0] * 4, [0] * 4, 5], "betas": [[0] * 4] * 3},
+            ("alphas[2]", "must be a list of per-head numbers"),
+        ),
+        (
+            {"alphas": [[0] * 4, [0] * 4, [0] * 3], "betas": [[0] * 4] * 3},
+            ("alphas[2]", "has 3 heads, the model has 4"),
+        ),
+        (
+            {"alphas": [[0] * 4, [0] * 4, [0, 0, 0, "x"]], "betas": [[0] * 4] * 3},
+            ("alphas[2][3]", "must be a finite number, got 'x'"),
+        ),
+        (
+            {"alphas": [[0] * 4] * 3, "betas": [[0] * 4, [0] * 4, [0, 1.5, 0, 0]]},
+            ("betas[2][1]", "must be in [0, 1], got 1.5"),
+        ),
+        (
+            {"alphas": [[0, True, 0, 0]] * 3, "betas": [[0] * 4] * 3},
+            ("alphas[0][1]", "must be a finite number, got True"),
+        ),
+    ],
+)
 def test_moa_import_errors_are_located(data, problem):
     with pytest.raises(PlanError) as info:
         plan_from_moa(data, SHAPE)

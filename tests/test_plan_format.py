@@ -58,8 +58,14 @@ BASE = {
     "format_version": 1,
     "model": {"num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
     "layers": [
-        {"heads": [{"alpha": 1, "beta": 0.5}, {"alpha": -64, "beta": 0.25}, {"alpha": 0, "beta": 1},
-                   {"alpha": 16, "beta": 0}]},
+        {
+            "heads": [
+                {"alpha": 1, "beta": 0.5},
+                {"alpha": -64, "beta": 0.25},
+                {"alpha": 0, "beta": 1},
+                {"alpha": 16, "beta": 0},
+            ]
+        },
         {"default": {"alpha": 2, "beta": 0}, "overrides": {"3": {"alpha": 5, "beta": 1}}},
     ],
 }
@@ -71,6 +77,7 @@ def _set(path, value):
         for key in head:
             d = d[key]
         d[last] = value
+
     return edit
 
 
@@ -80,6 +87,7 @@ def _pop(path):
         for key in head:
             d = d[key]
         del d[last]
+
     return edit
 
 
@@ -106,12 +114,21 @@ INVALID = [
     (_set(["model", "num_key_value_heads"], 3), "model.num_key_value_heads", "must divide num_attention_heads (4)"),
     (_set(["model", "num_layers"], 3), "layers", "has 2 entries, model.num_layers is 3"),
     (_set(["model", "num_attention_heads"], 6), "layers[0].heads", "has 4 entries, model.num_attention_heads is 6"),
-    (_set(["layers", 0, "default"], {"alpha": 1, "beta": 0}), "layers[0]",
-     "give either 'heads' or 'default'/'overrides', not both"),
-    (_set(["layers", 1, "overrides", "4"], {"alpha": 1, "beta": 0}), "layers[1].overrides.4",
-     "must be a head index in 0..3"),
-    (_set(["layers", 1, "overrides", "01"], {"alpha": 1, "beta": 0}), "layers[1].overrides.01",
-     "must be a head index in 0..3"),
+    (
+        _set(["layers", 0, "default"], {"alpha": 1, "beta": 0}),
+        "layers[0]",
+        "give either 'heads' or 'default'/'overrides', not both",
+    ),
+    (
+        _set(["layers", 1, "overrides", "4"], {"alpha": 1, "beta": 0}),
+        "layers[1].overrides.4",
+        "must be a head index in 0..3",
+    ),
+    (
+        _set(["layers", 1, "overrides", "01"], {"alpha": 1, "beta": 0}),
+        "layers[1].overrides.01",
+        "must be a head index in 0..3",
+    ),
     (_pop(["layers", 1, "default"]), "layers[1]", "needs 'heads', a 'default' rule, or a global 'default'"),
     (_pop(["layers"]), "layers", "required unless a global 'default' rule is given"),
     (_set(["layers"], {}), "layers", "must be a list"),
@@ -138,15 +155,20 @@ def test_every_invalid_field_class_is_rejected_with_its_location(edit, location,
     assert (location, message) in info.value.problems, info.value.problems
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("", ("", "file is empty")),
-    ("  \n", ("", "file is empty")),
-    ('{"format_version": 1,\n "model": ', ("line 2, column 11", "invalid JSON: Expecting value")),
-    ('[1, 2]', ("", "a plan must be a JSON object")),
-    ('{"format_version": 1, "default": {"alpha": NaN, "beta": 0}}',
-     ("default.alpha", "NaN is not valid JSON; must be a finite number")),
-    ('{"x": [1, -Infinity]}', ("x[1]", "-Infinity is not valid JSON; must be a finite number")),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("", ("", "file is empty")),
+        ("  \n", ("", "file is empty")),
+        ('{"format_version": 1,\n "model": ', ("line 2, column 11", "invalid JSON: Expecting value")),
+        ("[1, 2]", ("", "a plan must be a JSON object")),
+        (
+            '{"format_version": 1, "default": {"alpha": NaN, "beta": 0}}',
+            ("default.alpha", "NaN is not valid JSON; must be a finite number"),
+        ),
+        ('{"x": [1, -Infinity]}', ("x[1]", "-Infinity is not valid JSON; must be a finite number")),
+    ],
+)
 def test_text_level_problems_are_located(tmp_path, text, problem):
     path = tmp_path / "p.json"
     path.write_text(text)
@@ -192,8 +214,7 @@ def test_examples_exist_for_the_required_shapes():
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_plan_is_valid(path):
     plan = load_plan(path)
-    shape = (plan.model.num_layers, plan.model.num_attention_heads, plan.model.num_key_value_heads,
-             plan.model.head_dim)
+    shape = (plan.model.num_layers, plan.model.num_attention_heads, plan.model.num_key_value_heads, plan.model.head_dim)
     assert shape in {(30, 9, 3, 64), (32, 32, 8, 128)}
     n = plan.model.max_position_embeddings or 8192
     assert 0 < plan.density(n) <= 1
@@ -218,15 +239,16 @@ def test_generated_examples_are_reproducible(tmp_path):
 
 def test_plan_models_reject_direct_construction_errors():
     with pytest.raises(PlanError):
-        Plan(format_version=1, model={"num_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                      "head_dim": 4})
+        Plan(
+            format_version=1, model={"num_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4}
+        )
 
 
 def _readme_block(marker: str) -> str:
     text = (SPEC / "README.md").read_text()
-    after = text[text.index(f"<!-- {marker} -->"):]
-    body = after[after.index("```json\n") + len("```json\n"):]
-    return body[:body.index("\n```")]
+    after = text[text.index(f"<!-- {marker} -->") :]
+    body = after[after.index("```json\n") + len("```json\n") :]
+    return body[: body.index("\n```")]
 
 
 def test_spec_readme_compact_example_expands_as_documented():

@@ -27,8 +27,7 @@ def test_visible_pairs_equals_brute_force_count(alpha, beta, sink, n):
     assert 1 <= s <= n
     assert s == min(n, max(1, math.floor(alpha + beta * n)))
     assert semantics.visible_pairs(s, sink, n) == brute_pairs(s, sink, n)
-    assert all(semantics.visible(i, j, s, sink) == (j < sink or i - j < s)
-               for i in range(n) for j in range(i + 1))
+    assert all(semantics.visible(i, j, s, sink) == (j < sink or i - j < s) for i in range(n) for j in range(i + 1))
 
 
 def brute_last_query_keys(span_: int, sink: int, n: int) -> int:
@@ -48,8 +47,10 @@ def test_plan_density_equals_brute_force_count_of_the_last_querys_keys(plan, n):
         assert d == pytest.approx(sum(layer) / (len(layer) * n))
     for layer in plan.rules():
         for r in layer:
-            assert semantics.head_density(r.alpha, r.beta, plan.sink, n) == \
-                brute_last_query_keys(r.span(n), plan.sink, n) / n
+            assert (
+                semantics.head_density(r.alpha, r.beta, plan.sink, n)
+                == brute_last_query_keys(r.span(n), plan.sink, n) / n
+            )
 
 
 @settings(max_examples=25, deadline=None)
@@ -79,10 +80,21 @@ def test_density_matches_reference_plan_mask():
     torch = pytest.importorskip("torch")
     from moa_plan.runtime.reference import plan_mask
 
-    plan = Plan(format_version=FORMAT_VERSION,
-                model={"num_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
-                sink=3, layers=[{"heads": [{"alpha": -5, "beta": 0.5}, {"alpha": 2, "beta": 0},
-                                           {"alpha": 0, "beta": 1}, {"alpha": 7.9, "beta": 0.25}]}])
+    plan = Plan(
+        format_version=FORMAT_VERSION,
+        model={"num_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+        sink=3,
+        layers=[
+            {
+                "heads": [
+                    {"alpha": -5, "beta": 0.5},
+                    {"alpha": 2, "beta": 0},
+                    {"alpha": 0, "beta": 1},
+                    {"alpha": 7.9, "beta": 0.25},
+                ]
+            }
+        ],
+    )
     for n in (1, 5, 17, 33):
         mask = plan_mask(torch.tensor(plan.spans(n)[0]), plan.sink, n, n)
         assert plan.attention_fraction(n) == int(mask.sum()) / (4 * n * (n + 1) // 2)
@@ -120,7 +132,7 @@ def test_kv_spans_and_slots_cover_every_query_head_of_the_group(plan, n):
         for h, s in enumerate(layer):
             assert s <= kv_layer[h // g]
             assert slot_layer[h // g] == min(n, plan.sink + kv_layer[h // g])
-        assert all(s in layer[k * g:(k + 1) * g] for k, s in enumerate(kv_layer))
+        assert all(s in layer[k * g : (k + 1) * g] for k, s in enumerate(kv_layer))
     # spans never shrink as N grows, so slots at n_max cover every shorter length
     for m in (1, max(1, n // 2), n):
         assert all(a <= b for x, y in zip(plan.kv_slots(m), slots) for a, b in zip(x, y))

@@ -4,8 +4,9 @@ installs nothing that pip would compile."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"^<!-- ci: (setup|test) -->$")
@@ -21,15 +22,18 @@ def readme_blocks() -> list[tuple[str, str]]:
             continue
         assert lines[i + 1].startswith("```"), f"README.md line {i + 1}: a fenced block must follow {line!r}"
         end = lines.index("```", i + 2)
-        out.append((m.group(1), "\n".join(lines[i + 2:end]).strip()))
+        out.append((m.group(1), "\n".join(lines[i + 2 : end]).strip()))
     return out
 
 
 def ci_commands() -> list[str]:
     """The commands of .ci/run: its blocks of non-comment lines, less the `set` / `cd` preamble."""
     text = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    body = [ln for ln in text.splitlines() if not ln.startswith("#")
-            and not ln.startswith("set -") and not ln.startswith('cd "$(dirname "$0")/.."')]
+    body = [
+        ln
+        for ln in text.splitlines()
+        if not ln.startswith("#") and not ln.startswith("set -") and not ln.startswith('cd "$(dirname "$0")/.."')
+    ]
     return [block.strip() for block in "\n".join(body).split("\n\n") if block.strip()]
 
 

@@ -9,8 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moa_plan.runtime import attention
-from moa_plan.runtime.attention import (cached_keys, chunk_attention, decode_attention, prefill_attention,
-                                        torch_prefill_attention)
+from moa_plan.runtime.attention import (
+    cached_keys,
+    chunk_attention,
+    decode_attention,
+    prefill_attention,
+    torch_prefill_attention,
+)
 from moa_plan.runtime.cache import LayerLayout, allocate, write_kv
 from moa_plan.runtime.reference import reference_attention
 
@@ -21,8 +26,7 @@ TOL = 1e-5  # float32, absolute and relative
 def heads(draw, n: int):
     hkv = draw(st.integers(1, 3))
     group = draw(st.integers(1, 3))
-    spans = draw(st.lists(st.sampled_from([1, n]) | st.integers(1, n), min_size=hkv * group,
-                          max_size=hkv * group))
+    spans = draw(st.lists(st.sampled_from([1, n]) | st.integers(1, n), min_size=hkv * group, max_size=hkv * group))
     return hkv, group, torch.tensor(spans, dtype=torch.int32)
 
 
@@ -71,7 +75,7 @@ def test_cpu_prefill_matches_reference(data):
             return torch.randn(batch, n, h, d, generator=g).to(dtype).transpose(1, 2)
         return torch.randn(batch, h, n, d, generator=g).to(dtype)
 
-    q, k, v = make(hkv * group, k_len)[:, :, k_len - q_len:], make(hkv, k_len), make(hkv, k_len)
+    q, k, v = make(hkv * group, k_len)[:, :, k_len - q_len :], make(hkv, k_len), make(hkv, k_len)
     band_bytes = data.draw(st.sampled_from([1, 1000, attention.BAND_BYTES]))
     saved, attention.BAND_BYTES = attention.BAND_BYTES, band_bytes  # small: band blocks split over calls
     try:
@@ -130,13 +134,13 @@ def test_chunk_over_cache_matches_reference(data):
     n_max = data.draw(st.integers(2, 50))
     total = data.draw(st.integers(2, n_max))
     past = data.draw(st.integers(1, total - 1))
-    t = total - past
+    total - past
     hkv, group, spans_nmax = data.draw(heads(n_max))
     sink = data.draw(st.sampled_from([0, 2]) | st.integers(0, n_max))
     # the cache must serve the spans used at every length up to n_max: size it from spans at n_max,
     # and use spans at N = total that do not exceed them (spans never shrink as N grows)
     spans = torch.minimum(spans_nmax, torch.tensor(total, dtype=torch.int32))
-    caps = [min(n_max, sink + int(spans_nmax[k * group:(k + 1) * group].max())) for k in range(hkv)]
+    caps = [min(n_max, sink + int(spans_nmax[k * group : (k + 1) * group].max())) for k in range(hkv)]
     layout = LayerLayout.from_caps(caps, sink, n_max)
     d = data.draw(st.sampled_from([4, 8]))
     batch = data.draw(st.integers(1, 2))
@@ -147,8 +151,16 @@ def test_chunk_over_cache_matches_reference(data):
     kc, vc = allocate(layout, batch, d, torch.float32)
     write_kv(kc, vc, layout, k[:, :, :past], v[:, :, :past], 0)
     cached = cached_keys(kc, vc, layout, past)
-    got = chunk_attention(q[:, :, past:], k[:, :, past:], v[:, :, past:], cached, past, spans, sink,
-                          block=data.draw(st.sampled_from([1, 4, 512])))
+    got = chunk_attention(
+        q[:, :, past:],
+        k[:, :, past:],
+        v[:, :, past:],
+        cached,
+        past,
+        spans,
+        sink,
+        block=data.draw(st.sampled_from([1, 4, 512])),
+    )
     want = reference_attention(q[:, :, past:], k, v, spans, sink)
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
     # then writing the chunk and decoding one more position is also exact
@@ -162,8 +174,9 @@ def test_prefill_dispatch_uses_torch_on_cpu(monkeypatch):
     q = torch.randn(1, 2, 5, 8)
     k = torch.randn(1, 1, 5, 8)
     spans = torch.tensor([2, 5], dtype=torch.int32)
-    torch.testing.assert_close(prefill_attention(q, k, k, spans, 1), reference_attention(q, k, k, spans, 1),
-                               atol=TOL, rtol=TOL)
+    torch.testing.assert_close(
+        prefill_attention(q, k, k, spans, 1), reference_attention(q, k, k, spans, 1), atol=TOL, rtol=TOL
+    )
 
 
 def test_backend_setting_is_checked(monkeypatch):

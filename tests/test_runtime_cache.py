@@ -6,12 +6,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import one_layer_plans
 
 from moa_plan.plan import FORMAT_VERSION, ModelShape, Plan, Rule
-from moa_plan.runtime.cache import (LayerLayout, allocate, memory_report, plan_layouts, slot_positions,
-                                    torch_decode_attention, write_kv)
+from moa_plan.runtime.cache import (
+    LayerLayout,
+    allocate,
+    memory_report,
+    plan_layouts,
+    slot_positions,
+    torch_decode_attention,
+    write_kv,
+)
 from moa_plan.runtime.reference import reference_attention
-from strategies import one_layer_plans
 
 ATOL = 1e-5  # float32 against float32 reference
 
@@ -44,11 +51,12 @@ def test_prefill_then_decode_matches_reference(case):
     write_kv(kc, vc, layout, k[:, :, :prompt], v[:, :, :prompt], 0)
     for n in range(prompt, n_max + 1):
         if n > prompt:
-            write_kv(kc, vc, layout, k[:, :, n - 1:n], v[:, :, n - 1:n], n - 1)
+            write_kv(kc, vc, layout, k[:, :, n - 1 : n], v[:, :, n - 1 : n], n - 1)
         spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32)
-        got = torch_decode_attention(q[:, :, n - 1], kc, vc, layout.offset, layout.cap, layout.n_sink,
-                                     spans, plan.sink, n)
-        want = reference_attention(q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n], spans, plan.sink)[:, :, 0]
+        got = torch_decode_attention(
+            q[:, :, n - 1], kc, vc, layout.offset, layout.cap, layout.n_sink, spans, plan.sink, n
+        )
+        want = reference_attention(q[:, :, n - 1 : n], k[:, :, :n], v[:, :, :n], spans, plan.sink)[:, :, 0]
         torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL, msg=f"n={n}")
         # slot_positions names exactly the positions the slots hold
         pos = slot_positions(layout, n)
@@ -73,7 +81,7 @@ def test_chunked_write_equals_token_by_token(case, data):
     layout = LayerLayout.from_plan(plan, 0, n_max)
     one_k, one_v = allocate(layout, batch, d, torch.float32)
     for p in range(n_max):
-        write_kv(one_k, one_v, layout, k[:, :, p:p + 1], -k[:, :, p:p + 1], p)
+        write_kv(one_k, one_v, layout, k[:, :, p : p + 1], -k[:, :, p : p + 1], p)
     cuts = sorted(data.draw(st.lists(st.integers(1, n_max - 1), unique=True, max_size=4))) if n_max > 1 else []
     ch_k, ch_v = allocate(layout, batch, d, torch.float32)
     bounds = [0, *cuts, n_max]
@@ -139,7 +147,14 @@ def test_chunk_after_cache_ignores_non_finite_unused_slots(case, chunk):
     write_kv(kc, vc, layout, k[:, :, :prompt], v[:, :, :prompt], 0)
     n = prompt + chunk
     spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32)
-    got = chunk_attention(q[:, :, prompt:n], k[:, :, prompt:n], v[:, :, prompt:n],
-                          cached_keys(kc, vc, layout, prompt), prompt, spans, plan.sink)
+    got = chunk_attention(
+        q[:, :, prompt:n],
+        k[:, :, prompt:n],
+        v[:, :, prompt:n],
+        cached_keys(kc, vc, layout, prompt),
+        prompt,
+        spans,
+        plan.sink,
+    )
     want = reference_attention(q[:, :, prompt:n], k[:, :, :n], v[:, :, :n], spans, plan.sink)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)

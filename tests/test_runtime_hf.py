@@ -14,8 +14,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import (AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    AttentionInterface,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from moa_plan.io import save_plan
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, PlanError, Rule
@@ -26,12 +34,25 @@ from moa_plan.runtime.reference import reference_attention
 
 TOL = 1e-4
 REF = "moa_test_reference"
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-            bos_token_id=0, eos_token_id=None, pad_token_id=0)  # no EOS: every step generates
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,
+    bos_token_id=0,
+    eos_token_id=None,
+    pad_token_id=0,
+)  # no EOS: every step generates
 SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-         "mistral": (MistralConfig, MistralForCausalLM)}
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
 
 
 def _reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -87,10 +108,12 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-rule_st = st.builds(Rule, alpha=st.integers(-4, 40).map(float),
-                    beta=st.sampled_from([0.0, 0.0, 0.1, 0.25, 0.6, 1.0]))
-plan_st = st.builds(_plan, st.lists(st.lists(rule_st, min_size=4, max_size=4), min_size=2, max_size=2),
-                    st.sampled_from([0, 1, 3, 10, 100]))
+rule_st = st.builds(Rule, alpha=st.integers(-4, 40).map(float), beta=st.sampled_from([0.0, 0.0, 0.1, 0.25, 0.6, 1.0]))
+plan_st = st.builds(
+    _plan,
+    st.lists(st.lists(rule_st, min_size=4, max_size=4), min_size=2, max_size=2),
+    st.sampled_from([0, 1, 3, 10, 100]),
+)
 
 
 def _assert_greedy_consistent(logits: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -102,6 +125,7 @@ def _assert_greedy_consistent(logits: torch.Tensor, tokens: torch.Tensor) -> Non
 
 # ---- (a) every span = N gives the dense model ------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("dense_attn", ["eager", "sdpa"])
 def test_dense_plan_gives_dense_logits(arch, dense_attn):
@@ -110,10 +134,8 @@ def test_dense_plan_gives_dense_logits(arch, dense_attn):
     ids = _ids(2, 57)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=TOL, rtol=TOL)
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
-        ref = dense.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        ref = dense.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
     assert isinstance(getattr(out, CACHE_ARG), MoACache)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), atol=TOL, rtol=TOL)
 
@@ -133,6 +155,7 @@ def test_generate_uses_the_current_cache_keyword(recwarn, caplog):
 
 # ---- (b) a random plan's logits equal the reference with the plan's mask ---------------------
 
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=plan_st, arch=st.sampled_from(["llama", "qwen2", "mistral"]), n=st.integers(1, 70))
 def test_random_plan_logits_equal_reference(plan, arch, n):
@@ -144,6 +167,7 @@ def test_random_plan_logits_equal_reference(plan, arch, n):
 
 # ---- (c) greedy generation through MoACache ---------------------------------------------------
 
+
 def test_generate_equals_full_forward_at_each_steps_n():
     """Layer 0 has N-independent spans (beta 0, alpha <= prompt), layer 1 grows (beta > 0) and evicts
     from its ring: step t's logits are then exactly those of a full reference forward at N = P + t."""
@@ -154,14 +178,20 @@ def test_generate_equals_full_forward_at_each_steps_n():
     model, ref = _with_plan("llama", plan)
     ids = _ids(2, prompt, seed=7)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True, attention_mask=torch.ones_like(ids))
+        out = model.generate(
+            ids,
+            max_new_tokens=new,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            attention_mask=torch.ones_like(ids),
+        )
         cache = getattr(out, CACHE_ARG)
         assert isinstance(cache, MoACache) and cache.n_max == prompt + new
         seq = out.sequences
         assert seq.shape[1] == prompt + new
         for t in range(new):
-            want = ref(seq[:, :prompt + t], use_cache=False).logits[:, -1]
+            want = ref(seq[:, : prompt + t], use_cache=False).logits[:, -1]
             torch.testing.assert_close(out.logits[t], want, atol=TOL, rtol=TOL, msg=f"step {t}")
             _assert_greedy_consistent(want, seq[:, prompt + t])
 
@@ -179,7 +209,7 @@ def test_cached_steps_equal_stepwise_reference(plan, chunks, new):
     with torch.no_grad():
         start = 0
         for size in [*chunks, *([1] * new)]:
-            piece = ids[:, start:start + size]
+            piece = ids[:, start : start + size]
             got = model(piece, **{CACHE_ARG: cache}).logits
             want = ref(piece, **{CACHE_ARG: dyn}).logits
             torch.testing.assert_close(got, want, atol=TOL, rtol=TOL, msg=f"positions {start}..{start + size - 1}")
@@ -196,9 +226,14 @@ def test_generate_beyond_the_cache_is_refused():
 
 # ---- (d) plans that do not fit; memory ----------------------------------------------------------
 
+
 def test_plan_that_does_not_fit_is_refused_with_location():
-    wrong = Plan(format_version=FORMAT_VERSION, sink=0, default=Rule(alpha=8.0, beta=0.0),
-                 model=ModelShape(num_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=16))
+    wrong = Plan(
+        format_version=FORMAT_VERSION,
+        sink=0,
+        default=Rule(alpha=8.0, beta=0.0),
+        model=ModelShape(num_layers=3, num_attention_heads=8, num_key_value_heads=2, head_dim=16),
+    )
     with pytest.raises(PlanError) as err:
         apply_plan(_clone("llama"), wrong)
     assert ("model.num_attention_heads", "is 8, the model has 4") in err.value.problems
@@ -210,8 +245,9 @@ def test_memory_equals_the_plans_slots():
     model, _ = _with_plan("llama", plan)
     ids = _ids(3, 40)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
-                             attention_mask=torch.ones_like(ids))
+        out = model.generate(
+            ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, attention_mask=torch.ones_like(ids)
+        )
     cache = getattr(out, CACHE_ARG)
     n_max = 48
     slots = sum(map(sum, plan.kv_slots(n_max)))  # layer 0: 2 + 24 per KV head; layer 1: 2 + 6
@@ -255,8 +291,9 @@ def test_4d_masks_hiding_keys_are_refused_and_causal_ones_honoured(kind):
         assert not torch.allclose(dense(ids, attention_mask=padded).logits[0], dense(ids).logits[0], atol=1e-3)
         with pytest.raises(ValueError, match="hides keys the plan"):
             model(ids, attention_mask=padded)
-        torch.testing.assert_close(model(ids, attention_mask=causal).logits, ref(ids, use_cache=False).logits,
-                                   atol=TOL, rtol=TOL)
+        torch.testing.assert_close(
+            model(ids, attention_mask=causal).logits, ref(ids, use_cache=False).logits, atol=TOL, rtol=TOL
+        )
         if kind == "float":
             biased = causal.clone()
             biased[1, :, 5, 2] = -1.0
@@ -281,8 +318,11 @@ def test_packed_position_ids_are_refused_offsets_kept():
         with pytest.raises(ValueError, match="position_ids"):
             model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]))
         with pytest.raises(ValueError, match="position_ids"):
-            model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]]),
-                  use_cache=False)
+            model(
+                ids,
+                position_ids=torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]]),
+                use_cache=False,
+            )
         shifted = model(ids, position_ids=torch.arange(5, 15).view(1, -1)).logits
         assert torch.isfinite(shifted).all()
 
@@ -308,11 +348,12 @@ def test_a_refused_step_leaves_the_cache_untouched():
             assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
         for t in (12, 13):  # step 12 with the exact causal mask of a decode step (honoured), 13 without one
             mask = _causal_4d(1, 1, t + 1, t, "bool") if t == 12 else None
-            got = model(ids[:, t:t + 1], past_key_values=cache, attention_mask=mask).logits
-            torch.testing.assert_close(got, ref(ids[:, t:t + 1], past_key_values=dyn).logits, atol=TOL, rtol=TOL)
+            got = model(ids[:, t : t + 1], past_key_values=cache, attention_mask=mask).logits
+            torch.testing.assert_close(got, ref(ids[:, t : t + 1], past_key_values=dyn).logits, atol=TOL, rtol=TOL)
 
 
 # ---- loading ----------------------------------------------------------------------------------------
+
 
 def test_load_model_refuses_a_bad_plan_before_reading_weights(tmp_path, monkeypatch):
     import os
@@ -324,8 +365,11 @@ def test_load_model_refuses_a_bad_plan_before_reading_weights(tmp_path, monkeypa
     os.mkfifo(tmp_path / "fifo.json")
     (tmp_path / "zero.json").symlink_to("/dev/zero")
     (tmp_path / "bad.json").write_text('{"format_version": 1}')
-    for name, message in [("fifo.json", "a FIFO, not a regular file"), ("zero.json", "a character device"),
-                          ("bad.json", "model: required field is missing")]:
+    for name, message in [
+        ("fifo.json", "a FIFO, not a regular file"),
+        ("zero.json", "a character device"),
+        ("bad.json", "model: required field is missing"),
+    ]:
         with pytest.raises(PlanError) as err:
             load_model(tmp_path / "model", tmp_path / name)
         assert str(err.value).startswith(f"{tmp_path / name}: ") and message in str(err.value)
@@ -345,8 +389,7 @@ def test_load_model_from_saved_dir_and_plan_file(tmp_path, monkeypatch):
     _, ref = _with_plan("llama", plan)
     ids = _ids(1, 33)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True)
         assert isinstance(getattr(out, CACHE_ARG), MoACache)
         want = ref(out.sequences[:, :33], use_cache=False).logits[:, -1]
         torch.testing.assert_close(out.logits[0], want, atol=TOL, rtol=TOL)
@@ -420,8 +463,10 @@ print("ok")
 def _kernels_present() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None
-               for m in ("triton", "moa_plan.runtime.triton_prefill", "moa_plan.runtime.triton_decode"))
+    return all(
+        importlib.util.find_spec(m) is not None
+        for m in ("triton", "moa_plan.runtime.triton_prefill", "moa_plan.runtime.triton_decode")
+    )
 
 
 def _run_triton_script(device: str, dtype: str, tol: float, interpret: bool) -> None:
@@ -432,8 +477,13 @@ def _run_triton_script(device: str, dtype: str, tol: float, interpret: bool) -> 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, __file__, device, dtype, str(tol)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT, __file__, device, dtype, str(tol)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     print(proc.stdout)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
 

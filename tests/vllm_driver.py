@@ -18,8 +18,15 @@ def run(job):
     os.environ.update(job.get("env", {}))
     for name in job.get("unset", []):
         os.environ.pop(name, None)
-    engine = dict(dtype="float32", max_model_len=1024, enforce_eager=True, max_num_seqs=8, seed=0,
-                  kv_cache_memory_bytes=64 << 20, block_size=32)
+    engine = dict(
+        dtype="float32",
+        max_model_len=1024,
+        enforce_eager=True,
+        max_num_seqs=8,
+        seed=0,
+        kv_cache_memory_bytes=64 << 20,
+        block_size=32,
+    )
     engine.update(job.get("engine", {}))
     llm = LLM(model=job["model"], **engine)
     params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True)

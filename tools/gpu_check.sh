@@ -25,6 +25,6 @@ if [ "${TESTS:-1}" = 1 ]; then
     "$REPO/tests/test_kernels_gpu.py" 2>&1 | tee "$OUT/gpu_tests.log" || rc=1
 fi
 if [ $# -gt 0 ]; then
-  python3 -m moa_plan.evals.bench bench --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" || rc=1
+  python3 -m moa_plan.evals.bench.cli bench --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" || rc=1
 fi
 exit $rc

