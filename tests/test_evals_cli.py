@@ -267,33 +267,33 @@ def test_out_is_checked_before_the_first_cell(tiny, tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err == (f"moa-plan eval retrieval: --out: {tmp_path} is a folder; give a file name\n")
 
 
+def _one_dense_retrieval(tiny, out) -> list[str]:
+    """The smallest retrieval run: one dense document of 100 tokens into ``out``."""
+    return [
+        "eval",
+        "retrieval",
+        "--model",
+        str(tiny),
+        "--plan",
+        "dense",
+        "--out",
+        str(out),
+        "--lengths",
+        "100",
+        "--positions",
+        "0",
+        "--samples",
+        "1",
+        "--no-progress",
+    ]
+
+
 def test_a_result_file_is_written_by_one_run_at_a_time(tiny, tmp_path, capsys):
     from moa_plan.files import exclusive
 
     out = tmp_path / "r.json"
     with exclusive(out):  # as if another run were resuming the same file
-        assert (
-            main(
-                [
-                    "eval",
-                    "retrieval",
-                    "--model",
-                    str(tiny),
-                    "--plan",
-                    "dense",
-                    "--out",
-                    str(out),
-                    "--lengths",
-                    "100",
-                    "--positions",
-                    "0",
-                    "--samples",
-                    "1",
-                    "--no-progress",
-                ]
-            )
-            == 1
-        )
+        assert main(_one_dense_retrieval(tiny, out)) == 1
     assert (
         capsys.readouterr().err
         == f"{out}: another moa-plan run is writing this file now; wait for it or choose another output\n"
@@ -313,28 +313,7 @@ def test_a_result_file_is_written_by_one_run_at_a_time(tiny, tmp_path, capsys):
 def test_a_malformed_result_file_is_one_line(tiny, tmp_path, capsys, text):
     out = tmp_path / "r.json"
     out.write_text(text)
-    assert (
-        main(
-            [
-                "eval",
-                "retrieval",
-                "--model",
-                str(tiny),
-                "--plan",
-                "dense",
-                "--out",
-                str(out),
-                "--lengths",
-                "100",
-                "--positions",
-                "0",
-                "--samples",
-                "1",
-                "--no-progress",
-            ]
-        )
-        == 1
-    )
+    assert main(_one_dense_retrieval(tiny, out)) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"{out}: ") and err.count("\n") == 1 and "--overwrite" in err
 

@@ -215,19 +215,18 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
         json.dumps({"text": "one two three " * 200, "question": "Which word comes first?"}) + "\n"
     )
     out = tmp_path / "calib.jsonl"
-    calibration.build(
-        CalibrateSettings(
-            model=tiny_dir,
-            out=out,
-            lengths=[300],
-            samples=6,
-            tasks=["kv", "copy"],
-            seed=1,
-            max_answer_tokens=3,
-            text=str(docs),
-            quiet=True,
-        )
+    cfg = CalibrateSettings(
+        model=tiny_dir,
+        out=out,
+        lengths=[300],
+        samples=6,
+        tasks=["kv", "copy"],
+        seed=1,
+        max_answer_tokens=3,
+        text=str(docs),
+        quiet=True,
     )
+    calibration.build(cfg)
     settings, samples = calibration.load_dataset(out)
     assert settings["lengths"] == [300] and settings["chat_template"] is False
     assert [s["task"] for s in samples] == ["kv", "copy", "text", "kv", "copy", "text"]
@@ -245,19 +244,7 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
     from moa_plan.runtime import load as loader
 
     monkeypatch.setattr(loader, "load", lambda *a, **k: pytest.fail("model reloaded on resume"))
-    calibration.build(
-        CalibrateSettings(
-            model=tiny_dir,
-            out=out,
-            lengths=[300],
-            samples=6,
-            tasks=["kv", "copy"],
-            seed=1,
-            max_answer_tokens=3,
-            text=str(docs),
-            quiet=True,
-        )
-    )
+    calibration.build(cfg)
     # a different seed is refused instead of silently mixing datasets
     from moa_plan.errors import OptionError
 

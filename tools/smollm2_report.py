@@ -83,11 +83,10 @@ def fmt_diff(a: list[float], b: list[float]) -> str:
     return f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark}"
 
 
-def ablation(tasks: dict, meths: dict) -> list[str]:
+def ablation(tasks: dict, meths: dict, stats: dict) -> list[str]:
     """The paper's ablation at each length where the static plans were measured: uniform window,
     per-head static windows, per-head elastic windows (MoA), each at the same budget."""
     acc = {t: a for t, (a, _, _) in tasks.items()}
-    stats = next(iter(tasks.values()))[1]
     static_lengths = sorted({n for a in acc.values() for n in a.get("static-50", {})})
     if not static_lengths:
         return []
@@ -161,7 +160,8 @@ def main(argv: list[str]) -> int:
                 + f" | {fmt_diff(allm, allb) if both else '-'} |"
             )
         lines.append("")
-    ppl_stats = next(iter(tasks.values()))[1] if tasks else {}
+    plan_stats = next(iter(tasks.values()))[1] if tasks else {}  # density per method and length
+    meths: dict = {}
     if (res / "perplexity.json").exists():
         meths = perplexity([res / "perplexity.json", *sorted(res.glob("perplexity-static-*.json"))])
         methods = [m for m in ORDER if m in meths] + [m for m in meths if m not in ORDER]
@@ -184,7 +184,7 @@ def main(argv: list[str]) -> int:
                     cells.append("-")
                     continue
                 txt = f"{c['ppl']:.2f}"
-                if base in meths and m != base and m != "dense" and same_density(ppl_stats, m, base, int(n)):
+                if base in meths and m != base and m != "dense" and same_density(plan_stats, m, base, int(n)):
                     b = meths[base]["perplexity"][kind][n]
                     diff, lo, hi = paired_bootstrap(c["window_nll"], b["window_nll"])
                     mark = " *" if lo > 0 or hi < 0 else ""
@@ -196,26 +196,26 @@ def main(argv: list[str]) -> int:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     if tasks:
-        _, stats, lengths = next(iter(tasks.values()))
+        lengths = next(iter(tasks.values()))[2]
         lines += [
             "### what each plan keeps (exact, from the plans)",
             "",
             "| method | " + " | ".join(f"density / KV-cache fraction @{n}" for n in lengths) + " |",
             "|---" * (len(lengths) + 1) + "|",
         ]
-        for m in [m for m in ORDER if m in stats]:
+        for m in [m for m in ORDER if m in plan_stats]:
             lines.append(
                 f"| {m} | "
                 + " | ".join(
-                    f"{stats[m][str(n)]['density']:.3f} / {stats[m][str(n)]['kv_cache_fraction']:.3f}"
-                    if str(n) in stats[m]
+                    f"{plan_stats[m][str(n)]['density']:.3f} / {plan_stats[m][str(n)]['kv_cache_fraction']:.3f}"
+                    if str(n) in plan_stats[m]
                     else "-"
                     for n in lengths
                 )
                 + " |"
             )
         lines.append("")
-        lines += ablation(tasks, meths if (res / "perplexity.json").exists() else {})
+        lines += ablation(tasks, meths, plan_stats)
     out_md.write_text("\n".join(lines))
     if png and "passkey" in tasks:
         import matplotlib
