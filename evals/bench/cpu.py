@@ -367,6 +367,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
+        "MoA P%: a plan of density P (the MoA paper's: mean over heads of min(N, sink + span) / N); "
         "attention fraction: share of the causal N x N (query, key) pairs the plan attends to; ideal s: "
         "the SDPA forward minus (1 - fraction) x its attention time. "
         + "; ".join(f"{k}: {v:.2e}" for k, v in result["checks"].items()),
