@@ -154,11 +154,14 @@ def _generate(
 
 
 def questions_at(length: int, max_answer_tokens: int, wanted: int) -> int:
-    """How many question turns (up to ``wanted``) a sample of ``length`` tokens holds: each answer
-    reserves ``max_answer_tokens`` plus its turn's markup, and a prompt remains. Short lengths
-    get fewer questions rather than none, so they can be profiled too (0: not even one fits)."""
-    fits = [t for t in range(1, wanted + 1) if length > t * (max_answer_tokens + 48) + 32]
-    return max(fits, default=0)
+    """How many question turns (up to ``wanted``) a sample of ``length`` tokens holds. Each turn
+    reserves ``max_answer_tokens`` plus its markup; the turns take at most half the sample, so the
+    document the answers read stays the larger part (as in long-document calibration), except that
+    a short length still gets one turn where one fits, so it can be profiled (0: none fits)."""
+    turn = max_answer_tokens + 48
+    if length <= turn + 32:
+        return 0
+    return max(1, min(wanted, (length // 2) // turn))
 
 
 def _first_questions(task: tuple[str, list[str]], n: int) -> tuple[str, list[str]]:

@@ -23,8 +23,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 W=/tmp/moa-work            # calibration data, profile (large: stays on the machine)
 R=/tmp/moa-results         # what comes back
 mkdir -p "$W" "$R"
-LENS=${LENS:-1024,2048}         # profiled and optimised (512 is too short for 3 answers of 128 tokens)
-EXT=${EXT:-512,8192}            # density-constrained, never profiled
+LENS=${LENS:-512,1024,2048}     # profiled and optimised (short lengths get fewer questions: questions_at)
+EXT=${EXT:-8192}                # density-constrained, never profiled
 VAL=4096                        # held out: selects among the Pareto plans by measured loss
 EVAL_LENS=${EVAL_LENS:-512,1024,2048}
 KINDS=${KINDS:-moa gqa static}  # which searches the optimize stage runs (and the eval stage measures)
@@ -62,9 +62,9 @@ profile)
   M=$(python3 -c "from moa_plan.runtime.load import smollm2_folder; print(smollm2_folder('/tmp/smollm2'))") || exit 1
   echo "model: $M"
   S=${SAMPLES:-64}
-  ( time timeout 280 python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 64 \
+  ( time timeout "${CAL_TIMEOUT:-320}" python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 64 \
       --out "$W/calib.json" ) 2>&1 | tee "$R/calibrate.log" | tail -3
-  ( time timeout 200 python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.json" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
+  ( time timeout "${PROF_TIMEOUT:-230}" python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.json" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
   python3 - "$W/calib.json" > "$R/calibration-summary.json" <<'EOF2'
 import json, sys
 from moa_plan.search.calibration import load_dataset
