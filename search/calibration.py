@@ -118,7 +118,8 @@ def _generate(
             convs = []
             for spec in batch:
                 n_q = questions_at(spec["length"], max_answer_tokens, DOC_QUESTIONS if spec["task"] == "docs" else 1)
-                target = spec["length"] - n_q * (max_answer_tokens + 1)
+                # each answer's end-of-turn markup and re-tokenisation take a few tokens more
+                target = spec["length"] - n_q * (max_answer_tokens + 4)
                 if spec["task"] == "text":
                     doc = docs[spec["index"] % len(docs)]
                     make = lambda units, doc=doc: text_task(doc, units)  # noqa: E731

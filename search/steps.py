@@ -130,12 +130,18 @@ def _optimize(s: OptimizeSettings) -> int:
             "calibration_settings": calib,
             "samples": [x["id"] for x in held],
         }
+        reference = uniform_reference(res.plan)
         with Run(
             plot_dir / f"{stem}.validation.json", "validate", settings, overwrite=s.overwrite, quiet=s.quiet
         ) as run:
-            rows = loss.measured_losses(s.model, held, res.plans, run, s.device)
+            rows = loss.measured_losses(s.model, held, [*res.plans, reference], run, s.device)
         measured = [sum(r) / len(r) for r in rows]
-        select.choose_measured(res, measured, s.validation_length, len(held))
+        select.choose_measured(res, measured[:-1], s.validation_length, len(held))
+        for plan in res.plans:
+            plan.provenance["selection"]["uniform_reference"] = {
+                "density": reference.provenance["target_density"],
+                "measured_loss": round(measured[-1], 6),
+            }
     plan = res.plan
     lens = plan.provenance["lengths"] + ([s.validation_length] if s.validation_length else [])
     plots.pareto_png(res, plot_dir / f"{stem}.pareto.png")
@@ -145,11 +151,13 @@ def _optimize(s: OptimizeSettings) -> int:
     write_candidates(res, measured, plot_dir / f"{stem}.candidates.md")
     save_plan(plan, out)
     prov = plan.provenance
+    ref = prov["selection"].get("uniform_reference")
     _log(
         f"plan: {out} | density {json.dumps(prov['achieved_density'])} | est. loss "
         f"{json.dumps(prov['estimated_loss'])} | {prov['solver']['name']} {prov['solver']['termination']} "
         f"gap {prov['solver']['gap']} | {prov['selection']['pareto_size']} Pareto plans | "
-        f"split-half Spearman {json.dumps(agreement)} | {prov['optimize_seconds']:.1f} s"
+        + (f"measured loss {measured[res.chosen]:.4f} vs uniform {ref['measured_loss']:.4f} | " if ref else "")
+        + f"split-half Spearman {json.dumps(agreement)} | {prov['optimize_seconds']:.1f} s"
     )
     return 0
 
@@ -176,8 +184,18 @@ def search(s: SearchSettings) -> int:
     return rc
 
 
+def uniform_reference(plan):
+    """The StreamingLLM window at the plan's tightest budget: measured beside the Pareto plans, so
+    the candidates table says whether the search beats the uniform window on held-out samples."""
+    from moa_plan.build import uniform_plan
+
+    budget = min(plan.provenance["budget"].values())
+    return uniform_plan(plan.model, budget, plan.sink, plan.block_size)
+
+
 def write_candidates(res, measured: list[float] | None, path: Path) -> None:
-    """The Pareto candidates (estimated losses, densities, measured loss) as a markdown table."""
+    """The Pareto candidates (estimated losses, densities, measured loss) as a markdown table;
+    with measured losses, a last row for the uniform window at the same budget (``measured[-1]``)."""
     from moa_plan.files import write_atomic
 
     plans = res.plans
@@ -201,6 +219,9 @@ def write_candidates(res, measured: list[float] | None, path: Path) -> None:
             + (["**yes**"] if i == res.chosen else [""])
         )
         lines.append("| " + " | ".join(row) + " |")
+    if measured and len(measured) > len(plans):
+        blank = [""] * (len(est) + len(lens))
+        lines.append("| " + " | ".join(["uniform (reference)", *blank, f"{measured[-1]:.4f}", ""]) + " |")
     write_atomic(
         path,
         f"Pareto candidates of {path.name.removesuffix('.candidates.md')}: "

@@ -87,6 +87,10 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     assert set(prov["profile_split_half_spearman"]) == set()  # one sample per length: no halves
     table = (tmp_path / "plan.candidates.md").read_text()
     assert "measured loss" in table and "**yes**" in table
+    # the uniform window at the same budget is measured on the same held-out samples, beside them
+    ref = prov["selection"]["uniform_reference"]
+    assert ref["density"] == 0.5 and ref["measured_loss"] > 0
+    assert "| uniform (reference) |" in table and f"{ref['measured_loss']:.4f}" in table
     assert (tmp_path / "plan.pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "plan.spans.png").read_bytes()[:4] == b"\x89PNG"
 
