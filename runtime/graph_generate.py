@@ -8,7 +8,7 @@ end-of-sequence bookkeeping, the token stored, the position advanced) is capture
 replayed: every per-step value lives in device tensors, the split-K counts are fixed by the
 cache's capacities, and nothing is read back until the end (or every ``CHECK_EVERY`` steps when
 an end-of-sequence token can stop all rows early). The captured step is kept on the model for
-the next call with the same batch, prompt length, length bound and dtype (``release`` frees it).
+the next call with the same batch, prompt length and dtype and no longer a bound (``release`` frees it).
 
 ``MOA_GRAPH_DECODE``: 'auto' (default: on CUDA), '0' (never: transformers' loop), '1' (also off
 CUDA, stepping eagerly through the same static step: what the CPU tests check).
@@ -178,9 +178,9 @@ def generate_greedy(
     batch, prompt = input_ids.shape
     n_max = prompt + max_new_tokens
     device = input_ids.device
-    key = (batch, prompt, n_max, str(device), next(model.parameters()).dtype)
+    key = (batch, prompt, str(device), next(model.parameters()).dtype)
     held = getattr(model, "_moa_graph_decoder", None)
-    if held is None or held[0] != key:
+    if held is None or held[0] != key or held[1].n_max < n_max:  # a longer bound serves shorter calls
         release(model)
         held = (key, GraphDecoder(model, batch, prompt, n_max, device, graph=device.type == "cuda"))
         model._moa_graph_decoder = held

@@ -93,13 +93,15 @@ def test_static_steps_generate_what_transformers_generates(plan, prompt, new, ba
 def test_a_kept_step_serves_the_next_call_and_a_new_shape_replaces_it(monkeypatch):
     model = _model(MIXED)
     monkeypatch.setenv(ENV, "1")
-    for seed, (batch, prompt, new) in enumerate([(2, 9, 12), (2, 9, 12), (1, 5, 7)]):
+    kept = {(2, 9): 21, (1, 5): 12}  # the first bound of a (batch, prompt) serves shorter calls
+    for seed, (batch, prompt, new) in enumerate([(2, 9, 12), (2, 9, 12), (2, 9, 3), (1, 5, 7)]):
         ids = _ids(batch, prompt, seed)
         want = _hf_generate(model, ids, monkeypatch, max_new_tokens=new)
         with torch.no_grad():
             got = model.generate(ids, do_sample=False, max_new_tokens=new)
         assert torch.equal(got, want), (batch, prompt, new)
-        assert model._moa_graph_decoder[0][:3] == (batch, prompt, prompt + new)
+        assert model._moa_graph_decoder[0][:2] == (batch, prompt)
+        assert model._moa_graph_decoder[1].n_max == kept[batch, prompt]
     release(model)
     assert model._moa_graph_decoder is None
 
