@@ -166,6 +166,24 @@ def write_kv(
     v_cache.index_copy_(1, slots.view(-1)[idx], src_v[:, idx])
 
 
+def write_token(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: LayerLayout,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    pos: torch.Tensor,
+) -> None:
+    """Write one token's K/V ([B, Hkv, 1, D] or [B, Hkv, D]) at position ``pos`` (a one-element
+    integer device tensor), in place and without reading anything back to the host: the write of
+    a static decode step (CUDA graphs)."""
+    batch, hkv, d = k_new.shape[0], k_new.shape[1], k_new.shape[-1]
+    where = pos.reshape(1, 1).to(torch.long).expand(hkv, 1)
+    slots = _slot_of(layout.offset, layout.cap, layout.n_sink, where).view(-1)  # [Hkv]
+    k_cache.index_copy_(1, slots, k_new.reshape(batch, hkv, d).to(k_cache.dtype))
+    v_cache.index_copy_(1, slots, v_new.reshape(batch, hkv, d).to(v_cache.dtype))
+
+
 def _head_positions(cap: torch.Tensor, n_sink: torch.Tensor, n: int | torch.Tensor, width: int) -> torch.Tensor:
     """Position held by local slot c of each KV head at total length n: [Hkv, width], -1 if none."""
     device = cap.device
@@ -208,11 +226,13 @@ def torch_decode_attention(
     sink: int,
     n: int | torch.Tensor,
     scale: float | None = None,
+    width: int | None = None,
 ) -> torch.Tensor:
     """One decode step over the static cache: q [B, Hq, D] -> [B, Hq, D] (PyTorch twin of the Triton kernel).
 
     ``n`` is the total length after the new token was written; query head h (KV head h // G)
     sees stored positions p with p < sink or (n - 1) - p < spans[h]. Computed in float32.
+    ``width``: the largest cap (read from ``cap`` when not given; given, nothing is read back).
     """
     batch, hq, d = q.shape
     hkv = cap.shape[0]
@@ -220,7 +240,7 @@ def torch_decode_attention(
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    width = int(cap.max())
+    width = int(cap.max()) if width is None else width
     pos = _head_positions(cap, n_sink, n, width)  # [Hkv, W]
     kh = gather_heads(k_cache, offset, cap, width).float()  # [B, Hkv, W, D]
     vh = gather_heads(v_cache, offset, cap, width).float()

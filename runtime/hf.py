@@ -30,7 +30,9 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from moa_plan.plan import Plan
 from moa_plan.runtime.attention import cached_keys, chunk_attention, decode_attention, prefill_attention
-from moa_plan.runtime.cache import LayerLayout, MemoryReport, allocate, memory_report, write_kv
+from moa_plan.runtime.cache import LayerLayout, MemoryReport, allocate, memory_report, write_kv, write_token
+from moa_plan.runtime.decode_op import decode as decode_op
+from moa_plan.runtime.static_step import StaticDecode
 
 ATTN_NAME = "moa"
 _STEP_ATTR = "moa_step"
@@ -82,6 +84,7 @@ class _Step:
     layer: MoALayer
     past: int  # positions cached before this update
     cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # cache view before a chunk was written
+    static: StaticDecode | None = None  # set: a static decode step (position, N and spans on the device)
 
 
 class MoALayer(CacheLayerMixin):
@@ -97,6 +100,7 @@ class MoALayer(CacheLayerMixin):
         self.caps = plan.kv_slots(n_max)[layer_idx]
         self.layout: LayerLayout | None = None
         self.length = 0
+        self.static: StaticDecode | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, hkv, _, d = key_states.shape
@@ -123,6 +127,11 @@ class MoALayer(CacheLayerMixin):
             )
         if key_states.shape[0] != self.keys.shape[0]:
             raise ValueError(f"batch of {key_states.shape[0]} does not match the cache's {self.keys.shape[0]}")
+        if self.static is not None and t == 1:  # static step: position from the device, nothing read back
+            write_token(self.keys, self.values, self.layout, key_states, value_states, self.static.pos)
+            self.length = past + 1
+            setattr(key_states, _STEP_ATTR, _Step(self, past, None, self.static))
+            return key_states, value_states
         cached = cached_keys(self.keys, self.values, self.layout, past) if past > 0 and t > 1 else None
         write_kv(self.keys, self.values, self.layout, key_states, value_states, past)
         self.length = past + t
@@ -181,6 +190,19 @@ class MoACache(Cache):
             dtype = first.keys.dtype if dtype is None else dtype
         return memory_report(self.plan, self.n_max, batch, dtype)
 
+    def set_static(self, static: StaticDecode | None) -> None:
+        """Decode steps (one token) read position, N and spans from ``static`` (None: from host ints)."""
+        for layer in self.layers:
+            layer.static = static
+
+    def set_length(self, length: int) -> None:
+        """The host's count of cached positions (static steps replayed in a CUDA graph do not run the
+        Python that counts them); no device work."""
+        if not 0 <= length <= self.n_max:
+            raise ValueError(f"length {length} outside 0..{self.n_max}")
+        for layer in self.layers:
+            layer.length = length
+
     def allocated_bytes(self) -> int:
         """Bytes actually held by the allocated K/V buffers."""
         return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.layers if layer.is_initialized)
@@ -206,7 +228,23 @@ def moa_attention_forward(
     layer = module.layer_idx
     q_len = query.shape[2]
     step: _Step | None = getattr(key, _STEP_ATTR, None)
-    if step is None or step.past == 0:  # every key is in hand: N = k_len
+    if step is not None and step.static is not None:
+        cache, static = step.layer, step.static
+        d = query.shape[-1]
+        out = decode_op(
+            query[:, :, 0],
+            cache.keys,
+            cache.values,
+            cache.layout.offset,
+            cache.layout.cap,
+            cache.layout.n_sink,
+            static.spans[layer],
+            static.n,
+            state.sink,
+            float(scaling) if scaling is not None else d**-0.5,
+            static.max_caps[layer],
+        ).unsqueeze(2)
+    elif step is None or step.past == 0:  # every key is in hand: N = k_len
         spans = state.spans(layer, key.shape[2], query.device)
         out = prefill_attention(query, key, value, spans, state.sink, scaling)
     else:

@@ -95,7 +95,8 @@ def _generation_length(model: PreTrainedModel, args: tuple, kwargs: dict) -> int
 
 
 def _generate(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
-    """``generate`` with a MoACache of n_max = prompt + max_new_tokens unless a cache is given."""
+    """``generate`` with a MoACache of n_max = prompt + max_new_tokens unless a cache is given; plain
+    greedy decoding on CUDA replays one captured decode step (``graph_generate``)."""
     wants_cache = (
         kwargs.get("cache") is None
         and kwargs.get("past_key_values") is None
@@ -103,6 +104,11 @@ def _generate(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
         and kwargs.get("cache_implementation") is None
     )
     if wants_cache:
+        from moa_plan.runtime.graph_generate import fast_path, generate_greedy
+
+        fast = fast_path(model, args, kwargs)
+        if fast is not None:
+            return generate_greedy(model, **fast)
         n_max = _generation_length(model, args, kwargs)
         if n_max is not None:
             kwargs[CACHE_ARG] = MoACache(model, n_max)

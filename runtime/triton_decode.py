@@ -12,7 +12,9 @@ L tokens (sink tokens, then window tokens in position order, wrapping around the
 the run is split into equal chunks (split-K) so that batch x KV heads x chunks fills the GPU.
 One program reads one chunk of one (batch, KV head) once for all G query heads of the group
 (a [G, D] x [D, BLOCK_N] product), so every KV byte is read once per group. A second small
-kernel merges the chunks' partial softmax states when there is more than one chunk.
+kernel merges the chunks' partial softmax states when there is more than one chunk, or (the
+default, ``MOA_DECODE_MERGE=fused``) the last chunk of each group to finish merges them in the same
+launch, so a decode step is always one launch. Kernels: ``triton_decode_kernel``.
 """
 
 from __future__ import annotations
@@ -22,183 +24,12 @@ import os
 
 import torch
 import triton
-import triton.language as tl
+
+from moa_plan.runtime.triton_decode_kernel import _decode_kernel, _reduce_kernel
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P: tl.constexpr):
-    """(slot base, ring size, sink tokens, first window position, window tokens) of KV head kvh."""
-    g = tl.arange(0, GROUP_P)
-    sp = tl.load(SPANS + kvh * GROUP + g, mask=g < GROUP, other=0)
-    w = tl.max(sp, 0)
-    base = tl.load(OFFSET + kvh)
-    cap = tl.load(CAP + kvh)
-    n_sink = tl.load(NSINK + kvh)
-    ring = cap - n_sink
-    ns_eff = tl.minimum(n_sink, n)
-    p_lo = tl.maximum(n_sink, n - w)
-    m = tl.minimum(tl.maximum(n - p_lo, 0), ring)
-    p_lo = n - m
-    return base, ring, n_sink, ns_eff, p_lo, m
-
-
-@triton.jit(do_not_specialize=["n_arg", "chunk", "num_splits"])
-def _decode_kernel(
-    Q,
-    K,
-    V,
-    OFFSET,
-    CAP,
-    NSINK,
-    SPANS,
-    O,
-    M_PART,
-    L_PART,
-    O_PART,
-    n_arg,
-    sink,
-    qk_scale,
-    chunk,
-    num_splits,
-    stride_qb,
-    stride_qh,
-    stride_kb,
-    stride_ks,
-    stride_vb,
-    stride_vs,
-    stride_ob,
-    stride_oh,
-    HKV,
-    GROUP,
-    GROUP_P: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,
-    N_PTR: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    split = tl.program_id(0)
-    pid = tl.program_id(1)
-    b = pid // HKV
-    kvh = pid % HKV
-    if N_PTR:
-        n = tl.load(n_arg).to(tl.int32)
-    else:
-        n = n_arg
-    base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P)
-    total = ns_eff + m
-    c0 = split * chunk
-    if c0 < total:
-        c1 = tl.minimum(c0 + chunk, total)
-        g = tl.arange(0, GROUP_P)
-        heads = kvh * GROUP + g
-        gmask = g < GROUP
-        span = tl.load(SPANS + heads, mask=gmask, other=1)
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
-        ring_safe = tl.maximum(ring, 1)
-        r_lo = (p_lo - n_sink) % ring_safe
-        k_base = K + b * stride_kb
-        v_base = V + b * stride_vb
-
-        m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_P], tl.float32)
-        acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
-        offs_n = tl.arange(0, BLOCK_N)
-        for t0 in range(c0, c1, BLOCK_N):
-            t = t0 + offs_n
-            valid = t < c1
-            in_sink = t < ns_eff
-            u = t - ns_eff
-            r = r_lo + u
-            r = tl.where(r >= ring_safe, r - ring_safe, r)
-            slot = base + tl.where(in_sink, t, n_sink + r)
-            pos = tl.where(in_sink, t, p_lo + u)
-            kt = tl.load(k_base + slot[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
-            if IEEE:
-                qk = tl.dot(q, kt, input_precision="ieee")
-            else:
-                qk = tl.dot(q, kt)
-            qk = qk * qk_scale
-            seen = valid[None, :] & (
-                in_sink[None, :] | (pos[None, :] < sink) | ((n - 1 - pos)[None, :] < span[:, None])
-            )
-            qk = tl.where(seen, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
-            m_i = m_new
-
-        if not SPLIT:
-            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-            out = acc / l_safe[:, None]
-            tl.store(
-                O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                out.to(O.dtype.element_ty),
-                mask=gmask[:, None],
-            )
-        else:
-            row = (b * HKV * GROUP + heads) * num_splits + split
-            tl.store(M_PART + row, m_i, mask=gmask)
-            tl.store(L_PART + row, l_i, mask=gmask)
-            tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
-
-
-@triton.jit(do_not_specialize=["n_arg", "chunk", "num_splits"])
-def _reduce_kernel(
-    M_PART,
-    L_PART,
-    O_PART,
-    O,
-    OFFSET,
-    CAP,
-    NSINK,
-    SPANS,
-    n_arg,
-    chunk,
-    num_splits,
-    stride_ob,
-    stride_oh,
-    HQ,
-    GROUP,
-    GROUP_P: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    SPLITS_P: tl.constexpr,
-    N_PTR: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = pid // HQ
-    h = pid % HQ
-    if N_PTR:
-        n = tl.load(n_arg).to(tl.int32)
-    else:
-        n = n_arg
-    base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, h // GROUP, n, GROUP, GROUP_P)
-    active = tl.cdiv(ns_eff + m, chunk)
-    s = tl.arange(0, SPLITS_P)
-    smask = s < active
-    row = pid * num_splits + s
-    mp = tl.load(M_PART + row, mask=smask, other=float("-inf"))
-    lp = tl.load(L_PART + row, mask=smask, other=0.0)
-    m_max = tl.max(mp, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(mp - m_max)
-    w = tl.where(smask, w, 0.0)
-    l_tot = tl.sum(w * lp, 0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    op = tl.load(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=smask[:, None], other=0.0)
-    acc = tl.sum(op * w[:, None], 0)
-    l_tot = tl.where(l_tot == 0.0, 1.0, l_tot)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_d, (acc / l_tot).to(O.dtype.element_ty))
+MERGE_ENV = "MOA_DECODE_MERGE"  # 'fused' (default: split-K chunks merged inside the one launch) or 'kernel'
+_counters: dict[str, torch.Tensor] = {}
 
 
 def _interpreting() -> bool:
@@ -212,6 +43,25 @@ def _max_cap(cap: torch.Tensor) -> int:
         cached = (cap._version, int(cap.max().item()) if cap.numel() else 0)
         cap._moa_max_cap = cached
     return cached[1]
+
+
+def merge_setting() -> str:
+    """'fused' or 'kernel' from MOA_DECODE_MERGE (default 'fused')."""
+    value = os.environ.get(MERGE_ENV, "fused").strip().lower() or "fused"
+    if value not in ("fused", "kernel"):
+        raise ValueError(f"{MERGE_ENV}={value!r}: must be 'fused' or 'kernel'")
+    return value
+
+
+def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters of the fused merge, kept per device and grown on demand (the
+    kernel leaves them at 0). Warm up once outside a CUDA graph capture so they already exist."""
+    key = str(device)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        _counters[key] = buf
+    return buf
 
 
 def _sm_count(device: torch.device) -> int:
@@ -252,12 +102,14 @@ def decode_attention(
     max_cap: int | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    merge: str | None = None,
 ) -> torch.Tensor:
     """One decode step of every query head of one layer over the per-head cache: q [B, Hq, D] -> [B, Hq, D].
 
     `n` is the total length after this token's K/V was written (an int, or a 0-dim integer device
     tensor for CUDA graphs). `max_cap` (default: read once from `cap`) bounds the tokens per head
-    when `n` is a tensor; `block_n` / `num_splits` override the tuning.
+    when `n` is a tensor; `block_n` / `num_splits` override the tuning; `merge` ('fused' or 'kernel',
+    default ``merge_setting()``) how split-K chunks are merged.
     """
     if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -301,6 +153,8 @@ def decode_attention(
         splits = triton.cdiv(max(1, bound), chunk)
     group_p = max(16, triton.next_power_of_2(group))
     out = torch.empty((batch, hq, d), device=q.device, dtype=q.dtype)
+    fused = splits > 1 and (merge or merge_setting()) == "fused"
+    counter = arrival_counters(q.device, batch * hkv) if fused else out
     if splits > 1:
         m_part = torch.empty((batch * hq * splits,), device=q.device, dtype=torch.float32)
         l_part = torch.empty_like(m_part)
@@ -321,6 +175,7 @@ def decode_attention(
         m_part,
         l_part,
         o_part,
+        counter,
         n_arg,
         int(sink),
         scale * _LOG2E,
@@ -342,10 +197,11 @@ def decode_attention(
         SPLIT=splits > 1,
         N_PTR=n_ptr,
         IEEE=q.dtype == torch.float32,
+        FUSED=fused,
         num_warps=warps,
         num_stages=stages,
     )
-    if splits > 1:
+    if splits > 1 and not fused:
         _reduce_kernel[(batch * hq,)](
             m_part,
             l_part,

@@ -69,3 +69,127 @@ def test_results_render():
         return
     md = render_markdown(json.loads(path.read_text()))
     assert "## Decode attention" in md and "## Prefill attention" in md and "tokens/s" in md
+
+
+def test_searched_plans_have_few_rules_of_very_different_spans():
+    from moa_plan.evals.bench.cases import label_density, plan_label, plan_of_kind
+
+    for dens in (0.5, 0.25):
+        plan = plan_of_kind("searched", SHAPES["llama3-8b"], dens, 16384, 64)
+        assert abs(plan.density(16384) - dens) < 0.01
+        for spans in plan.spans(16384):
+            assert len(set(spans)) <= 3 and max(spans) >= 8 * min(spans)
+        assert len({tuple(s) for s in plan.spans(16384)}) > 1  # proportions differ between layers
+    assert plan_label(0.5, "synthetic") == "moa0.5" and plan_label(0.25, "searched") == "moa0.25-searched"
+    assert label_density("decode/x/n4096/b1/moa0.25-searched") == 0.25
+
+
+def test_bench_grid_has_plan_kinds_e2e_rows_and_generate():
+    from moa_plan.evals.bench.cli import BenchSettings, grid
+
+    s = BenchSettings(shapes=["llama3-8b"], densities=[0.5], prefill_lens=[4096], decode_lens=[4096], batches=[1])
+    s.generate = True
+    keys = [k for k, _ in grid(s)]
+    assert "e2e/llama3-8b/moa0.5-searched" in keys and "e2e/llama3-8b/moa0.25" in keys
+    assert keys[-1] == "generate/llama3-8b"
+
+
+def test_generate_rows_stop_growing_past_out_of_memory():
+    from moa_plan.evals.bench.generation import _largest
+
+    tried = []
+
+    def run(b):
+        tried.append(b)
+        return {"batch": b, "error": "out of memory: x"} if b >= 32 else {"batch": b}
+
+    rows = _largest(run, [8, 32, 48, 16])
+    assert tried == [8, 32, 16] and [r["batch"] for r in rows] == [8, 32, 16]
+
+
+def test_step_bytes_counts_weights_and_the_kv_the_plan_reads():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moa_plan.build import dense_plan
+    from moa_plan.evals.bench.generation import step_bytes
+    from moa_plan.runtime.hf_apply import model_shape
+
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    shape = model_shape(model)
+    dense = dense_plan(shape).model_copy(update={"provenance": {"dense": True}})
+    b = step_bytes(model, dense, 3, 100)
+    params = sum(p.numel() for p in model.parameters()) * 2
+    assert b["weights"] == params - 50 * 32 * 2 + 3 * 32 * 2
+    assert b["kv"] == 2 * 2 * 100 * 2 * 8 * 2 * 3  # layers x KV heads x n x (K, V) x D x bf16 x batch
+    rules = [[Rule(alpha=10, beta=0.0)] * 4] * 2
+    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=4, layers=[Layer(heads=r) for r in rules])
+    assert step_bytes(model, plan, 3, 100)["kv"] == 2 * 2 * 14 * 2 * 8 * 2 * 3
+
+
+def test_new_rows_render():
+    res = {
+        "meta": {"device": "GPU"},
+        "ceilings": {"copy_GBps": 4000.0},
+        "kernels": {
+            "decode/llama3-8b/n4096/b1/sdpa": {"ms": 0.02, "best_ms": 0.015},
+            "decode/llama3-8b/n4096/b1/moa0.5-searched": {
+                "density": 0.5,
+                "attention_fraction": 0.58,
+                "read_fraction": 0.8,
+                "bytes_read": 8e6,
+                "ms": 0.008,
+                "ms_two_launches": 0.01,
+                "GBps": 1000,
+                "copy_frac": 0.25,
+                "speedup_vs_sdpa": 2.5,
+            },
+        },
+        "e2e": [
+            {
+                "shape": "llama3-8b",
+                "context": 16384,
+                "density": 0.5,
+                "plan_kind": "searched",
+                "attention_fraction": 0.6,
+                "weights_bytes": 4e9,
+                "dense": {"batch": 32, "ms_per_step": 40.0, "tok_s": 800, "kv_read_bytes": 8e9},
+                "moa": {"batch": 64, "ms_per_step": 30.0, "tok_s": 2100, "kv_read_bytes": 6e9},
+                "speedup": 2.6,
+            }
+        ],
+        "generate": [
+            {
+                "layers": 8,
+                "shape": "llama3-8b",
+                "context": 16384,
+                "new_tokens": 64,
+                "rows": [
+                    {
+                        "variant": "moa graph moa0.5",
+                        "batch": 8,
+                        "density": 0.5,
+                        "attention_fraction": 0.7,
+                        "ms_per_step": 3.0,
+                        "tok_per_s": 2666.7,
+                        "prefill_ms": 900.0,
+                        "peak_GB": 40.0,
+                        "floor": "(4 GB weights + 2 GB KV) / 4000 GB/s = 1.5 ms",
+                        "x_floor": 2.0,
+                    },
+                    {"variant": "dense static+compile", "batch": 32, "error": "out of memory: x"},
+                ],
+            }
+        ],
+    }
+    md = render_markdown(res)
+    assert "moa0.5-searched" in md and "0.800, 8.0 |" in md
+    assert "0.008 (0.01)" in md and "x floor" in md and "**2.0**" in md and "out of memory" in md
+    assert "| searched 0.500 |" in md and "| 12.00 |" in md  # moa: 30 ms / ((4 + 6) GB / 4000 GB/s = 2.5 ms)

@@ -38,6 +38,7 @@ def decode_cases(draw):
         splits=draw(st.sampled_from([None, 1, 2, 3])),
         block_n=draw(st.sampled_from([None, 16])),
         n_tensor=draw(st.booleans()),
+        merge=draw(st.sampled_from(["fused", "kernel"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -81,6 +82,7 @@ def test_decode_matches_reference(c):
         n_arg,
         num_splits=c["splits"],
         block_n=c["block_n"],
+        merge=c["merge"],
     )
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
     assert got.shape == want.shape and got.dtype == q.dtype
@@ -97,12 +99,51 @@ def test_decode_long_ring_wraps_with_many_splits():
     c = dict(plan=plan, n_max=300, n=300, prompt=200, batch=1, dtype=torch.float32, seed=0)
     q, k, v, kc, vc, layout = _filled_cache(c)
     spans = torch.tensor(plan.spans(300)[0], dtype=torch.int32)
+    want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
     for splits in (1, 5, 19):
-        got = triton_decode.decode_attention(
-            q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, plan.sink, 300, num_splits=splits, block_n=16
-        )
-        want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
-        assert (got - want).abs().max().item() <= 1e-5, splits
+        for merge in ("fused", "kernel"):
+            got = triton_decode.decode_attention(
+                q,
+                kc,
+                vc,
+                layout.offset,
+                layout.cap,
+                layout.n_sink,
+                spans,
+                plan.sink,
+                300,
+                num_splits=splits,
+                block_n=16,
+                merge=merge,
+            )
+            assert (got - want).abs().max().item() <= 1e-5, (splits, merge)
+
+
+def test_decode_fused_merge_leaves_counters_at_zero():
+    """The fused merge's last program resets its arrival counter: repeated launches (CUDA graph
+    replays) start from zero, and the result is the same every time."""
+    shape = ModelShape(num_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=3, layers=[Layer(heads=[Rule(alpha=0, beta=1)] * 4)])
+    c = dict(plan=plan, n_max=90, n=90, prompt=90, batch=2, dtype=torch.float32, seed=1)
+    q, k, v, kc, vc, layout = _filled_cache(c)
+    spans = torch.tensor(plan.spans(90)[0], dtype=torch.int32)
+    n = torch.tensor(90, dtype=torch.int32)
+    args = (q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, plan.sink, n)
+    first = triton_decode.decode_attention(*args, num_splits=4, block_n=16, merge="fused")
+    counters = triton_decode.arrival_counters(q.device, 4)
+    assert int(counters[:4].abs().sum()) == 0
+    again = triton_decode.decode_attention(*args, num_splits=4, block_n=16, merge="fused")
+    assert torch.equal(first, again)
+    want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
+    assert (first - want).abs().max().item() <= 1e-5
+
+
+def test_decode_merge_setting(monkeypatch):
+    monkeypatch.setenv(triton_decode.MERGE_ENV, "kernel")
+    assert triton_decode.merge_setting() == "kernel"
+    monkeypatch.setenv(triton_decode.MERGE_ENV, "bogus")
+    with pytest.raises(ValueError):
+        triton_decode.merge_setting()
 
 
 def test_decode_split_plan_fills_gpu():

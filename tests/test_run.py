@@ -304,8 +304,8 @@ class FakeKernels:
     def prefill_group(self, shape, n):
         return {"kernels": {f"prefill/{shape}/n{n}/sdpa": {"ms": n / 1e5}}, "guard": {}, "skipped": []}
 
-    def e2e(self, shape):
-        return {"shape": shape, "dense": {"tok_s": 1.0}, "moa": {"tok_s": 2.0}}
+    def e2e(self, shape, density=0.5, kind="synthetic"):
+        return {"shape": shape, "density": density, "plan_kind": kind, "dense": {"tok_s": 1.0}, "moa": {"tok_s": 2.0}}
 
 
 @pytest.fixture
@@ -345,7 +345,7 @@ def test_bench_resumes(fake_gpu, tmp_path, cells, capsys):
     total = len(cells.keys)
     cells.keys.clear()
     killed_then_resumed(cells, lambda: main([*BENCH, "--out", str(tmp_path / "run")]), k=3)
-    assert len(cells.keys) == total == 1 + 4 + 1 + 1  # ceilings, decode n x b, prefill, e2e
+    assert len(cells.keys) == total == 1 + 4 + 1 + 4  # ceilings, decode n x b, prefill, e2e (2 densities x 2 kinds)
     assert read(tmp_path / "run" / "bench-h200.json") == read(tmp_path / "ref" / "bench-h200.json")
     assert (tmp_path / "run" / "bench-h200.md").read_text().count("| llama3-8b |") == 4 * 2  # a row per decode case
 

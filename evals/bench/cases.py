@@ -47,6 +47,60 @@ def bench_plan(shape: dict[str, int], density: float, n: int, sink: int, layer_s
     return make(hi)
 
 
+def searched_plan(shape: dict[str, int], density: float, n: int, sink: int):
+    """A plan shaped like those the MoA search returns: per layer three distinct rules of very
+    different spans (a short fixed window, a window growing with N, a near-dense head), the heads
+    of each layer spread over them in layer-dependent proportions and mixed inside GQA groups;
+    plan.density(n) brought close to ``density`` by bisection on a common factor."""
+    from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
+
+    hq, layers = shape["hq"], shape["layers"]
+    model = ModelShape(num_layers=layers, num_attention_heads=hq, num_key_value_heads=shape["hkv"], head_dim=shape["d"])
+    pattern = [0, 0, 1, 0, 1, 2, 0, 1]  # rule of each head, rotated per layer: 1/2 short, 3/8 growing, 1/8 wide
+
+    def make(c: float) -> Plan:
+        rules = (
+            Rule(alpha=float(int(min(n, 0.03 * n * c))), beta=0.0),
+            Rule(alpha=0.0, beta=min(1.0, 0.3 * c)),
+            Rule(alpha=0.0, beta=min(1.0, 1.2 * c)),
+        )
+        rows = [Layer(heads=[rules[pattern[(h * 3 + layer) % 8]] for h in range(hq)]) for layer in range(layers)]
+        return Plan(
+            format_version=FORMAT_VERSION,
+            model=model,
+            sink=sink,
+            layers=rows,
+            provenance={"method": "bench-searched-shape", "density": density, "n": n},
+        )
+
+    lo, hi = 0.0, 1.0 / 0.03
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if make(mid).density(n) < density:
+            lo = mid
+        else:
+            hi = mid
+    return make(hi)
+
+
+PLAN_KINDS = {"synthetic": bench_plan, "searched": searched_plan}
+
+
+def plan_of_kind(kind: str, shape: dict[str, int], density: float, n: int, sink: int):
+    """The benchmark plan of one kind ('synthetic': bench_plan, 'searched': searched_plan)."""
+    return PLAN_KINDS[kind](shape, density, n, sink)
+
+
+def plan_label(density: float, kind: str) -> str:
+    """The suffix of a plan's result key: moa0.5 (synthetic) or moa0.5-searched."""
+    return f"moa{density:g}" + ("" if kind == "synthetic" else f"-{kind}")
+
+
+def label_density(key: str) -> float:
+    """The density in a result key ending in a plan label."""
+    return float(key.rsplit("moa", 1)[1].split("-")[0])
+
+
 def decode_tokens_read(spans: list[int], caps: list[int], sink: int, n: int, group: int) -> list[int]:
     """Tokens the decode kernel reads per KV head at length n (valid sink slots + the group's window)."""
     out = []

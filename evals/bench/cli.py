@@ -41,6 +41,14 @@ class BenchSettings:
     e2e: list[str] | tuple[str, ...] = ("llama3-8b",)
     e2e_context: int = 16384
     e2e_density: float = 0.5
+    e2e_densities: list[float] | tuple[float, ...] = (0.5, 0.25)
+    plan_kinds: list[str] | tuple[str, ...] = ("synthetic", "searched")
+    generate: bool = False
+    gen_layers: int = 8
+    gen_new_tokens: int = 64
+    gen_batches: list[int] | tuple[int, ...] = (8, 32, 48)
+    gen_dense_batches: list[int] | tuple[int, ...] = (32, 8)
+    gen_budget: float = 200.0
     sweep: bool = False
     time_budget: float = 420.0
     out: str = "evals/results"
@@ -49,7 +57,8 @@ class BenchSettings:
 
     def fixed(self) -> dict[str, Any]:
         """What decides a cell's value besides its key (the grid: shapes, lengths, batches)."""
-        keep = ("sink", "densities", "no_flex", "flex_shapes", "flex_batches", "e2e_context", "e2e_density")
+        keep = ("sink", "densities", "no_flex", "flex_shapes", "flex_batches", "e2e_context", "plan_kinds")
+        keep += ("gen_layers", "gen_new_tokens")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -102,6 +111,26 @@ def register(subparsers: Any) -> None:
         default=0.5,
         help="plan density of the whole-model decode step",
     )
+    p.add_argument(
+        "--e2e-densities",
+        type=densities,
+        default=[0.5, 0.25],
+        help="plan densities of the whole-model rows (decoder and generate), comma list",
+    )
+    p.add_argument(
+        "--plan-kinds",
+        type=choice_list(("synthetic", "searched")),
+        default=["synthetic", "searched"],
+        help="benchmark plans: synthetic (spans vary smoothly) and/or searched (a few rules per layer)",
+    )
+    p.add_argument("--generate", action="store_true", help="also time model.generate (evals/bench/generation.py)")
+    p.add_argument("--gen-layers", type=positive, default=8, help="layers of the generate benchmark's model")
+    p.add_argument("--gen-new-tokens", type=int_in(2), default=64, help="new tokens per generate call")
+    p.add_argument("--gen-batches", type=comma_list(positive), default=[8, 32, 48], help="MoA generate batches")
+    p.add_argument(
+        "--gen-dense-batches", type=comma_list(positive), default=[32, 8], help="dense generate batches (largest first)"
+    )
+    p.add_argument("--gen-budget", type=float_in(0, 1e9), default=200.0, help="seconds for the generate rows")
     p.add_argument("--sweep", action="store_true", help="also time alternative kernel block sizes")
     p.add_argument(
         "--time-budget", type=float_in(0, 1e9), default=420.0, help="seconds; later cells are left for a rerun past it"
@@ -125,6 +154,8 @@ def gpu_tag(name: str) -> str:
 
 def grid(s: BenchSettings) -> list[tuple[str, tuple]]:
     """The run's cells in order: (key, (method of Kernels, arguments))."""
+    from moa_plan.evals.bench.cases import plan_label
+
     cells: list[tuple[str, tuple]] = [("ceilings", ("ceilings",))]
     for shape in s.shapes:
         cells += [
@@ -135,7 +166,13 @@ def grid(s: BenchSettings) -> list[tuple[str, tuple]]:
         ]
         cells += [(f"prefill/{shape}/n{n}", ("prefill_group", shape, n)) for n in s.prefill_lens]
         if shape == s.shapes[0] and s.e2e:
-            cells.append((f"e2e/{s.e2e[0]}", ("e2e", s.e2e[0])))
+            cells += [
+                (f"e2e/{s.e2e[0]}/{plan_label(d, kind)}", ("e2e", s.e2e[0], d, kind))
+                for d in s.e2e_densities
+                for kind in s.plan_kinds
+            ]
+        if shape == s.shapes[0] and s.generate:
+            cells.append((f"generate/{shape}", ("generate", shape)))
     if s.sweep:
         cells.append(("sweep", ("sweep",)))
     return cells
@@ -211,13 +248,15 @@ def run_bench(s: BenchSettings) -> Path:
 def results_view(cells: dict[str, Any], meta: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
     """The cells as the report reads them: meta, ceilings, kernels, guard, e2e, sweep, skipped."""
     groups = [v for k, v in cells.items() if k.startswith(("decode/", "prefill/")) and isinstance(v, dict)]
-    e2e = [v for k, v in cells.items() if k.startswith("e2e/")]
+    e2e = [v for k, v in cells.items() if k.startswith("e2e/") and isinstance(v, dict)]
+    gen = [v for k, v in cells.items() if k.startswith("generate/") and isinstance(v, dict)]
     return {
         "meta": meta,
         "ceilings": cells.get("ceilings", {}),
         "kernels": {k: e for g in groups for k, e in g.get("kernels", {}).items()},
         "guard": {k: e for g in groups for k, e in g.get("guard", {}).items()},
-        "e2e": e2e[0] if e2e else None,
+        "e2e": e2e,
+        "generate": gen,
         "sweep": cells.get("sweep"),
         "skipped": [x for g in groups for x in g.get("skipped", [])] + skipped,
     }

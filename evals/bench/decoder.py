@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moa_plan.evals.bench.cases import SHAPES, bench_plan
+from moa_plan.evals.bench.cases import SHAPES, decode_tokens_read, plan_of_kind
 from moa_plan.evals.bench.timing import graph_time
 
 
@@ -108,7 +108,7 @@ class RandomDecoder:
                 vc[li].index_copy_(2, pos.view(1), v[:, :, None])
                 return F.scaled_dot_product_attention(q[:, :, None], kc[li], vc[li], enable_gqa=True)[:, :, 0]
 
-            kv_bytes = sum(t.numel() * 2 for t in kc + vc)
+            kv_bytes = kv_read = sum(t.numel() * 2 for t in kc + vc)
         else:
             lays = plan_layouts(plan, ctx, device=self.dev)
             caches = [allocate(lay, batch, d, torch.bfloat16, device=self.dev) for lay in lays]
@@ -129,6 +129,12 @@ class RandomDecoder:
                 )
 
             kv_bytes = sum(t.numel() * 2 for c in caches for t in c)
+            group = s["hq"] // hkv
+            kv_read = sum(
+                sum(decode_tokens_read(sp, caps, plan.sink, ctx, group))
+                for sp, caps in zip(plan.spans(ctx), plan.kv_slots(ctx))
+            )
+            kv_read *= 2 * d * 2 * batch
             plan_bytes = 2 * sum(sum(c) for c in plan.kv_slots(ctx)) * d * 2 * batch
             if kv_bytes != plan_bytes:
                 raise RuntimeError(f"MoA cache holds {kv_bytes} bytes, the plan's slots {plan_bytes}")
@@ -142,24 +148,30 @@ class RandomDecoder:
             "tok_s": round(batch * 1000 / ms, 1),
             "kv_cache_GB": round(kv_bytes / 1e9, 3),
             "kv_cache_bytes": kv_bytes,
+            "kv_read_bytes": kv_read,
             "peak_GB": round(peak / 1e9, 2),
             "peak_bytes_per_context_token": round((peak - base) / (batch * ctx), 1),
         }
 
 
-def e2e(shape_name: str, context: int, density: float, sink: int, device: Any) -> dict[str, Any]:
+def e2e(
+    shape_name: str, context: int, density: float, sink: int, device: Any, kind: str = "synthetic"
+) -> dict[str, Any]:
     """Whole-model decode throughput, dense cache vs the MoA cache, at one context."""
     import torch
 
     shape = SHAPES[shape_name]
     ctx = context
-    plan = bench_plan(shape, density, ctx, sink)
+    plan = plan_of_kind(kind, shape, density, ctx, sink)
     model = RandomDecoder(shape, device)
     res: dict[str, Any] = {
         "shape": shape_name,
         "context": ctx,
         "density": plan.density(ctx),
+        "plan_kind": kind,
+        "attention_fraction": plan.attention_fraction(ctx),
         "weights_GB": round(model.weight_bytes / 1e9, 2),
+        "weights_bytes": model.weight_bytes - model.embed.numel() * 2,  # read per step (one embedding row aside)
         "note": "random-weight Llama-style decoder written in evals/bench/decoder.py (RMSNorm, "
         "fused QKV, SwiGLU MLP, LM head, greedy argmax; no RoPE), one CUDA graph "
         "per step; dense = SDPA over a static [B, Hkv, ctx, D] cache, MoA = "

@@ -1,86 +1,43 @@
-"""Whole-model ``model.generate`` on a GPU through the transformers integration.
+"""Whole-model ``model.generate`` on a GPU, what a user of ``load_model(...).generate`` gets.
 
-Dense (SDPA + transformers' DynamicCache) against the same random-weight Llama with a MoA plan
-applied by ``moa_plan.runtime.apply_plan`` (Triton kernels + MoACache). Unlike the decoder inside
-``evals/bench/`` this goes through transformers, RoPE, sampling loop and all, so it shows what a
-user of ``load_model(...).generate`` gets. Usage (GPU machine, repo importable):
+A random-weight bf16 Llama with ``--layers`` Llama-3-8B-shaped layers (8 by default: the issue's
+model), a prompt of ``context`` tokens, greedy decoding. Rows:
 
-    python -m moa_plan.evals.bench.generation --prompt 16384 --new-tokens 64 --batch 8 --out gen.json
+- dense: transformers' recommended fast path, ``cache_implementation="static"`` (transformers then
+  compiles the decode step, mode "reduce-overhead": CUDA graphs) with SDPA;
+- moa graph: a plan applied (``apply_plan``), ``generate`` replays one captured decode step
+  (``runtime.graph_generate``);
+- moa loop: the same plan through transformers' own loop (``MOA_GRAPH_DECODE=0``), for comparison.
+
+Each at a few batches, up to the largest that fits (an out-of-memory try is reported and the next
+smaller one run). Decode ms/step = (generate time - prefill time) / (new tokens - 1), prefill timed
+as the model's forward on the prompt. The hardware floor of a step = (weights read: every
+parameter but the embedding table, plus one embedding row per sequence; KV bytes the plan reads at
+the middle length) / measured copy bandwidth; ``x_floor`` = measured / floor.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import sys
+import gc
+import os
 import time
+from typing import Any
+
+from moa_plan.evals.bench.cases import SHAPES, decode_tokens_read, plan_label, plan_of_kind
 
 
-def _timed_generate(model, ids, new_tokens: int) -> tuple[float, float]:
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-        )
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated()
-
-
-def measure(model, ids, new_tokens: int) -> dict[str, float]:
-    """Prefill time (1 new token), decode tokens/s over the remaining steps, peak memory."""
-    _timed_generate(model, ids, 4)  # warm-up: Triton compilation, cuBLAS heuristics
-    prefill_s, _ = _timed_generate(model, ids, 1)
-    total_s, peak = _timed_generate(model, ids, new_tokens)
-    steps = new_tokens - 1
-    batch = ids.shape[0]
-    return {
-        "prefill_ms": prefill_s * 1e3,
-        "total_s": total_s,
-        "decode_tok_per_s": batch * steps / (total_s - prefill_s),
-        "ms_per_step": (total_s - prefill_s) / steps * 1e3,
-        "peak_gib": peak / 2**30,
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt", type=int, default=4096)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--density", type=float, default=0.5)
-    parser.add_argument("--out", help="write the results as JSON here")
-    args = parser.parse_args(argv)
-
+def build_model(shape: dict[str, int], layers: int, n_max: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moa_plan.build import uniform_plan
-    from moa_plan.files import write_atomic
-    from moa_plan.runtime import MoACache, apply_plan
-    from moa_plan.runtime.hf_apply import model_shape
-
-    if not torch.cuda.is_available():
-        print("bench_generate: needs a CUDA device", file=sys.stderr)
-        return 1
-    n_max = args.prompt + args.new_tokens
     config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 11 // 4,
-        num_hidden_layers=args.layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["inter"],
+        num_hidden_layers=layers,
+        num_attention_heads=shape["hq"],
+        num_key_value_heads=shape["hkv"],
+        head_dim=shape["d"],
         max_position_embeddings=max(n_max, 8192),
         bos_token_id=0,
         eos_token_id=None,
@@ -88,25 +45,191 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    ids = torch.randint(1, config.vocab_size, (args.batch, args.prompt), device="cuda")
-
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
-    results["dense_sdpa_dynamic_cache"] = measure(model, ids, args.new_tokens)
-    plan = uniform_plan(model_shape(model), args.density, n_max)
-    apply_plan(model, plan)
-    results["plan"] = {"span": plan.provenance.get("span"), "density": plan.density(n_max)}
-    report = MoACache(plan, n_max).memory_report(args.batch, torch.bfloat16)
-    results["kv_cache"] = {**dataclasses.asdict(report), "ratio_to_dense": report.ratio}
-    results["moa_triton_moacache"] = measure(model, ids, args.new_tokens)
-    dense, moa = results["dense_sdpa_dynamic_cache"], results["moa_triton_moacache"]
-    results["decode_speedup"] = moa["decode_tok_per_s"] / dense["decode_tok_per_s"]
-    text = json.dumps(results, indent=1, default=str)
-    print(text)
-    if args.out:
-        write_atomic(args.out, text + "\n")
-    return 0
+        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def step_bytes(model, plan, batch: int, n: int) -> dict[str, int]:
+    """Bytes one decode step must read at length n: weights (all but the embedding table, plus one
+    row per sequence) and K/V (dense: every position; plan: what the decode kernel reads)."""
+    embed = model.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
+    weights += batch * embed.shape[1] * embed.element_size()
+    shape = plan.model
+    per_token = 2 * shape.head_dim * 2 * batch  # K and V, bf16
+    if plan.provenance.get("dense"):
+        kv = shape.num_layers * shape.num_key_value_heads * n * per_token
+    else:
+        group = shape.num_attention_heads // shape.num_key_value_heads
+        spans, caps = plan.spans(n), plan.kv_slots(n)
+        kv = sum(sum(decode_tokens_read(spans[l], caps[l], plan.sink, n, group)) for l in range(shape.num_layers))
+        kv *= per_token
+    return {"weights": weights, "kv": kv}
+
+
+def _sync_time(fn) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(model, ids, new: int, **gen_kw: Any) -> dict[str, float]:
+    """Decode ms/step and tokens/s of ``generate`` (after one warm-up call), prefill ms, peak GB."""
+    import torch
+
+    def gen():
+        with torch.no_grad():
+            model.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new, **gen_kw)
+
+    from moa_plan.runtime.graph_generate import _logits_kwargs
+
+    keep = _logits_kwargs(model)
+
+    def prefill():
+        with torch.no_grad():
+            model(ids, use_cache=False, **keep)
+
+    torch.cuda.reset_peak_memory_stats()
+    gen()  # warm-up: compilation, graph capture, cuBLAS heuristics
+    prefill_s = _sync_time(prefill)
+    total_s = _sync_time(gen)
+    step_ms = (total_s - prefill_s) / (new - 1) * 1e3
+    return {
+        "prefill_ms": round(prefill_s * 1e3, 2),
+        "generate_s": round(total_s, 3),
+        "ms_per_step": round(step_ms, 3),
+        "tok_per_s": round(ids.shape[0] * 1e3 / step_ms, 1),
+        "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+    }
+
+
+def _free(model) -> None:
+    import torch
+
+    from moa_plan.runtime.graph_generate import release
+
+    release(model)
+    for attr in ("_cache", "_compiled_call"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def row(model, plan, label: str, batch: int, context: int, new: int, copy_gbps: float, **gen_kw: Any) -> dict:
+    """One measured row with its floor arithmetic, or the error that stopped it."""
+    import torch
+
+    out: dict[str, Any] = {"variant": label, "batch": batch}
+    try:
+        ids = torch.randint(1, model.config.vocab_size, (batch, context), device="cuda")
+        out.update(measure(model, ids, new, **gen_kw))
+        b = step_bytes(model, plan, batch, context + new // 2)
+        floor_ms = (b["weights"] + b["kv"]) / copy_gbps / 1e6
+        out.update(
+            weights_bytes=b["weights"],
+            kv_read_bytes=b["kv"],
+            floor_ms=round(floor_ms, 3),
+            x_floor=round(out["ms_per_step"] / floor_ms, 3),
+            floor=f"({b['weights'] / 1e9:.3f} GB weights + {b['kv'] / 1e9:.3f} GB KV) / {copy_gbps:.0f} GB/s "
+            f"= {floor_ms:.3f} ms",
+        )
+    except torch.cuda.OutOfMemoryError as exc:
+        out["error"] = f"out of memory: {str(exc)[:120]}"
+    except Exception as exc:  # noqa: BLE001 - one broken row must not lose the others
+        import traceback
+
+        traceback.print_exc()
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    print("generate", out, flush=True)
+    _free(model)
+    return out
+
+
+def _largest(run, batches: list[int]) -> list[dict]:
+    """Rows at the batches in order; past the first out-of-memory only smaller ones are tried."""
+    rows, limit = [], None
+    for b in batches:
+        if limit is not None and b >= limit:
+            continue
+        r = run(b)
+        rows.append(r)
+        if "out of memory" in r.get("error", ""):
+            limit = b
+    return rows
+
+
+def suite(s: Any, copy_gbps: float, shape_name: str) -> dict[str, Any]:
+    """Dense (transformers static cache, compiled) vs MoA plans through ``generate``."""
+    from moa_plan.build import dense_plan
+    from moa_plan.runtime import apply_plan
+    from moa_plan.runtime.hf_apply import model_shape
+
+    shape = {**SHAPES[shape_name], "layers": s.gen_layers}
+    ctx, new = s.e2e_context, s.gen_new_tokens
+    deadline = time.time() + s.gen_budget
+    model = build_model(shape, s.gen_layers, ctx + new)
+    dense = dense_plan(model_shape(model)).model_copy(update={"provenance": {"dense": True}})
+    res: dict[str, Any] = {
+        "shape": shape_name,
+        "layers": s.gen_layers,
+        "context": ctx,
+        "new_tokens": new,
+        "copy_GBps": copy_gbps,
+        "rows": [],
+    }
+    rows = res["rows"]
+    for dens in s.e2e_densities:
+        for kind in s.plan_kinds:
+            if time.time() > deadline:
+                rows.append({"variant": plan_label(dens, kind), "error": "time budget"})
+                continue
+            plan = plan_of_kind(kind, shape, dens, ctx, s.sink)
+            apply_plan(model, plan)
+            label = f"moa graph {plan_label(dens, kind)}"
+            got = _largest(lambda b: row(model, plan, label, b, ctx, new, copy_gbps), s.gen_batches)
+            for r in got:
+                r.update(density=round(plan.density(ctx), 4), attention_fraction=round(plan.attention_fraction(ctx), 4))
+            rows.extend(got)
+            if dens == s.e2e_densities[0] and kind == s.plan_kinds[0]:
+                os.environ["MOA_GRAPH_DECODE"] = "0"
+                try:
+                    r = row(model, plan, f"moa transformers loop {plan_label(dens, kind)}", 8, ctx, new, copy_gbps)
+                finally:
+                    os.environ.pop("MOA_GRAPH_DECODE")
+                rows.append(r)
+    _unplan(model)
+    for b in s.gen_dense_batches:
+        if time.time() > deadline:
+            rows.append({"variant": "dense static+compile", "batch": b, "error": "time budget"})
+            continue
+        r = row(model, dense, "dense static+compile", b, ctx, new, copy_gbps, cache_implementation="static")
+        rows.append(r)
+        if "out of memory" in r.get("error", ""):
+            break
+    model = None
+    _free_all()
+    return res
+
+
+def _unplan(model) -> None:
+    """Back to plain transformers (SDPA, its own generate, no input-check hook) for the dense rows."""
+    decoder = model.get_decoder()
+    hook = getattr(decoder, "_moa_input_check", None)
+    if hook is not None:
+        hook.remove()
+        decoder._moa_input_check = None
+    model.__dict__.pop("generate", None)
+    model.set_attn_implementation("sdpa")
+
+
+def _free_all() -> None:
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()

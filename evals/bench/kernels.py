@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moa_plan.evals.bench.baselines import Baselines
-from moa_plan.evals.bench.cases import SHAPES, bench_plan, decode_tokens_read
+from moa_plan.evals.bench.cases import SHAPES, decode_tokens_read, plan_label, plan_of_kind
 from moa_plan.evals.bench.timing import ABS_TOL, REL_TOL, bench_time, graph_time, rel_err, torch_isfinite
 
 
@@ -73,7 +73,12 @@ class Kernels(Baselines):
         group = hq // hkv
         dt = torch.bfloat16
         self.begin()
-        plans = {dens: bench_plan(shape, dens, n, sink) for dens in self.s.densities}
+        plans = {
+            plan_label(dens, kind): plan_of_kind(kind, shape, dens, n, sink)
+            for dens in self.s.densities
+            for kind in self.s.plan_kinds
+            if kind == "synthetic" or dens < 1.0
+        }
         tag = f"decode/{shape_name}/n{n}/b{batch}"
         dense_bytes = 2 * batch * hkv * n * d * 2
         # correctness inputs: a small batch of full K/V, the same for every implementation
@@ -119,8 +124,9 @@ class Kernels(Baselines):
             sdpa_best = min([ms] + [v for v in entry["backends"].values() if isinstance(v, float)])
             entry["best_ms"] = sdpa_best
             self.record(tag + "/sdpa", entry)
-        for dens, plan in plans.items():
-            key = f"{tag}/moa{dens:g}"
+        for label, plan in plans.items():
+            key = f"{tag}/{label}"
+            dens = plan.density(n)
             spans_l = plan.spans(n)[0]
             caps = plan.kv_slots(n)[0]
             spans = torch.tensor(spans_l, dtype=torch.int32, device=self.dev)
@@ -158,14 +164,36 @@ class Kernels(Baselines):
                 "kv_fraction": sum(caps) / (hkv * n),
                 "read_fraction": sum(read) / (hkv * n),
                 "bytes_read": bytes_read,
+                "merge": "fused (one launch)",
             }
             if ms is not None:
                 entry.update(ms=ms, GBps=round(bytes_read / ms / 1e6, 1), copy_frac=self._bw_frac(bytes_read, ms))
+                if batch == 1:  # the same step with the split-K merge as a second launch, for comparison
+                    two = graph_time(
+                        [
+                            (
+                                lambda c=c: decode_attention(
+                                    q2,
+                                    c[0],
+                                    c[1],
+                                    layout.offset,
+                                    layout.cap,
+                                    layout.n_sink,
+                                    spans,
+                                    sink,
+                                    n,
+                                    merge="kernel",
+                                )
+                            )
+                            for c in caches
+                        ]
+                    )
+                    entry["ms_two_launches"] = round(two, 5)
                 if sdpa_ms:
                     entry["speedup_vs_sdpa"] = round(sdpa_ms / ms, 3)
                     entry["speedup_vs_sdpa_best"] = round(sdpa_best / ms, 3)
             # FlexAttention with the same mask over the dense cache
-            flex = self._flex_for(shape_name, batch)
+            flex = self._flex_for(shape_name, batch) if "-" not in label else None
             if flex is not None and dens < 1.0 and not self.over_budget():
                 try:
                     bm = self._flex_block_mask(spans, sink, 1, n)
@@ -299,9 +327,10 @@ class Kernels(Baselines):
         else:
             del out
             self.skip(tag + "/sdpa", f"WRONG rel {rel:.3g} max {mx:.3g}")
-        for dens in self.s.densities:
-            key = f"{tag}/moa{dens:g}"
-            plan = bench_plan(shape, dens, n, sink)
+        for dens, kind in [(d, k) for d in self.s.densities for k in self.s.plan_kinds if k == "synthetic" or d < 1]:
+            key = f"{tag}/{plan_label(dens, kind)}"
+            plan = plan_of_kind(kind, shape, dens, n, sink)
+            dens = plan.density(n)
             spans_l = plan.spans(n)[0]
             spans = torch.tensor(spans_l, dtype=torch.int32, device=self.dev)
             flops = 4 * d * sum(visible_pairs(s, sink, n) for s in spans_l)
@@ -322,7 +351,7 @@ class Kernels(Baselines):
             else:
                 entry["wrong"] = f"rel {rel:.3g} max {mx:.3g}"
             del out
-            flex = self._flex_for(shape_name)
+            flex = self._flex_for(shape_name) if kind == "synthetic" else None
             if flex is not None and dens < 1.0 and not self.over_budget():
                 try:
                     bm = self._flex_block_mask(spans, sink, n, n)
@@ -343,10 +372,16 @@ class Kernels(Baselines):
         torch.cuda.empty_cache()
         return self.end()
 
-    def e2e(self, shape_name: str) -> dict[str, Any]:
+    def e2e(self, shape_name: str, density: float | None = None, kind: str = "synthetic") -> dict[str, Any]:
         from moa_plan.evals.bench.decoder import e2e
 
-        return e2e(shape_name, self.s.e2e_context, self.s.e2e_density, self.s.sink, self.dev)
+        dens = self.s.e2e_density if density is None else density
+        return e2e(shape_name, self.s.e2e_context, dens, self.s.sink, self.dev, kind)
+
+    def generate(self, shape_name: str) -> dict[str, Any]:
+        from moa_plan.evals.bench.generation import suite
+
+        return suite(self.s, self.ceil["copy_GBps"], shape_name)
 
     def sweep(self) -> dict[str, Any]:
         from moa_plan.evals.bench.sweep import sweep

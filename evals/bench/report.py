@@ -5,7 +5,9 @@ from __future__ import annotations
 
 def _moa_keys(cells: dict, case: str) -> list[str]:
     """The plan cells of one case, densest first."""
-    return sorted((x for x in cells if x.startswith(case + "/moa")), key=lambda x: -float(x.rsplit("moa", 1)[1]))
+    from moa_plan.evals.bench.cases import label_density
+
+    return sorted((x for x in cells if x.startswith(case + "/moa")), key=lambda x: (-label_density(x), x))
 
 
 def render_markdown(res: dict) -> str:
@@ -31,8 +33,8 @@ def render_markdown(res: dict) -> str:
         lines += [
             "## Decode attention, one layer, per step",
             "",
-            "| shape | cache n | batch | SDPA dense ms (default / best backend) | plan density | KV read | ours ms | ours GB/s | % copy BW | x SDPA | x SDPA best | Flex ms | x Flex |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| shape | cache n | batch | SDPA dense ms (default / best backend) | plan | density / attn frac | KV read (frac, MB) | ours ms (2 launches) | ours GB/s | % copy BW | x SDPA | x SDPA best | Flex ms | x Flex |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in dec:
             _, shape, n, b = t.split("/")
@@ -40,14 +42,17 @@ def render_markdown(res: dict) -> str:
             sd_txt = f"{sd.get('ms', '-')} / {sd.get('best_ms', '-')}"
             for key in _moa_keys(k, t):
                 e = k[key]
+                plan = key.rsplit("/", 1)[1]
+                two = f" ({e['ms_two_launches']})" if "ms_two_launches" in e else ""
                 lines.append(
-                    f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {e.get('density', 0):.3f} | "
-                    f"{e.get('read_fraction', 0):.3f} | {e.get('ms', 'WRONG')} | {e.get('GBps', '-')} | "
+                    f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {plan} | {e.get('density', 0):.3f} / "
+                    f"{e.get('attention_fraction', 0):.3f} | {e.get('read_fraction', 0):.3f}, "
+                    f"{e.get('bytes_read', 0) / 1e6:.1f} | {e.get('ms', 'WRONG')}{two} | {e.get('GBps', '-')} | "
                     f"{100 * e['copy_frac']:.0f}% | {e.get('speedup_vs_sdpa', '-')} | "
                     f"{e.get('speedup_vs_sdpa_best', '-')} | {e.get('flex_ms', '-')} | "
                     f"{e.get('speedup_vs_flex', '-')} |"
                     if "copy_frac" in e
-                    else f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {e.get('density', 0):.3f} | "
+                    else f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {plan} | {e.get('density', 0):.3f} | "
                     f"{e.get('read_fraction', 0):.3f} | WRONG | - | - | - | - | {e.get('flex_ms', '-')} | - |"
                 )
         lines.append("")
@@ -59,7 +64,7 @@ def render_markdown(res: dict) -> str:
         lines += [
             "## Prefill attention, one layer, batch 1",
             "",
-            "| shape | N | SDPA flash causal ms (TFLOP/s) | SDPA best backend ms (TFLOP/s) | density / attn frac | ours ms | ours TFLOP/s (visible) | % matmul | x SDPA flash | x SDPA best | Flex ms | x Flex |",
+            "| shape | N | SDPA flash causal ms (TFLOP/s) | SDPA best backend ms (TFLOP/s) | plan: density / attn frac | ours ms | ours TFLOP/s (visible) | % matmul | x SDPA flash | x SDPA best | Flex ms | x Flex |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in pre:
@@ -69,7 +74,8 @@ def render_markdown(res: dict) -> str:
                 e = k[key]
                 lines.append(
                     f"| {shape} | {n[1:]} | {sd.get('ms', '-')} ({sd.get('TFLOPs', '-')}) | "
-                    f"{sd.get('best_ms', '-')} ({sd.get('best_TFLOPs', '-')}) | {e.get('density', 0):.3f} / "
+                    f"{sd.get('best_ms', '-')} ({sd.get('best_TFLOPs', '-')}) | {key.rsplit('/', 1)[1]}: "
+                    f"{e.get('density', 0):.3f} / "
                     f"{e.get('attention_fraction', e.get('layer0_density', 0)):.3f} | "
                     f"{e.get('ms', 'WRONG')} | {e.get('TFLOPs', '-')} | "
                     f"{(str(round(100 * e['matmul_frac'])) + '%') if 'matmul_frac' in e else '-'} | "
@@ -77,34 +83,9 @@ def render_markdown(res: dict) -> str:
                     f"{e.get('flex_ms', e.get('flex_wrong', '-'))} | {e.get('speedup_vs_flex', '-')} |"
                 )
         lines.append("")
-    e2e = res.get("e2e")
-    if e2e:
-        lines += [
-            "## Whole-model decode throughput (greedy, CUDA graph, random weights)",
-            "",
-            f"{e2e.get('note', '')}. Shape {e2e.get('shape')}, context {e2e.get('context')}, plan density "
-            f"{e2e.get('density', 0):.3f}, weights {e2e.get('weights_GB')} GB.",
-            "",
-            "| variant | largest batch | ms/step | tokens/s | KV cache GB | peak GB | peak bytes / context token |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for v in ("dense", "moa"):
-            r = e2e.get(v, {})
-            if "error" in r:
-                lines.append(f"| {v} | error: {r['error']} | | | | | |")
-            else:
-                lines.append(
-                    f"| {v} | {r.get('batch')} | {r.get('ms_per_step')} | {r.get('tok_s')} | {r.get('kv_cache_GB')} | "
-                    f"{r.get('peak_GB')} | {r.get('peak_bytes_per_context_token')} |"
-                )
-        kv = e2e.get("kv_bytes_per_seq", {})
-        lines += [
-            "",
-            f"MoA / dense throughput: **{e2e.get('speedup', '-')}x**. KV bytes per sequence: MoA {kv.get('moa')} "
-            f"vs dense {kv.get('dense')} ({kv.get('ratio')}); plan slots {kv.get('plan_slots')} "
-            f"(allocated = plan slots x 2 x D x 2 bytes exactly).",
-            "",
-        ]
+    from moa_plan.evals.bench.report_model import e2e_lines, generate_lines
+
+    lines += e2e_lines(res.get("e2e") or [], c) + generate_lines(res.get("generate") or [])
     sdpa_be = {key: v["backends"] for key, v in k.items() if key.endswith("/sdpa") and "backends" in v}
     if sdpa_be:
         lines += [

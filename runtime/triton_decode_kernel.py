@@ -1,0 +1,237 @@
+"""Triton kernels of MoA decode attention (launched by ``triton_decode``; layout and reading order
+described there).
+
+``_decode_kernel``: one program = one split-K chunk of one (batch row, KV head), for all G query heads
+of the group. With several chunks the partial softmax states (m, l, acc) go to scratch rows and are
+merged either by ``_reduce_kernel`` (a second launch) or, with ``FUSED``, inside the same launch: each
+program bumps a per-(row, KV head) arrival counter after writing its partials, and the program that
+arrives last merges the group's chunks and resets the counter to 0 for the next launch (so CUDA graph
+replays need no memset). Counters are shared by launches on one stream, never by concurrent ones.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P: tl.constexpr):
+    """(slot base, ring size, sink tokens, first window position, window tokens) of KV head kvh."""
+    g = tl.arange(0, GROUP_P)
+    sp = tl.load(SPANS + kvh * GROUP + g, mask=g < GROUP, other=0)
+    w = tl.max(sp, 0)
+    base = tl.load(OFFSET + kvh)
+    cap = tl.load(CAP + kvh)
+    n_sink = tl.load(NSINK + kvh)
+    ring = cap - n_sink
+    ns_eff = tl.minimum(n_sink, n)
+    p_lo = tl.maximum(n_sink, n - w)
+    m = tl.minimum(tl.maximum(n - p_lo, 0), ring)
+    p_lo = n - m
+    return base, ring, n_sink, ns_eff, p_lo, m
+
+
+@triton.jit(do_not_specialize=["n_arg", "chunk", "num_splits"])
+def _decode_kernel(
+    Q,
+    K,
+    V,
+    OFFSET,
+    CAP,
+    NSINK,
+    SPANS,
+    O,
+    M_PART,
+    L_PART,
+    O_PART,
+    COUNTER,
+    n_arg,
+    sink,
+    qk_scale,
+    chunk,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    HKV,
+    GROUP,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    N_PTR: tl.constexpr,
+    IEEE: tl.constexpr,
+    FUSED: tl.constexpr,
+):
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // HKV
+    kvh = pid % HKV
+    if N_PTR:
+        n = tl.load(n_arg).to(tl.int32)
+    else:
+        n = n_arg
+    base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P)
+    total = ns_eff + m
+    c0 = split * chunk
+    if c0 < total:
+        c1 = tl.minimum(c0 + chunk, total)
+        g = tl.arange(0, GROUP_P)
+        heads = kvh * GROUP + g
+        gmask = g < GROUP
+        span = tl.load(SPANS + heads, mask=gmask, other=1)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+        ring_safe = tl.maximum(ring, 1)
+        r_lo = (p_lo - n_sink) % ring_safe
+        k_base = K + b * stride_kb
+        v_base = V + b * stride_vb
+
+        m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_P], tl.float32)
+        acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        for t0 in range(c0, c1, BLOCK_N):
+            t = t0 + offs_n
+            valid = t < c1
+            in_sink = t < ns_eff
+            u = t - ns_eff
+            r = r_lo + u
+            r = tl.where(r >= ring_safe, r - ring_safe, r)
+            slot = base + tl.where(in_sink, t, n_sink + r)
+            pos = tl.where(in_sink, t, p_lo + u)
+            kt = tl.load(k_base + slot[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
+            if IEEE:
+                qk = tl.dot(q, kt, input_precision="ieee")
+            else:
+                qk = tl.dot(q, kt)
+            qk = qk * qk_scale
+            seen = valid[None, :] & (
+                in_sink[None, :] | (pos[None, :] < sink) | ((n - 1 - pos)[None, :] < span[:, None])
+            )
+            qk = tl.where(seen, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vv = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
+            m_i = m_new
+
+        if not SPLIT:
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+            out = acc / l_safe[:, None]
+            tl.store(
+                O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                out.to(O.dtype.element_ty),
+                mask=gmask[:, None],
+            )
+        else:
+            row = (b * HKV * GROUP + heads) * num_splits + split
+            tl.store(M_PART + row, m_i, mask=gmask)
+            tl.store(L_PART + row, l_i, mask=gmask)
+            tl.store(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
+            if FUSED:
+                tl.debug_barrier()  # every thread's partials are written before the arrival is published
+                arrived = tl.atomic_add(COUNTER + pid, 1, sem="acq_rel", scope="gpu")
+                active = tl.cdiv(total, chunk)
+                if arrived == active - 1:  # the last chunk of this (row, KV head) to finish merges them all
+                    first = (b * HKV * GROUP + heads) * num_splits
+                    _merge_chunks(
+                        M_PART,
+                        L_PART,
+                        O_PART,
+                        O,
+                        first,
+                        active,
+                        gmask,
+                        O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                        HEAD_DIM,
+                        GROUP_P,
+                    )
+                    tl.store(COUNTER + pid, 0)
+
+
+@triton.jit(do_not_specialize=["n_arg", "chunk", "num_splits"])
+def _reduce_kernel(
+    M_PART,
+    L_PART,
+    O_PART,
+    O,
+    OFFSET,
+    CAP,
+    NSINK,
+    SPANS,
+    n_arg,
+    chunk,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    HQ,
+    GROUP,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+    N_PTR: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // HQ
+    h = pid % HQ
+    if N_PTR:
+        n = tl.load(n_arg).to(tl.int32)
+    else:
+        n = n_arg
+    base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, h // GROUP, n, GROUP, GROUP_P)
+    active = tl.cdiv(ns_eff + m, chunk)
+    s = tl.arange(0, SPLITS_P)
+    smask = s < active
+    row = pid * num_splits + s
+    mp = tl.load(M_PART + row, mask=smask, other=float("-inf"))
+    lp = tl.load(L_PART + row, mask=smask, other=0.0)
+    m_max = tl.max(mp, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(mp - m_max)
+    w = tl.where(smask, w, 0.0)
+    l_tot = tl.sum(w * lp, 0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    op = tl.load(O_PART + row[:, None] * HEAD_DIM + offs_d[None, :], mask=smask[:, None], other=0.0)
+    acc = tl.sum(op * w[:, None], 0)
+    l_tot = tl.where(l_tot == 0.0, 1.0, l_tot)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, (acc / l_tot).to(O.dtype.element_ty))
+
+
+@triton.jit
+def _merge_chunks(
+    M_PART, L_PART, O_PART, O, first, active, gmask, out_ptrs, HEAD_DIM: tl.constexpr, GROUP_P: tl.constexpr
+):
+    """Merge the partial states of chunks 0..active-1 (rows first + s) of GROUP_P heads into out_ptrs.
+    Loads bypass L1 (.cg): the partials were written by other programs."""
+    m_max = tl.full([GROUP_P], float("-inf"), tl.float32)
+    for s in range(0, active):
+        m_max = tl.maximum(m_max, tl.load(M_PART + first + s, mask=gmask, other=float("-inf"), cache_modifier=".cg"))
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    offs_d = tl.arange(0, HEAD_DIM)
+    l_tot = tl.zeros([GROUP_P], tl.float32)
+    acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
+    for s in range(0, active):
+        w = tl.math.exp2(tl.load(M_PART + first + s, mask=gmask, other=float("-inf"), cache_modifier=".cg") - m_max)
+        l_tot += w * tl.load(L_PART + first + s, mask=gmask, other=0.0, cache_modifier=".cg")
+        part = tl.load(
+            O_PART + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=gmask[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        acc += part * w[:, None]
+    l_tot = tl.where(l_tot == 0.0, 1.0, l_tot)
+    tl.store(out_ptrs, (acc / l_tot[:, None]).to(O.dtype.element_ty), mask=gmask[:, None])

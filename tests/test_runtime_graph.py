@@ -1,0 +1,257 @@
+"""The static decode step (what CUDA graphs replay), checked on CPU: same tokens as transformers'
+own greedy loop, no host synchronisation, a custom op with a correct fake implementation.
+
+On CPU ``MOA_GRAPH_DECODE=1`` runs the very step that CUDA captures, eagerly, step by step; the
+CUDA capture itself is checked in tests/test_graph_gpu.py. float32; tokens compared exactly
+(the same arithmetic in both paths, up to the order of the cache write)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
+from moa_plan.runtime import apply_plan
+from moa_plan.runtime.cache import LayerLayout, allocate, torch_decode_attention, write_kv, write_token
+from moa_plan.runtime.graph_generate import ENV, GraphDecoder, fast_path, generate_greedy, release
+from moa_plan.runtime.static_step import StaticDecode, spans_table
+
+SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+    bos_token_id=0,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+
+
+def _plan(rules: list[list[Rule]], sink: int) -> Plan:
+    return Plan(format_version=FORMAT_VERSION, model=SHAPE, sink=sink, layers=[Layer(heads=r) for r in rules])
+
+
+def _model(plan: Plan) -> LlamaForCausalLM:
+    torch.manual_seed(3)
+    return apply_plan(LlamaForCausalLM(LlamaConfig(**TINY)).eval(), plan)
+
+
+rule_st = st.builds(Rule, alpha=st.integers(-4, 30).map(float), beta=st.sampled_from([0.0, 0.1, 0.3, 0.6, 1.0]))
+plan_st = st.builds(
+    _plan, st.lists(st.lists(rule_st, min_size=4, max_size=4), min_size=2, max_size=2), st.sampled_from([0, 2, 5])
+)
+MIXED = _plan(
+    [
+        [Rule(alpha=3, beta=0.0), Rule(alpha=0, beta=1.0), Rule(alpha=8, beta=0.1), Rule(alpha=1, beta=0.0)],
+        [Rule(alpha=-2, beta=0.5), Rule(alpha=20, beta=0.0), Rule(alpha=0, beta=0.25), Rule(alpha=4, beta=0.6)],
+    ],
+    sink=2,
+)
+
+
+def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_generate(model, ids, monkeypatch, **kw) -> torch.Tensor:
+    monkeypatch.setenv(ENV, "0")
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, **kw)
+    monkeypatch.setenv(ENV, "1")
+    return out
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=plan_st, prompt=st.integers(1, 25), new=st.integers(1, 30), batch=st.integers(1, 3))
+def test_static_steps_generate_what_transformers_generates(plan, prompt, new, batch):
+    import os
+
+    model = _model(plan)
+    ids = _ids(batch, prompt, seed=prompt * 31 + new)
+    old = os.environ.get(ENV)
+    try:
+        os.environ[ENV] = "0"
+        with torch.no_grad():
+            want = model.generate(ids, do_sample=False, max_new_tokens=new)
+        os.environ[ENV] = "1"
+        with torch.no_grad():
+            got = model.generate(ids, do_sample=False, max_new_tokens=new)
+    finally:
+        os.environ.pop(ENV) if old is None else os.environ.__setitem__(ENV, old)
+    assert torch.equal(got, want)
+
+
+def test_a_kept_step_serves_the_next_call_and_a_new_shape_replaces_it(monkeypatch):
+    model = _model(MIXED)
+    monkeypatch.setenv(ENV, "1")
+    kept = {(2, 9): 21, (1, 5): 12}  # the first bound of a (batch, prompt) serves shorter calls
+    for seed, (batch, prompt, new) in enumerate([(2, 9, 12), (2, 9, 12), (2, 9, 3), (1, 5, 7)]):
+        ids = _ids(batch, prompt, seed)
+        want = _hf_generate(model, ids, monkeypatch, max_new_tokens=new)
+        with torch.no_grad():
+            got = model.generate(ids, do_sample=False, max_new_tokens=new)
+        assert torch.equal(got, want), (batch, prompt, new)
+        assert model._moa_graph_decoder[0][:2] == (batch, prompt)
+        assert model._moa_graph_decoder[1].n_max == kept[batch, prompt]
+    release(model)
+    assert model._moa_graph_decoder is None
+
+
+def test_end_of_sequence_stops_and_pads_like_transformers(monkeypatch):
+    model = _model(MIXED)
+    ids = _ids(3, 11, seed=5)
+    free = _hf_generate(model, ids, monkeypatch, max_new_tokens=40)
+    for col in (11, 14, 30, 50):  # a token some rows emit early: those rows end and pad, the rest go on
+        eos = int(free[0, col])
+        want = _hf_generate(model, ids, monkeypatch, max_new_tokens=40, eos_token_id=eos, pad_token_id=1)
+        with torch.no_grad():
+            got = model.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=eos, pad_token_id=1)
+        assert torch.equal(got, want), col
+
+
+def test_fast_path_takes_only_plain_greedy(monkeypatch):
+    model = _model(MIXED)
+    ids = _ids(2, 6, seed=0)
+    monkeypatch.setenv(ENV, "auto")
+    assert fast_path(model, (ids,), {"max_new_tokens": 4}) is None  # CPU: transformers' loop
+    monkeypatch.setenv(ENV, "1")
+    assert fast_path(model, (ids,), {"max_new_tokens": 4})["max_new_tokens"] == 4
+    assert fast_path(model, (ids,), {"max_length": 10})["max_new_tokens"] == 4
+    assert fast_path(model, (ids,), {"max_new_tokens": 4, "attention_mask": torch.ones_like(ids)}) is not None
+    refused = [
+        {"max_new_tokens": 4, "do_sample": True},
+        {"max_new_tokens": 4, "num_beams": 2},
+        {"max_new_tokens": 4, "repetition_penalty": 1.2},
+        {"max_new_tokens": 4, "return_dict_in_generate": True},
+        {"max_new_tokens": 4, "streamer": object()},
+        {"max_new_tokens": 4, "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])},
+        {"max_new_tokens": 4, "eos_token_id": 3, "min_new_tokens": 3},
+    ]
+    for kwargs in refused:
+        assert fast_path(model, (ids,), kwargs) is None, kwargs
+    monkeypatch.setenv(ENV, "0")
+    assert fast_path(model, (ids,), {"max_new_tokens": 4}) is None
+    monkeypatch.setenv(ENV, "maybe")
+    with pytest.raises(ValueError, match=ENV):
+        fast_path(model, (ids,), {"max_new_tokens": 4})
+
+
+# ---- no host synchronisation inside a step ---------------------------------------------------------
+
+_SYNCING = {"_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "_unique2"}
+
+
+class _NoSync(TorchDispatchMode):
+    """Fails on any aten op that reads a device value back to the host (.item(), bool(t), nonzero)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _SYNCING:
+            raise AssertionError(f"host sync in the static decode step: aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_static_step_reads_nothing_back(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+    model = _model(MIXED)
+    ids = _ids(2, 10, seed=1)
+    dec = GraphDecoder(model, 2, 10, 30, torch.device("cpu"), graph=False)
+    with torch.no_grad():
+        dec.prefill(ids, [5], 0)
+        with _NoSync():
+            for _ in range(6):
+                dec.step()
+    with pytest.raises(AssertionError, match="host sync"), _NoSync():
+        torch.ones(2).sum().item()
+
+
+def test_decode_op_and_its_pytorch_twin_read_nothing_back():
+    layout = LayerLayout.from_caps([7, 12], 2, 40)
+    kc, vc = allocate(layout, 2, 16, torch.float32)
+    kc.normal_()
+    vc.normal_()
+    q = torch.randn(2, 4, 16)
+    spans = torch.tensor([3, 9, 12, 1], dtype=torch.int32)
+    n = torch.tensor(30, dtype=torch.int32)
+    args = (q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, n, 2, 0.25, 12)
+    with _NoSync():
+        got = torch.ops.moa_plan.decode(*args)
+        twin = torch_decode_attention(q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, 2, n, 0.25, width=12)
+    want = torch_decode_attention(q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, 2, 30, 0.25)
+    assert torch.equal(got, want) and torch.equal(twin, want)
+
+
+def test_decode_op_passes_opcheck():
+    layout = LayerLayout.from_caps([5, 9], 1, 30)
+    kc, vc = allocate(layout, 1, 16, torch.float32)
+    kc.normal_()
+    vc.normal_()
+    args = (
+        torch.randn(1, 4, 16),
+        kc,
+        vc,
+        layout.offset,
+        layout.cap,
+        layout.n_sink,
+        torch.tensor([4, 2, 9, 6], dtype=torch.int32),
+        torch.tensor(20, dtype=torch.int32),
+        1,
+        0.25,
+        9,
+    )
+    torch.library.opcheck(torch.ops.moa_plan.decode.default, args)
+
+
+# ---- the pieces of the step --------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(plan=plan_st, first=st.integers(1, 60), count=st.integers(1, 40))
+def test_spans_table_is_the_plans_spans_at_every_length(plan, first, count):
+    table = spans_table(plan, first, first + count - 1)
+    assert table.shape == (count, 2, 4) and table.dtype == torch.int32
+    for i in range(count):
+        assert table[i].tolist() == plan.spans(first + i)
+
+
+def test_static_decode_walks_positions_on_the_device():
+    st_ = StaticDecode(MIXED, 8, 20, "cpu")
+    st_.rewind(7)
+    for pos in range(7, 22):
+        st_.begin()
+        n = min(pos + 1, 20)  # past the table's range the last row is used
+        assert int(st_.pos) == pos and int(st_.n) == pos + 1
+        assert st_.spans.tolist() == MIXED.spans(n)
+        st_.advance()
+    with pytest.raises(ValueError):
+        st_.rewind(3)
+    with pytest.raises(ValueError):
+        spans_table(MIXED, 5, 4)
+
+
+def test_write_token_equals_write_kv_of_one_token():
+    layout = LayerLayout.from_caps([4, 9, 3], 2, 50)
+    a_k, a_v = allocate(layout, 2, 8, torch.float32)
+    b_k, b_v = allocate(layout, 2, 8, torch.float32)
+    for p in range(30):
+        k, v = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8)
+        write_kv(a_k, a_v, layout, k, v, p)
+        write_token(b_k, b_v, layout, k, v, torch.tensor([p]))
+    assert torch.equal(a_k, b_k) and torch.equal(a_v, b_v)
+
+
+def test_generate_greedy_returns_prompt_and_new_tokens(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+    model = _model(MIXED)
+    ids = _ids(1, 4, seed=2)
+    out = generate_greedy(model, ids, 1, [], 0)
+    assert out.shape == (1, 5) and torch.equal(out[:, :4], ids)
