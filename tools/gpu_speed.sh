@@ -34,7 +34,8 @@ tail -25 "$OUT/tests.log" | tee -a "$LOG"
 step "item 1: model.generate at 16k (MoA graph replay vs dense static+compile), floor arithmetic"
 timeout "${GEN_TIMEOUT:-215}" python3 -m moa_plan.evals.bench.cli bench --out "$OUT/gen" --shapes llama3-8b \
   --densities 0.5 --decode-lens 4096 --batches 1 --prefill-lens 4096 --no-flex --e2e '' --generate \
-  --e2e-densities 0.5,0.25 --plan-kinds synthetic,searched --gen-batches 8,32,48 --gen-dense-batches 32,8 \
+  --e2e-densities "${GEN_DENSITIES:-0.5,0.25}" --plan-kinds "${GEN_KINDS:-synthetic,searched}" \
+  --gen-batches "${GEN_BATCHES:-8,32,48}" --gen-dense-batches "${GEN_DENSE_BATCHES:-32,8}" \
   --gen-budget "${GEN_BUDGET:-165}" --time-budget 200 --overwrite 2>&1 | grep -v "^decode/\|^prefill/" | tee -a "$LOG" || rc=1
 
 step "items 2 and 4: decode (batch 1 and 8, 4k/16k), prefill 16k, the bench's decoder at 50%/25%"
