@@ -8,6 +8,25 @@ def _moa_keys(cells: dict, case: str) -> list[str]:
     return sorted((x for x in cells if x.startswith(case + "/moa")), key=lambda x: -float(x.rsplit("moa", 1)[1]))
 
 
+def _cases(cells: dict, kind: str) -> list[str]:
+    """The cases of one kind (``decode/<shape>/n<N>/b<B>``, ``prefill/<shape>/n<N>``), by shape, then numbers."""
+    cases = {key.rsplit("/", 1)[0] for key in cells if key.startswith(kind + "/")}
+    return sorted(cases, key=lambda t: (t.split("/")[1], *(int(p[1:]) for p in t.split("/")[2:])))
+
+
+def _rows(cells: dict, cases: list[str]):
+    """(the case's key parts after its kind, its SDPA cell, a plan cell) for each plan cell, densest first."""
+    for t in cases:
+        sd = cells.get(t + "/sdpa", {})
+        for key in _moa_keys(cells, t):
+            yield t.split("/")[1:], sd, cells[key]
+
+
+def _section(title: str, header: str, intro: str = "") -> list[str]:
+    """A section's title, its intro paragraph (if any) and a table's header row with its rule."""
+    return [f"## {title}", "", *([intro, ""] if intro else []), header, "|---" * (header.count("|") - 1) + "|"]
+
+
 def render_markdown(res: dict) -> str:
     """The results as markdown tables (device, versions, command first)."""
     m = res.get("meta", {})
@@ -23,71 +42,50 @@ def render_markdown(res: dict) -> str:
         "",
     ]
     k = res.get("kernels", {})
-    dec = sorted(
-        {key.rsplit("/", 1)[0] for key in k if key.startswith("decode/")},
-        key=lambda t: (t.split("/")[1], int(t.split("/")[2][1:]), int(t.split("/")[3][1:])),
-    )
+    dec = _cases(k, "decode")
     if dec:
-        lines += [
-            "## Decode attention, one layer, per step",
-            "",
+        lines += _section(
+            "Decode attention, one layer, per step",
             "| shape | cache n | batch | SDPA dense ms (default / best backend) | plan density | KV read | ours ms | ours GB/s | % copy BW | x SDPA | x SDPA best | Flex ms | x Flex |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for t in dec:
-            _, shape, n, b = t.split("/")
-            sd = k.get(t + "/sdpa", {})
+        )
+        for (shape, n, b), sd, e in _rows(k, dec):
             sd_txt = f"{sd.get('ms', '-')} / {sd.get('best_ms', '-')}"
-            for key in _moa_keys(k, t):
-                e = k[key]
-                lines.append(
-                    f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {e.get('density', 0):.3f} | "
-                    f"{e.get('read_fraction', 0):.3f} | {e.get('ms', 'WRONG')} | {e.get('GBps', '-')} | "
-                    f"{100 * e['copy_frac']:.0f}% | {e.get('speedup_vs_sdpa', '-')} | "
-                    f"{e.get('speedup_vs_sdpa_best', '-')} | {e.get('flex_ms', '-')} | "
-                    f"{e.get('speedup_vs_flex', '-')} |"
-                    if "copy_frac" in e
-                    else f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {e.get('density', 0):.3f} | "
-                    f"{e.get('read_fraction', 0):.3f} | WRONG | - | - | - | - | {e.get('flex_ms', '-')} | - |"
-                )
+            lines.append(
+                f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {e.get('density', 0):.3f} | "
+                f"{e.get('read_fraction', 0):.3f} | {e.get('ms', 'WRONG')} | {e.get('GBps', '-')} | "
+                f"{100 * e['copy_frac']:.0f}% | {e.get('speedup_vs_sdpa', '-')} | "
+                f"{e.get('speedup_vs_sdpa_best', '-')} | {e.get('flex_ms', '-')} | "
+                f"{e.get('speedup_vs_flex', '-')} |"
+                if "copy_frac" in e
+                else f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {e.get('density', 0):.3f} | "
+                f"{e.get('read_fraction', 0):.3f} | WRONG | - | - | - | - | {e.get('flex_ms', '-')} | - |"
+            )
         lines.append("")
-    pre = sorted(
-        {key.rsplit("/", 1)[0] for key in k if key.startswith("prefill/")},
-        key=lambda t: (t.split("/")[1], int(t.split("/")[2][1:])),
-    )
+    pre = _cases(k, "prefill")
     if pre:
-        lines += [
-            "## Prefill attention, one layer, batch 1",
-            "",
+        lines += _section(
+            "Prefill attention, one layer, batch 1",
             "| shape | N | SDPA flash causal ms (TFLOP/s) | SDPA best backend ms (TFLOP/s) | density / attn frac | ours ms | ours TFLOP/s (visible) | % matmul | x SDPA flash | x SDPA best | Flex ms | x Flex |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for t in pre:
-            _, shape, n = t.split("/")
-            sd = k.get(t + "/sdpa", {})
-            for key in _moa_keys(k, t):
-                e = k[key]
-                lines.append(
-                    f"| {shape} | {n[1:]} | {sd.get('ms', '-')} ({sd.get('TFLOPs', '-')}) | "
-                    f"{sd.get('best_ms', '-')} ({sd.get('best_TFLOPs', '-')}) | {e.get('density', 0):.3f} / "
-                    f"{e.get('attention_fraction', e.get('layer0_density', 0)):.3f} | "
-                    f"{e.get('ms', 'WRONG')} | {e.get('TFLOPs', '-')} | "
-                    f"{(str(round(100 * e['matmul_frac'])) + '%') if 'matmul_frac' in e else '-'} | "
-                    f"{e.get('speedup_vs_sdpa', '-')} | {e.get('speedup_vs_sdpa_best', '-')} | "
-                    f"{e.get('flex_ms', e.get('flex_wrong', '-'))} | {e.get('speedup_vs_flex', '-')} |"
-                )
+        )
+        for (shape, n), sd, e in _rows(k, pre):
+            lines.append(
+                f"| {shape} | {n[1:]} | {sd.get('ms', '-')} ({sd.get('TFLOPs', '-')}) | "
+                f"{sd.get('best_ms', '-')} ({sd.get('best_TFLOPs', '-')}) | {e.get('density', 0):.3f} / "
+                f"{e.get('attention_fraction', e.get('layer0_density', 0)):.3f} | "
+                f"{e.get('ms', 'WRONG')} | {e.get('TFLOPs', '-')} | "
+                f"{(str(round(100 * e['matmul_frac'])) + '%') if 'matmul_frac' in e else '-'} | "
+                f"{e.get('speedup_vs_sdpa', '-')} | {e.get('speedup_vs_sdpa_best', '-')} | "
+                f"{e.get('flex_ms', e.get('flex_wrong', '-'))} | {e.get('speedup_vs_flex', '-')} |"
+            )
         lines.append("")
     e2e = res.get("e2e")
     if e2e:
-        lines += [
-            "## Whole-model decode throughput (greedy, CUDA graph, random weights)",
-            "",
+        lines += _section(
+            "Whole-model decode throughput (greedy, CUDA graph, random weights)",
+            "| variant | largest batch | ms/step | tokens/s | KV cache GB | peak GB | peak bytes / context token |",
             f"{e2e.get('note', '')}. Shape {e2e.get('shape')}, context {e2e.get('context')}, plan density "
             f"{e2e.get('density', 0):.3f}, weights {e2e.get('weights_GB')} GB.",
-            "",
-            "| variant | largest batch | ms/step | tokens/s | KV cache GB | peak GB | peak bytes / context token |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        )
         for v in ("dense", "moa"):
             r = e2e.get(v, {})
             if "error" in r:
@@ -107,16 +105,13 @@ def render_markdown(res: dict) -> str:
         ]
     sdpa_be = {key: v["backends"] for key, v in k.items() if key.endswith("/sdpa") and "backends" in v}
     if sdpa_be:
-        lines += [
-            "## SDPA forced onto each backend (ms; the best is the 'SDPA best' baseline)",
-            "",
-            "| case | backends |",
-            "|---|---|",
-        ]
+        lines += _section(
+            "SDPA forced onto each backend (ms; the best is the 'SDPA best' baseline)", "| case | backends |"
+        )
         lines += [f"| {a} | {', '.join(f'{n}: {t}' for n, t in b.items())} |" for a, b in sdpa_be.items()]
         lines.append("")
     if res.get("sweep"):
-        lines += ["## Tuning sweep (ms)", "", "| config | ms |", "|---|---|"]
+        lines += _section("Tuning sweep (ms)", "| config | ms |")
         lines += [f"| {a} | {b} |" for a, b in res["sweep"].items()]
         lines.append("")
     bad = {a: b for a, b in res.get("guard", {}).items() if not b.get("ok", True)}
