@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 triton = __import__("pytest").importorskip("triton")
 
 # kernels before their launchers: a reloaded launcher then imports the interpreted kernels
-_MODULES = ("triton_prefill_kernel", "triton_paged_kernel", "triton_prefill", "triton_decode")
+_MODULES = ("triton_common", "triton_prefill_kernel", "triton_paged_kernel", "triton_prefill", "triton_decode")
 
 
 def _compiled(mod) -> bool:
