@@ -28,6 +28,16 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _total_length(n_arg, N_PTR: tl.constexpr):
+    """n, passed by value or (N_PTR, for CUDA graphs) as a pointer to a device integer."""
+    if N_PTR:
+        n = tl.load(n_arg).to(tl.int32)
+    else:
+        n = n_arg
+    return n
+
+
+@triton.jit
 def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P: tl.constexpr):
     """(slot base, ring size, sink tokens, first window position, window tokens) of KV head kvh."""
     g = tl.arange(0, GROUP_P)
@@ -83,10 +93,7 @@ def _decode_kernel(
     pid = tl.program_id(1)
     b = pid // HKV
     kvh = pid % HKV
-    if N_PTR:
-        n = tl.load(n_arg).to(tl.int32)
-    else:
-        n = n_arg
+    n = _total_length(n_arg, N_PTR)
     base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P)
     total = ns_eff + m
     c0 = split * chunk
@@ -178,10 +185,7 @@ def _reduce_kernel(
     pid = tl.program_id(0)
     b = pid // HQ
     h = pid % HQ
-    if N_PTR:
-        n = tl.load(n_arg).to(tl.int32)
-    else:
-        n = n_arg
+    n = _total_length(n_arg, N_PTR)
     base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, h // GROUP, n, GROUP, GROUP_P)
     active = tl.cdiv(ns_eff + m, chunk)
     s = tl.arange(0, SPLITS_P)
@@ -309,6 +313,7 @@ def decode_attention(
         m_part = l_part = o_part = out
     warps = 4
     stages = 1 if _interpreting() else 3
+    both = dict(GROUP_P=group_p, HEAD_DIM=d, N_PTR=n_ptr)  # compile-time options of both kernels
     _decode_kernel[(splits, batch * hkv)](
         q,
         k_cache,
@@ -336,11 +341,9 @@ def decode_attention(
         out.stride(1),
         hkv,
         group,
-        GROUP_P=group_p,
-        HEAD_DIM=d,
+        **both,
         BLOCK_N=block_n,
         SPLIT=splits > 1,
-        N_PTR=n_ptr,
         IEEE=q.dtype == torch.float32,
         num_warps=warps,
         num_stages=stages,
@@ -362,10 +365,8 @@ def decode_attention(
             out.stride(1),
             hq,
             group,
-            GROUP_P=group_p,
-            HEAD_DIM=d,
+            **both,
             SPLITS_P=max(2, triton.next_power_of_2(splits)),
-            N_PTR=n_ptr,
             num_warps=4,
         )
     return out
