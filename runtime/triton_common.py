@@ -89,8 +89,9 @@ def block_range(
 def plan_rows(
     q,
     keys,
-    off,
-    m0,
+    rows,
+    i_lo,
+    i_hi,
     span,
     sink,
     k_len,
@@ -101,11 +102,9 @@ def plan_rows(
     IEEE: tl.constexpr,
     PAGED: tl.constexpr,
 ):
-    """Attention output [BLOCK_M, HEAD_DIM] (fp32) of query rows m0 .. m0 + BLOCK_M - 1, at absolute
-    positions off + row, reading only the key blocks inside sink + window; a row that sees no key gives 0."""
-    rows = off + m0 + tl.arange(0, BLOCK_M)  # absolute positions of the query rows
-    i_lo = off + m0
-    i_hi = tl.minimum(off + m0 + BLOCK_M, k_len) - 1
+    """Attention output [BLOCK_M, HEAD_DIM] (fp32) of the query block q at absolute positions ``rows``
+    (i_lo, the first; i_hi, the last below k_len), reading only the key blocks inside sink + window;
+    a row that sees no key gives 0."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)

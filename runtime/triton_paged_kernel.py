@@ -61,6 +61,9 @@ def paged_kernel(
     off = k_len - q_len
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
+    rows = off + offs_m  # absolute positions of the query rows
+    i_lo = off + m0
+    i_hi = tl.minimum(off + m0 + BLOCK_M, k_len) - 1
 
     q_ptrs = Q + (q_start + offs_m[:, None]).to(tl.int64) * stride_qt + h * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
@@ -68,7 +71,7 @@ def paged_kernel(
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     keys = (k_base, v_base, stride_kb, stride_vb, bt, stride_kp, stride_vp, PAGE)
-    out = plan_rows(q, keys, off, m0, span, sink, k_len, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE, True)
+    out = plan_rows(q, keys, rows, i_lo, i_hi, span, sink, k_len, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE, True)
 
     o_ptrs = O + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)

@@ -56,13 +56,16 @@ def prefill_kernel(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
+    rows = off + offs_m  # absolute positions of the query rows
+    i_lo = off + m0
+    i_hi = tl.minimum(off + m0 + BLOCK_M, k_len) - 1
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     keys = (k_base, v_base, stride_kn, stride_vn, K, 0, 0, 1)  # contiguous: no block table
-    out = plan_rows(q, keys, off, m0, span, sink, k_len, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE, False)
+    out = plan_rows(q, keys, rows, i_lo, i_hi, span, sink, k_len, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE, False)
 
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)
