@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,28 +28,22 @@ _MESSAGES = {
     "dict_type": "must be an object",
     "model_type": "must be an object",
     "bool_type": "must be true or false",
+    "string_unicode": "holds a lone surrogate (not valid Unicode text)",
+    "string_pattern_mismatch": "must be one line without control characters",
+    # filled from the error's context (a missing key reads None)
+    "greater_than_equal": "must be >= {ge}",
+    "less_than_equal": "must be <= {le}",
+    "literal_error": "must be {expected}",
+    "string_too_long": "must be at most {max_length} characters",
 }
 
 
 def _message(err: dict[str, Any]) -> str:
     kind = err["type"]
-    if kind in _MESSAGES:
-        return _MESSAGES[kind]
+    if kind not in _MESSAGES:
+        return err["msg"].removeprefix("Value error, ")
     ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in (err.get("ctx") or {}).items()}
-    if kind == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}"
-    if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}"
-    if kind == "string_unicode":
-        return "holds a lone surrogate (not valid Unicode text)"
-    if kind == "literal_error":
-        return f"must be {ctx.get('expected')}"
-    if kind == "string_too_long":
-        return f"must be at most {ctx.get('max_length')} characters"
-    if kind == "string_pattern_mismatch":
-        return "must be one line without control characters"
-    msg = err["msg"]
-    return msg.removeprefix("Value error, ")
+    return _MESSAGES[kind].format_map(defaultdict(lambda: None, ctx))
 
 
 def _dedupe(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -197,10 +197,10 @@ def _head_group(
 
 
 def torch_prefill_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    spans: torch.Tensor,
+    q: torch.Tensor,  # [B, Hq, Lq, D]
+    k: torch.Tensor,  # [B, Hkv, Lk, D], Lk >= Lq
+    v: torch.Tensor,  # as k
+    spans: torch.Tensor,  # [Hq], the layer's spans at N = Lk
     sink: int,
     scale: float | None = None,
     block: int | None = None,

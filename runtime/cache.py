@@ -216,13 +216,13 @@ def gather_heads(cache: torch.Tensor, offset: torch.Tensor, cap: torch.Tensor, w
 
 
 def torch_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    offset: torch.Tensor,
+    q: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [B, S, D]
+    v_cache: torch.Tensor,  # as k_cache
+    offset: torch.Tensor,  # [Hkv]: LayerLayout.offset, .cap, .n_sink
     cap: torch.Tensor,
     n_sink: torch.Tensor,
-    spans: torch.Tensor,
+    spans: torch.Tensor,  # [Hq]
     sink: int,
     n: int | torch.Tensor,
     scale: float | None = None,

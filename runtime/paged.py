@@ -94,13 +94,13 @@ def torch_paged_attention(
 
 
 def paged_attention(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start: torch.Tensor,
-    seq_lens: torch.Tensor,
-    spans: torch.Tensor,
+    query: torch.Tensor,  # [T, Hq, D]
+    key_cache: torch.Tensor,  # [num_pages, PAGE, Hkv, D]
+    value_cache: torch.Tensor,  # as key_cache
+    block_table: torch.Tensor,  # [S, pages per sequence]
+    query_start: torch.Tensor,  # [S + 1]
+    seq_lens: torch.Tensor,  # [S]
+    spans: torch.Tensor,  # [S, Hq]
     sink: int,
     scale: float | None = None,
     out: torch.Tensor | None = None,

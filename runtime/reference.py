@@ -23,12 +23,7 @@ def plan_mask(spans: torch.Tensor, sink: int, q_len: int, k_len: int) -> torch.T
 
 
 def reference_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    spans: torch.Tensor,
-    sink: int,
-    scale: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int, scale: float | None = None
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v in float32, materialising the plan's mask; returns q's dtype."""
     batch, hq, q_len, d = q.shape

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moa_plan.runtime.triton_prefill_kernel import block_range
+from moa_plan.runtime.triton_common import plan_rows
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def paged_kernel(
     off = k_len - q_len
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = off + offs_m
+    rows = off + offs_m  # absolute positions of the query rows
     i_lo = off + m0
     i_hi = tl.minimum(off + m0 + BLOCK_M, k_len) - 1
 
@@ -70,156 +70,8 @@ def paged_kernel(
     bt = BT + s.to(tl.int64) * stride_bt
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
+    keys = (k_base, v_base, stride_kb, stride_vb, bt, stride_kp, stride_vp, PAGE)
+    out = plan_rows(q, keys, rows, i_lo, i_hi, span, sink, k_len, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE, True)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    # The same key ranges as prefill_kernel: sink blocks, then the window blocks (masked at the edges).
-    sink_end = tl.minimum(sink, i_hi + 1)
-    sb_end = tl.cdiv(sink_end, BLOCK_N)
-    sb_full = tl.minimum(tl.minimum(sink, i_lo + 1), k_len) // BLOCK_N
-    sb_full = tl.minimum(sb_full, sb_end)
-    acc, m_i, l_i = block_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_base,
-        v_base,
-        stride_kb,
-        stride_vb,
-        offs_d,
-        rows,
-        0,
-        sb_full,
-        span,
-        sink,
-        k_len,
-        qk_scale,
-        BLOCK_N,
-        False,
-        IEEE,
-        bt,
-        stride_kp,
-        stride_vp,
-        PAGE,
-        True,
-    )
-    acc, m_i, l_i = block_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_base,
-        v_base,
-        stride_kb,
-        stride_vb,
-        offs_d,
-        rows,
-        sb_full,
-        sb_end,
-        span,
-        sink,
-        k_len,
-        qk_scale,
-        BLOCK_N,
-        True,
-        IEEE,
-        bt,
-        stride_kp,
-        stride_vp,
-        PAGE,
-        True,
-    )
-    win_lo = tl.maximum(i_lo - span + 1, 0)
-    wb_lo = tl.maximum(win_lo // BLOCK_N, sb_end)
-    wb_hi = tl.maximum(tl.cdiv(i_hi + 1, BLOCK_N), wb_lo)
-    edge = i_hi - span
-    wf_lo = tl.where(edge >= 0, edge // BLOCK_N + 1, 0)
-    wf_lo = tl.minimum(tl.maximum(wf_lo, wb_lo), wb_hi)
-    wf_hi = tl.minimum(i_lo + 1, k_len) // BLOCK_N
-    wf_hi = tl.minimum(tl.maximum(wf_hi, wf_lo), wb_hi)
-    acc, m_i, l_i = block_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_base,
-        v_base,
-        stride_kb,
-        stride_vb,
-        offs_d,
-        rows,
-        wb_lo,
-        wf_lo,
-        span,
-        sink,
-        k_len,
-        qk_scale,
-        BLOCK_N,
-        True,
-        IEEE,
-        bt,
-        stride_kp,
-        stride_vp,
-        PAGE,
-        True,
-    )
-    acc, m_i, l_i = block_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_base,
-        v_base,
-        stride_kb,
-        stride_vb,
-        offs_d,
-        rows,
-        wf_lo,
-        wf_hi,
-        span,
-        sink,
-        k_len,
-        qk_scale,
-        BLOCK_N,
-        False,
-        IEEE,
-        bt,
-        stride_kp,
-        stride_vp,
-        PAGE,
-        True,
-    )
-    acc, m_i, l_i = block_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_base,
-        v_base,
-        stride_kb,
-        stride_vb,
-        offs_d,
-        rows,
-        wf_hi,
-        wb_hi,
-        span,
-        sink,
-        k_len,
-        qk_scale,
-        BLOCK_N,
-        True,
-        IEEE,
-        bt,
-        stride_kp,
-        stride_vp,
-        PAGE,
-        True,
-    )
-
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
     o_ptrs = O + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)

@@ -21,23 +21,19 @@ from moa_plan.build import uniform_plan
 from moa_plan.io import save_plan
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 
-SHAPES = {
-    "smollm2-135m": ModelShape(
-        name="HuggingFaceTB/SmolLM2-135M",
-        num_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
+SHAPES = {  # key: the model's name, layers, query heads, KV heads, head size (8192 positions each)
+    key: ModelShape(
+        name=name,
+        num_layers=layers,
+        num_attention_heads=hq,
+        num_key_value_heads=hkv,
+        head_dim=d,
         max_position_embeddings=8192,
-    ),
-    "llama-3-8b": ModelShape(
-        name="meta-llama/Meta-Llama-3-8B",
-        num_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=8192,
-    ),
+    )
+    for key, name, layers, hq, hkv, d in (
+        ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M", 30, 9, 3, 64),
+        ("llama-3-8b", "meta-llama/Meta-Llama-3-8B", 32, 32, 8, 128),
+    )
 }
 LENGTH = 8192
 DENSITY = 0.5

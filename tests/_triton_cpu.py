@@ -14,6 +14,7 @@ triton = __import__("pytest").importorskip("triton")
 
 # kernels before their launchers: a reloaded launcher then imports the interpreted kernels
 _MODULES = (
+    "triton_common",
     "triton_prefill_kernel",
     "triton_paged_kernel",
     "triton_decode_kernel",

@@ -64,7 +64,8 @@ class BenchSettings:
 
 def register(subparsers: Any) -> None:
     """Add the `bench` subcommand (imports nothing heavy)."""
-    shapes = choice_list(SHAPE_NAMES)
+    shapes, some_shapes = choice_list(SHAPE_NAMES), choice_list(SHAPE_NAMES, empty=True)
+    size_gb, fraction = float_in(0, 1e6, low_open=True), float_in(0, 1, low_open=True)
     p = subparsers.add_parser(
         "bench", help="GPU benchmark of the MoA kernels and decode throughput", description=__doc__.splitlines()[0]
     )
@@ -79,16 +80,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--batches", type=comma_list(positive), default=[1, 8, 32, 128], help="decode batch sizes")
     p.add_argument("--sink", type=int_in(0), default=64, help="sink tokens of the benchmark plans (default 64)")
-    p.add_argument(
-        "--max-cache-gb",
-        type=float_in(0, 1e6, low_open=True),
-        default=30.0,
-        help="skip decode cases whose dense K+V exceed this",
-    )
+    p.add_argument("--max-cache-gb", type=size_gb, default=30.0, help="skip decode cases whose dense K+V exceed this")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument(
         "--flex-shapes",
-        type=choice_list(SHAPE_NAMES, empty=True),
+        type=some_shapes,
         default=["llama3-8b"],
         help="shapes FlexAttention runs on (each length compiles)",
     )
@@ -99,18 +95,10 @@ def register(subparsers: Any) -> None:
         help="decode batches FlexAttention runs at",
     )
     p.add_argument(
-        "--e2e",
-        type=choice_list(SHAPE_NAMES, empty=True),
-        default=["llama3-8b"],
-        help="shape for the whole-model decode step ('' to skip)",
+        "--e2e", type=some_shapes, default=["llama3-8b"], help="shape for the whole-model decode step ('' to skip)"
     )
     p.add_argument("--e2e-context", type=positive, default=16384, help="context of the whole-model decode step")
-    p.add_argument(
-        "--e2e-density",
-        type=float_in(0, 1, low_open=True),
-        default=0.5,
-        help="plan density of the whole-model decode step",
-    )
+    p.add_argument("--e2e-density", type=fraction, default=0.5, help="plan density of the whole-model decode step")
     p.add_argument(
         "--e2e-densities",
         type=densities,

@@ -1,0 +1,138 @@
+"""The @triton.jit pieces shared by the two prefill kernels (contiguous K/V in ``triton_prefill_kernel``,
+vLLM's paged cache in ``triton_paged_kernel``): the online-softmax loop over a range of key blocks with
+the plan's span/sink mask, and the sink + window key ranges of one block of query rows.
+
+Where keys live is one tuple ``keys = (k_base, v_base, stride_kn, stride_vn, BT, stride_kp, stride_vp, PAGE)``:
+contiguous, key position j is row j of k_base/v_base (strides ``stride_kn``/``stride_vn``; the last four are
+unused); PAGED, it lives in page BT[j // PAGE] at row j % PAGE (``stride_kn``/``stride_vn`` are then the page
+strides, ``stride_kp``/``stride_vp`` the row strides).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def block_range(
+    state,
+    q,
+    keys,
+    view,
+    lo_blk,
+    hi_blk,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    IEEE: tl.constexpr,
+    PAGED: tl.constexpr,
+):
+    """Online-softmax update of state = (acc, m_i, l_i) with key blocks [lo_blk, hi_blk), for the query
+    rows of view = (absolute row positions, span, sink, k_len): row i sees key j iff j <= i, j < k_len and
+    (j < sink or i - j < span).
+
+    MASK: some (row, key) pair of a block may be hidden (past the causal edge, outside the window and
+    the sink, or past k_len); unmasked blocks skip the mask and fold the scale into the exponent.
+    """
+    acc, m_i, l_i = state
+    rows, span, sink, k_len = view
+    k_base, v_base, stride_kn, stride_vn, BT, stride_kp, stride_vp, PAGE = keys
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    for blk in range(lo_blk, hi_blk):
+        cols = blk * BLOCK_N + offs_n
+        if PAGED:
+            page = tl.load(BT + cols // PAGE, mask=cols < k_len, other=0).to(tl.int64)
+            k_ptrs = k_base + page[None, :] * stride_kn + (cols % PAGE)[None, :] * stride_kp + offs_d[:, None]
+            v_ptrs = v_base + page[:, None] * stride_vn + (cols % PAGE)[:, None] * stride_vp + offs_d[None, :]
+        else:
+            k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASK:
+            kt = tl.load(k_ptrs, mask=cols[None, :] < k_len, other=0.0)
+        else:
+            kt = tl.load(k_ptrs)
+        if IEEE:
+            qk = tl.dot(q, kt, input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        if MASK:
+            qk = qk * qk_scale
+            diff = rows[:, None] - cols[None, :]
+            seen = (diff >= 0) & ((cols[None, :] < sink) | (diff < span)) & (cols[None, :] < k_len)
+            qk = tl.where(seen, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+        else:  # scale folded into one FMA per score (fp32), as in the Triton fused-attention tutorial
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASK:
+            vv = tl.load(v_ptrs, mask=cols[:, None] < k_len, other=0.0)
+        else:
+            vv = tl.load(v_ptrs)
+        if IEEE:
+            acc = tl.dot(p.to(vv.dtype), vv, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(vv.dtype), vv, acc)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def plan_rows(
+    q,
+    keys,
+    rows,
+    i_lo,
+    i_hi,
+    span,
+    sink,
+    k_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    PAGED: tl.constexpr,
+):
+    """Attention output [BLOCK_M, HEAD_DIM] (fp32) of the query block q at absolute positions ``rows``
+    (i_lo, the first; i_hi, the last below k_len), reading only the key blocks inside sink + window;
+    a row that sees no key gives 0."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    state = (acc, m_i, l_i)
+    view = (rows, span, sink, k_len)
+
+    # Sink part: keys [0, min(sink, i_hi + 1)); blocks ending before min(sink, i_lo + 1) need no mask.
+    sink_end = tl.minimum(sink, i_hi + 1)
+    sb_end = tl.cdiv(sink_end, BLOCK_N)
+    sb_full = tl.minimum(tl.minimum(sink, i_lo + 1), k_len) // BLOCK_N
+    sb_full = tl.minimum(sb_full, sb_end)
+    state = block_range(state, q, keys, view, 0, sb_full, qk_scale, HEAD_DIM, BLOCK_N, False, IEEE, PAGED)
+    state = block_range(state, q, keys, view, sb_full, sb_end, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, PAGED)
+
+    # Window part: keys [max(0, i_lo - span + 1), i_hi], after the sink blocks.
+    win_lo = tl.maximum(i_lo - span + 1, 0)
+    wb_lo = tl.maximum(win_lo // BLOCK_N, sb_end)
+    wb_hi = tl.maximum(tl.cdiv(i_hi + 1, BLOCK_N), wb_lo)
+    # Unmasked blocks: every row sees every key (j0 > i_hi - span and j0 + BLOCK_N - 1 <= i_lo).
+    edge = i_hi - span
+    wf_lo = tl.where(edge >= 0, edge // BLOCK_N + 1, 0)
+    wf_lo = tl.minimum(tl.maximum(wf_lo, wb_lo), wb_hi)
+    wf_hi = tl.minimum(i_lo + 1, k_len) // BLOCK_N
+    wf_hi = tl.minimum(tl.maximum(wf_hi, wf_lo), wb_hi)
+    state = block_range(state, q, keys, view, wb_lo, wf_lo, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, PAGED)
+    state = block_range(state, q, keys, view, wf_lo, wf_hi, qk_scale, HEAD_DIM, BLOCK_N, False, IEEE, PAGED)
+    state = block_range(state, q, keys, view, wf_hi, wb_hi, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, PAGED)
+
+    acc, m_i, l_i = state
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    return acc / l_safe[:, None]
