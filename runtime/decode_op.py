@@ -19,24 +19,24 @@ from moa_plan.runtime.cache import torch_decode_attention
 @torch.library.custom_op("moa_plan::decode", mutates_args=())
 def decode(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    offset: torch.Tensor,
-    cap: torch.Tensor,
-    n_sink: torch.Tensor,
+    kv: list[torch.Tensor],
+    layout: list[torch.Tensor],
     spans: torch.Tensor,
     n: torch.Tensor,
     sink: int,
     scale: float,
     max_cap: int,
 ) -> torch.Tensor:
-    """q [B, Hq, D] -> [B, Hq, D] over the per-head cache at total length ``n`` (0-dim int tensor)."""
+    """q [B, Hq, D] -> [B, Hq, D] over the per-head cache at total length ``n`` (0-dim int tensor,
+    read on the device). ``kv``: (keys, values), each [B, S, D], every KV head's slots in one flat
+    buffer; ``layout``: (offset, cap, n_sink) of the KV heads, int32 [Hkv] each; ``spans``: int32
+    [Hq], each query head's span at n."""
     module = _use_triton("triton_decode", q.device)
     if module is not None:
-        return module.decode_attention(q, k_cache, v_cache, offset, cap, n_sink, spans, sink, n, scale, max_cap=max_cap)
-    return torch_decode_attention(q, k_cache, v_cache, offset, cap, n_sink, spans, sink, n, scale, width=max_cap)
+        return module.decode_attention(q, *kv, *layout, spans, sink, n, scale, max_cap=max_cap)
+    return torch_decode_attention(q, *kv, *layout, spans, sink, n, scale, width=max_cap)
 
 
 @decode.register_fake
-def _(q, k_cache, v_cache, offset, cap, n_sink, spans, n, sink, scale, max_cap):
+def _(q, kv, layout, spans, n, sink, scale, max_cap):
     return q.new_empty(q.shape)

@@ -233,11 +233,8 @@ def moa_attention_forward(
         d = query.shape[-1]
         out = decode_op(
             query[:, :, 0],
-            cache.keys,
-            cache.values,
-            cache.layout.offset,
-            cache.layout.cap,
-            cache.layout.n_sink,
+            [cache.keys, cache.values],
+            [cache.layout.offset, cache.layout.cap, cache.layout.n_sink],
             static.spans[layer],
             static.n,
             state.sink,

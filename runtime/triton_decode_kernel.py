@@ -16,6 +16,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _total_length(n_arg, N_PTR: tl.constexpr):
+    """n, passed by value or (N_PTR, for CUDA graphs) as a pointer to a device integer."""
+    if N_PTR:
+        n = tl.load(n_arg).to(tl.int32)
+    else:
+        n = n_arg
+    return n
+
+
+@triton.jit
 def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P: tl.constexpr):
     """(slot base, ring size, sink tokens, first window position, window tokens) of KV head kvh."""
     g = tl.arange(0, GROUP_P)
@@ -73,10 +83,7 @@ def _decode_kernel(
     pid = tl.program_id(1)
     b = pid // HKV
     kvh = pid % HKV
-    if N_PTR:
-        n = tl.load(n_arg).to(tl.int32)
-    else:
-        n = n_arg
+    n = _total_length(n_arg, N_PTR)
     base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P)
     total = ns_eff + m
     c0 = split * chunk
@@ -187,10 +194,7 @@ def _reduce_kernel(
     pid = tl.program_id(0)
     b = pid // HQ
     h = pid % HQ
-    if N_PTR:
-        n = tl.load(n_arg).to(tl.int32)
-    else:
-        n = n_arg
+    n = _total_length(n_arg, N_PTR)
     base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, h // GROUP, n, GROUP, GROUP_P)
     active = tl.cdiv(ns_eff + m, chunk)
     s = tl.arange(0, SPLITS_P)

@@ -12,8 +12,15 @@ import string
 from pathlib import Path
 
 import pytest
+import torch
 
-from moa_plan.evals.quality.documents import LINES_INTRO, PASSKEY_FILLER, PASSKEY_INTRO, WORDS
+# Without a GPU the Triton kernels run in the interpreter, which must be on before anything imports
+# triton (transformers and our runtime may, from any test module): else a module that imported
+# triton first leaves triton.language compiled and later interpreted kernels fail on it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moa_plan.evals.quality.documents import LINES_INTRO, PASSKEY_FILLER, PASSKEY_INTRO, WORDS  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -182,7 +182,7 @@ def test_decode_op_and_its_pytorch_twin_read_nothing_back():
     q = torch.randn(2, 4, 16)
     spans = torch.tensor([3, 9, 12, 1], dtype=torch.int32)
     n = torch.tensor(30, dtype=torch.int32)
-    args = (q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, n, 2, 0.25, 12)
+    args = (q, [kc, vc], [layout.offset, layout.cap, layout.n_sink], spans, n, 2, 0.25, 12)
     with _NoSync():
         got = torch.ops.moa_plan.decode(*args)
         twin = torch_decode_attention(q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, 2, n, 0.25, width=12)
@@ -197,11 +197,8 @@ def test_decode_op_passes_opcheck():
     vc.normal_()
     args = (
         torch.randn(1, 4, 16),
-        kc,
-        vc,
-        layout.offset,
-        layout.cap,
-        layout.n_sink,
+        [kc, vc],
+        [layout.offset, layout.cap, layout.n_sink],
         torch.tensor([4, 2, 9, 6], dtype=torch.int32),
         torch.tensor(20, dtype=torch.int32),
         1,

@@ -37,7 +37,13 @@ def bench_plan(shape: dict[str, int], density: float, n: int, sink: int, layer_s
 
     if density >= 1.0:
         return make(1.0 / min(base))
-    lo, hi = 0.0, 1.0 / min(base)
+    return _fit(make, density, n, 1.0 / min(base))
+
+
+def _fit(make, density: float, n: int, hi: float):
+    """``make(c)`` at the smallest common factor c in [0, hi] whose plan reaches ``density`` at n
+    (bisection: a plan's density grows with c)."""
+    lo = 0.0
     for _ in range(40):
         mid = (lo + hi) / 2
         if make(mid).density(n) < density:
@@ -73,14 +79,7 @@ def searched_plan(shape: dict[str, int], density: float, n: int, sink: int):
             provenance={"method": "bench-searched-shape", "density": density, "n": n},
         )
 
-    lo, hi = 0.0, 1.0 / 0.03
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if make(mid).density(n) < density:
-            lo = mid
-        else:
-            hi = mid
-    return make(hi)
+    return _fit(make, density, n, 1.0 / 0.03)
 
 
 PLAN_KINDS = {"synthetic": bench_plan, "searched": searched_plan}

@@ -174,8 +174,7 @@ class Kernels(Baselines):
                             (
                                 lambda c=c: decode_attention(
                                     q2,
-                                    c[0],
-                                    c[1],
+                                    *c,
                                     layout.offset,
                                     layout.cap,
                                     layout.n_sink,

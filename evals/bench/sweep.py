@@ -72,8 +72,7 @@ def sweep(sink: int, device: Any, over_budget: Callable[[], bool]) -> dict[str, 
                                 (
                                     lambda c=c: decode_attention(
                                         q,
-                                        c[0],
-                                        c[1],
+                                        *c,
                                         layout.offset,
                                         layout.cap,
                                         layout.n_sink,
