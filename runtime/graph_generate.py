@@ -8,7 +8,7 @@ end-of-sequence bookkeeping, the token stored, the position advanced) is capture
 replayed: every per-step value lives in device tensors, the split-K counts are fixed by the
 cache's capacities, and nothing is read back until the end (or every ``CHECK_EVERY`` steps when
 an end-of-sequence token can stop all rows early). The captured step is kept on the model for
-the next call with the same batch, prompt length and dtype and no longer a bound (``release`` frees it).
+the next call with the same batch, prompt length, dtype and end-of-sequence tokens and no longer a bound (``release`` frees it).
 
 ``MOA_GRAPH_DECODE``: 'auto' (default: on CUDA), '0' (never: transformers' loop), '1' (also off
 CUDA, stepping eagerly through the same static step: what the CPU tests check).
@@ -93,7 +93,9 @@ def _logits_kwargs(model: Any) -> dict[str, int]:
 class GraphDecoder:
     """Prefill + greedy decode steps of one (batch, prompt length, n_max, dtype) on a planned model."""
 
-    def __init__(self, model: Any, batch: int, prompt: int, n_max: int, device: torch.device, graph: bool):
+    def __init__(
+        self, model: Any, batch: int, prompt: int, n_max: int, device: torch.device, graph: bool, eos: list[int]
+    ):
         self.model, self.batch, self.prompt, self.n_max = model, batch, prompt, n_max
         self.cache = MoACache(plan_of(model), n_max)
         self.static = StaticDecode(plan_of(model), prompt + 1, n_max, device)
@@ -102,7 +104,7 @@ class GraphDecoder:
         self.tokens = torch.zeros(batch, n_max - prompt, **long)  # column j: the token of step j
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.finished_at = torch.zeros(batch, **long)  # column of each row's first end-of-sequence token
-        self.eos = torch.zeros(0, **long)
+        self.eos = torch.tensor(eos, **long)  # fixed per decoder: a captured step reads this very tensor
         self.pad = torch.zeros((), **long)
         self.use_graph, self.graph = graph, None
         self.keep = _logits_kwargs(model)
@@ -111,12 +113,12 @@ class GraphDecoder:
         out = self.model(input_ids=ids, use_cache=True, **{CACHE_ARG: self.cache}, **self.keep, **kw)
         return out.logits[:, -1]
 
-    def prefill(self, input_ids: torch.Tensor, eos: list[int], pad: int) -> None:
-        """Eager prefill of the prompt; the first new token goes to column 0."""
+    def prefill(self, input_ids: torch.Tensor, pad: int) -> None:
+        """Eager prefill of the prompt; the first new token goes to column 0. Everything the
+        captured step reads is written in place, never replaced."""
         self.cache.set_static(None)
         self.cache.set_length(0)
         first = self._forward(input_ids).argmax(-1)
-        self.eos = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
         self.pad.fill_(pad)
         self.done.copy_(torch.isin(first, self.eos))
         self.finished_at.fill_(self.tokens.shape[1]).masked_fill_(self.done, 0)
@@ -178,15 +180,15 @@ def generate_greedy(
     batch, prompt = input_ids.shape
     n_max = prompt + max_new_tokens
     device = input_ids.device
-    key = (batch, prompt, str(device), next(model.parameters()).dtype)
+    key = (batch, prompt, str(device), next(model.parameters()).dtype, tuple(eos_token_id))
     held = getattr(model, "_moa_graph_decoder", None)
     if held is None or held[0] != key or held[1].n_max < n_max:  # a longer bound serves shorter calls
         release(model)
-        held = (key, GraphDecoder(model, batch, prompt, n_max, device, graph=device.type == "cuda"))
+        held = (key, GraphDecoder(model, batch, prompt, n_max, device, device.type == "cuda", eos_token_id))
         model._moa_graph_decoder = held
     dec = held[1]
     with torch.no_grad():
-        dec.prefill(input_ids, eos_token_id, pad_token_id)
+        dec.prefill(input_ids, pad_token_id)
         cols = dec.decode(max_new_tokens, stop_early=bool(eos_token_id))
     return torch.cat([input_ids.to(torch.long), dec.tokens[:, :cols].clone()], dim=1)
 

@@ -146,7 +146,7 @@ def test_new_rows_render():
                 "read_fraction": 0.8,
                 "bytes_read": 8e6,
                 "ms": 0.008,
-                "ms_two_launches": 0.01,
+                "ms_one_launch": 0.01,
                 "GBps": 1000,
                 "copy_frac": 0.25,
                 "speedup_vs_sdpa": 2.5,

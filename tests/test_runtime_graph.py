@@ -164,14 +164,41 @@ def test_the_static_step_reads_nothing_back(monkeypatch):
     monkeypatch.setenv(ENV, "1")
     model = _model(MIXED)
     ids = _ids(2, 10, seed=1)
-    dec = GraphDecoder(model, 2, 10, 30, torch.device("cpu"), graph=False)
+    dec = GraphDecoder(model, 2, 10, 30, torch.device("cpu"), graph=False, eos=[5])
     with torch.no_grad():
-        dec.prefill(ids, [5], 0)
+        dec.prefill(ids, 0)
         with _NoSync():
             for _ in range(6):
                 dec.step()
     with pytest.raises(AssertionError, match="host sync"), _NoSync():
         torch.ones(2).sum().item()
+
+
+def test_a_kept_step_reads_the_same_tensors_on_the_next_call(monkeypatch):
+    """A captured CUDA graph reads fixed addresses: the next call's prefill must write the state
+    in place, and a call with other end-of-sequence tokens must get its own decoder (on the GPU a
+    replaced eos tensor once left a kept graph blind to the new end-of-sequence token)."""
+    from moa_plan.runtime.graph_generate import generate_greedy
+
+    monkeypatch.setenv(ENV, "1")
+    model = _model(MIXED)
+    ids = _ids(2, 10, seed=2)
+
+    def state():
+        dec = model._moa_graph_decoder[1]
+        return dec, {k: v.data_ptr() for k, v in vars(dec).items() if isinstance(v, torch.Tensor)}
+
+    free = generate_greedy(model, ids, 12, [], 0)
+    dec, ptrs = state()
+    generate_greedy(model, ids, 12, [], 0)
+    assert state() == (dec, ptrs)
+    eos = int(free[1, 14])
+    got = generate_greedy(model, ids, 12, [eos], 3)
+    assert state()[0] is not dec and model._moa_graph_decoder[0][-1] == (eos,)
+    monkeypatch.setenv(ENV, "0")
+    with torch.no_grad():
+        want = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=3)
+    assert torch.equal(got, want)
 
 
 def test_decode_op_and_its_pytorch_twin_read_nothing_back():

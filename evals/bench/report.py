@@ -33,7 +33,7 @@ def render_markdown(res: dict) -> str:
         lines += [
             "## Decode attention, one layer, per step",
             "",
-            "| shape | cache n | batch | SDPA dense ms (default / best backend) | plan | density / attn frac | KV read (frac, MB) | ours ms (2 launches) | ours GB/s | % copy BW | x SDPA | x SDPA best | Flex ms | x Flex |",
+            "| shape | cache n | batch | SDPA dense ms (default / best backend) | plan | density / attn frac | KV read (frac, MB) | ours ms (fused merge) | ours GB/s | % copy BW | x SDPA | x SDPA best | Flex ms | x Flex |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in dec:
@@ -43,7 +43,7 @@ def render_markdown(res: dict) -> str:
             for key in _moa_keys(k, t):
                 e = k[key]
                 plan = key.rsplit("/", 1)[1]
-                two = f" ({e['ms_two_launches']})" if "ms_two_launches" in e else ""
+                two = f" ({e['ms_one_launch']})" if "ms_one_launch" in e else ""
                 lines.append(
                     f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {plan} | {e.get('density', 0):.3f} / "
                     f"{e.get('attention_fraction', 0):.3f} | {e.get('read_fraction', 0):.3f}, "
