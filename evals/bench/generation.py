@@ -192,16 +192,17 @@ def suite(s: Any, copy_gbps: float, shape_name: str) -> dict[str, Any]:
             apply_plan(model, plan)
             label = f"moa graph {plan_label(dens, kind)}"
             got = _largest(lambda b: row(model, plan, label, b, ctx, new, copy_gbps), s.gen_batches)
-            for r in got:
-                r.update(density=round(plan.density(ctx), 4), attention_fraction=round(plan.attention_fraction(ctx), 4))
-            rows.extend(got)
             if dens == s.e2e_densities[0] and kind == s.plan_kinds[0]:
                 os.environ["MOA_GRAPH_DECODE"] = "0"
                 try:
-                    r = row(model, plan, f"moa transformers loop {plan_label(dens, kind)}", 8, ctx, new, copy_gbps)
+                    got.append(
+                        row(model, plan, f"moa transformers loop {plan_label(dens, kind)}", 8, ctx, new, copy_gbps)
+                    )
                 finally:
                     os.environ.pop("MOA_GRAPH_DECODE")
-                rows.append(r)
+            for r in got:  # the plan's own figures, also on the transformers-loop row
+                r.update(density=round(plan.density(ctx), 4), attention_fraction=round(plan.attention_fraction(ctx), 4))
+            rows.extend(got)
     _unplan(model)
     for b in s.gen_dense_batches:
         if time.time() > deadline:
