@@ -165,6 +165,7 @@ def decode_attention(
         m_part = l_part = o_part = out
     warps = 4
     stages = 1 if _interpreting() else 3
+    both = dict(GROUP_P=group_p, HEAD_DIM=d, N_PTR=n_ptr)  # the constexprs the two launches share
     _decode_kernel[(splits, batch * hkv)](
         q,
         k_cache,
@@ -193,11 +194,9 @@ def decode_attention(
         out.stride(1),
         hkv,
         group,
-        GROUP_P=group_p,
-        HEAD_DIM=d,
+        **both,
         BLOCK_N=block_n,
         SPLIT=splits > 1,
-        N_PTR=n_ptr,
         IEEE=q.dtype == torch.float32,
         FUSED=fused,
         num_warps=warps,
@@ -220,10 +219,8 @@ def decode_attention(
             out.stride(1),
             hq,
             group,
-            GROUP_P=group_p,
-            HEAD_DIM=d,
+            **both,
             SPLITS_P=max(2, triton.next_power_of_2(splits)),
-            N_PTR=n_ptr,
             num_warps=4,
         )
     return out

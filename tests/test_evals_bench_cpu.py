@@ -65,8 +65,8 @@ def test_bench_cpu_writes_table_and_results(tiny, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--lengths", "2k"], "--lengths: a comma list of token counts, got '2k'"),
-        (["--lengths", "1"], "--lengths: lengths must be >= 2 tokens, got '1'"),
+        (["--lengths", "2k"], "--lengths: 2k: must be an integer, got '2k'"),
+        (["--lengths", "1"], "--lengths: 1: must be >= 2, got 1"),
         (["--plan", "nothing"], "--plan: expected NAME=PLAN (a file, dense or uniform:<density>), got 'nothing'"),
         (["--plan", "a=dense", "--plan", "a=uniform:0.5"], "--plan: the name 'a' is used twice"),
         (["--repeats", "0"], "--repeats: must be in [1, 100], got 0"),

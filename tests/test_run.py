@@ -312,13 +312,13 @@ class FakeKernels:
 def fake_gpu(monkeypatch):
     import torch
 
-    from moa_plan.evals.bench import kernels
+    from moa_plan.evals.bench import kernels, timing
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(kernels, "Kernels", FakeKernels)
     monkeypatch.setattr(
-        kernels,
+        timing,
         "device_info",
         lambda: {"device": "NVIDIA H200", "torch": "t", "triton": "t", "cuda": "c", "python": "p", "sms": 132},
     )

@@ -12,7 +12,7 @@ SHAPES: dict[str, dict[str, int]] = {
 def bench_plan(shape: dict[str, int], density: float, n: int, sink: int, layer_shift: bool = True):
     """A heterogeneous plan (Rule(0, beta_h), spans vary 3x across KV groups, 0.6x within) with
     plan.density(n) as close to `density` as integer spans allow (bisection on a common factor)."""
-    from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
+    from moa_plan.plan import Layer, Rule
 
     hq, hkv, layers = shape["hq"], shape["hkv"], shape["layers"]
     group = hq // hkv
@@ -20,29 +20,54 @@ def bench_plan(shape: dict[str, int], density: float, n: int, sink: int, layer_s
     perm = [(i * 5 + 3) % hkv for i in range(hkv)]
     b = [1.0 - 0.4 * j / max(1, group - 1) for j in range(group)]  # 1.0 .. 0.6 within a group
     base = [a[perm[h // group]] * b[h % group] for h in range(hq)]
-    model = ModelShape(num_layers=layers, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=shape["d"])
 
-    def make(c: float) -> Plan:
-        rows = []
+    def rows(c: float) -> list:
+        out = []
         for layer in range(layers):
             shift = (layer * group) % hq if layer_shift else 0
-            rows.append(Layer(heads=[Rule(alpha=0.0, beta=min(1.0, c * base[(h + shift) % hq])) for h in range(hq)]))
-        return Plan(
-            format_version=FORMAT_VERSION,
-            model=model,
-            sink=sink,
-            layers=rows,
-            provenance={"method": "bench", "density": density, "n": n},
+            out.append(Layer(heads=[Rule(alpha=0.0, beta=min(1.0, c * base[(h + shift) % hq])) for h in range(hq)]))
+        return out
+
+    return _fit(rows, shape, sink, "bench", density, n, 1.0 / min(base))
+
+
+def searched_plan(shape: dict[str, int], density: float, n: int, sink: int):
+    """A plan shaped like those the MoA search returns: per layer three distinct rules of very
+    different spans (a short fixed window, a window growing with N, a near-dense head), the heads
+    of each layer spread over them in layer-dependent proportions and mixed inside GQA groups;
+    plan.density(n) brought close to ``density`` by bisection on a common factor."""
+    from moa_plan.plan import Layer, Rule
+
+    hq, layers = shape["hq"], shape["layers"]
+    pattern = [0, 0, 1, 0, 1, 2, 0, 1]  # rule of each head, rotated per layer: 1/2 short, 3/8 growing, 1/8 wide
+
+    def rows(c: float) -> list:
+        rules = (
+            Rule(alpha=float(int(min(n, 0.03 * n * c))), beta=0.0),
+            Rule(alpha=0.0, beta=min(1.0, 0.3 * c)),
+            Rule(alpha=0.0, beta=min(1.0, 1.2 * c)),
         )
+        return [Layer(heads=[rules[pattern[(h * 3 + layer) % 8]] for h in range(hq)]) for layer in range(layers)]
 
-    if density >= 1.0:
-        return make(1.0 / min(base))
-    return _fit(make, density, n, 1.0 / min(base))
+    return _fit(rows, shape, sink, "bench-searched-shape", density, n, 1.0 / 0.03)
 
 
-def _fit(make, density: float, n: int, hi: float):
-    """``make(c)`` at the smallest common factor c in [0, hi] whose plan reaches ``density`` at n
-    (bisection: a plan's density grows with c)."""
+def _fit(rows, shape: dict[str, int], sink: int, method: str, density: float, n: int, hi: float):
+    """The plan of layers ``rows(c)`` at the smallest common factor c in [0, hi] that reaches
+    ``density`` at n (bisection: a plan's density grows with c; ``hi`` gives the densest plan)."""
+    from moa_plan.plan import FORMAT_VERSION, ModelShape, Plan
+
+    model = ModelShape(
+        num_layers=shape["layers"],
+        num_attention_heads=shape["hq"],
+        num_key_value_heads=shape["hkv"],
+        head_dim=shape["d"],
+    )
+
+    def make(c: float) -> Plan:
+        provenance = {"method": method, "density": density, "n": n}
+        return Plan(format_version=FORMAT_VERSION, model=model, sink=sink, layers=rows(c), provenance=provenance)
+
     lo = 0.0
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -51,35 +76,6 @@ def _fit(make, density: float, n: int, hi: float):
         else:
             hi = mid
     return make(hi)
-
-
-def searched_plan(shape: dict[str, int], density: float, n: int, sink: int):
-    """A plan shaped like those the MoA search returns: per layer three distinct rules of very
-    different spans (a short fixed window, a window growing with N, a near-dense head), the heads
-    of each layer spread over them in layer-dependent proportions and mixed inside GQA groups;
-    plan.density(n) brought close to ``density`` by bisection on a common factor."""
-    from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
-
-    hq, layers = shape["hq"], shape["layers"]
-    model = ModelShape(num_layers=layers, num_attention_heads=hq, num_key_value_heads=shape["hkv"], head_dim=shape["d"])
-    pattern = [0, 0, 1, 0, 1, 2, 0, 1]  # rule of each head, rotated per layer: 1/2 short, 3/8 growing, 1/8 wide
-
-    def make(c: float) -> Plan:
-        rules = (
-            Rule(alpha=float(int(min(n, 0.03 * n * c))), beta=0.0),
-            Rule(alpha=0.0, beta=min(1.0, 0.3 * c)),
-            Rule(alpha=0.0, beta=min(1.0, 1.2 * c)),
-        )
-        rows = [Layer(heads=[rules[pattern[(h * 3 + layer) % 8]] for h in range(hq)]) for layer in range(layers)]
-        return Plan(
-            format_version=FORMAT_VERSION,
-            model=model,
-            sink=sink,
-            layers=rows,
-            provenance={"method": "bench-searched-shape", "density": density, "n": n},
-        )
-
-    return _fit(make, density, n, 1.0 / 0.03)
 
 
 PLAN_KINDS = {"synthetic": bench_plan, "searched": searched_plan}

@@ -176,7 +176,7 @@ def dense_cache_bytes(shape: str, n: int, batch: int) -> int:
 def run_bench(s: BenchSettings) -> Path:
     """Measure every cell of the grid not in the result file yet; write the JSON and markdown."""
     from moa_plan.errors import UsageError
-    from moa_plan.evals.bench import kernels
+    from moa_plan.evals.bench import kernels, timing
     from moa_plan.evals.bench.report import render_markdown
     from moa_plan.files import write_atomic
     from moa_plan.run import Run
@@ -187,7 +187,7 @@ def run_bench(s: BenchSettings) -> Path:
         torch = None
     if torch is None or not torch.cuda.is_available():
         raise UsageError([("device", "moa-plan bench needs a CUDA GPU")])
-    info = kernels.device_info()
+    info = timing.device_info()
     json_path = Path(s.out) / f"bench-{gpu_tag(info['device'])}.json"
     t0 = time.time()
     with Run(

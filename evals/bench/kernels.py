@@ -386,22 +386,3 @@ class Kernels(Baselines):
         from moa_plan.evals.bench.sweep import sweep
 
         return sweep(self.s.sink, self.dev, self.over_budget)
-
-
-def device_info() -> dict[str, Any]:
-    """The GPU and the versions a result depends on (part of the run's settings)."""
-    import platform
-
-    import torch
-    import triton
-
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "sms": torch.cuda.get_device_properties(dev).multi_processor_count,
-    }

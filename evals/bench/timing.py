@@ -1,6 +1,9 @@
-"""Timing and correctness helpers of the benchmark: CUDA-graph replays, triton do_bench, the bf16 guard."""
+"""Timing and correctness helpers of the benchmark: CUDA-graph replays, triton do_bench, the bf16 guard,
+and the device facts a result depends on."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def graph_time(fns: list, reps: int = 10, inner: int = 0) -> float:
@@ -59,3 +62,22 @@ def torch_isfinite(t) -> bool:
     import torch
 
     return bool(torch.isfinite(t).all())
+
+
+def device_info() -> dict[str, Any]:
+    """The GPU and the versions a result depends on (part of the run's settings)."""
+    import platform
+
+    import torch
+    import triton
+
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "sms": torch.cuda.get_device_properties(dev).multi_processor_count,
+    }
