@@ -147,6 +147,8 @@ class MoALayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.n_max
 
+    get_max_cache_shape = get_max_length  # its name before transformers 5.x renamed it
+
     def reset(self) -> None:
         super().reset()
         self.length = 0
@@ -257,18 +259,10 @@ def moa_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def moa_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    mask_function: Any = None,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> None:
+def moa_mask(*args: Any, **kwargs: Any) -> None:
     """No mask tensor: the plan's mask is built inside the attention function (the inputs were
-    checked by ``check_inputs`` before the decoder ran)."""
+    checked by ``check_inputs`` before the decoder ran). Takes whatever the mask interface passes
+    (its arguments differ between transformers releases: 4.56 passes cache_position, later q_length)."""
     return None
 
 
