@@ -262,7 +262,7 @@ def moa_attention_forward(
 def moa_mask(*args: Any, **kwargs: Any) -> None:
     """No mask tensor: the plan's mask is built inside the attention function (the inputs were
     checked by ``check_inputs`` before the decoder ran). Takes whatever the mask interface passes
-    (its arguments differ between transformers releases: 4.56 passes cache_position, later q_length)."""
+    (its argument names differ between transformers releases)."""
     return None
 
 
