@@ -174,3 +174,16 @@ def tiny_bpe_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with a small BPE tokenizer, saved as a transformers folder."""
     pytest.importorskip("transformers")
     return make_tiny_model(tmp_path_factory.mktemp("tiny-bpe") / "model")
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    """A SmolLM2-shaped model folder's config.json (the plan-command tests check plans against it)."""
+    import json
+
+    from plan_cli import SMOLLM2_CONFIG
+
+    path = tmp_path / "model" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(SMOLLM2_CONFIG))
+    return path

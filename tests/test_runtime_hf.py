@@ -7,106 +7,27 @@ Tolerance: float32 everywhere, logits compared with atol = rtol = 1e-4 (TOL).
 
 from __future__ import annotations
 
-import copy
-import functools
-
 import pytest
 import torch
+from hf_models import (
+    TOL,
+    _clone,
+    _ids,
+    _plan,
+    _planned,
+    _with_plan,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import (
-    AttentionInterface,
     DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 from moa_plan.io import save_plan
-from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, PlanError, Rule
+from moa_plan.plan import FORMAT_VERSION, ModelShape, Plan, PlanError, Rule
 from moa_plan.runtime import MoACache, apply_plan, load_model
 from moa_plan.runtime.cache import memory_report
 from moa_plan.runtime.hf import CACHE_ARG
-from moa_plan.runtime.reference import reference_attention
-
-TOL = 1e-4
-REF = "moa_test_reference"
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    initializer_range=0.2,
-    bos_token_id=0,
-    eos_token_id=None,
-    pad_token_id=0,
-)  # no EOS: every step generates
-SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-}
-
-
-def _reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    plan: Plan = module.ref_plan
-    spans = torch.tensor(plan.spans(key.shape[2])[module.layer_idx], dtype=torch.int32, device=query.device)
-    out = reference_attention(query, key, value, spans, plan.sink, scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-@functools.lru_cache(maxsize=None)
-def _base(arch: str) -> torch.nn.Module:
-    config_cls, model_cls = ARCHS[arch]
-    torch.manual_seed(1234)
-    return model_cls(config_cls(**TINY)).eval()
-
-
-def _clone(arch: str, attn: str = "sdpa") -> torch.nn.Module:
-    base = _base(arch)
-    config = copy.deepcopy(base.config)
-    config._attn_implementation = attn
-    model = type(base)(config).eval()
-    model.load_state_dict(base.state_dict())
-    return model
-
-
-@functools.lru_cache(maxsize=None)
-def _planned(arch: str) -> torch.nn.Module:
-    return _clone(arch)
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(arch: str) -> torch.nn.Module:
-    AttentionInterface.register(REF, _reference_forward)
-    model = _clone(arch)
-    model.set_attn_implementation(REF)
-    return model
-
-
-def _with_plan(arch: str, plan: Plan) -> tuple[torch.nn.Module, torch.nn.Module]:
-    model = apply_plan(_planned(arch), plan)
-    ref = _reference(arch)
-    for m in ref.modules():
-        if type(m).__name__.endswith("Attention"):
-            m.ref_plan = plan
-    return model, ref
-
-
-def _plan(rules: list[list[Rule]], sink: int) -> Plan:
-    return Plan(format_version=FORMAT_VERSION, model=SHAPE, sink=sink, layers=[Layer(heads=r) for r in rules])
-
-
-def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(1, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
-
 
 rule_st = st.builds(Rule, alpha=st.integers(-4, 40).map(float), beta=st.sampled_from([0.0, 0.0, 0.1, 0.25, 0.6, 1.0]))
 plan_st = st.builds(
@@ -407,95 +328,3 @@ def test_plan_strings():
         apply_plan(_clone("llama"), "uniform:half")
     with pytest.raises(PlanError):
         apply_plan(_clone("llama"), "no-such-plan.json")
-
-
-# ---- the Triton kernels through the model (interpreter on CPU, real kernels on CUDA) ----------------
-
-_TRITON_SCRIPT = r"""
-import os, sys, torch
-sys.path.insert(0, os.path.dirname(sys.argv[1]))
-import test_runtime_hf as t
-from moa_plan.plan import Rule
-from moa_plan.runtime import MoACache, attention
-from moa_plan.runtime.hf import CACHE_ARG
-device, dtype, tol = sys.argv[2], getattr(torch, sys.argv[3]), float(sys.argv[4])
-plan = t._plan([[Rule(alpha=a, beta=b) for a, b in ((1.0, 0.0), (5.0, 0.1), (0.0, 1.0), (-2.0, 0.3))],
-                [Rule(alpha=a, beta=b) for a, b in ((3.0, 0.2), (9.0, 0.0), (2.0, 0.05), (0.0, 0.5))]], sink=2)
-model, ref = t._with_plan("llama", plan)
-model.to(device=device, dtype=dtype); ref.to(device=device, dtype=dtype).float()  # same rounded weights
-ids = t._ids(2, 21).to(device)
-steps, cut = 6, 9
-
-
-def stepwise(m, cache, seq):
-    # logits of the prompt's last position, then of each fed token (teacher forcing on seq)
-    got = [m(seq[:, :21], **{CACHE_ARG: cache}).logits[:, -1].float()]
-    got += [m(seq[:, 20 + s:21 + s], **{CACHE_ARG: cache}).logits[:, -1].float() for s in range(1, steps)]
-    return got
-
-
-def chunked(m, cache):
-    m(ids[:, :cut], **{CACHE_ARG: cache})
-    return m(ids[:, cut:], **{CACHE_ARG: cache}).logits.float()
-
-
-with torch.no_grad():
-    os.environ[attention.BACKEND_ENV] = "triton"
-    out = model.generate(ids, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
-                         output_logits=True)
-    assert isinstance(getattr(out, CACHE_ARG), MoACache)
-    seq, tri = out.sequences, [x.float() for x in out.logits]
-    tri_chunk = chunked(model, MoACache(model, 40))  # Triton prefill, PyTorch chunk, Triton decode
-    os.environ[attention.BACKEND_ENV] = "torch"  # the same model and dtype through the PyTorch paths
-    pt, pt_chunk = stepwise(model, MoACache(model, 40), seq), chunked(model, MoACache(model, 40))
-    # the oracle: reference attention (float32) call by call over a dense DynamicCache, same N per call
-    want, want_chunk = stepwise(ref, t.DynamicCache(config=ref.config), seq), chunked(ref, t.DynamicCache(config=ref.config))
-err_tri = max((a - b).abs().max().item() for a, b in zip(tri, want))
-err_pt = max((a - b).abs().max().item() for a, b in zip(pt, want))
-err_tri_chunk, err_pt_chunk = ((x - want_chunk).abs().max().item() for x in (tri_chunk, pt_chunk))
-print(f"max |logit - reference|: triton {err_tri:.3g} (chunked {err_tri_chunk:.3g}), "
-      f"pytorch paths {err_pt:.3g} (chunked {err_pt_chunk:.3g}), logit scale {want[0].abs().max().item():.3g}")
-assert err_tri <= max(tol, 2 * err_pt) and err_tri_chunk <= max(tol, 2 * err_pt_chunk), "triton error too large"
-print("ok")
-"""
-
-
-def _kernels_present() -> bool:
-    import importlib.util
-
-    return all(
-        importlib.util.find_spec(m) is not None
-        for m in ("triton", "moa_plan.runtime.triton_prefill", "moa_plan.runtime.triton_decode")
-    )
-
-
-def _run_triton_script(device: str, dtype: str, tol: float, interpret: bool) -> None:
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", _TRITON_SCRIPT, __file__, device, dtype, str(tol)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    print(proc.stdout)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-@pytest.mark.skipif(not _kernels_present(), reason="Triton kernel modules not present")
-def test_triton_backend_through_the_model_interpreted():
-    """TRITON_INTERPRET=1: generate (Triton prefill + decode kernels, fp32) and a chunked prefill match
-    the reference attention run call by call over a dense DynamicCache, at every step."""
-    _run_triton_script("cpu", "float32", TOL, interpret=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_triton_backend_through_the_model_bf16_gpu():
-    _run_triton_script("cuda", "bfloat16", 2e-2, interpret=False)
