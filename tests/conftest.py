@@ -25,7 +25,19 @@ from moa_plan.evals.quality.documents import LINES_INTRO, PASSKEY_FILLER, PASSKE
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def tiny_config(**kw):
+# pytestmark of a module that needs real CUDA kernels (without a GPU the interpreter is on, see above)
+GPU_ONLY = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        reason="interpreter mode; run this module in its own process",
+    ),
+]
+
+
+def tiny_config(config_cls=None, **kw):
+    """A tiny decoder config (Llama unless ``config_cls`` says otherwise); ``kw`` overrides."""
     from transformers import LlamaConfig
 
     base = dict(
@@ -42,7 +54,7 @@ def tiny_config(**kw):
         tie_word_embeddings=False,
     )
     base.update(kw)
-    return LlamaConfig(**base)
+    return (config_cls or LlamaConfig)(**base)
 
 
 def tiny_model(seed: int = 0, attn: str = "sdpa", init_std: float = 0.2, **kw):

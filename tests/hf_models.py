@@ -8,6 +8,7 @@ import copy
 import functools
 
 import torch
+from conftest import tiny_config
 from transformers import (
     AttentionInterface,
     LlamaConfig,
@@ -24,19 +25,8 @@ from moa_plan.runtime.reference import reference_attention
 
 TOL = 1e-4
 REF = "moa_test_reference"
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    initializer_range=0.2,
-    bos_token_id=0,
-    eos_token_id=None,
-    pad_token_id=0,
-)  # no EOS: every step generates
+TINY = dict(max_position_embeddings=512, initializer_range=0.2, bos_token_id=0, eos_token_id=None)  # no EOS
+VOCAB = tiny_config().vocab_size
 SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -56,7 +46,7 @@ def _reference_forward(module, query, key, value, attention_mask, scaling=None, 
 def _base(arch: str) -> torch.nn.Module:
     config_cls, model_cls = ARCHS[arch]
     torch.manual_seed(1234)
-    return model_cls(config_cls(**TINY)).eval()
+    return model_cls(tiny_config(config_cls, **TINY)).eval()
 
 
 def _clone(arch: str, attn: str = "sdpa") -> torch.nn.Module:
@@ -95,4 +85,4 @@ def _plan(rules: list[list[Rule]], sink: int) -> Plan:
 
 
 def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(1, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))

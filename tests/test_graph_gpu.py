@@ -8,21 +8,13 @@ The fused merge is replayed many times in a graph: a race would move the error b
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from conftest import GPU_ONLY
 
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-        reason="interpreter mode; run this module in its own process",
-    ),
-]
+pytestmark = GPU_ONLY
 
 
 def _model(dtype, layers=2, hq=8, hkv=2, d=64):

@@ -108,21 +108,14 @@ def test_generate_rows_stop_growing_past_out_of_memory():
 
 
 def test_step_bytes_counts_weights_and_the_kv_the_plan_reads():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_config
+    from transformers import LlamaForCausalLM
 
     from moa_plan.build import dense_plan
     from moa_plan.evals.bench.generation import step_bytes
     from moa_plan.runtime.hf_apply import model_shape
 
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(tiny_config(vocab_size=50, hidden_size=32, intermediate_size=64)).to(torch.bfloat16)
     shape = model_shape(model)
     dense = dense_plan(shape).model_copy(update={"provenance": {"dense": True}})
     b = step_bytes(model, dense, 3, 100)

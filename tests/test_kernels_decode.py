@@ -63,6 +63,11 @@ def _filled_cache(c):
     return q, k, v, kc, vc, layout
 
 
+def _decode(q, kc, vc, layout, spans, sink, n, **kw):
+    """The Triton decode over a cache with ``layout`` (its per-KV-head offsets, caps and sinks)."""
+    return triton_decode.decode_attention(q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, sink, n, **kw)
+
+
 @settings(max_examples=25, deadline=None)
 @given(decode_cases())
 def test_decode_matches_reference(c):
@@ -70,19 +75,8 @@ def test_decode_matches_reference(c):
     q, k, v, kc, vc, layout = _filled_cache(c)
     spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32)
     n_arg = torch.tensor(n, dtype=torch.int32) if c["n_tensor"] else n
-    got = triton_decode.decode_attention(
-        q,
-        kc,
-        vc,
-        layout.offset,
-        layout.cap,
-        layout.n_sink,
-        spans,
-        plan.sink,
-        n_arg,
-        num_splits=c["splits"],
-        block_n=c["block_n"],
-        merge=c["merge"],
+    got = _decode(
+        q, kc, vc, layout, spans, plan.sink, n_arg, num_splits=c["splits"], block_n=c["block_n"], merge=c["merge"]
     )
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
     assert got.shape == want.shape and got.dtype == q.dtype
@@ -102,20 +96,7 @@ def test_decode_long_ring_wraps_with_many_splits():
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
     for splits in (1, 5, 19):
         for merge in ("fused", "kernel"):
-            got = triton_decode.decode_attention(
-                q,
-                kc,
-                vc,
-                layout.offset,
-                layout.cap,
-                layout.n_sink,
-                spans,
-                plan.sink,
-                300,
-                num_splits=splits,
-                block_n=16,
-                merge=merge,
-            )
+            got = _decode(q, kc, vc, layout, spans, plan.sink, 300, num_splits=splits, block_n=16, merge=merge)
             assert (got - want).abs().max().item() <= 1e-5, (splits, merge)
 
 

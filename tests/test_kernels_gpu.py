@@ -7,24 +7,16 @@ before P @ V), <= 2e-3 / 5e-3 in fp16; ref = fp32 dense reference on the same (r
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from conftest import GPU_ONLY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 from moa_plan.runtime.reference import reference_attention
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-        reason="interpreter mode; run this module in its own process",
-    ),
-]
+pytestmark = GPU_ONLY
 
 TOL = {torch.bfloat16: (1e-2, 3e-2), torch.float16: (2e-3, 5e-3)}
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 from moa_plan.runtime import apply_plan
@@ -21,28 +21,15 @@ from moa_plan.runtime.graph_generate import ENV, GraphDecoder, fast_path, genera
 from moa_plan.runtime.static_step import StaticDecode, spans_table
 
 SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-TINY = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.3,
-    bos_token_id=0,
-    eos_token_id=None,
-    pad_token_id=0,
-)
+TINY = dict(vocab_size=97, intermediate_size=96, max_position_embeddings=256, bos_token_id=0, eos_token_id=None)
 
 
 def _plan(rules: list[list[Rule]], sink: int) -> Plan:
     return Plan(format_version=FORMAT_VERSION, model=SHAPE, sink=sink, layers=[Layer(heads=r) for r in rules])
 
 
-def _model(plan: Plan) -> LlamaForCausalLM:
-    torch.manual_seed(3)
-    return apply_plan(LlamaForCausalLM(LlamaConfig(**TINY)).eval(), plan)
+def _model(plan: Plan) -> torch.nn.Module:
+    return apply_plan(tiny_model(seed=3, init_std=0.3, **TINY), plan)
 
 
 rule_st = st.builds(Rule, alpha=st.integers(-4, 30).map(float), beta=st.sampled_from([0.0, 0.1, 0.3, 0.6, 1.0]))
