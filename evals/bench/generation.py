@@ -107,17 +107,15 @@ def measure(model, ids, new: int, **gen_kw: Any) -> dict[str, float]:
 
 
 def _free(model) -> None:
-    import torch
-
+    """Drop what a row left on the model (a kept decode graph, transformers' cache and compiled
+    step), then everything compiled or cached on the device."""
     from moa_plan.runtime.graph_generate import release
 
     release(model)
     for attr in ("_cache", "_compiled_call"):
         if getattr(model, attr, None) is not None:
             setattr(model, attr, None)
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
+    _free_all()
 
 
 def row(model, plan, label: str, batch: int, context: int, new: int, copy_gbps: float, **gen_kw: Any) -> dict:
