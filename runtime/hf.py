@@ -241,7 +241,7 @@ def moa_attention_forward(
             static.n,
             state.sink,
             float(scaling) if scaling is not None else d**-0.5,
-            static.max_caps[layer],
+            max(cache.caps),  # the widest KV head of this layer's cache: fixes the launch
         ).unsqueeze(2)
     elif step is None or step.past == 0:  # every key is in hand: N = k_len
         spans = state.spans(layer, key.shape[2], query.device)

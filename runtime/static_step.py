@@ -45,7 +45,6 @@ class StaticDecode:
         self.pos = torch.full((1,), first_n - 1, dtype=torch.long, device=device)
         self.n = torch.full((), first_n, dtype=torch.int32, device=device)
         self.spans = self.table[0].clone()
-        self.max_caps = [max(caps) for caps in plan.kv_slots(last_n)]
 
     def begin(self) -> None:
         """Set ``n`` and ``spans`` for the position in ``pos`` (clamped into the table's range)."""
