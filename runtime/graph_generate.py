@@ -12,6 +12,10 @@ the next call with the same batch, prompt length, dtype and end-of-sequence toke
 
 ``MOA_GRAPH_DECODE``: 'auto' (default: on CUDA), '0' (never: transformers' loop), '1' (also off
 CUDA, stepping eagerly through the same static step: what the CPU tests check).
+``MOA_GRAPH_COMPILE``: a torch.compile backend (e.g. 'inductor') for the decode step's model call
+before it is captured, so the small per-layer operations (norms, rotary, residual adds, the
+activation) fuse into fewer kernels; unset (default): captured eagerly. Experimental: measured by
+``evals.bench.trace_generate``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from moa_plan.runtime.hf import CACHE_ARG, MoACache, plan_of
 from moa_plan.runtime.static_step import StaticDecode
 
 ENV = "MOA_GRAPH_DECODE"
+COMPILE_ENV = "MOA_GRAPH_COMPILE"
 CHECK_EVERY = 32  # replays between looks at "every row finished" (one host sync each)
 _KWARGS = {"input_ids", "inputs", "attention_mask", "max_new_tokens", "max_length", "min_new_tokens"}
 _KWARGS |= {"do_sample", "num_beams", "generation_config", "pad_token_id", "eos_token_id", "use_cache"}
@@ -108,6 +113,8 @@ class GraphDecoder:
         self.pad = torch.zeros((), **long)
         self.use_graph, self.graph = graph, None
         self.keep = _logits_kwargs(model)
+        backend = os.environ.get(COMPILE_ENV, "").strip()
+        self.step_forward = torch.compile(self._forward, backend=backend, dynamic=False) if backend else self._forward
 
     def _forward(self, ids: torch.Tensor, **kw: Any) -> torch.Tensor:
         out = self.model(input_ids=ids, use_cache=True, **{CACHE_ARG: self.cache}, **self.keep, **kw)
@@ -131,7 +138,12 @@ class GraphDecoder:
         """One decode step, all on the device: write the token at ``pos``, attend, pick the next."""
         st = self.static
         st.begin()
-        logits = self._forward(self.ids, position_ids=st.pos.view(1, 1).expand(self.batch, 1), cache_position=st.pos)
+        self.cache.set_length(
+            self.prompt
+        )  # host count pinned (``decode`` sets the real one): a compiled step sees one value
+        logits = self.step_forward(
+            self.ids, position_ids=st.pos.view(1, 1).expand(self.batch, 1), cache_position=st.pos
+        )
         nxt = torch.where(self.done, self.pad, logits.argmax(-1))
         col = st.pos - (self.prompt - 1)  # the step writing position prompt emits column 1
         ended = torch.isin(nxt, self.eos) & ~self.done

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moa_plan.plan import FORMAT_VERSION, Layer, ModelShape, Plan, Rule
 from moa_plan.runtime import apply_plan
 from moa_plan.runtime.cache import LayerLayout, allocate, torch_decode_attention, write_kv, write_token
-from moa_plan.runtime.graph_generate import ENV, GraphDecoder, fast_path, generate_greedy, release
+from moa_plan.runtime.graph_generate import COMPILE_ENV, ENV, GraphDecoder, fast_path, generate_greedy, release
 from moa_plan.runtime.static_step import StaticDecode, spans_table
 
 SHAPE = ModelShape(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -91,6 +91,36 @@ def test_a_kept_step_serves_the_next_call_and_a_new_shape_replaces_it(monkeypatc
         assert model._moa_graph_decoder[1].n_max == kept[batch, prompt]
     release(model)
     assert model._moa_graph_decoder is None
+
+
+def test_a_compiled_step_generates_the_same_tokens_and_compiles_once(monkeypatch):
+    """MOA_GRAPH_COMPILE: the step's model call under torch.compile (here a counting aot_eager
+    backend) gives transformers' tokens, and one compiled graph serves every step (the host length
+    is pinned, so no guard fails as positions advance: on CUDA nothing compiles inside the capture)."""
+    from torch._dynamo import register_backend
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    @register_backend(name="moa_test_count")
+    def _count(gm, example_inputs):
+        graphs.append(gm)
+        return aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    model = _model(MIXED)
+    ids = _ids(2, 13, seed=4)
+    want = _hf_generate(model, ids, monkeypatch, max_new_tokens=10)
+    monkeypatch.setenv(COMPILE_ENV, "moa_test_count")
+    with torch.no_grad():
+        got = model.generate(ids, do_sample=False, max_new_tokens=10)
+    assert torch.equal(got, want)
+    assert 1 <= len(graphs) <= 3  # a few graphs at the call's graph breaks, compiled for the first step only
+    first = len(graphs)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, do_sample=False, max_new_tokens=10), want)
+    assert len(graphs) == first
+    torch._dynamo.reset()
 
 
 def test_end_of_sequence_stops_and_pads_like_transformers(monkeypatch):
