@@ -3,7 +3,9 @@
 # then `moa-plan bench` twice: model.generate rows (graph-replayed MoA decode vs transformers' static
 # cache + compile, floor arithmetic beside each) and the kernel/decoder rows (batch-1 decode one launch
 # vs SDPA's best backend, synthetic and searched-shaped plans at 50% / 25%, the bench's decoder).
-# Usage (repo root, on the GPU machine; carry .whl): tools/gpu_speed.sh
+# Usage (repo root, on the GPU machine; carry .whl): tools/gpu_speed.sh [trace]
+#   trace: only a profiler trace of the generate decode step (evals/bench/trace_generate.py: kernel
+#   groups per step, eager vs compiled capture, batch 8 and 32) into $OUT/trace/.
 # Writes under $OUT (default ./gpu-out): run.log (everything, tables last), tests.log, gen/bench-*.{json,md},
 # kern/bench-*.{json,md}, summary.md. Every step has its own timeout; a failed step loses no other.
 set -o pipefail
@@ -25,6 +27,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 timeout 60 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
 cd /tmp || exit 1
 rc=0
+
+if [ "${1:-}" = trace ]; then
+  step "generate decode step: profiler trace by kernel group (eager and compiled capture)"
+  timeout "${TRACE_TIMEOUT:-420}" python3 -m moa_plan.evals.bench.trace_generate --out "$OUT/trace" \
+    --batches "${TRACE_BATCHES:-8,32}" --compile "${TRACE_COMPILE:-none,inductor}" 2>&1 | tee -a "$LOG"
+  echo "exit $? ($(date +%T))" | tee -a "$LOG"
+  exit 0
+fi
 
 step "tests: CUDA graph generate, fused split-K merge, kernels (bf16/fp16)"
 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --maxfail=6 \
