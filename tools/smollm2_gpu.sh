@@ -9,6 +9,9 @@
 #                                  # static-window ablation searched separately at each length
 #   tools/smollm2_gpu.sh eval      # retrieval (passkey, lines) + perplexity of every plan and baseline
 #
+# Settings (environment): LENS, EXT, EVAL_LENS, KINDS (moa gqa static), TASKS (calibration tasks,
+# default docs), SAMPLES (per length), EXTRA_PLANS (NAME=PATH plans the eval stage also measures),
+# GPU_TESTS (test files the profile stage runs beside the search, e.g. tests/test_graph_gpu.py).
 # HiGHS is the solver: GLPK found no feasible per-head plan within its time limit on 270 heads.
 # Here, before: split the wheel's GGUF with `split -b 40M FILE .gguf/part-` (parts aa, ab, ac) and
 # put the device's missing wheels in .whl/ (pydantic, pydantic_core, annotated_types,
@@ -28,6 +31,8 @@ EXT=${EXT:-8192}                # density-constrained, never profiled
 VAL=4096                        # held out: selects among the Pareto plans by measured loss
 EVAL_LENS=${EVAL_LENS:-512,1024,2048}
 KINDS=${KINDS:-moa gqa static}  # which searches the optimize stage runs (and the eval stage measures)
+TASKS=${TASKS:-docs}            # calibration tasks (moa-plan calibrate --tasks)
+EXTRA_PLANS=${EXTRA_PLANS:-}    # eval: more NAME=PATH plans measured beside (e.g. an earlier run's)
 
 layout() {  # moa_plan with its folder mapping, without building a wheel (as tools/gpu_check.sh)
   rm -rf /tmp/moa && mkdir -p /tmp/moa/moa_plan
@@ -62,8 +67,13 @@ profile)
   M=$(python3 -c "from moa_plan.runtime.load import smollm2_folder; print(smollm2_folder('/tmp/smollm2'))") || exit 1
   echo "model: $M"
   S=${SAMPLES:-64}
+  if [ -n "${GPU_TESTS:-}" ]; then  # the CUDA-only tests beside the search (correctness only, not timed)
+    T=(); for t in $GPU_TESTS; do T+=("$REPO/$t"); done
+    ( cd /tmp && timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" "${T[@]}" \
+        > "$R/gpu-tests.log" 2>&1; echo "exit $?" >> "$R/gpu-tests.log" ) &
+  fi
   ( time timeout "${CAL_TIMEOUT:-320}" python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 64 \
-      --out "$W/calib.json" ) 2>&1 | tee "$R/calibrate.log" | tail -3
+      --tasks "$TASKS" --out "$W/calib.json" ) 2>&1 | tee "$R/calibrate.log" | tail -3
   ( time timeout "${PROF_TIMEOUT:-230}" python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.json" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
   python3 - "$W/calib.json" > "$R/calibration-summary.json" <<'EOF2'
 import json, sys
@@ -74,6 +84,7 @@ print(json.dumps({"settings": settings, "samples": len(samples),
                  indent=1))
 EOF2
   cp "$W/profile/profile.json" "$R/profile.json"
+  wait
   ;;
 optimize)
   layout
@@ -103,9 +114,10 @@ eval)
   M=/tmp/smollm2
   P=(--plan dense)
   for d in 50 25; do
-    P+=(--plan "moa-$d=$R/smollm2-135m-moa-$d.json" --plan "uniform=$R/smollm2-135m-moa-$d.json"
-        --plan "gqa-$d=${GQA_DIR:-$R}/smollm2-135m-gqa-$d.json")
+    P+=(--plan "moa-$d=$R/smollm2-135m-moa-$d.json" --plan "uniform=$R/smollm2-135m-moa-$d.json")
+    case " $KINDS " in *" gqa "*) P+=(--plan "gqa-$d=$R/smollm2-135m-gqa-$d.json") ;; esac
   done
+  for e in $EXTRA_PLANS; do P+=(--plan "$e"); done
   # 30 documents per (method, length): 5 needle depths x 6 documents; the same documents in every file
   GRID=(--positions 0.1,0.3,0.5,0.7,0.9 --samples 6 --chat --device cuda --no-progress)
   T=${EVAL_TIMEOUT:-540}
