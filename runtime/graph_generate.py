@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -155,16 +156,28 @@ class GraphDecoder:
 
     def _capture(self) -> None:
         """Run one real step eagerly on a side stream (compiles kernels, allocates workspaces), then
-        capture the next one."""
+        capture the next one. A capture that fails (an operation the step's code path cannot
+        record) leaves this decoder stepping eagerly, with a warning: slower, never wrong."""
+        self._warm_up()
+        try:
+            self.graph = self._record()
+        except RuntimeError as exc:  # nothing of the step ran: its state is as the warm-up left it
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            warnings.warn(f"moa generate: CUDA graph capture failed ({first}); decoding eagerly", stacklevel=3)
+            self.use_graph = False
+
+    def _warm_up(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.step()
         torch.cuda.current_stream().wait_stream(side)
+
+    def _record(self) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.step()
-        self.graph = graph
+        return graph
 
     def decode(self, new_tokens: int, stop_early: bool) -> int:
         """Steps 1 .. new_tokens - 1; returns the columns produced (fewer once every row ended)."""

@@ -80,7 +80,7 @@ def test_graph_generate_bf16_agrees(monkeypatch):
 
 def test_graph_generate_stops_at_end_of_sequence(monkeypatch):
     model = _model(torch.float32)
-    ids = torch.randint(1, 512, (3, 100), device="cuda")
+    ids = torch.randint(4, 512, (3, 100), device="cuda")  # not the pad token 3: transformers would read it as padding
     free, _ = _both(model, ids, 80, monkeypatch)
     eos = int(free[1, 110])
     got, want = _both(model, ids, 80, monkeypatch, eos_token_id=eos, pad_token_id=3)

@@ -46,7 +46,8 @@ MIXED = _plan(
 
 
 def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(1, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    """Token ids above 1: 1 is a pad token in the end-of-sequence test (transformers reads it as padding)."""
+    return torch.randint(2, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _hf_generate(model, ids, monkeypatch, **kw) -> torch.Tensor:
@@ -121,6 +122,26 @@ def test_a_compiled_step_generates_the_same_tokens_and_compiles_once(monkeypatch
         assert torch.equal(model.generate(ids, do_sample=False, max_new_tokens=10), want)
     assert len(graphs) == first
     torch._dynamo.reset()
+
+
+def test_a_failed_capture_decodes_eagerly_with_a_warning(monkeypatch):
+    """A step the GPU cannot record must not fail ``generate``: the warm-up step stands, the
+    decoder goes on eagerly and gives transformers' tokens (capture simulated on CPU)."""
+    model = _model(MIXED)
+    ids = _ids(2, 12, seed=6)
+    want = _hf_generate(model, ids, monkeypatch, max_new_tokens=9)
+
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(GraphDecoder, "_warm_up", GraphDecoder.step)
+    monkeypatch.setattr(GraphDecoder, "_record", refuse)
+    dec = GraphDecoder(model, 2, 12, 21, torch.device("cpu"), graph=True, eos=[])
+    with torch.no_grad(), pytest.warns(UserWarning, match="capture failed \\(operation not permitted"):
+        dec.prefill(ids, 0)
+        cols = dec.decode(9, stop_early=False)
+    assert not dec.use_graph and dec.graph is None
+    assert torch.equal(torch.cat([ids, dec.tokens[:, :cols]], dim=1), want)
 
 
 def test_end_of_sequence_stops_and_pads_like_transformers(monkeypatch):

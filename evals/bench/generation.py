@@ -112,9 +112,8 @@ def _free(model) -> None:
     from moa_plan.runtime.graph_generate import release
 
     release(model)
-    for attr in ("_cache", "_compiled_call"):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
+    for attr in ("_cache", "_compiled_call"):  # removed, not set to None: transformers tests hasattr
+        model.__dict__.pop(attr, None)
     _free_all()
 
 
