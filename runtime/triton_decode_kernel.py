@@ -81,7 +81,7 @@ def _decode_kernel(
 ):
     split = tl.program_id(0)
     pid = tl.program_id(1)
-    b = pid // HKV
+    b = (pid // HKV).to(tl.int64)  # 64-bit batch offsets (large batches of long caches)
     kvh = pid % HKV
     n = _total_length(n_arg, N_PTR)
     base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P)
@@ -192,7 +192,7 @@ def _reduce_kernel(
     N_PTR: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // HQ
+    b = (pid // HQ).to(tl.int64)
     h = pid % HQ
     n = _total_length(n_arg, N_PTR)
     base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, h // GROUP, n, GROUP, GROUP_P)

@@ -47,7 +47,7 @@ def prefill_kernel(
     # first and the short ones fill the tail of the last wave.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
+    b = (pid_bh // HQ).to(tl.int64)  # 64-bit batch offsets: B x Hq x N x D passes 2^31 at batch 32+, 16k
     h = pid_bh % HQ
     kvh = h // GROUP
     span = tl.load(SPANS + h)
