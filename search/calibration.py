@@ -41,13 +41,22 @@ GRID = ("lengths", "samples_per_length", "chat_template")  # stored beside the s
 
 
 def load_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(settings with the grid, samples) of a calibration file; located errors."""
+    """(settings with the grid, samples) of a calibration file; located errors. Samples of a task
+    with an exact answer that the dense model got wrong are left out (they would supervise the
+    wrong answer) unless the file was built with ``keep_wrong_answers``."""
     data = read_result(path, "calibrate")
-    samples = list(data["cells"].values())
     for key, s in data["cells"].items():
         if not isinstance(s, dict) or not all(k in s for k in ("id", "length", "prompt_ids", "answer_ids")):
             raise UsageError([(f"cells.{key}", "sample lacks id / length / prompt_ids / answer_ids")], source=str(path))
-    return {**data["settings"], **{k: data[k] for k in GRID if k in data}}, samples
+    settings = data["settings"]
+    keep_wrong = bool(settings.get("keep_wrong_answers"))
+    samples = [s for s in data["cells"].values() if keep_wrong or s.get("dense_correct") is not False]
+    if not samples:
+        raise UsageError(
+            [("cells", "the dense model answered every sample wrongly (calibrate --keep-wrong-answers keeps them)")],
+            source=str(path),
+        )
+    return {**settings, **{k: data[k] for k in GRID if k in data}}, samples
 
 
 def build(job: CalibrateSettings) -> Path:
@@ -83,6 +92,7 @@ def build(job: CalibrateSettings) -> Path:
         "max_answer_tokens": max_answer_tokens,
         "text": str(Path(text).resolve()) if text else None,
         "supervision": "dense model's greedy answers, loss over answer tokens only",
+        "keep_wrong_answers": job.keep_wrong_answers,
     }
     grid = {"lengths": sorted(set(lengths)), "samples_per_length": samples_per_length}
     wanted = sample_plan({**settings, **grid})
@@ -126,24 +136,26 @@ def _generate(
                 else:
                     fn, rng_seed = SYNTHETIC[spec["task"]], f"{seed}-{spec['id']}"
                     make = lambda units, fn=fn, s=rng_seed, q=n_q: _first_questions(  # noqa: E731
-                        _as_list(fn(random.Random(s), units)), q
+                        fn(random.Random(s), units), q
                     )
                 convs.append(fit_conversation(tok, make, target))
             answers: list[list[str]] = [[] for _ in batch]
-            for turn in range(max(len(q) for _, q in convs)):
-                open_ = [i for i, (_, q) in enumerate(convs) if turn < len(q)]
+            for turn in range(max(len(c[1]) for c in convs)):
+                open_ = [i for i, c in enumerate(convs) if turn < len(c[1])]
                 texts = [render(tok, convs[i][0], convs[i][1], answers[i])[0] for i in open_]
                 for i, answer in zip(open_, generate_answers(model, tok, texts, max_answer_tokens)):
                     answers[i].append(answer)
             seconds = round((time.perf_counter() - t0) / len(batch), 2)
             cells = {}
-            for spec, (context, questions), ans in zip(batch, convs, answers):
+            for spec, (context, questions, expected), ans in zip(batch, convs, answers):
                 full, spans = render(tok, context, questions, ans)
                 prompt_ids, answer_ids, loss_mask = tokenize_sample(tok, full, spans)
+                checked = {} if expected is None else {"expected": expected, "dense_correct": expected in ans[0]}
                 cells[spec["id"]] = {
                     **{k: spec[k] for k in ("id", "task", "length")},
                     "questions": questions,
                     "answers": ans,
+                    **checked,
                     "prompt_ids": prompt_ids,
                     "answer_ids": answer_ids,
                     "loss_mask": loss_mask,
@@ -165,10 +177,8 @@ def questions_at(length: int, max_answer_tokens: int, wanted: int) -> int:
     return max(1, min(wanted, (length // 2) // turn))
 
 
-def _first_questions(task: tuple[str, list[str]], n: int) -> tuple[str, list[str]]:
-    return task[0], task[1][:n]
-
-
-def _as_list(task: tuple[str, str | list[str]]) -> tuple[str, list[str]]:
-    context, questions = task
-    return context, [questions] if isinstance(questions, str) else list(questions)
+def _first_questions(task: tuple[str, str | list[str], str | None], n: int) -> tuple[str, list[str], str | None]:
+    """The task with its first ``n`` questions (a single question becomes a list of one)."""
+    context, questions, expected = task
+    questions = [questions] if isinstance(questions, str) else list(questions)
+    return context, questions[:n], expected

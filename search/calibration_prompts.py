@@ -41,17 +41,18 @@ def encode(tok: Any, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=not getattr(tok, "chat_template", None))["input_ids"])
 
 
-def fit_prompt(
-    tok: Any, make: Callable[[int], tuple[str, list[str]]], target: int, max_units: int
-) -> tuple[str, list[str]]:
+Task = tuple[str, list[str], str | None]  # context, questions, the exact answer where there is one
+
+
+def fit_prompt(tok: Any, make: Callable[[int], Task], target: int, max_units: int) -> Task:
     """Largest unit count whose first prompt has <= ``target`` tokens (binary search)."""
     lo, hi = 1, max_units
     best = None
     while lo <= hi:
         mid = (lo + hi) // 2
-        context, questions = make(mid)
-        if len(encode(tok, render(tok, context, questions, [])[0])) <= target:
-            best, lo = (context, questions), mid + 1
+        task = make(mid)
+        if len(encode(tok, render(tok, task[0], task[1], [])[0])) <= target:
+            best, lo = task, mid + 1
         else:
             hi = mid - 1
     if best is None:
@@ -59,18 +60,18 @@ def fit_prompt(
     return best
 
 
-def fit_conversation(tok: Any, make: Callable[[int], tuple[str, list[str]]], budget: int) -> tuple[str, list[str]]:
+def fit_conversation(tok: Any, make: Callable[[int], Task], budget: int) -> Task:
     """The longest context whose first prompt plus the later questions' turns fit ``budget`` tokens
     (the answers' tokens are reserved by the caller)."""
     target = budget
     for _ in range(4):
-        context, questions = fit_prompt(tok, make, target, max_units=max(4, target))
-        first = len(encode(tok, render(tok, context, questions, [])[0]))
-        later = sum(len(encode(tok, q)) + 24 for q in questions[1:])  # each later turn's markup too
+        task = fit_prompt(tok, make, target, max_units=max(4, target))
+        first = len(encode(tok, render(tok, task[0], task[1], [])[0]))
+        later = sum(len(encode(tok, q)) + 24 for q in task[1][1:])  # each later turn's markup too
         if first + later <= budget:
             break
         target -= first + later - budget
-    return context, questions
+    return task
 
 
 def generate_answers(model: Any, tok: Any, texts: list[str], max_new_tokens: int) -> list[str]:

@@ -41,6 +41,11 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-answer-tokens", type=positive, default=128, help="longest dense answer per question (default 128)"
     )
+    p.add_argument(
+        "--keep-wrong-answers",
+        action="store_true",
+        help="keep kv / multihop / copy samples whose dense answer misses the right one (default: left out)",
+    )
     p.add_argument("--batch-size", type=positive, default=16, help="samples generated together (default 16)")
 
 

@@ -19,6 +19,7 @@ class CalibrateSettings:
     seed: int = 0
     max_answer_tokens: int = 128
     text: str | None = None
+    keep_wrong_answers: bool = False
     batch_size: int = 16
     device: str = "auto"
     overwrite: bool = False

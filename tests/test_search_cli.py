@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import char_tokenizer, save_tiny  # noqa: E402
 
 from moa_plan.cli import main  # noqa: E402
+from moa_plan.errors import UsageError  # noqa: E402
 from moa_plan.io import load_plan  # noqa: E402
 from moa_plan.search import calibration, calibration_tasks  # noqa: E402
 from moa_plan.search.settings import CalibrateSettings  # noqa: E402
@@ -25,6 +27,7 @@ COMMON = [
     "1",
     "--tasks",
     "kv,multihop,copy",
+    "--keep-wrong-answers",  # a random model answers none right
     "--sink",
     "16",
     "--block-size",
@@ -228,6 +231,7 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
         seed=1,
         max_answer_tokens=3,
         text=str(docs),
+        keep_wrong_answers=True,  # a random model gets every kv / copy answer wrong
         quiet=True,
     )
     calibration.build(cfg)
@@ -263,9 +267,53 @@ def test_calibration_lengths_resume_and_user_text(tiny_dir, tmp_path, monkeypatc
                 seed=2,
                 max_answer_tokens=3,
                 text=str(docs),
+                keep_wrong_answers=True,
                 quiet=True,
             )
         )
+
+
+def test_samples_the_dense_model_answers_wrongly_are_left_out(tiny_dir, tmp_path, monkeypatch):
+    """Model-aligned supervision of a task with an exact answer is only worth having where the
+    dense model gets it right: kv samples answered wrongly are kept in the file (flagged) but not
+    handed to the profile or the validation, unless asked for."""
+    import re
+
+    def answer(model, tok, texts, max_new_tokens):  # one batch of four: only the first answered right
+        out = []
+        for t in texts:
+            key = re.findall(r"value of key (\w+)\?", t)[-1]
+            value = re.search(rf"key {key}: value (\d+)\.", t).group(1)
+            out.append(value if not out else "123")
+        return out
+
+    monkeypatch.setattr(calibration, "generate_answers", answer)
+    out = tmp_path / "calib.json"
+    cfg = CalibrateSettings(
+        model=tiny_dir,
+        out=out,
+        lengths=[300, 400],
+        samples=2,
+        tasks=["kv"],
+        max_answer_tokens=3,
+        batch_size=4,
+        quiet=True,
+    )
+    calibration.build(cfg)
+    data = json.loads(out.read_text())["cells"]
+    assert sorted(c["dense_correct"] for c in data.values()) == [False, False, False, True]
+    assert all(c["expected"] in c["answers"][0] or not c["dense_correct"] for c in data.values())
+    _, samples = calibration.load_dataset(out)
+    assert [s["dense_correct"] for s in samples] == [True]
+    kept = tmp_path / "kept.json"
+    calibration.build(dataclasses.replace(cfg, out=kept, keep_wrong_answers=True))
+    assert len(calibration.load_dataset(kept)[1]) == 4
+
+    monkeypatch.setattr(calibration, "generate_answers", lambda m, t, texts, n: ["123"] * len(texts))
+    wrong = tmp_path / "wrong.json"
+    calibration.build(dataclasses.replace(cfg, out=wrong))
+    with pytest.raises(UsageError, match="answered every sample wrongly"):
+        calibration.load_dataset(wrong)
 
 
 def test_task_answers_lie_far_back():
@@ -274,17 +322,24 @@ def test_task_answers_lie_far_back():
     for name, fn in calibration_tasks.SYNTHETIC.items():
         if name == "docs":
             continue  # natural text: tested in test_docs_calibration_is_a_multi_turn_chat
-        context, question = fn(random.Random(0), 90)
+        context, question, expected = fn(random.Random(0), 90)
         lines = context.splitlines()
         if name == "kv":
             key = question.split("key ")[1].split("?")[0]
             pos = next(i for i, line in enumerate(lines) if key in line)
+            assert lines[pos].endswith(f"value {expected}."), name
         elif name == "multihop":
             var = question.split("what number is ")[1].split(" ")[0]
             pos = next(i for i, line in enumerate(lines) if line.startswith(var + " ="))
+            chain = {a: b.rstrip(".") for a, _, b in (ln.partition(" = ") for ln in lines[1:])}
+            value = var
+            for _ in range(3):  # three hops end at the expected number
+                value = chain[value]
+            assert value == expected, name
         else:
             num = question.split("passage ")[1].split(" ")[0]
             pos = next(i for i, line in enumerate(lines) if line.startswith(f"Passage {num}:"))
+            assert lines[pos] == f"Passage {num}: {expected}.", name
         assert pos <= len(lines) // 3 + 1, name
 
 
