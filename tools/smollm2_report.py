@@ -20,7 +20,19 @@ from pathlib import Path
 
 from moa_plan.evals.quality.stats import paired_bootstrap, wilson
 
-ORDER = ["dense", "moa-50", "uniform-50", "static-50", "gqa-50", "run3-moa-50", "moa-25", "uniform-25", "static-25", "gqa-25", "run3-moa-25"]
+ORDER = [
+    "dense",
+    "moa-50",
+    "uniform-50",
+    "static-50",
+    "gqa-50",
+    "run3-moa-50",
+    "moa-25",
+    "uniform-25",
+    "static-25",
+    "gqa-25",
+    "run3-moa-25",
+]
 SAME_DENSITY = 2e-3  # densities closer than this count as equal budgets
 
 
