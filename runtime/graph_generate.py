@@ -20,6 +20,7 @@ activation) fuse into fewer kernels; unset (default): captured eagerly. Experime
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import warnings
@@ -115,11 +116,12 @@ class GraphDecoder:
         self.use_graph, self.graph = graph, None
         self.keep = _logits_kwargs(model)
         backend = os.environ.get(COMPILE_ENV, "").strip()
-        self.step_forward = torch.compile(self._forward, backend=backend, dynamic=False) if backend else self._forward
+        # a plain function, not a bound method kept on self: a decoder in a reference cycle would be
+        # freed (with its CUDA graph) by the cyclic garbage collector at any later time
+        self.step_call = torch.compile(_model_call, backend=backend, dynamic=False) if backend else _model_call
 
     def _forward(self, ids: torch.Tensor, **kw: Any) -> torch.Tensor:
-        out = self.model(input_ids=ids, use_cache=True, **{CACHE_ARG: self.cache}, **self.keep, **kw)
-        return out.logits[:, -1]
+        return _model_call(self.model, self.cache, self.keep, ids, **kw)
 
     def prefill(self, input_ids: torch.Tensor, pad: int) -> None:
         """Eager prefill of the prompt; the first new token goes to column 0. Everything the
@@ -139,11 +141,15 @@ class GraphDecoder:
         """One decode step, all on the device: write the token at ``pos``, attend, pick the next."""
         st = self.static
         st.begin()
-        self.cache.set_length(
-            self.prompt
-        )  # host count pinned (``decode`` sets the real one): a compiled step sees one value
-        logits = self.step_forward(
-            self.ids, position_ids=st.pos.view(1, 1).expand(self.batch, 1), cache_position=st.pos
+        # the host's count pinned (``decode`` sets the real one): a compiled step sees one value
+        self.cache.set_length(self.prompt)
+        logits = self.step_call(
+            self.model,
+            self.cache,
+            self.keep,
+            self.ids,
+            position_ids=st.pos.view(1, 1).expand(self.batch, 1),
+            cache_position=st.pos,
         )
         nxt = torch.where(self.done, self.pad, logits.argmax(-1))
         col = st.pos - (self.prompt - 1)  # the step writing position prompt emits column 1
@@ -174,9 +180,17 @@ class GraphDecoder:
         torch.cuda.current_stream().wait_stream(side)
 
     def _record(self) -> torch.cuda.CUDAGraph:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step()
+        """Capture one step. The cyclic garbage collector is run before and kept off during the
+        capture: an object it frees mid-capture (a dead decoder's CUDA graph, say) would make a
+        CUDA call that invalidates the capture."""
+        gc.collect()
+        gc.disable()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step()
+        finally:
+            gc.enable()
         return graph
 
     def decode(self, new_tokens: int, stop_early: bool) -> int:
@@ -196,6 +210,12 @@ class GraphDecoder:
         if stop_early:
             j = min(j, int(self.finished_at.max()) + 1)
         return j
+
+
+def _model_call(model: Any, cache: MoACache, keep: dict[str, int], ids: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """The last position's logits of one forward with the cache (what the step compiles)."""
+    out = model(input_ids=ids, use_cache=True, **{CACHE_ARG: cache}, **keep, **kw)
+    return out.logits[:, -1]
 
 
 def generate_greedy(

@@ -144,6 +144,28 @@ def test_a_failed_capture_decodes_eagerly_with_a_warning(monkeypatch):
     assert torch.equal(torch.cat([ids, dec.tokens[:, :cols]], dim=1), want)
 
 
+def test_a_released_decoder_is_freed_at_once(monkeypatch):
+    """No reference cycle through a decoder: dropped, it (and on CUDA its graph) is freed then and
+    there, never later by the cyclic collector, which could run inside another decoder's capture."""
+    import gc
+    import weakref
+
+    model = _model(MIXED)
+    monkeypatch.setenv(ENV, "1")
+    for backend in ("", "aot_eager"):
+        monkeypatch.setenv(COMPILE_ENV, backend)
+        with torch.no_grad():
+            model.generate(_ids(1, 8, seed=2), do_sample=False, max_new_tokens=3)
+        gc.disable()
+        try:
+            held = weakref.ref(model._moa_graph_decoder[1])
+            release(model)
+            assert held() is None, backend
+        finally:
+            gc.enable()
+    torch._dynamo.reset()
+
+
 def test_end_of_sequence_stops_and_pads_like_transformers(monkeypatch):
     model = _model(MIXED)
     ids = _ids(3, 11, seed=5)
