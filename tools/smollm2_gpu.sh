@@ -8,6 +8,8 @@
 #   tools/smollm2_gpu.sh optimize  # elastic plans (per head, per KV group) at 50% and 25%, and the
 #                                  # static-window ablation searched separately at each length
 #   tools/smollm2_gpu.sh eval      # retrieval (passkey, lines) + perplexity of every plan and baseline
+#   tools/smollm2_gpu.sh model     # on a fresh machine after prep: only the model folder (carry parts ab, ac),
+#                                  # then eval with the plans carried in and copied to /tmp/moa-results
 #
 # Settings (environment): LENS, EXT, EVAL_LENS, KINDS (moa gqa static), TASKS (calibration tasks,
 # default docs), SAMPLES (per length), EXTRA_PLANS (NAME=PATH plans the eval stage also measures),
