@@ -54,6 +54,10 @@ def test_bench_cli_refuses_bad_input(capsys):
     for argv, message in (
         (["--shapes", "nope"], "--shapes: nope: choose from llama3-8b, mha-7b"),
         (["--densities", "0.5,2"], "--densities: 2: must be in (0, 1], got 2"),
+        (
+            ["--gen-compile", "nosuchbackend", "--generate"],
+            "--gen-compile: unknown torch.compile backend 'nosuchbackend'",
+        ),
     ):
         with pytest.raises(SystemExit) as exc:
             main(["bench", *argv])
@@ -92,6 +96,7 @@ def test_bench_grid_has_plan_kinds_e2e_rows_and_generate():
     keys = [k for k, _ in grid(s)]
     assert "e2e/llama3-8b/moa0.5-searched" in keys and "e2e/llama3-8b/moa0.25" in keys
     assert keys[-1] == "generate/llama3-8b"
+    assert "gen_compile" in s.fixed()  # compiled rows change the generate cell: a resumed run must not mix them
 
 
 def test_generate_rows_stop_growing_past_out_of_memory():

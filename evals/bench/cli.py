@@ -49,6 +49,7 @@ class BenchSettings:
     gen_batches: list[int] | tuple[int, ...] = (8, 32, 48)
     gen_dense_batches: list[int] | tuple[int, ...] = (32, 8)
     gen_budget: float = 200.0
+    gen_compile: str = ""
     sweep: bool = False
     time_budget: float = 420.0
     out: str = "evals/results"
@@ -58,8 +59,20 @@ class BenchSettings:
     def fixed(self) -> dict[str, Any]:
         """What decides a cell's value besides its key (the grid: shapes, lengths, batches)."""
         keep = ("sink", "densities", "no_flex", "flex_shapes", "flex_batches", "e2e_context", "plan_kinds")
-        keep += ("gen_layers", "gen_new_tokens")
+        keep += ("gen_layers", "gen_new_tokens", "gen_compile")
         return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def _compile_backend(text: str) -> str:
+    """A torch.compile backend name ('' for none), checked before any work."""
+    if not text:
+        return ""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if text not in known:
+        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {text!r}; known: {', '.join(known)}")
+    return text
 
 
 def register(subparsers: Any) -> None:
@@ -119,6 +132,13 @@ def register(subparsers: Any) -> None:
         "--gen-dense-batches", type=comma_list(positive), default=[32, 8], help="dense generate batches (largest first)"
     )
     p.add_argument("--gen-budget", type=float_in(0, 1e9), default=200.0, help="seconds for the generate rows")
+    p.add_argument(
+        "--gen-compile",
+        type=_compile_backend,
+        default="",
+        metavar="BACKEND",
+        help="also MoA generate rows with the decode step compiled before capture (MOA_GRAPH_COMPILE, e.g. inductor)",
+    )
     p.add_argument("--sweep", action="store_true", help="also time alternative kernel block sizes")
     p.add_argument(
         "--time-budget", type=float_in(0, 1e9), default=420.0, help="seconds; later cells are left for a rerun past it"

@@ -7,6 +7,8 @@ model), a prompt of ``context`` tokens, greedy decoding. Rows:
   compiles the decode step, mode "reduce-overhead": CUDA graphs) with SDPA;
 - moa graph: a plan applied (``apply_plan``), ``generate`` replays one captured decode step
   (``runtime.graph_generate``);
+- moa graph compiled (``--gen-compile BACKEND``): the same, the step compiled before capture
+  (``MOA_GRAPH_COMPILE``: fuses the per-layer small operations);
 - moa loop: the same plan through transformers' own loop (``MOA_GRAPH_DECODE=0``), for comparison.
 
 Each at a few batches, up to the largest that fits (an out-of-memory try is reported and the next
@@ -189,6 +191,15 @@ def suite(s: Any, copy_gbps: float, shape_name: str) -> dict[str, Any]:
             apply_plan(model, plan)
             label = f"moa graph {plan_label(dens, kind)}"
             got = _largest(lambda b: row(model, plan, label, b, ctx, new, copy_gbps), s.gen_batches)
+            if s.gen_compile:  # the same rows with the step compiled before capture
+                from moa_plan.runtime.graph_generate import COMPILE_ENV
+
+                os.environ[COMPILE_ENV] = s.gen_compile
+                try:
+                    compiled = f"moa graph compiled ({s.gen_compile}) {plan_label(dens, kind)}"
+                    got += _largest(lambda b: row(model, plan, compiled, b, ctx, new, copy_gbps), s.gen_batches)
+                finally:
+                    os.environ.pop(COMPILE_ENV)
             if dens == s.e2e_densities[0] and kind == s.plan_kinds[0]:
                 os.environ["MOA_GRAPH_DECODE"] = "0"
                 try:
