@@ -120,15 +120,12 @@ class GraphDecoder:
         # freed (with its CUDA graph) by the cyclic garbage collector at any later time
         self.step_call = torch.compile(_model_call, backend=backend, dynamic=False) if backend else _model_call
 
-    def _forward(self, ids: torch.Tensor, **kw: Any) -> torch.Tensor:
-        return _model_call(self.model, self.cache, self.keep, ids, **kw)
-
     def prefill(self, input_ids: torch.Tensor, pad: int) -> None:
         """Eager prefill of the prompt; the first new token goes to column 0. Everything the
         captured step reads is written in place, never replaced."""
         self.cache.set_static(None)
         self.cache.set_length(0)
-        first = self._forward(input_ids).argmax(-1)
+        first = _model_call(self.model, self.cache, self.keep, input_ids).argmax(-1)
         self.pad.fill_(pad)
         self.done.copy_(torch.isin(first, self.eos))
         self.finished_at.fill_(self.tokens.shape[1]).masked_fill_(self.done, 0)

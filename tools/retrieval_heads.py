@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     model.set_attn_implementation("eager")
     plans = {name: load_plan(path) for name, path in (s.split("=", 1) for s in a.plan)}
     shape = next(iter(plans.values())).model if plans else loader.model_shape(model_dir)
+    plans.update({f"uniform-{round(d * 100)}": uniform_plan(shape, d, sink=64) for d in a.uniform})
     rows, heads = [], {}
     for n in a.lengths:
         masses, keeps = [], {name: [] for name in plans}
-        keeps.update({f"uniform-{round(d * 100)}": [] for d in a.uniform})
         for pos in POSITIONS:
             for i in range(a.samples):
                 doc = make_document("passkey", tok, n, pos, 0, i)
@@ -107,15 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                 masses.append(mass)
                 for name, plan in plans.items():
                     keeps[name].append(kept(plan, n_prompt, needle, q0))
-                for d in a.uniform:
-                    u = uniform_plan(shape, d, sink=64)
-                    keeps[f"uniform-{round(d * 100)}"].append(kept(u, n_prompt, needle, q0))
                 print(f"n={n} depth={pos} doc {i}: needle at {needle[0]}, query {q0}", flush=True)
         mean_mass = torch.stack(masses).mean(0)
         heads[n] = mean_mass.tolist()
+        top = mean_mass.flatten().topk(10).indices  # the ten heads with the most needle attention
         for name, ks in keeps.items():
             share = [float((m * k).sum() / m.sum()) for m, k in zip(masses, ks)]
-            top = mean_mass.flatten().topk(10).indices
             top_kept = torch.stack(ks).mean(0).flatten()[top].mean().item()
             rows.append({"plan": name, "length": n, "kept_mass": sum(share) / len(share), "top10_heads_kept": top_kept})
     acc: dict[tuple[str, int], list[float]] = {}

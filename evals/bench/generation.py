@@ -20,6 +20,7 @@ the middle length) / measured copy bandwidth; ``x_floor`` = measured / floor.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -66,6 +67,16 @@ def step_bytes(model, plan, batch: int, n: int) -> dict[str, int]:
         kv = sum(sum(decode_tokens_read(spans[l], caps[l], plan.sink, n, group)) for l in range(shape.num_layers))
         kv *= per_token
     return {"weights": weights, "kv": kv}
+
+
+@contextlib.contextmanager
+def env(name: str, value: str):
+    """``name=value`` in the environment for the block (read when ``generate`` builds its decoder)."""
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def _sync_time(fn) -> float:
@@ -166,6 +177,7 @@ def suite(s: Any, copy_gbps: float, shape_name: str) -> dict[str, Any]:
     """Dense (transformers static cache, compiled) vs MoA plans through ``generate``."""
     from moa_plan.build import dense_plan
     from moa_plan.runtime import apply_plan
+    from moa_plan.runtime.graph_generate import COMPILE_ENV, ENV
     from moa_plan.runtime.hf_apply import model_shape
 
     shape = {**SHAPES[shape_name], "layers": s.gen_layers}
@@ -192,22 +204,13 @@ def suite(s: Any, copy_gbps: float, shape_name: str) -> dict[str, Any]:
             label = f"moa graph {plan_label(dens, kind)}"
             got = _largest(lambda b: row(model, plan, label, b, ctx, new, copy_gbps), s.gen_batches)
             if s.gen_compile:  # the same rows with the step compiled before capture
-                from moa_plan.runtime.graph_generate import COMPILE_ENV
-
-                os.environ[COMPILE_ENV] = s.gen_compile
-                try:
-                    compiled = f"moa graph compiled ({s.gen_compile}) {plan_label(dens, kind)}"
+                compiled = f"moa graph compiled ({s.gen_compile}) {plan_label(dens, kind)}"
+                with env(COMPILE_ENV, s.gen_compile):
                     got += _largest(lambda b: row(model, plan, compiled, b, ctx, new, copy_gbps), s.gen_batches)
-                finally:
-                    os.environ.pop(COMPILE_ENV)
             if dens == s.e2e_densities[0] and kind == s.plan_kinds[0]:
-                os.environ["MOA_GRAPH_DECODE"] = "0"
-                try:
-                    got.append(
-                        row(model, plan, f"moa transformers loop {plan_label(dens, kind)}", 8, ctx, new, copy_gbps)
-                    )
-                finally:
-                    os.environ.pop("MOA_GRAPH_DECODE")
+                with env(ENV, "0"):
+                    loop = f"moa transformers loop {plan_label(dens, kind)}"
+                    got.append(row(model, plan, loop, 8, ctx, new, copy_gbps))
             for r in got:  # the plan's own figures, also on the transformers-loop row
                 r.update(density=round(plan.density(ctx), 4), attention_fraction=round(plan.attention_fraction(ctx), 4))
             rows.extend(got)

@@ -11,7 +11,15 @@ from typing import Any
 
 from moa_plan.evals.bench.baselines import Baselines
 from moa_plan.evals.bench.cases import SHAPES, decode_tokens_read, plan_label, plan_of_kind
-from moa_plan.evals.bench.timing import ABS_TOL, REL_TOL, bench_time, graph_time, rel_err, torch_isfinite
+from moa_plan.evals.bench.timing import (
+    ABS_TOL,
+    REL_TOL,
+    bench_time,
+    copy_bandwidth,
+    graph_time,
+    rel_err,
+    torch_isfinite,
+)
 
 
 class Kernels(Baselines):
@@ -45,16 +53,13 @@ class Kernels(Baselines):
         """Measured device ceilings: copy bandwidth and bf16 matmul throughput."""
         import torch
 
-        x = torch.randn(2**28, device=self.dev, dtype=torch.bfloat16)  # 512 MiB
-        y = torch.empty_like(x)
-        ms = bench_time(lambda: y.copy_(x))
-        copy_gbs = 2 * x.numel() * 2 / ms / 1e6
+        copy_gbs = copy_bandwidth(self.dev)
         a = torch.randn(8192, 8192, device=self.dev, dtype=torch.bfloat16)
         b = torch.randn(8192, 8192, device=self.dev, dtype=torch.bfloat16)
         ms_mm = bench_time(lambda: a @ b)
         self.ceil = {"copy_GBps": round(copy_gbs, 1), "matmul_bf16_TFLOPs": round(2 * 8192**3 / ms_mm / 1e9, 1)}
         print("ceilings", self.ceil, flush=True)
-        x = y = a = b = None  # free the memory (a del would leave the lambdas above unbound)
+        a = b = None  # free the memory (a del would leave the lambda above unbound)
         torch.cuda.empty_cache()
         return self.ceil
 

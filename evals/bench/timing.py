@@ -43,6 +43,17 @@ def bench_time(fn, rep_ms: int = 200) -> float:
     return float(triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
 
 
+def copy_bandwidth(device) -> float:
+    """Measured device-to-device copy bandwidth, GB/s (read + write of 512 MiB): the ceiling every
+    bandwidth figure of the bench is quoted against."""
+    import torch
+
+    x = torch.randn(2**28, device=device, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms = bench_time(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / ms / 1e6
+
+
 def rel_err(got, want) -> tuple[float, float]:
     d = got.float() - want.float()
     return (d.norm() / want.float().norm()).item(), d.abs().max().item()

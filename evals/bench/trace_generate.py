@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.args import comma_list, int_in
+from moa_plan.evals.bench.timing import copy_bandwidth
 from moa_plan.files import write_atomic
 
 CATEGORIES = (  # first match wins; patterns on the lower-cased kernel name
@@ -59,19 +60,17 @@ def _replay_ms(graph: Any, steps: int) -> float:
 def trace(model: Any, plan: Any, batch: int, context: int, steps: int, copy_gbps: float, backend: str) -> dict:
     """Trace ``steps`` replays of the captured decode step of ``model`` (planned with ``plan``);
     ``backend``: MOA_GRAPH_COMPILE for this decoder ('' = eager capture)."""
-    import os
-
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from moa_plan.evals.bench.generation import _free, step_bytes
+    from moa_plan.evals.bench.generation import _free, env, step_bytes
     from moa_plan.runtime.graph_generate import COMPILE_ENV
 
     _free(model)
-    os.environ[COMPILE_ENV] = backend
     ids = torch.randint(1, model.config.vocab_size, (batch, context), device="cuda")
     with torch.no_grad():
-        model.generate(ids, do_sample=False, max_new_tokens=steps + 2, min_new_tokens=steps + 2)  # captures the step
+        with env(COMPILE_ENV, backend):  # read when generate builds the decoder, which captures the step
+            model.generate(ids, do_sample=False, max_new_tokens=steps + 2, min_new_tokens=steps + 2)
         dec = model._moa_graph_decoder[1]
         dec.prefill(ids, 0)
         torch.cuda.synchronize()
@@ -106,7 +105,6 @@ def trace(model: Any, plan: Any, batch: int, context: int, steps: int, copy_gbps
         g["launches_per_step"] += r["calls_per_step"]
     busy_us = sum(g["us_per_step"] for g in groups.values())
     floor_ms = (b["weights"] + b["kv"]) / copy_gbps / 1e6
-    os.environ.pop(COMPILE_ENV, None)
     return {
         "batch": batch,
         "context": context,
@@ -124,17 +122,6 @@ def trace(model: Any, plan: Any, batch: int, context: int, steps: int, copy_gbps
         "kernels": rows,
         "device": torch.cuda.get_device_name(),
     }
-
-
-def _copy_gbps() -> float:
-    import torch
-
-    from moa_plan.evals.bench.timing import bench_time
-
-    x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty_like(x)
-    ms = bench_time(lambda: y.copy_(x))
-    return 2 * (1 << 30) * 2 / ms / 1e6
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -195,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(shape, a.layers, a.context + a.steps + 2)
     plan = plan_of_kind(a.kind, shape, a.density, a.context, 64)
     apply_plan(model, plan)
-    copy_gbps = _copy_gbps()
+    copy_gbps = copy_bandwidth("cuda")
     results, pages = [], []
     for batch in a.batches:
         for backend in a.compile:
