@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 name = "uniform-" + name.rsplit("-", 1)[-1]
             acc.setdefault((name, int(cell["length"])), []).append(float(cell["accuracy"]))
     lines = [
+        "Plans named -50 / -25 are at density 50% / 25% (the MoA paper's: mean over query heads of "
+        "min(N, sink + span) / N); uniform-D is the StreamingLLM window at that density.",
+        "",
         "| plan | length | needle attention kept (mass-weighted) | top-10 retrieval heads kept | passkey accuracy |",
         "|---|---|---|---|---|",
     ]
