@@ -34,7 +34,7 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
         "--tasks",
         type=names,
         default=["docs"],
-        help="comma-separated: docs (natural text, 3 questions; default), kv, multihop, copy; '' for none",
+        help="comma-separated: docs (natural text, 3 questions; default), kv, multihop, copy, needle; '' for none",
     )
     p.add_argument("--text", help="folder or file of user text (.txt, or .jsonl with text/question)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks (default 0)")

@@ -88,6 +88,22 @@ def test_searched_plans_have_few_rules_of_very_different_spans():
     assert label_density("decode/x/n4096/b1/moa0.25-searched") == 0.25
 
 
+def test_grouped_plans_read_the_density():
+    from moa_plan.evals.bench.cases import decode_tokens_read, plan_of_kind
+
+    shape = SHAPES["llama3-8b"]
+    group = shape["hq"] // shape["hkv"]
+    for dens in (0.5, 0.25):
+        plan = plan_of_kind("grouped", shape, dens, 16384, 64)
+        assert abs(plan.density(16384) - dens) < 0.01
+        for spans in plan.spans(16384):
+            assert all(len(set(spans[i : i + group])) == 1 for i in range(0, len(spans), group))
+            assert max(spans) >= 2 * min(spans)
+        kv = plan.kv_spans(16384)
+        slots = sum(min(16384, 64 + s) for layer in kv for s in layer)
+        assert abs(slots / (len(kv) * shape["hkv"] * 16384) - plan.density(16384)) < 1e-9  # KV fraction = density
+
+
 def test_bench_grid_has_plan_kinds_e2e_rows_and_generate():
     from moa_plan.evals.bench.cli import BenchSettings, grid
 

@@ -4,6 +4,7 @@
 # cache + compile, floor arithmetic beside each) and the kernel/decoder rows (batch-1 decode one launch
 # vs SDPA's best backend, synthetic and searched-shaped plans at 50% / 25%, the bench's decoder).
 # Usage (repo root, on the GPU machine; carry .whl): tools/gpu_speed.sh [trace]
+#   (TESTS=0 skips the GPU tests, SWEEP=0 the batch-1 decode sweep)
 #   (the generate rows include the step compiled before capture: GEN_COMPILE=inductor; '' for none)
 #   trace: only a profiler trace of the generate decode step (evals/bench/trace_generate.py: kernel
 #   groups per step, eager vs compiled capture, batch 8 and 32) into $OUT/trace/.
@@ -37,10 +38,12 @@ if [ "${1:-}" = trace ]; then
   exit 0
 fi
 
-step "tests: CUDA graph generate, fused split-K merge, kernels (bf16/fp16)"
-timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --maxfail=6 \
-  "$REPO/tests/test_graph_gpu.py" "$REPO/tests/test_kernels_gpu.py" >"$OUT/tests.log" 2>&1 || rc=1
-tail -25 "$OUT/tests.log" | tee -a "$LOG"
+if [ "${TESTS:-1}" = 1 ]; then  # TESTS=0 where they ran beside another job (smollm2_gpu.sh GPU_TESTS)
+  step "tests: CUDA graph generate, fused split-K merge, kernels (bf16/fp16)"
+  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" --maxfail=6 \
+    "$REPO/tests/test_graph_gpu.py" "$REPO/tests/test_kernels_gpu.py" >"$OUT/tests.log" 2>&1 || rc=1
+  tail -25 "$OUT/tests.log" | tee -a "$LOG"
+fi
 
 step "item 1: model.generate at 16k (MoA graph replay vs dense static+compile), floor arithmetic"
 timeout "${GEN_TIMEOUT:-215}" python3 -m moa_plan.evals.bench.cli bench --out "$OUT/gen" --shapes llama3-8b \
@@ -51,9 +54,16 @@ timeout "${GEN_TIMEOUT:-215}" python3 -m moa_plan.evals.bench.cli bench --out "$
 
 step "items 2 and 4: decode (batch 1 and 8, 4k/16k), prefill 16k, the bench's decoder at 50%/25%"
 timeout "${KERN_TIMEOUT:-150}" python3 -m moa_plan.evals.bench.cli bench --out "$OUT/kern" --shapes llama3-8b \
-  --densities 1,0.5,0.25 --plan-kinds synthetic,searched --decode-lens 4096,16384 --batches 1,8 \
+  --densities 1,0.5,0.25 --plan-kinds synthetic,searched,grouped --decode-lens 4096,16384 --batches 1,8 \
   --prefill-lens 16384 --flex-batches 8 --e2e llama3-8b --e2e-densities 0.5,0.25 \
   --time-budget "${KERN_BUDGET:-105}" --overwrite 2>&1 | tee -a "$LOG" || rc=1
+
+if [ "${SWEEP:-1}" = 1 ]; then
+  step "item 2: decode block_n x splits sweep at batch 1 (per-head and per-KV-group 50% plans), prefill tiles"
+  timeout "${SWEEP_TIMEOUT:-150}" python3 -m moa_plan.evals.bench.cli bench --out "$OUT/sweep" --shapes llama3-8b \
+    --densities 0.5 --decode-lens 4096 --batches 1 --prefill-lens 4096 --no-flex --e2e '' --sweep \
+    --time-budget "${SWEEP_BUDGET:-130}" --overwrite 2>&1 | grep -v "^sweep " | tee -a "$LOG" || rc=1
+fi
 
 step summary
 timeout 30 python3 - "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
@@ -61,6 +71,14 @@ import glob, json, sys
 out = sys.argv[1]
 lines = ["# issue 12 summary", ""]
 for path in sorted(glob.glob(f"{out}/*/bench-*.json")):
+    if "/sweep/" in path:
+        sw = json.load(open(path)).get("cells", {}).get("sweep") or {}
+        for prefix in sorted({k.rsplit("/", 2)[0] for k in sw if k.startswith("decode/")}):
+            times = {k: v for k, v in sw.items() if k.startswith(prefix + "/") and isinstance(v, float)}
+            if times:
+                best = min(times, key=times.get)
+                lines.append(f"- sweep {prefix}: best {best.rsplit('/', 2)[1:]} {times[best]} ms, default {times.get(prefix + '/bn64/splitsNone')}")
+        continue
     try:
         cells = json.load(open(path)).get("cells", {})
     except Exception as exc:  # noqa: BLE001

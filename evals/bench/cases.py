@@ -52,6 +52,26 @@ def searched_plan(shape: dict[str, int], density: float, n: int, sink: int):
     return _fit(rows, shape, sink, "bench-searched-shape", density, n, 1.0 / 0.03)
 
 
+def grouped_plan(shape: dict[str, int], density: float, n: int, sink: int):
+    """A per-KV-group plan (as ``moa-plan optimize --gqa`` returns): the query heads of a group share
+    one rule, spans vary 3x across groups and layers. The decode kernel reads each group's widest
+    head, so only here is the KV read fraction the density: per-head plans read more."""
+    from moa_plan.plan import Layer, Rule
+
+    hq, hkv, layers = shape["hq"], shape["hkv"], shape["layers"]
+    group = hq // hkv
+    a = [0.5 + i / max(1, hkv - 1) for i in range(hkv)]  # 0.5 .. 1.5
+
+    def rows(c: float) -> list:
+        out = []
+        for layer in range(layers):
+            per_group = [Rule(alpha=0.0, beta=min(1.0, c * a[(g * 5 + 3 + layer) % hkv])) for g in range(hkv)]
+            out.append(Layer(heads=[per_group[h // group] for h in range(hq)]))
+        return out
+
+    return _fit(rows, shape, sink, "bench-grouped", density, n, 2.0)
+
+
 def _fit(rows, shape: dict[str, int], sink: int, method: str, density: float, n: int, hi: float):
     """The plan of layers ``rows(c)`` at the smallest common factor c in [0, hi] that reaches
     ``density`` at n (bisection: a plan's density grows with c; ``hi`` gives the densest plan)."""
@@ -78,11 +98,12 @@ def _fit(rows, shape: dict[str, int], sink: int, method: str, density: float, n:
     return make(hi)
 
 
-PLAN_KINDS = {"synthetic": bench_plan, "searched": searched_plan}
+PLAN_KINDS = {"synthetic": bench_plan, "searched": searched_plan, "grouped": grouped_plan}
 
 
 def plan_of_kind(kind: str, shape: dict[str, int], density: float, n: int, sink: int):
-    """The benchmark plan of one kind ('synthetic': bench_plan, 'searched': searched_plan)."""
+    """The benchmark plan of one kind ('synthetic': bench_plan, 'searched': searched_plan,
+    'grouped': grouped_plan)."""
     return PLAN_KINDS[kind](shape, density, n, sink)
 
 

@@ -120,9 +120,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--plan-kinds",
-        type=choice_list(("synthetic", "searched")),
+        type=choice_list(("synthetic", "searched", "grouped")),
         default=["synthetic", "searched"],
-        help="benchmark plans: synthetic (spans vary smoothly) and/or searched (a few rules per layer)",
+        help="benchmark plans: synthetic (spans vary smoothly), searched (a few rules per layer), "
+        "grouped (one rule per KV group: reads = density)",
     )
     p.add_argument("--generate", action="store_true", help="also time model.generate (evals/bench/generation.py)")
     p.add_argument("--gen-layers", type=positive, default=8, help="layers of the generate benchmark's model")

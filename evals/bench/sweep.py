@@ -1,5 +1,5 @@
 """The tuning sweep: alternative kernel block sizes, warps and stages (prefill), block_n and
-splits (decode) on llama3-8b at 50%."""
+splits (decode; per-head and per-KV-group plans) on llama3-8b at 50%."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from moa_plan.evals.bench.cases import SHAPES, bench_plan
+from moa_plan.evals.bench.cases import SHAPES, bench_plan, plan_of_kind
 from moa_plan.evals.bench.timing import bench_time, graph_time
 
 
@@ -52,42 +52,45 @@ def sweep(sink: int, device: Any, over_budget: Callable[[], bool]) -> dict[str, 
                 out[name] = f"{type(exc).__name__}"
             print("sweep", name, out[name], flush=True)
         q = k = v = None  # free the memory (a del would leave the lambdas above unbound)
-        caps = plan.kv_slots(n)[0]
-        layout = LayerLayout.from_caps(caps, sink, n, device=device)
-        for batch in (1, 8, 32):
-            per = 2 * batch * layout.slots * d * 2
-            caches = [
-                allocate(layout, batch, d, torch.bfloat16, device=device)
-                for _ in range(max(1, min(64, math.ceil(256e6 / per))))
-            ]
-            q = torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16)
-            for bn in (32, 64, 128):
-                for splits in (None, 1, 2, 4, 8, 16, 32, 64):
-                    if over_budget():
-                        break
-                    name = f"decode/n{n}/b{batch}/bn{bn}/splits{splits}"
-                    try:
-                        ms = graph_time(
-                            [
-                                (
-                                    lambda c=c: decode_attention(
-                                        q,
-                                        *c,
-                                        layout.offset,
-                                        layout.cap,
-                                        layout.n_sink,
-                                        spans,
-                                        sink,
-                                        n,
-                                        block_n=bn,
-                                        num_splits=splits,
+        for kind, batches in (("synthetic", (1, 8, 32)), ("grouped", (1,))):
+            kplan = plan_of_kind(kind, shape, 0.5, n, sink)
+            kspans = torch.tensor(kplan.spans(n)[0], dtype=torch.int32, device=device)
+            layout = LayerLayout.from_caps(kplan.kv_slots(n)[0], sink, n, device=device)
+            for batch in batches:
+                per = 2 * batch * layout.slots * d * 2
+                caches = [
+                    allocate(layout, batch, d, torch.bfloat16, device=device)
+                    for _ in range(max(1, min(64, math.ceil(256e6 / per))))
+                ]
+                q = torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16)
+                for bn in (32, 64, 128):
+                    for splits in (None, 1, 4, 8, 16, 32, 64, 128):
+                        if over_budget():
+                            break
+                        label = "" if kind == "synthetic" else f"-{kind}"
+                        name = f"decode/n{n}/b{batch}{label}/bn{bn}/splits{splits}"
+                        try:
+                            ms = graph_time(
+                                [
+                                    (
+                                        lambda c=c: decode_attention(
+                                            q,
+                                            *c,
+                                            layout.offset,
+                                            layout.cap,
+                                            layout.n_sink,
+                                            kspans,
+                                            sink,
+                                            n,
+                                            block_n=bn,
+                                            num_splits=splits,
+                                        )
                                     )
-                                )
-                                for c in caches
-                            ]
-                        )
-                        out[name] = round(ms, 5)
-                    except Exception as exc:  # noqa: BLE001
-                        out[name] = f"{type(exc).__name__}"
-            del caches
+                                    for c in caches
+                                ]
+                            )
+                            out[name] = round(ms, 5)
+                        except Exception as exc:  # noqa: BLE001
+                            out[name] = f"{type(exc).__name__}"
+                del caches
     return out
