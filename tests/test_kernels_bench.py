@@ -89,7 +89,7 @@ def test_searched_plans_have_few_rules_of_very_different_spans():
 
 
 def test_grouped_plans_read_the_density():
-    from moa_plan.evals.bench.cases import decode_tokens_read, plan_of_kind
+    from moa_plan.evals.bench.cases import plan_of_kind
 
     shape = SHAPES["llama3-8b"]
     group = shape["hq"] // shape["hkv"]
