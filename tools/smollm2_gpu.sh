@@ -11,7 +11,7 @@
 #   tools/smollm2_gpu.sh model     # on a fresh machine after prep: only the model folder (carry parts ab, ac),
 #                                  # then eval with the plans carried in and copied to /tmp/moa-results
 # A machine that went back loses /tmp: after prep, optimize and eval build the model folder themselves
-# when parts ab/ac are carried, and optimize restores .work/work.tar.gz (the profile stage's $OUT/work.tar.gz).
+# when parts ab/ac are carried, but the profile (hundreds of MB) is gone: run profile again.
 #
 # Settings (environment): LENS, EXT, EVAL_LENS, KINDS (moa gqa static), TASKS (calibration tasks,
 # default docs), SAMPLES (per length), EXTRA_PLANS (NAME=PATH plans the eval stage also measures),
@@ -58,10 +58,6 @@ smollm2() {  # the model folder: built once per machine from the GGUF parts (aa 
   echo /tmp/smollm2
 }
 
-restore_work() {  # a fresh machine: the calibration data and profile an earlier profile stage sent back (carry .work)
-  if [ ! -f "$W/calib.json" ] && [ -f "$REPO/.work/work.tar.gz" ]; then tar -C "$W" -xzf "$REPO/.work/work.tar.gz" || exit 1; fi
-}
-
 finish() {
   tar -C "$R" -czf "$OUT/results.tar.gz" . 2>/dev/null
   ls -la "$R" > "$OUT/listing.txt"
@@ -100,12 +96,10 @@ print(json.dumps({"settings": settings, "samples": len(samples),
                  indent=1))
 EOF2
   cp "$W/profile/profile.json" "$R/profile.json"
-  tar -C "$W" -czf "$OUT/work.tar.gz" calib.json profile  # the state a fresh machine's optimize stage restores
   wait
   ;;
 optimize)
   layout
-  restore_work
   M=$(smollm2) || exit 1
   run_opt() {  # name density extra-flags...: elastic rules, the three lengths are the objectives
     local name=$1 d=$2; shift 2

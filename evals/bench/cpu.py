@@ -297,9 +297,9 @@ def summarise(times: dict, plans: dict, lengths: list[int]) -> list[dict[str, An
                 "variant": name,
                 "attention_fraction": round(frac, 4),
                 "density": round(1.0 if plan is None else plan.density(n), 4),
-                "seconds": round(total, 3),
-                "attention_seconds": round(attn, 3),
-                "runs": [[round(t, 3), round(a, 3)] for t, a in runs],
+                "seconds": round(total, 6),
+                "attention_seconds": round(attn, 6),
+                "runs": [[round(t, 6), round(a, 6)] for t, a in runs],
                 "vs_baseline": round(total / base_total, 3),
                 "attention_vs_baseline": round(attn / base_attn, 3),
             }
