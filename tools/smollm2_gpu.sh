@@ -7,6 +7,8 @@
 #   tools/smollm2_gpu.sh profile   # carry .gguf/part-ab, .gguf/part-ac: calibrate and profile (512-4096 tokens)
 #   tools/smollm2_gpu.sh optimize  # elastic plans (per head, per KV group) at 50% and 25%, and the
 #                                  # static-window ablation searched separately at each length
+#   tools/smollm2_gpu.sh search    # profile, then optimize in the background (it outlives the call:
+#                                  # the call returns by DEADLINE s, default 580); eval waits for it
 #   tools/smollm2_gpu.sh eval      # retrieval (passkey, lines) + perplexity of every plan and baseline
 #   tools/smollm2_gpu.sh model     # on a fresh machine after prep: only the model folder (carry parts ab, ac),
 #                                  # then eval with the plans carried in and copied to /tmp/moa-results
@@ -104,7 +106,7 @@ optimize)
   run_opt() {  # name density extra-flags...: elastic rules, the three lengths are the objectives
     local name=$1 d=$2; shift 2
     ( time timeout "${OPT_TIMEOUT:-540}" python3 -m moa_plan.cli optimize --profile "$W/profile" --lengths $LENS \
-        --validation-length $VAL --density "$d" --extension-length "$EXT" --alpha-step 64 --weight-steps 2 \
+        --validation-length $VAL --density "$d" --extension-length "$EXT" --alpha-step 64 --weight-steps "${WSTEPS:-2}" \
         --model "$M" --data "$W/calib.json" --validation-samples 32 --solver highs --time-limit "${TLIM:-60}" \
         --mip-gap "${GAP:-0.005}" --quiet --out "$R/smollm2-135m-$name.json" "$@" ) > "$R/optimize-$name.log" 2>&1
   }
@@ -121,9 +123,18 @@ optimize)
   wait
   tail -n 2 "$R"/optimize-*.log
   ;;
+search)  # profile and optimize in one call: fewer idle gaps in which the machine (and /tmp) can go
+  S0=$SECONDS
+  bash "$REPO/tools/smollm2_gpu.sh" profile
+  OUT=/tmp/moa-optimize-out setsid nohup bash "$REPO/tools/smollm2_gpu.sh" optimize > "$R/optimize.out" 2>&1 < /dev/null &
+  echo $! > /tmp/optimize.pid
+  while kill -0 "$(cat /tmp/optimize.pid)" 2>/dev/null && [ $((SECONDS - S0)) -lt "${DEADLINE:-580}" ]; do sleep 5; done
+  kill -0 "$(cat /tmp/optimize.pid)" 2>/dev/null && echo "optimize still running after $((SECONDS - S0)) s"
+  ;;
 eval)
   layout
   M=$(smollm2) || exit 1
+  while [ -f /tmp/optimize.pid ] && kill -0 "$(cat /tmp/optimize.pid)" 2>/dev/null; do sleep 5; done  # search's optimize
   P=(--plan dense)
   for d in 50 25; do
     P+=(--plan "moa-$d=$R/smollm2-135m-moa-$d.json" --plan "uniform=$R/smollm2-135m-moa-$d.json")
