@@ -125,11 +125,13 @@ optimize)
   ;;
 search)  # profile and optimize in one call: fewer idle gaps in which the machine (and /tmp) can go
   S0=$SECONDS
-  bash "$REPO/tools/smollm2_gpu.sh" profile
+  bash "$REPO/tools/smollm2_gpu.sh" profile || exit 1
+  [ -f "$W/profile/profile.json" ] || { echo "search: no profile in $W/profile, optimize not started"; exit 1; }
   OUT=/tmp/moa-optimize-out setsid nohup bash "$REPO/tools/smollm2_gpu.sh" optimize > "$R/optimize.out" 2>&1 < /dev/null &
-  echo $! > /tmp/optimize.pid
-  while kill -0 "$(cat /tmp/optimize.pid)" 2>/dev/null && [ $((SECONDS - S0)) -lt "${DEADLINE:-580}" ]; do sleep 5; done
-  kill -0 "$(cat /tmp/optimize.pid)" 2>/dev/null && echo "optimize still running after $((SECONDS - S0)) s"
+  pid=$!
+  echo $pid > /tmp/optimize.pid  # eval waits for it
+  while kill -0 $pid 2>/dev/null && [ $((SECONDS - S0)) -lt "${DEADLINE:-580}" ]; do sleep 5; done
+  kill -0 $pid 2>/dev/null && echo "optimize still running after $((SECONDS - S0)) s"
   ;;
 eval)
   layout
