@@ -70,6 +70,13 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="sum signed per-entry effects (default: absolute values, as the MoA reference)",
     )
+    p.add_argument(
+        "--hold-out",
+        type=nonnegative,
+        default=0,
+        help="samples per length (the last ones) kept out of the profile, on which the search measures "
+        "its candidate plans at every optimisation length (default 0)",
+    )
 
 
 def _add_opt(p: argparse.ArgumentParser) -> None:
@@ -130,6 +137,14 @@ def _add_opt(p: argparse.ArgumentParser) -> None:
         default=0,
         help="measure each Pareto plan's real loss on this many held-out samples at the "
         "validation length and keep the best (default 0: all there are; needs --model, --data)",
+    )
+    p.add_argument(
+        "--select",
+        choices=("all", "validation"),
+        default="all",
+        help="measured selection: 'all' (default) scores a plan by its mean loss ratio to dense over the "
+        "validation length and every optimisation length with held-out samples (profile --hold-out); "
+        "'validation': loss at the validation length only, as the MoA reference",
     )
     p.add_argument("--plots", help="folder for the Pareto-front and span-map PNGs (default: beside --out)")
     p.add_argument("--out", required=True, help="plan JSON to write")

@@ -121,6 +121,12 @@ def run_profile(job: ProfileSettings) -> Path:
     calib, samples = calibration.load_dataset(data)
     if not samples:
         raise UsageError([("--data", f"{data} holds no samples")])
+    if job.hold_out < 0:
+        raise OptionError([("--hold-out", "must be >= 0")])
+    held = held_out_ids(samples, job.hold_out)
+    samples = [s for s in samples if s["id"] not in held]
+    if not samples:
+        raise OptionError([("--hold-out", f"{job.hold_out} per length leaves no sample to profile")])
     out = Path(out)
     settings = {
         "model": loader.model_name(model_dir),
@@ -133,6 +139,8 @@ def run_profile(job: ProfileSettings) -> Path:
         "(A_ij (S_i - G_ij) / (1 - A_ij)); diag[d] sums it (its absolute value unless "
         "'influence' is 'signed', as the MoA reference does) over i - j = d, j >= sink",
     }
+    if held:  # not profiled: the optimiser measures candidate plans on them (select "all")
+        settings["held_out"] = sorted(held)
     keys = {f"{s['id']}@{_fingerprint(s)}": s for s in samples}
     with Run(out / META, "profile", settings, overwrite=job.overwrite, quiet=job.quiet) as run:
         todo = run.todo(keys)
@@ -164,6 +172,16 @@ def run_profile(job: ProfileSettings) -> Path:
             keys, calibration=Path(data).name, calibration_grid={k: calib[k] for k in calibration.GRID if k in calib}
         )
     return out
+
+
+def held_out_ids(samples: list[dict[str, Any]], per_length: int) -> set[str]:
+    """The ids of the last ``per_length`` samples of each length (file order): left out of the
+    profile so that the search can measure its candidate plans at the optimisation lengths on
+    samples the profile never saw."""
+    by_length: dict[int, list[str]] = {}
+    for s in samples:
+        by_length.setdefault(s["length"], []).append(s["id"])
+    return {i for ids in by_length.values() for i in ids[len(ids) - per_length :]} if per_length else set()
 
 
 def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> Any:

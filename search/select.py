@@ -295,16 +295,25 @@ def optimize_profile(
     return SearchResult(plans[chosen], front, solves, chosen, inst, cands, plans)
 
 
-def choose_measured(result: SearchResult, losses: list[float], validation_length: int, samples: int) -> None:
-    """Pick the Pareto plan with the lowest measured validation loss (in place)."""
-    result.chosen = min(range(len(losses)), key=losses.__getitem__)
+def choose_measured(
+    result: SearchResult,
+    scores: list[float],
+    per_length: list[dict[int, float]],
+    counts: dict[int, int],
+    validation_length: int,
+) -> None:
+    """Pick the Pareto plan with the lowest measured score (mean loss ratio to dense over the
+    measured lengths; ``per_length`` holds each plan's mean loss there), in place."""
+    result.chosen = min(range(len(scores)), key=scores.__getitem__)
     result.plan = result.plans[result.chosen]
+    where = ", ".join(f"{counts[n]} at {n}" for n in sorted(counts))
     for plan in result.plans:
         sel = plan.provenance["selection"]
         sel["rule"] = (
-            f"lowest measured loss of the compressed model on {samples} held-out samples at the "
-            f"validation length {validation_length}"
+            f"lowest measured loss of the compressed model relative to dense, averaged over the held-out "
+            f"samples' lengths ({where}; {validation_length} is the validation length, never an objective)"
         )
         sel["chosen_index"] = result.chosen
-        for entry, loss in zip(sel["pareto"], losses):
-            entry["measured_loss"] = round(loss, 6)
+        for entry, score, losses in zip(sel["pareto"], scores, per_length):
+            entry["measured_score"] = round(score, 6)
+            entry["measured_loss"] = {str(n): round(v, 6) for n, v in losses.items()}

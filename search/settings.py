@@ -37,6 +37,7 @@ class ProfileSettings:
     block_size: int = 64
     chunk: int = 256
     signed_influence: bool = False
+    hold_out: int = 0
     device: str = "auto"
     overwrite: bool = False
     quiet: bool = False
@@ -67,6 +68,7 @@ class OptimizeSettings:
     static_windows: bool = False
     max_rules_per_layer: int = 2
     validation_samples: int = 0
+    select: str = "all"
     plots: str | None = None
     device: str = "auto"
     overwrite: bool = False

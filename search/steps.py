@@ -116,32 +116,7 @@ def _optimize(s: OptimizeSettings) -> int:
     plot_dir = Path(s.plots) if s.plots else out.parent
     stem = out.name.removesuffix(".json")
     if s.model and s.data and s.validation_length:
-        from moa_plan.run import Run
-        from moa_plan.runtime import load as loader
-        from moa_plan.search import calibration, loss
-
-        calib, samples = calibration.load_dataset(s.data)
-        held = [x for x in samples if x["length"] == s.validation_length]
-        held = held[: s.validation_samples] if s.validation_samples else held
-        if not held:
-            raise OptionError([("--data", f"no samples of the validation length {s.validation_length}")])
-        settings = {
-            "model": loader.model_name(s.model),
-            "calibration_settings": calib,
-            "samples": [x["id"] for x in held],
-        }
-        reference = uniform_reference(res.plan)
-        with Run(
-            plot_dir / f"{stem}.validation.json", "validate", settings, overwrite=s.overwrite, quiet=s.quiet
-        ) as run:
-            rows = loss.measured_losses(s.model, held, [*res.plans, reference], run, s.device)
-        measured = [sum(r) / len(r) for r in rows]
-        select.choose_measured(res, measured[:-1], s.validation_length, len(held))
-        for plan in res.plans:
-            plan.provenance["selection"]["uniform_reference"] = {
-                "density": reference.provenance["target_density"],
-                "measured_loss": round(measured[-1], 6),
-            }
+        measured = _measure_candidates(s, prof, res, sorted(set(opt_lengths)), plot_dir / f"{stem}.validation.json")
     plan = res.plan
     lens = plan.provenance["lengths"] + ([s.validation_length] if s.validation_length else [])
     plots.pareto_png(res, plot_dir / f"{stem}.pareto.png")
@@ -149,6 +124,8 @@ def _optimize(s: OptimizeSettings) -> int:
     plan.provenance["profile_split_half_spearman"] = agreement
     plan.provenance["optimize_seconds"] = round(time.perf_counter() - t0, 3)
     write_candidates(res, measured, plot_dir / f"{stem}.candidates.md")
+    for i, cand in enumerate(res.plans):  # every Pareto plan, so a choice can be re-examined later
+        save_plan(cand, plot_dir / f"{stem}.candidates" / f"{i}.json")
     save_plan(plan, out)
     prov = plan.provenance
     ref = prov["selection"].get("uniform_reference")
@@ -156,10 +133,55 @@ def _optimize(s: OptimizeSettings) -> int:
         f"plan: {out} | density {json.dumps(prov['achieved_density'])} | est. loss "
         f"{json.dumps(prov['estimated_loss'])} | {prov['solver']['name']} {prov['solver']['termination']} "
         f"gap {prov['solver']['gap']} | {prov['selection']['pareto_size']} Pareto plans | "
-        + (f"measured loss {measured[res.chosen]:.4f} vs uniform {ref['measured_loss']:.4f} | " if ref else "")
+        + (
+            f"measured score {measured['score'][res.chosen]:.4f} vs uniform {ref['score']:.4f} (ratio to dense) | "
+            if ref
+            else ""
+        )
         + f"split-half Spearman {json.dumps(agreement)} | {prov['optimize_seconds']:.1f} s"
     )
     return 0
+
+
+def _measure_candidates(s: OptimizeSettings, prof, res, opt_lengths: list[int], path: Path) -> dict:
+    """Measure every Pareto plan, the uniform window and dense on held-out samples: all samples of
+    the validation length (never an objective) and, with ``select`` 'all', the samples the profile
+    held out at the optimisation lengths. A plan's score is the mean over those lengths of its mean
+    loss divided by dense's there: the reference scores the validation length alone, which on
+    SmolLM2 chose plans that gave up the shortest length. Chooses in place; returns the table."""
+    from moa_plan.build import dense_plan
+    from moa_plan.run import Run
+    from moa_plan.runtime import load as loader
+    from moa_plan.search import calibration, loss, select
+
+    calib, samples = calibration.load_dataset(s.data)
+    held = [x for x in samples if x["length"] == s.validation_length]
+    held = held[: s.validation_samples] if s.validation_samples else held
+    if not held:
+        raise OptionError([("--data", f"no samples of the validation length {s.validation_length}")])
+    if s.select == "all":
+        ids = set(prof.meta.get("held_out", []))
+        held += [x for x in samples if x["id"] in ids and x["length"] in opt_lengths]
+    lengths = sorted({x["length"] for x in held})
+    settings = {"model": loader.model_name(s.model), "calibration_settings": calib, "samples": [x["id"] for x in held]}
+    reference = uniform_reference(res.plan)
+    with Run(path, "validate", settings, overwrite=s.overwrite, quiet=s.quiet) as run:
+        rows = loss.measured_losses(s.model, held, [*res.plans, reference, dense_plan(res.plan.model)], run, s.device)
+    per_length = [
+        {n: sum(v for v, x in zip(r, held) if x["length"] == n) / sum(x["length"] == n for x in held) for n in lengths}
+        for r in rows
+    ]
+    dense = per_length[-1]
+    score = [sum(p[n] / dense[n] for n in lengths) / len(lengths) for p in per_length[:-1]]
+    counts = {n: sum(x["length"] == n for x in held) for n in lengths}
+    select.choose_measured(res, score[:-1], per_length[:-2], counts, s.validation_length)
+    for plan in res.plans:
+        plan.provenance["selection"]["uniform_reference"] = {
+            "density": reference.provenance["target_density"],
+            "measured_loss": {str(n): round(v, 6) for n, v in per_length[-2].items()},
+            "score": round(score[-1], 6),
+        }
+    return {"lengths": lengths, "per_length": per_length, "score": score, "counts": counts}
 
 
 def search(s: SearchSettings) -> int:
@@ -193,39 +215,52 @@ def uniform_reference(plan):
     return uniform_plan(plan.model, budget, plan.sink, plan.block_size)
 
 
-def write_candidates(res, measured: list[float] | None, path: Path) -> None:
-    """The Pareto candidates (estimated losses, densities, measured loss) as a markdown table;
-    with measured losses, a last row for the uniform window at the same budget (``measured[-1]``)."""
+def write_candidates(res, measured: dict | None, path: Path) -> None:
+    """The Pareto candidates (estimated losses, densities, measured losses and score) as a markdown
+    table; with measurements, rows for the uniform window at the same budget and for dense."""
     from moa_plan.files import write_atomic
 
     plans = res.plans
     lens = list(plans[0].provenance["achieved_density"])
     est = list(plans[0].provenance["estimated_loss"])
+    mlens = measured["lengths"] if measured else []
     head = (
         ["#"]
         + [f"est. loss @{n}" for n in est]
         + [f"density @{n}" for n in lens]
-        + (["measured loss"] if measured else [])
+        + [f"measured loss @{n}" for n in mlens]
+        + (["score (ratio to dense)"] if measured else [])
         + ["chosen"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cells(k: int) -> list[str]:
+        if not measured:
+            return []
+        score = measured["score"][k] if k < len(measured["score"]) else 1.0
+        return [f"{measured['per_length'][k][n]:.4f}" for n in mlens] + [f"{score:.4f}"]
+
     for i, plan in enumerate(plans):
         p = plan.provenance
         row = (
             [str(i)]
             + [f"{p['estimated_loss'][n]:.4g}" for n in est]
             + [f"{p['achieved_density'][n]:.4f}" for n in lens]
-            + ([f"{measured[i]:.4f}"] if measured else [])
+            + cells(i)
             + (["**yes**"] if i == res.chosen else [""])
         )
         lines.append("| " + " | ".join(row) + " |")
-    if measured and len(measured) > len(plans):
+    if measured:
         blank = [""] * (len(est) + len(lens))
-        lines.append("| " + " | ".join(["uniform (reference)", *blank, f"{measured[-1]:.4f}", ""]) + " |")
+        lines.append("| " + " | ".join(["uniform (reference)", *blank, *cells(len(plans)), ""]) + " |")
+        lines.append("| " + " | ".join(["dense", *blank, *cells(len(plans) + 1), ""]) + " |")
+    counts = ", ".join(f"{c} at {n}" for n, c in measured["counts"].items()) if measured else ""
     write_atomic(
         path,
         f"Pareto candidates of {path.name.removesuffix('.candidates.md')}: "
-        f"{plans[0].provenance['selection']['rule'] if res.plan is plans[res.chosen] else ''}\n\n"
+        f"{plans[0].provenance['selection']['rule'] if res.plan is plans[res.chosen] else ''}"
+        + (f" (held-out samples: {counts})" if counts else "")
+        + "; every candidate's plan is in the `.candidates/` folder beside this file\n\n"
         + "\n".join(lines)
         + "\n",
     )

@@ -61,6 +61,10 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
             "--out",
             str(out),
             *COMMON,
+            "--samples",
+            "2",
+            "--hold-out",
+            "1",
         ]
     )
     assert rc == 0, capsys.readouterr().err
@@ -77,10 +81,23 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     assert prov["model"] == plan.model.name == tiny_dir.name and str(tiny_dir) not in out.read_text()
     assert set(prov["estimated_loss"]) == {"256", "512", "768"}
     assert prov["solver"]["name"] == "glpk" and prov["solver"]["termination"] == "optimal"
-    # chosen by the compressed model's measured loss on the held-out 768-token sample
-    assert prov["selection"]["rule"].startswith("lowest measured loss of the compressed model on 1 held-out")
+    # the profile left the last sample of each length out; the search measured every Pareto plan on
+    # those and on the validation length's samples, and chose by the mean loss ratio to dense
+    profile_meta = json.loads((tmp_path / "plan.json.work" / "profile" / "profile.json").read_text())
+    held = set(profile_meta["settings"]["held_out"])
+    assert held == {"n256-1", "n512-1", "n768-1"} and not held & {c["id"] for c in profile_meta["cells"].values()}
+    rule = prov["selection"]["rule"]
+    assert rule.startswith("lowest measured loss of the compressed model relative to dense")
+    assert "1 at 256, 1 at 512, 2 at 768" in rule
     chosen = prov["selection"]["pareto"][prov["selection"]["chosen_index"]]
-    assert all(chosen["measured_loss"] <= p["measured_loss"] for p in prov["selection"]["pareto"])
+    assert all(chosen["measured_score"] <= p["measured_score"] for p in prov["selection"]["pareto"])
+    assert set(chosen["measured_loss"]) == {"256", "512", "768"}
+    validation = json.loads((tmp_path / "plan.validation.json").read_text())
+    assert set(validation["settings"]["samples"]) == {"n768-0", "n768-1", "n256-1", "n512-1"}
+    # every Pareto plan is kept beside the table; the chosen one is the plan written
+    kept = sorted((tmp_path / "plan.candidates").glob("*.json"))
+    assert len(kept) == prov["selection"]["pareto_size"]
+    assert load_plan(kept[prov["selection"]["chosen_index"]]).rules() == plan.rules()
     for n in (256, 512):  # the density floor: each optimisation length uses >= 0.9 x its budget
         assert plan.density(n) >= 0.45 - 1e-9
     assert plan.density(1536) <= 0.5  # the extension length (2 x 768) is constrained too
@@ -92,8 +109,8 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     assert "measured loss" in table and "**yes**" in table
     # the uniform window at the same budget is measured on the same held-out samples, beside them
     ref = prov["selection"]["uniform_reference"]
-    assert ref["density"] == 0.5 and ref["measured_loss"] > 0
-    assert "| uniform (reference) |" in table and f"{ref['measured_loss']:.4f}" in table
+    assert ref["density"] == 0.5 and set(ref["measured_loss"]) == {"256", "512", "768"} and ref["score"] > 0
+    assert "| uniform (reference) |" in table and f"{ref['score']:.4f}" in table and "| dense |" in table
     assert (tmp_path / "plan.pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "plan.spans.png").read_bytes()[:4] == b"\x89PNG"
 

