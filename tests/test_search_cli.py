@@ -186,6 +186,24 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "solver 'nosuchsolver' is not installed" in err
 
+    # the reference's rule: measured loss at the validation length alone
+    out4 = tmp_path / "ref.json"
+    flags = ["--density", "0.5", "--validation-length", "768", "--model", str(tiny_dir)]
+    flags += ["--data", str(work / "calibration.json"), "--select", "validation", "--out", str(out4), "--quiet"]
+    assert main(["optimize", "--profile", str(work / "profile"), *flags]) == 0, capsys.readouterr().err
+    sel = load_plan(out4).provenance["selection"]
+    assert "(2 at 768;" in sel["rule"] and all(set(p["measured_loss"]) == {"768"} for p in sel["pareto"])
+
+    # holding out every sample of a length leaves nothing to profile: one line, usage exit status
+    capsys.readouterr()
+    rc = main(
+        ["profile", "--model", str(tiny_dir), "--data", str(work / "calibration.json"), "--hold-out", "2"]
+        + ["--sink", "16", "--block-size", "16", "--out", str(tmp_path / "p2"), "--quiet"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err  # a bad option: usage exit status
+    assert err.strip() == "moa-plan profile: --hold-out: 2 per length leaves no sample to profile"
+
 
 def test_bad_model_folder_is_one_line(tmp_path, capsys):
     rc = main(["calibrate", "--model", str(tmp_path / "nope"), "--lengths", "256", "--out", str(tmp_path / "c.jsonl")])
