@@ -162,26 +162,24 @@ def _measure_candidates(s: OptimizeSettings, prof, res, opt_lengths: list[int], 
     if s.select == "all":
         ids = set(prof.meta.get("held_out", []))
         held += [x for x in samples if x["id"] in ids and x["length"] in opt_lengths]
-    lengths = sorted({x["length"] for x in held})
+    counts = {n: sum(x["length"] == n for x in held) for n in sorted({x["length"] for x in held})}
     settings = {"model": loader.model_name(s.model), "calibration_settings": calib, "samples": [x["id"] for x in held]}
     reference = uniform_reference(res.plan)
     with Run(path, "validate", settings, overwrite=s.overwrite, quiet=s.quiet) as run:
         rows = loss.measured_losses(s.model, held, [*res.plans, reference, dense_plan(res.plan.model)], run, s.device)
-    per_length = [
-        {n: sum(v for v, x in zip(r, held) if x["length"] == n) / sum(x["length"] == n for x in held) for n in lengths}
-        for r in rows
+    per_length = [  # rows: the Pareto plans, then the uniform window, then dense
+        {n: sum(v for v, x in zip(r, held) if x["length"] == n) / c for n, c in counts.items()} for r in rows
     ]
     dense = per_length[-1]
-    score = [sum(p[n] / dense[n] for n in lengths) / len(lengths) for p in per_length[:-1]]
-    counts = {n: sum(x["length"] == n for x in held) for n in lengths}
-    select.choose_measured(res, score[:-1], per_length[:-2], counts, s.validation_length)
+    score = [sum(p[n] / dense[n] for n in counts) / len(counts) for p in per_length]
+    select.choose_measured(res, score[:-2], per_length[:-2], counts, s.validation_length)
     for plan in res.plans:
         plan.provenance["selection"]["uniform_reference"] = {
             "density": reference.provenance["target_density"],
             "measured_loss": {str(n): round(v, 6) for n, v in per_length[-2].items()},
-            "score": round(score[-1], 6),
+            "score": round(score[-2], 6),
         }
-    return {"lengths": lengths, "per_length": per_length, "score": score, "counts": counts}
+    return {"lengths": list(counts), "per_length": per_length, "score": score}
 
 
 def search(s: SearchSettings) -> int:
@@ -237,8 +235,7 @@ def write_candidates(res, measured: dict | None, path: Path) -> None:
     def cells(k: int) -> list[str]:
         if not measured:
             return []
-        score = measured["score"][k] if k < len(measured["score"]) else 1.0
-        return [f"{measured['per_length'][k][n]:.4f}" for n in mlens] + [f"{score:.4f}"]
+        return [f"{measured['per_length'][k][n]:.4f}" for n in mlens] + [f"{measured['score'][k]:.4f}"]
 
     for i, plan in enumerate(plans):
         p = plan.provenance
@@ -254,12 +251,10 @@ def write_candidates(res, measured: dict | None, path: Path) -> None:
         blank = [""] * (len(est) + len(lens))
         lines.append("| " + " | ".join(["uniform (reference)", *blank, *cells(len(plans)), ""]) + " |")
         lines.append("| " + " | ".join(["dense", *blank, *cells(len(plans) + 1), ""]) + " |")
-    counts = ", ".join(f"{c} at {n}" for n, c in measured["counts"].items()) if measured else ""
     write_atomic(
         path,
         f"Pareto candidates of {path.name.removesuffix('.candidates.md')}: "
         f"{plans[0].provenance['selection']['rule'] if res.plan is plans[res.chosen] else ''}"
-        + (f" (held-out samples: {counts})" if counts else "")
         + "; every candidate's plan is in the `.candidates/` folder beside this file\n\n"
         + "\n".join(lines)
         + "\n",
