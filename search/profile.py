@@ -181,7 +181,7 @@ def held_out_ids(samples: list[dict[str, Any]], per_length: int) -> set[str]:
     by_length: dict[int, list[str]] = {}
     for s in samples:
         by_length.setdefault(s["length"], []).append(s["id"])
-    return {i for ids in by_length.values() for i in ids[len(ids) - per_length :]} if per_length else set()
+    return {i for ids in by_length.values() for i in ids[max(0, len(ids) - per_length) :]} if per_length else set()
 
 
 def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> Any:

@@ -20,6 +20,7 @@ from moa_plan.cli import main  # noqa: E402
 from moa_plan.errors import UsageError  # noqa: E402
 from moa_plan.io import load_plan  # noqa: E402
 from moa_plan.search import calibration, calibration_tasks  # noqa: E402
+from moa_plan.search.profile import held_out_ids  # noqa: E402
 from moa_plan.search.settings import CalibrateSettings  # noqa: E402
 
 COMMON = [
@@ -203,6 +204,9 @@ def test_search_end_to_end(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err  # a bad option: usage exit status
     assert err.strip() == "moa-plan profile: --hold-out: 2 per length leaves no sample to profile"
+    # more than a length has holds out all of it, never a part
+    s = [{"id": "a", "length": 1}, {"id": "b", "length": 1}, {"id": "c", "length": 2}]
+    assert held_out_ids(s, 3) == {"a", "b", "c"} and held_out_ids(s, 1) == {"b", "c"} and held_out_ids(s, 0) == set()
 
 
 def test_bad_model_folder_is_one_line(tmp_path, capsys):
