@@ -17,8 +17,9 @@
 #
 # Settings (environment): LENS, EXT, EVAL_LENS, KINDS (moa gqa static), TASKS (calibration tasks,
 # default docs), SAMPLES (per length), HOLD (of those, per length, kept out of the profile: the
-# optimiser measures its Pareto plans on them; CAND_LENS: eval also runs the pass key on every
-# Pareto candidate with document seed 1, never the evaluation's seed 0, to study the selection), EXTRA_PLANS (NAME=PATH plans the eval stage also measures),
+# optimiser measures its Pareto plans on them), CAND_LENS (eval also runs the pass key on every
+# Pareto candidate with document seed 1, never the evaluation's seed 0, to study the selection),
+# EXTRA_PLANS (NAME=PATH plans the eval stage also measures),
 # GPU_TESTS (test files the profile stage runs beside the search, e.g. tests/test_graph_gpu.py).
 # HiGHS is the solver: GLPK found no feasible per-head plan within its time limit on 270 heads.
 # Here, before: split the wheel's GGUF with `split -b 40M FILE .gguf/part-` (parts aa, ab, ac) and
