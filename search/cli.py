@@ -77,6 +77,19 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
         help="samples per length (the last ones) kept out of the profile, on which the search measures "
         "its candidate plans at every optimisation length (default 0)",
     )
+    p.add_argument(
+        "--measure-blocks",
+        type=nonnegative,
+        default=0,
+        help="also measure the loss increase of narrowing each block of this many layers (all else dense), "
+        "which the optimiser adds to the first-order influence (default 0: off)",
+    )
+    p.add_argument(
+        "--measure-samples",
+        type=positive,
+        default=16,
+        help="profiled samples per length the block measurement uses (default 16)",
+    )
 
 
 def _add_opt(p: argparse.ArgumentParser) -> None:
@@ -130,6 +143,13 @@ def _add_opt(p: argparse.ArgumentParser) -> None:
         type=nonnegative,
         default=2,
         help="cap on distinct rules within a layer (default 2; 0: no cap)",
+    )
+    p.add_argument(
+        "--measured-weight",
+        type=float_in(0, 1e6),
+        default=1.0,
+        help="weight of the profile's measured block cost (profile --measure-blocks) against the first-order "
+        "influence; 1 (default): equal totals when every head keeps half its keys; 0: influence only",
     )
     p.add_argument(
         "--validation-samples",

@@ -11,6 +11,8 @@ Output folder: ``profile.json``, a ``moa_plan.run`` result file (settings: model
 block size, influence sign, calibration settings; one cell per sample with its length and dense
 loss) and ``influence/<id>.safetensors`` (the sample's diag tensor), each written atomically
 before its cell is recorded: an interrupted run resumes after the last finished sample.
+With ``--measure-blocks`` the folder also holds ``measured.json``, the measured cost of
+narrowing layer blocks (``measured.py``), which the optimiser adds to the influence.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ TENSORS = "influence"  # one safetensors file per sample: <id>.safetensors
 class Profile:
     meta: dict[str, Any]
     diags: dict[str, Any]  # sample id -> torch float32 [layers, heads, n_tokens]
+    measured: dict[str, Any] | None = None  # measured.json's content (``measured.py``), if any
 
     @property
     def lengths(self) -> list[int]:
@@ -45,6 +48,8 @@ class Profile:
 def load_profile(path: str | os.PathLike) -> Profile:
     """Read a profile folder; located errors for missing or inconsistent files."""
     from safetensors.torch import load
+
+    from moa_plan.search import measured
 
     path = Path(path)
     if not (path / META).is_file():
@@ -66,7 +71,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
             raise UsageError([("", f"cannot read influence tensors: {exc}")], source=str(file)) from None
     meta = {**data["settings"], **{k: v for k, v in data.items() if k not in HEADER}, "samples": samples}
     meta["calibration_settings"] = {**meta.get("calibration_settings", {}), **meta.pop("calibration_grid", {})}
-    return Profile(meta, diags)
+    return Profile(meta, diags, measured.load_measured(path, set(diags)))
 
 
 def _fingerprint(sample: dict[str, Any]) -> str:
@@ -123,6 +128,8 @@ def run_profile(job: ProfileSettings) -> Path:
         raise UsageError([("--data", f"{data} holds no samples")])
     if job.hold_out < 0:
         raise OptionError([("--hold-out", "must be >= 0")])
+    if job.measure_blocks < 0 or job.measure_samples < 1:
+        raise OptionError([("--measure-blocks/--measure-samples", "must be >= 0 / >= 1")])
     held = held_out_ids(samples, job.hold_out)
     samples = [s for s in samples if s["id"] not in held]
     if not samples:
@@ -171,6 +178,14 @@ def run_profile(job: ProfileSettings) -> Path:
         run.finish(
             keys, calibration=Path(data).name, calibration_grid={k: calib[k] for k in calibration.GRID if k in calib}
         )
+    if job.measure_blocks:
+        from moa_plan.search.measured import run_measured
+
+        shape = loader.model_shape(model_dir)
+        run_measured(
+            model_dir, shape, samples, out, sink, block_size, job.measure_blocks, job.measure_samples, device,
+            job.overwrite, job.quiet,
+        )  # fmt: skip
     return out
 
 
@@ -184,11 +199,15 @@ def held_out_ids(samples: list[dict[str, Any]], per_length: int) -> set[str]:
     return {i for ids in by_length.values() for i in ids[max(0, len(ids) - per_length) :]} if per_length else set()
 
 
-def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> Any:
+def influence_table(profile: Profile, cands: list[Any], lengths: list[int], measured_weight: float = 0.0) -> Any:
     """float64 [layers*heads, rules, len(lengths)]: mean influence of each rule at each nominal length.
 
     Each sample contributes the suffix sum of its diag at the rule's span at the sample's own
-    token count; samples are grouped by their nominal length.
+    token count; samples are grouped by their nominal length. With ``measured_weight`` > 0 and a
+    measurement in the profile, each head's share of its block's measured cost is added, scaled
+    per length so that at weight 1 the two terms have the same total when every head keeps half
+    of its keys (the first-order sum overstates the real loss change many times over, so the
+    measured term is brought to its scale rather than added in raw loss units).
     """
     import torch
 
@@ -206,7 +225,34 @@ def influence_table(profile: Profile, cands: list[Any], lengths: list[int]) -> A
             diag = profile.diags[s["id"]].to(torch.float64).reshape(units, -1)
             table[:, :, k] += rule_influence(diag, spans)
         table[:, :, k] /= len(group)
+    if measured_weight and profile.measured is not None:
+        table += measured_weight * _scaled_block_cost(profile, cands, lengths)
     return table
+
+
+def _scaled_block_cost(profile: Profile, cands: list[Any], lengths: list[int]) -> Any:
+    """``measured.block_cost`` brought to the first-order table's scale, per length: both terms
+    summed over heads for the rule that keeps half of every head's keys (beta 1/2) are equal."""
+    import torch
+
+    from moa_plan.plan import ModelShape
+    from moa_plan.search.influence import rule_influence
+    from moa_plan.search.measured import block_cost
+    from moa_plan.search.rules import Candidate
+
+    shape = ModelShape.model_validate(profile.meta["model_shape"])
+    units = shape.num_layers * shape.num_attention_heads
+    counts = {n: [s["n_tokens"] for s in profile.meta["samples"] if s["length"] == n] for n in lengths}
+    cost = block_cost(profile.measured, shape, cands, counts)
+    half = cost.new_zeros(len(lengths))
+    for k, n in enumerate(lengths):
+        group = [s for s in profile.meta["samples"] if s["length"] == n]
+        for s in group:
+            diag = profile.diags[s["id"]].to(torch.float64).reshape(units, -1)
+            half[k] += float(rule_influence(diag, [Candidate(0.0, 0.5).span(s["n_tokens"])]).sum()) / len(group)
+    measured_half = block_cost(profile.measured, shape, [Candidate(0.0, 0.5)], counts).sum(dim=(0, 1))
+    scale = torch.where(measured_half > 0, half / measured_half.clamp_min(1e-300), torch.zeros_like(half))
+    return cost * scale
 
 
 def _spearman(a: Any, b: Any) -> float:

@@ -171,6 +171,7 @@ def optimize_profile(
     extension_lengths: list[int] | None = None,
     pareto: str = "epsilon",
     static_windows: bool = False,
+    measured_weight: float = 0.0,
 ) -> SearchResult:
     """Search plans from a loaded profile: the Pareto front, one Plan per front entry, and the
     choice by estimated loss (``choose`` may replace it by measured loss)."""
@@ -200,7 +201,7 @@ def optimize_profile(
     floors = {k: density_floor * b for k, b in budgets.items() if k < len(lengths)} if density_floor else {}
     t0 = time.perf_counter()
     cands = rule_candidates(profiled, extension, sink, block, alpha_step, beta_step, static_windows)
-    table = influence_table(profile, cands, profiled)
+    table = influence_table(profile, cands, profiled, measured_weight)
     if extension:  # constraint-only lengths: no influence, zero cost
         import torch
 
@@ -258,6 +259,15 @@ def optimize_profile(
         },
         "build_seconds": round(t_build, 3),
     }
+    if measured_weight and profile.measured is not None:
+        m = profile.measured["settings"]
+        settings["method"] += f"; plus measured layer-block cost (weight {measured_weight})"
+        settings["profile"]["measured"] = {
+            "weight": measured_weight,
+            "block_layers": m["block_layers"],
+            "fractions": m["fractions"],
+            "samples_per_length": {n: len(ids) for n, ids in m["samples"].items()},
+        }
     plans = []
     for i, sol in enumerate(front):
         idx = expand_assignment(sol.assign, shape, gqa)

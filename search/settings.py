@@ -38,6 +38,8 @@ class ProfileSettings:
     chunk: int = 256
     signed_influence: bool = False
     hold_out: int = 0
+    measure_blocks: int = 0
+    measure_samples: int = 16
     device: str = "auto"
     overwrite: bool = False
     quiet: bool = False
@@ -67,6 +69,7 @@ class OptimizeSettings:
     gqa: bool = False
     static_windows: bool = False
     max_rules_per_layer: int = 2
+    measured_weight: float = 1.0
     validation_samples: int = 0
     select: str = "all"
     plots: str | None = None

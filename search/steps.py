@@ -109,6 +109,7 @@ def _optimize(s: OptimizeSettings) -> int:
         s.extension(opt_lengths),
         s.pareto,
         s.static_windows,
+        s.measured_weight,
     )
     agreement = profile.split_half_agreement(prof, res.candidates, sorted(set(opt_lengths)))
     measured = None

@@ -485,3 +485,65 @@ def test_search_flags_become_the_three_steps_settings(tmp_path):
     assert s.optimize.extension(s.optimize.lengths) == [800]  # twice the longest of 200, 400, 300
     assert {s.calibrate.device, s.profile.device, s.optimize.device} == {"cpu"}
     assert s.calibrate.quiet and s.profile.quiet and s.optimize.quiet
+
+
+def test_measured_block_cost_is_resumed_and_added_to_the_influence(tiny_dir, tmp_path, capsys, monkeypatch):
+    """`--measure-blocks`: the loss increase of narrowing each layer block is measured once per
+    (length, block, fraction), resumed, and added by the optimiser so that a head's cost still
+    never grows with its span; a measurement made on other samples is refused."""
+    import torch
+
+    from moa_plan.search import loss, measured
+    from moa_plan.search.profile import influence_table, load_profile
+    from moa_plan.search.rules import Candidate
+
+    out = tmp_path / "plan.json"
+    flags = ["--model", str(tiny_dir), "--density", "0.5", "--lengths", "256", "--extension-length", "0"]
+    flags += [*COMMON, "--samples", "2", "--measure-blocks", "1", "--measure-samples", "2", "--out", str(out)]
+    assert main(["search", *flags]) == 0, capsys.readouterr().err
+    folder = tmp_path / "plan.json.work" / "profile"
+    data = json.loads((folder / "measured.json").read_text())
+    layers = load_plan(out).model.num_layers
+    assert len(data["cells"]) == 1 + layers * len(measured.FRACTIONS)  # dense + each (block, fraction) at 256
+    assert data["settings"]["samples"] == {"256": ["n256-0", "n256-1"]}
+    narrowest = [c["loss"] for c in data["cells"].values() if c.get("fraction") == measured.FRACTIONS[0]]
+    dense = data["cells"]["256|dense"]["loss"]
+    assert any(abs(v - dense) > 1e-6 for v in narrowest)  # narrowing really changed the loss
+    prov = load_plan(out).provenance
+    assert prov["profile"]["measured"]["block_layers"] == 1 and "measured layer-block cost" in prov["method"]
+
+    # resumed: a second run measures nothing again
+    monkeypatch.setattr(loss, "plan_losses", lambda *a, **k: pytest.fail("measured again"))
+    prof_flags = ["--model", str(tiny_dir), "--data", str(tmp_path / "plan.json.work" / "calibration.json")]
+    prof_flags += ["--sink", "16", "--block-size", "16", "--chunk", "64", "--measure-blocks", "1"]
+    assert main(["profile", *prof_flags, "--measure-samples", "2", "--out", str(folder), "--quiet"]) == 0
+    monkeypatch.undo()
+
+    prof = load_profile(folder)
+    cands = [Candidate(alpha=0.0, beta=b / 8) for b in range(1, 9)]  # spans grow with beta
+    first = influence_table(prof, cands, [256])
+    mixed = influence_table(prof, cands, [256], measured_weight=1.0)
+    extra = mixed - first
+    assert (extra >= 0).all() and extra.sum() > 0
+    assert (mixed[:, 1:] <= mixed[:, :-1] + 1e-12).all()  # still non-increasing in the span
+    assert extra[:, -1].abs().max() < 1e-12  # the full span costs nothing
+    # weight 1: at beta 1/2 both terms have the same total over heads
+    assert float(extra[:, 3].sum()) == pytest.approx(float(first[:, 3].sum()), rel=1e-6)
+
+    # the envelope: a narrower window never costs less, noise below dense counts as zero
+    cells = {"d": {"length": 8, "loss": 1.0}}
+    for f, v in zip(measured.FRACTIONS, (1.5, 0.9, 1.3, 1.1)):
+        cells[str(f)] = {"length": 8, "loss": v, "layers": [0, 0], "fraction": f}
+    inc = measured.increases({"settings": {"fractions": list(measured.FRACTIONS)}, "cells": cells})
+    assert inc[8][(0, 0)] == pytest.approx([0.5, 0.3, 0.3, 0.1, 0.0])
+    assert measured.interpolate([0.125, 0.25, 0.5, 0.75, 1.0], inc[8][(0, 0)], 0.625) == pytest.approx(0.2)
+    assert torch.isfinite(mixed).all()
+
+    # a measurement of samples the profile lacks is refused with one line
+    capsys.readouterr()
+    data["settings"]["samples"]["256"] = ["elsewhere"]
+    (folder / "measured.json").write_text(json.dumps(data))
+    opt = ["optimize", "--profile", str(folder), "--density", "0.5", "--extension-length", "0"]
+    rc = main([*opt, "--out", str(tmp_path / "x.json"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "measured.json was measured on samples the profile lacks" in err and "Traceback" not in err
