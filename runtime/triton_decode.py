@@ -105,12 +105,14 @@ def decode_attention(
     block_n: int | None = None,
     num_splits: int | None = None,
     merge: str | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """One decode step of every query head of one layer over the per-head cache: q [B, Hq, D] -> [B, Hq, D].
 
     `n` is the total length after this token's K/V was written (an int, or a 0-dim integer device
     tensor for CUDA graphs). `max_cap` (default: read once from `cap`) bounds the tokens per head
-    when `n` is a tensor; `block_n` / `num_splits` override the tuning; `merge` ('fused' or 'kernel',
+    when `n` is a tensor; `block_n` / `num_splits` / `num_warps` / `num_stages` override the tuning; `merge` ('fused' or 'kernel',
     default ``merge_setting()``) how split-K chunks are merged.
     """
     if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
@@ -163,8 +165,8 @@ def decode_attention(
         o_part = torch.empty((batch * hq * splits, d), device=q.device, dtype=torch.float32)
     else:
         m_part = l_part = o_part = out
-    warps = 4
-    stages = 1 if _interpreting() else 3
+    warps = num_warps or 4
+    stages = 1 if _interpreting() else (num_stages or 3)
     both = dict(GROUP_P=group_p, HEAD_DIM=d, N_PTR=n_ptr)  # the constexprs the two launches share
     _decode_kernel[(splits, batch * hkv)](
         q,
