@@ -14,7 +14,8 @@ first ``samples`` profiled samples of each length. ``block_cost`` turns it into 
 an equal share of the block's increase, interpolated at the rule's kept fraction.
 
 Stored in the profile folder as ``measured.json`` (a ``moa_plan.run`` result: one cell per
-(length, block, fraction) and the dense loss per length), resumable like the profile.
+(length, block, fraction) and the dense loss per length), resumable like the profile, and drawn
+as ``measured.png`` (block x fraction heatmaps).
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def run_measured(
                     run.put(key, cell)
                     bar.update()
         run.finish(cells)
+    from moa_plan.search.plots import measured_png
+
+    measured_png(read_result(path, "measured"), path.with_suffix(".png"))
     return path
 
 

@@ -91,3 +91,25 @@ def span_map_png(plan: Plan, lengths: list[int], path: str | os.PathLike) -> Non
     fig.colorbar(im, ax=axes[0].tolist(), label="span / N")
     _save(fig, path)
     plt.close(fig)
+
+
+def measured_png(data: dict[str, Any], path: str | os.PathLike) -> None:
+    """The measured block cost (``measured.py``): loss increase over dense per layer block (rows)
+    and kept fraction (columns), one panel per length."""
+    from moa_plan.search.measured import increases
+
+    plt = _figure()
+    inc = increases(data)
+    fr = data["settings"]["fractions"]
+    fig, axes = plt.subplots(1, len(inc), figsize=(3.2 * len(inc) + 1, 4), squeeze=False)
+    top = max([max(v) for per in inc.values() for v in per.values()] + [1e-9])
+    for ax, (n, per) in zip(axes[0], sorted(inc.items())):
+        blocks = sorted(per)
+        img = ax.imshow([per[b][: len(fr)] for b in blocks], aspect="auto", cmap="magma_r", vmin=0, vmax=top)
+        ax.set_xticks(range(len(fr)), [f"{f:g}" for f in fr])
+        ax.set_yticks(range(len(blocks)), [f"L{a}-{b}" for a, b in blocks])
+        ax.set_xlabel("kept fraction of the keys")
+        ax.set_title(f"N = {n}")
+    fig.colorbar(img, ax=axes[0].tolist(), label="answer loss increase over dense")
+    _save(fig, path)
+    plt.close(fig)

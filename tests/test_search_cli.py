@@ -509,6 +509,7 @@ def test_measured_block_cost_is_resumed_and_added_to_the_influence(tiny_dir, tmp
     narrowest = [c["loss"] for c in data["cells"].values() if c.get("fraction") == measured.FRACTIONS[0]]
     dense = data["cells"]["256|dense"]["loss"]
     assert any(abs(v - dense) > 1e-6 for v in narrowest)  # narrowing really changed the loss
+    assert (folder / "measured.png").read_bytes()[:4] == b"\x89PNG"
     prov = load_plan(out).provenance
     assert prov["profile"]["measured"]["block_layers"] == 1 and "measured layer-block cost" in prov["method"]
 
