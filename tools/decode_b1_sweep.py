@@ -5,7 +5,8 @@ Issue 12 asks batch-1 decode at 4k and 16k for >= 1.8x the best dense SDPA backe
 density. The default policy gives 1.1-1.2x, and the step moves 10-40 MB, so the question is
 whether any launch shape of the current kernel gets there, or what floor (launches in a graph,
 bytes at copy bandwidth) stands in the way. One Llama-3-8B layer (32 q / 8 KV heads, d 128, bf16),
-caches rotated so L2 never holds them, every time a CUDA-graph replay (``graph_time``).
+caches rotated so L2 never holds them, every time a CUDA-graph replay (``graph_time``). On the
+way, item 3: the prefill kernel's block shapes at 16k against cuDNN (``prefill_sweep``).
 
     python3 tools/decode_b1_sweep.py OUT_JSON [--lengths 4096,16384] [--quick]
 """
@@ -19,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moa_plan.evals.bench.cases import SHAPES, bench_plan, searched_plan
@@ -167,9 +169,56 @@ def main() -> int:
             )
             del caches
             torch.cuda.empty_cache()
+    res["prefill"] = prefill_sweep(args.quick)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     return 0
+
+
+def prefill_sweep(quick: bool) -> dict:
+    """Item 3 on the way: prefill at 16k, batch 1, the dense plan and the 50% searched-shaped plan
+    over block shapes, warps and stages, against cuDNN SDPA (causal, GQA): is the 0.83x of cuDNN
+    on the dense plan a tiling choice or the kernel's design?"""
+    from moa_plan.evals.bench.timing import bench_time
+    from moa_plan.runtime.triton_prefill import default_config, prefill_attention
+
+    sh = SHAPES["llama3-8b"]
+    hq, hkv, d, n = sh["hq"], sh["hkv"], sh["d"], 16384
+    dt, dev = torch.bfloat16, "cuda"
+    q = torch.randn(1, hq, n, d, device=dev, dtype=dt)
+    k = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
+    v = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
+    out: dict = {"n": n}
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        out["cudnn_ms"] = round(
+            bench_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)), 4
+        )
+    grid = (
+        [(64, 64, 4, 3), (128, 64, 8, 3)]
+        if quick
+        else list(itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]))
+    )
+    for kind, spans_l in (
+        ("dense plan", [n] * hq),
+        ("50% searched-shaped", searched_plan(sh, 0.5, n, SINK).spans(n)[0]),
+    ):
+        spans = torch.tensor(spans_l, dtype=torch.int32, device=dev)
+        want = prefill_attention(q, k, v, spans, SINK).float()
+        rows = []
+        for bm, bn, w, st in grid:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+            try:
+                got = prefill_attention(q, k, v, spans, SINK, config=cfg)
+                err = float((got.float() - want).abs().max())
+                ms = round(bench_time(lambda c=cfg: prefill_attention(q, k, v, spans, SINK, config=c)), 4)
+                rows.append({**cfg, "ms": ms, "x_cudnn": round(out["cudnn_ms"] / ms, 3), "max_abs_diff": round(err, 5)})
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                rows.append({**cfg, "ms": f"n/a ({type(exc).__name__})"})
+        timed = [r for r in rows if isinstance(r["ms"], float)]
+        default = default_config(d, dt, n, triton.cdiv(n, 128) * hq)
+        out[kind] = {"default": default, "configs": rows, "best": min(timed, key=lambda r: r["ms"])}
+        print(f"prefill {kind}: cudnn {out['cudnn_ms']} ms, best {out[kind]['best']}", flush=True)
+    return out
 
 
 if __name__ == "__main__":
