@@ -79,9 +79,13 @@ def plan_splits(batch: int, hkv: int, max_tokens: int, block_n: int, sms: int) -
     ~2048 tokens even when the batch alone fills the GPU: KV groups of a heterogeneous plan read up
     to 3x different lengths, and shorter chunks even out the work per program. Chunks are >= 2
     blocks. Chosen from interleaved H100 timings of five policies (evals/results/perf-notes.md).
+    With only a handful of (row, KV head) pairs (batch-1 decode) one wave is faster than four:
+    fewer partial states to merge, and each program still streams >= 4 blocks (H100 sweep of
+    ``tools/decode_b1_sweep.py``: 4k 11.3 -> 10.2 us, 16k 21.9 -> 20.0 us).
     """
     blocks = max(1, triton.cdiv(max_tokens, block_n))
-    fill = triton.cdiv(4 * sms, max(1, batch * hkv))
+    rows = max(1, batch * hkv)
+    fill = triton.cdiv((1 if 8 * rows <= sms else 4) * sms, rows)
     balance = triton.cdiv(max_tokens, 2048)
     splits = max(1, min(max(fill, balance), triton.cdiv(blocks, 2), 128))
     chunk = triton.cdiv(blocks, splits) * block_n
