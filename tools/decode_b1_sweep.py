@@ -8,7 +8,8 @@ bytes at copy bandwidth) stands in the way. One Llama-3-8B layer (32 q / 8 KV he
 caches rotated so L2 never holds them, every time a CUDA-graph replay (``graph_time``). On the
 way, item 3: the prefill kernel's block shapes at 16k against cuDNN (``prefill_sweep``).
 
-    python3 tools/decode_b1_sweep.py OUT_JSON [--lengths 4096,16384] [--quick]
+    python3 tools/decode_b1_sweep.py OUT_JSON [--lengths 4096,16384] [--plans synthetic,searched-shaped,grouped]
+        [--quick] [--no-prefill]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moa_plan.evals.bench.cases import SHAPES, bench_plan, searched_plan
+from moa_plan.evals.bench.cases import SHAPES, bench_plan, grouped_plan, searched_plan
 from moa_plan.evals.bench.timing import copy_bandwidth, graph_time
 from moa_plan.runtime.cache import LayerLayout, allocate
 from moa_plan.runtime.triton_decode import decode_attention, plan_splits
@@ -39,7 +40,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--lengths", default="4096,16384")
-    p.add_argument("--quick", action="store_true", help="a small grid (a smoke test)")
+    p.add_argument("--quick", action="store_true", help="a small grid (to re-time the default)")
+    p.add_argument("--plans", default="synthetic,searched-shaped", help="bench plan kinds (evals.bench.cases)")
+    p.add_argument("--no-prefill", action="store_true", help="skip the prefill tile sweep")
     args = p.parse_args()
     sh = SHAPES["llama3-8b"]
     hq, hkv, d = sh["hq"], sh["hkv"], sh["d"]
@@ -55,12 +58,10 @@ def main() -> int:
     }
     print("launch floor us", res["launch_floor_us"], flush=True)
 
-    splits_grid = [8, 16, 32, 64, 128] if not args.quick else [16, 64]
-    grid = list(
-        itertools.product(splits_grid, [32, 64, 128] if not args.quick else [64], [2, 4, 8], [2, 3, 4])
-        if not args.quick
-        else itertools.product(splits_grid, [64], [4], [3])
-    )
+    if args.quick:  # (splits, block_n, warps, stages)
+        grid = list(itertools.product([16, 64], [64], [4], [3]))
+    else:
+        grid = list(itertools.product([8, 16, 32, 64, 128], [32, 64, 128], [2, 4, 8], [2, 3, 4]))
     for n in [int(v) for v in args.lengths.split(",")]:
         # dense SDPA: q [1, Hq, 1, D] over K/V [1, Hkv, n, D], GQA
         kv_bytes = 2 * hkv * n * d * 2
@@ -87,7 +88,8 @@ def main() -> int:
         del dense
         torch.cuda.empty_cache()
         print(f"n={n} sdpa us {sdpa} best {best} (bytes floor {dense_floor:.1f})", flush=True)
-        for kind, make in (("synthetic", bench_plan), ("searched-shaped", searched_plan)):
+        for kind in args.plans.split(","):
+            make = {"synthetic": bench_plan, "searched-shaped": searched_plan, "grouped": grouped_plan}[kind]
             plan = make(sh, 0.5, n, SINK)
             caps = plan.kv_slots(n)[0]
             spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32, device=dev)
@@ -169,7 +171,8 @@ def main() -> int:
             )
             del caches
             torch.cuda.empty_cache()
-    res["prefill"] = prefill_sweep(args.quick)
+    if not args.no_prefill:
+        res["prefill"] = prefill_sweep(args.quick)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     return 0
