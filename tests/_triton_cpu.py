@@ -1,6 +1,9 @@
 """Import the Triton kernels in interpreter mode (CPU): TRITON_INTERPRET must be set before
 triton.jit decorates them, so set it here and reload the kernel modules if something imported
-them earlier without it. The interpreter computes bf16 wrong, so CPU tests use fp16/fp32."""
+them earlier without it. The interpreter computes bf16 wrong, so CPU tests use fp16/fp32. On a
+machine with CUDA the modules that import this are skipped: reloading the kernels as interpreted
+would make every GPU test of the same run fail (measured on an H100: 4 of 4 GPU kernel tests fail
+after test_kernels_decode.py is collected, all pass alone)."""
 
 from __future__ import annotations
 
@@ -8,9 +11,19 @@ import importlib
 import os
 import sys
 
+import pytest
+import torch
+
+if torch.cuda.is_available():  # the interpreted kernels would replace the compiled ones for the whole run
+    pytest.skip(
+        "interpreter tests run where there is no GPU; here the compiled kernels are tested "
+        "(test_kernels_gpu.py, test_graph_gpu.py)",
+        allow_module_level=True,
+    )
+
 os.environ["TRITON_INTERPRET"] = "1"
 
-triton = __import__("pytest").importorskip("triton")
+triton = pytest.importorskip("triton")
 
 # kernels before their launchers: a reloaded launcher then imports the interpreted kernels
 _MODULES = (
