@@ -58,6 +58,7 @@ def run_measured(
     from moa_plan.plan import Layer, Plan, Rule
     from moa_plan.runtime import load as loader
     from moa_plan.search.loss import plan_losses
+    from moa_plan.search.profile import sample_fingerprint
 
     groups: dict[int, list[dict[str, Any]]] = {}
     for s in samples:
@@ -68,7 +69,7 @@ def run_measured(
         "block_layers": block_layers,
         "fractions": list(FRACTIONS),
         "sink": sink,
-        "samples": {str(n): [s["id"] for s in g] for n, g in groups.items()},
+        "samples": {str(n): [f"{s['id']}@{sample_fingerprint(s)}" for s in g] for n, g in groups.items()},
         "convention": "loss = mean over the samples of the answer cross-entropy with every head of the "
         "block keeping the sink + the last fraction x N keys, all other layers dense",
     }
@@ -104,12 +105,13 @@ def run_measured(
 
 def load_measured(folder: Path, profiled_ids: set[str]) -> dict[str, Any] | None:
     """The measurement of a profile folder, or None; refused when it used samples the profile
-    no longer has (a stale file from another calibration)."""
+    no longer has (a stale file from another calibration). Its samples are ``id@token-hash``: a
+    re-run on changed samples of the same ids is refused by the run layer as other settings."""
     path = Path(folder) / MEASURED
     if not path.is_file():
         return None
     data = read_result(path, "measured")
-    used = {i for ids in data["settings"]["samples"].values() for i in ids}
+    used = {key.split("@")[0] for ids in data["settings"]["samples"].values() for key in ids}
     if not used <= profiled_ids:
         raise UsageError([("--profile", f"{path.name} was measured on samples the profile lacks; measure again")])
     return data

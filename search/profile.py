@@ -74,7 +74,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     return Profile(meta, diags, measured.load_measured(path, set(diags)))
 
 
-def _fingerprint(sample: dict[str, Any]) -> str:
+def sample_fingerprint(sample: dict[str, Any]) -> str:
     """Hash of a calibration sample's tokens: a resumed profile reuses only unchanged samples."""
     blob = json.dumps([sample["prompt_ids"], sample["answer_ids"], sample.get("loss_mask")]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -148,7 +148,7 @@ def run_profile(job: ProfileSettings) -> Path:
     }
     if held:  # not profiled: the optimiser measures candidate plans on them (select "all")
         settings["held_out"] = sorted(held)
-    keys = {f"{s['id']}@{_fingerprint(s)}": s for s in samples}
+    keys = {f"{s['id']}@{sample_fingerprint(s)}": s for s in samples}
     with Run(out / META, "profile", settings, overwrite=job.overwrite, quiet=job.quiet) as run:
         todo = run.todo(keys)
         if todo:
