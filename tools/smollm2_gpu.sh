@@ -78,7 +78,8 @@ prep)
   layout
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
   python3 -c "import torch, transformers, pydantic, pyomo; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
-  glpsol --version | head -1 | tee -a "$OUT/device.txt"
+  python3 -c "import highspy; print('highspy', highspy.__version__ if hasattr(highspy, '__version__') else 'present')" \
+    | tee -a "$OUT/device.txt"  # the solver the run uses (GLPK is not carried)
   ;;
 model|profile)  # model: only the SmolLM2 folder (carry .gguf/part-ab, part-ac), e.g. before an eval on a new machine
   layout
