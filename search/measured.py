@@ -164,9 +164,9 @@ def block_cost(data: dict[str, Any], shape: Any, cands: list[Any], n_tokens: dic
     for k, (n, counts) in enumerate(n_tokens.items()):
         if n not in inc:
             raise UsageError([("lengths", f"{MEASURED} has no measurement at length {n}")])
+        kept = [sum(min(1.0, c.span(t) / t) for t in counts) / len(counts) for c in cands]  # per rule
         for (a, b), vals in inc[n].items():
             share = 1.0 / ((b - a + 1) * heads)
-            for r, c in enumerate(cands):
-                f = sum(min(1.0, c.span(t) / t) for t in counts) / len(counts)
+            for r, f in enumerate(kept):
                 out[a : b + 1, :, r, k] = share * interpolate(points, vals, f)
     return out.reshape(shape.num_layers * heads, len(cands), len(n_tokens))

@@ -236,23 +236,16 @@ def _scaled_block_cost(profile: Profile, cands: list[Any], lengths: list[int]) -
     import torch
 
     from moa_plan.plan import ModelShape
-    from moa_plan.search.influence import rule_influence
     from moa_plan.search.measured import block_cost
     from moa_plan.search.rules import Candidate
 
     shape = ModelShape.model_validate(profile.meta["model_shape"])
-    units = shape.num_layers * shape.num_attention_heads
     counts = {n: [s["n_tokens"] for s in profile.meta["samples"] if s["length"] == n] for n in lengths}
-    cost = block_cost(profile.measured, shape, cands, counts)
-    half = cost.new_zeros(len(lengths))
-    for k, n in enumerate(lengths):
-        group = [s for s in profile.meta["samples"] if s["length"] == n]
-        for s in group:
-            diag = profile.diags[s["id"]].to(torch.float64).reshape(units, -1)
-            half[k] += float(rule_influence(diag, [Candidate(0.0, 0.5).span(s["n_tokens"])]).sum()) / len(group)
-    measured_half = block_cost(profile.measured, shape, [Candidate(0.0, 0.5)], counts).sum(dim=(0, 1))
+    half_rule = [Candidate(0.0, 0.5)]
+    half = influence_table(profile, half_rule, lengths)[:, 0, :].sum(dim=0)
+    measured_half = block_cost(profile.measured, shape, half_rule, counts).sum(dim=(0, 1))
     scale = torch.where(measured_half > 0, half / measured_half.clamp_min(1e-300), torch.zeros_like(half))
-    return cost * scale
+    return block_cost(profile.measured, shape, cands, counts) * scale
 
 
 def _spearman(a: Any, b: Any) -> float:
