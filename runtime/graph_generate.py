@@ -12,10 +12,11 @@ the next call with the same batch, prompt length, dtype and end-of-sequence toke
 
 ``MOA_GRAPH_DECODE``: 'auto' (default: on CUDA), '0' (never: transformers' loop), '1' (also off
 CUDA, stepping eagerly through the same static step: what the CPU tests check).
-``MOA_GRAPH_COMPILE``: a torch.compile backend (e.g. 'inductor') for the decode step's model call
-before it is captured, so the small per-layer operations (norms, rotary, residual adds, the
-activation) fuse into fewer kernels; unset (default): captured eagerly. Experimental: measured by
-``evals.bench.trace_generate``.
+``MOA_GRAPH_COMPILE``: ``BACKEND`` or ``BACKEND:MODE``, a torch.compile backend (e.g. 'inductor')
+and optionally its mode (e.g. 'inductor:max-autotune-no-cudagraphs', which also tunes the weight
+matmuls) for the decode step's model call before it is captured, so the small per-layer operations
+(norms, rotary, residual adds, the activation) fuse into fewer kernels; unset (default): captured
+eagerly. Measured by ``evals.bench.trace_generate`` and ``moa-plan bench --generate``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def setting() -> str:
     if value not in ("auto", "0", "1"):
         raise ValueError(f"{ENV}={value!r}: must be 'auto', '0' or '1'")
     return value
+
+
+def compile_setting(value: str | None = None) -> tuple[str, str | None]:
+    """(backend, mode) from MOA_GRAPH_COMPILE ('' backend: no compilation); modes are checked by torch."""
+    text = (os.environ.get(COMPILE_ENV, "") if value is None else value).strip()
+    backend, _, mode = text.partition(":")
+    if _ and not (backend and mode):
+        raise ValueError(f"{COMPILE_ENV}={text!r}: must be BACKEND or BACKEND:MODE")
+    return backend, mode or None
 
 
 def _config(model: Any, kwargs: dict) -> Any:
@@ -115,10 +125,11 @@ class GraphDecoder:
         self.pad = torch.zeros((), **long)
         self.use_graph, self.graph = graph, None
         self.keep = _logits_kwargs(model)
-        backend = os.environ.get(COMPILE_ENV, "").strip()
+        backend, mode = compile_setting()
         # a plain function, not a bound method kept on self: a decoder in a reference cycle would be
         # freed (with its CUDA graph) by the cyclic garbage collector at any later time
-        self.step_call = torch.compile(_model_call, backend=backend, dynamic=False) if backend else _model_call
+        compiled = backend and torch.compile(_model_call, backend=backend, mode=mode, dynamic=False)
+        self.step_call = compiled or _model_call
 
     def prefill(self, input_ids: torch.Tensor, pad: int) -> None:
         """Eager prefill of the prompt; the first new token goes to column 0. Everything the

@@ -56,7 +56,11 @@ def test_bench_cli_refuses_bad_input(capsys):
         (["--densities", "0.5,2"], "--densities: 2: must be in (0, 1], got 2"),
         (
             ["--gen-compile", "nosuchbackend", "--generate"],
-            "--gen-compile: unknown torch.compile backend 'nosuchbackend'",
+            "--gen-compile: nosuchbackend: unknown torch.compile backend 'nosuchbackend'",
+        ),
+        (
+            ["--gen-compile", "inductor,:max-autotune", "--generate"],
+            "--gen-compile: :max-autotune: MOA_GRAPH_COMPILE=':max-autotune': must be BACKEND or BACKEND:MODE",
         ),
     ):
         with pytest.raises(SystemExit) as exc:

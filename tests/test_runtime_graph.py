@@ -124,6 +124,18 @@ def test_a_compiled_step_generates_the_same_tokens_and_compiles_once(monkeypatch
     torch._dynamo.reset()
 
 
+def test_compile_setting_reads_backend_and_mode(monkeypatch):
+    from moa_plan.runtime.graph_generate import compile_setting
+
+    monkeypatch.setenv(COMPILE_ENV, " inductor:max-autotune-no-cudagraphs ")
+    assert compile_setting() == ("inductor", "max-autotune-no-cudagraphs")
+    assert compile_setting("aot_eager") == ("aot_eager", None)
+    assert compile_setting("") == ("", None)
+    for bad in (":x", "inductor:"):
+        with pytest.raises(ValueError, match="BACKEND or BACKEND:MODE"):
+            compile_setting(bad)
+
+
 def test_a_failed_capture_decodes_eagerly_with_a_warning(monkeypatch):
     """A step the GPU cannot record must not fail ``generate``: the warm-up step stands, the
     decoder goes on eagerly and gives transformers' tokens (capture simulated on CPU)."""

@@ -49,7 +49,7 @@ class BenchSettings:
     gen_batches: list[int] | tuple[int, ...] = (8, 32, 48)
     gen_dense_batches: list[int] | tuple[int, ...] = (32, 8)
     gen_budget: float = 200.0
-    gen_compile: str = ""
+    gen_compile: list[str] | tuple[str, ...] = ()
     sweep: bool = False
     time_budget: float = 420.0
     out: str = "evals/results"
@@ -64,14 +64,20 @@ class BenchSettings:
 
 
 def _compile_backend(text: str) -> str:
-    """A torch.compile backend name ('' for none), checked before any work."""
+    """A torch.compile BACKEND or BACKEND:MODE ('' for none), the backend checked before any work."""
     if not text:
         return ""
     import torch._dynamo
 
+    from moa_plan.runtime.graph_generate import compile_setting
+
+    try:
+        backend, _ = compile_setting(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     known = torch._dynamo.list_backends(exclude_tags=())
-    if text not in known:
-        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {text!r}; known: {', '.join(known)}")
+    if backend not in known:
+        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {backend!r}; known: {', '.join(known)}")
     return text
 
 
@@ -130,15 +136,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--gen-new-tokens", type=int_in(2), default=64, help="new tokens per generate call")
     p.add_argument("--gen-batches", type=comma_list(positive), default=[8, 32, 48], help="MoA generate batches")
     p.add_argument(
-        "--gen-dense-batches", type=comma_list(positive), default=[32, 8], help="dense generate batches (largest first)"
+        "--gen-dense-batches",
+        type=comma_list(positive),
+        default=[32, 8],
+        help="dense generate batches (each tried, an out-of-memory one reported)",
     )
     p.add_argument("--gen-budget", type=float_in(0, 1e9), default=200.0, help="seconds for the generate rows")
     p.add_argument(
         "--gen-compile",
-        type=_compile_backend,
-        default="",
+        type=comma_list(_compile_backend, empty=True),
+        default=[],
         metavar="BACKEND",
-        help="also MoA generate rows with the decode step compiled before capture (MOA_GRAPH_COMPILE, e.g. inductor)",
+        help="also MoA generate rows with the decode step compiled before capture (MOA_GRAPH_COMPILE: BACKEND[:MODE], "
+        "e.g. inductor; comma-separated for several)",
     )
     p.add_argument("--sweep", action="store_true", help="also time alternative kernel block sizes")
     p.add_argument(
