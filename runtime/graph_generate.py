@@ -12,11 +12,14 @@ the next call with the same batch, prompt length, dtype and end-of-sequence toke
 
 ``MOA_GRAPH_DECODE``: 'auto' (default: on CUDA), '0' (never: transformers' loop), '1' (also off
 CUDA, stepping eagerly through the same static step: what the CPU tests check).
-``MOA_GRAPH_COMPILE``: ``BACKEND`` or ``BACKEND:MODE``, a torch.compile backend (e.g. 'inductor')
-and optionally its mode (e.g. 'inductor:max-autotune-no-cudagraphs', which also tunes the weight
-matmuls) for the decode step's model call before it is captured, so the small per-layer operations
-(norms, rotary, residual adds, the activation) fuse into fewer kernels; unset (default): captured
-eagerly. Measured by ``evals.bench.trace_generate`` and ``moa-plan bench --generate``.
+``MOA_GRAPH_COMPILE``: how the decode step's model call is compiled before it is captured, so the
+small per-layer operations (norms, rotary, residual adds, the activation) fuse into fewer kernels:
+``BACKEND`` or ``BACKEND:MODE`` (e.g. 'inductor:max-autotune-no-cudagraphs', which also tunes the
+weight matmuls), or 'none'. Unset: 'inductor' when the step is captured on CUDA, as transformers
+compiles its own static-cache decode step; ``generate(..., disable_compile=True)`` (transformers'
+keyword) turns it off for one call. A compilation costs seconds per new batch / prompt length, so
+callers that change the prompt length on every call (the quality evaluations) turn it off.
+Measured by ``evals.bench.trace_generate`` and ``moa-plan bench --generate``.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from moa_plan.runtime.static_step import StaticDecode
 
 ENV = "MOA_GRAPH_DECODE"
 COMPILE_ENV = "MOA_GRAPH_COMPILE"
+DEFAULT_COMPILE = "inductor"  # MOA_GRAPH_COMPILE unset, step captured on CUDA
 CHECK_EVERY = 32  # replays between looks at "every row finished" (one host sync each)
 _KWARGS = {"input_ids", "inputs", "attention_mask", "max_new_tokens", "max_length", "min_new_tokens"}
 _KWARGS |= {"do_sample", "num_beams", "generation_config", "pad_token_id", "eos_token_id", "use_cache"}
+_KWARGS |= {"disable_compile"}
 
 
 def setting() -> str:
@@ -47,12 +52,24 @@ def setting() -> str:
 
 
 def compile_setting(value: str | None = None) -> tuple[str, str | None]:
-    """(backend, mode) from MOA_GRAPH_COMPILE ('' backend: no compilation); modes are checked by torch."""
-    text = (os.environ.get(COMPILE_ENV, "") if value is None else value).strip()
-    backend, _, mode = text.partition(":")
-    if _ and not (backend and mode):
-        raise ValueError(f"{COMPILE_ENV}={text!r}: must be BACKEND or BACKEND:MODE")
+    """(backend, mode) from MOA_GRAPH_COMPILE or ``value`` ('' backend: no compilation; unset:
+    ``DEFAULT_COMPILE``); modes are checked by torch."""
+    text = os.environ.get(COMPILE_ENV) if value is None else value
+    text = DEFAULT_COMPILE if text is None else text.strip()
+    if text.lower() in ("", "none", "0"):
+        return "", None
+    backend, sep, mode = text.partition(":")
+    if sep and not (backend and mode):
+        raise ValueError(f"{COMPILE_ENV}={text!r}: must be BACKEND, BACKEND:MODE or none")
     return backend, mode or None
+
+
+def _step_compile(graph: bool, allowed: bool) -> tuple[str, str | None]:
+    """What compiles a decoder's step: nothing when the call disabled it, the default only for a
+    step captured on CUDA (the CPU path steps eagerly), else MOA_GRAPH_COMPILE."""
+    if not allowed or (os.environ.get(COMPILE_ENV) is None and not graph):
+        return "", None
+    return compile_setting()
 
 
 def _config(model: Any, kwargs: dict) -> Any:
@@ -98,7 +115,8 @@ def fast_path(model: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
     if mask is not None and (mask.shape != ids.shape or not bool(mask.bool().all())):
         return None  # padding: transformers' path explains what the plan cannot run
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    return dict(input_ids=ids, max_new_tokens=int(new), eos_token_id=eos, pad_token_id=int(pad))
+    compile_ok = not (kwargs.get("disable_compile") or getattr(config, "disable_compile", False))
+    return dict(input_ids=ids, max_new_tokens=int(new), eos_token_id=eos, pad_token_id=int(pad), compile=compile_ok)
 
 
 def _logits_kwargs(model: Any) -> dict[str, int]:
@@ -111,7 +129,15 @@ class GraphDecoder:
     """Prefill + greedy decode steps of one (batch, prompt length, n_max, dtype) on a planned model."""
 
     def __init__(
-        self, model: Any, batch: int, prompt: int, n_max: int, device: torch.device, graph: bool, eos: list[int]
+        self,
+        model: Any,
+        batch: int,
+        prompt: int,
+        n_max: int,
+        device: torch.device,
+        graph: bool,
+        eos: list[int],
+        compile: bool = True,
     ):
         self.model, self.batch, self.prompt, self.n_max = model, batch, prompt, n_max
         self.cache = MoACache(plan_of(model), n_max)
@@ -125,7 +151,7 @@ class GraphDecoder:
         self.pad = torch.zeros((), **long)
         self.use_graph, self.graph = graph, None
         self.keep = _logits_kwargs(model)
-        backend, mode = compile_setting()
+        backend, mode = _step_compile(graph, compile)
         # a plain function, not a bound method kept on self: a decoder in a reference cycle would be
         # freed (with its CUDA graph) by the cyclic garbage collector at any later time
         compiled = backend and torch.compile(_model_call, backend=backend, mode=mode, dynamic=False)
@@ -227,17 +253,24 @@ def _model_call(model: Any, cache: MoACache, keep: dict[str, int], ids: torch.Te
 
 
 def generate_greedy(
-    model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: list[int], pad_token_id: int
+    model: Any,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: list[int],
+    pad_token_id: int,
+    compile: bool = True,
 ) -> torch.Tensor:
     """[B, prompt + new] tokens as transformers' greedy ``generate`` returns them."""
     batch, prompt = input_ids.shape
     n_max = prompt + max_new_tokens
     device = input_ids.device
-    key = (batch, prompt, str(device), next(model.parameters()).dtype, tuple(eos_token_id))
+    graph = device.type == "cuda"
+    how = _step_compile(graph, compile)
+    key = (batch, prompt, str(device), next(model.parameters()).dtype, tuple(eos_token_id), how)
     held = getattr(model, "_moa_graph_decoder", None)
     if held is None or held[0] != key or held[1].n_max < n_max:  # a longer bound serves shorter calls
         release(model)
-        held = (key, GraphDecoder(model, batch, prompt, n_max, device, device.type == "cuda", eos_token_id))
+        held = (key, GraphDecoder(model, batch, prompt, n_max, device, graph, eos_token_id, compile))
         model._moa_graph_decoder = held
     dec = held[1]
     with torch.no_grad():

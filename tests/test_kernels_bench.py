@@ -60,7 +60,7 @@ def test_bench_cli_refuses_bad_input(capsys):
         ),
         (
             ["--gen-compile", "inductor,:max-autotune", "--generate"],
-            "--gen-compile: :max-autotune: MOA_GRAPH_COMPILE=':max-autotune': must be BACKEND or BACKEND:MODE",
+            "--gen-compile: :max-autotune: MOA_GRAPH_COMPILE=':max-autotune': must be BACKEND, BACKEND:MODE or none",
         ),
     ):
         with pytest.raises(SystemExit) as exc:

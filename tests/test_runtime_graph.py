@@ -130,10 +130,35 @@ def test_compile_setting_reads_backend_and_mode(monkeypatch):
     monkeypatch.setenv(COMPILE_ENV, " inductor:max-autotune-no-cudagraphs ")
     assert compile_setting() == ("inductor", "max-autotune-no-cudagraphs")
     assert compile_setting("aot_eager") == ("aot_eager", None)
-    assert compile_setting("") == ("", None)
+    assert compile_setting("") == compile_setting("none") == ("", None)
+    monkeypatch.delenv(COMPILE_ENV)
+    assert compile_setting() == ("inductor", None)  # unset: transformers' choice for a static-cache step
     for bad in (":x", "inductor:"):
-        with pytest.raises(ValueError, match="BACKEND or BACKEND:MODE"):
+        with pytest.raises(ValueError, match="BACKEND, BACKEND:MODE or none"):
             compile_setting(bad)
+
+
+def test_the_default_compiles_captured_steps_only_and_disable_compile_turns_it_off(monkeypatch):
+    """Unset, a step captured on CUDA is compiled (transformers' rule for a static-cache step), a
+    CPU step is not; ``generate(..., disable_compile=True)`` wins over MOA_GRAPH_COMPILE."""
+    from moa_plan.runtime.graph_generate import _model_call, _step_compile
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert _step_compile(graph=True, allowed=True) == ("inductor", None)
+    assert _step_compile(graph=False, allowed=True) == ("", None)
+    assert _step_compile(graph=True, allowed=False) == ("", None)
+    monkeypatch.setenv(COMPILE_ENV, "aot_eager")
+    assert _step_compile(graph=False, allowed=True) == ("aot_eager", None)
+    monkeypatch.setenv(ENV, "1")
+    model = _model(MIXED)
+    ids = _ids(1, 8, seed=2)
+    with torch.no_grad():
+        model.generate(ids, do_sample=False, max_new_tokens=3, disable_compile=True)
+        assert model._moa_graph_decoder[1].step_call is _model_call
+        model.generate(ids, do_sample=False, max_new_tokens=3)  # compiled: a decoder of its own
+        assert model._moa_graph_decoder[1].step_call is not _model_call
+    release(model)
+    torch._dynamo.reset()
 
 
 def test_a_failed_capture_decodes_eagerly_with_a_warning(monkeypatch):
@@ -266,7 +291,7 @@ def test_a_kept_step_reads_the_same_tensors_on_the_next_call(monkeypatch):
     assert state() == (dec, ptrs)
     eos = int(free[1, 14])
     got = generate_greedy(model, ids, 12, [eos], 3)
-    assert state()[0] is not dec and model._moa_graph_decoder[0][-1] == (eos,)
+    assert state()[0] is not dec and model._moa_graph_decoder[0][-2] == (eos,)
     monkeypatch.setenv(ENV, "0")
     with torch.no_grad():
         want = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=3)

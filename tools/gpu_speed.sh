@@ -5,7 +5,8 @@
 # vs SDPA's best backend, synthetic and searched-shaped plans at 50% / 25%, the bench's decoder).
 # Usage (repo root, on the GPU machine; carry .whl): tools/gpu_speed.sh [trace]
 #   (TESTS=0 skips the GPU tests, SWEEP=0 the batch-1 decode sweep)
-#   (the generate rows include the step compiled before capture: GEN_COMPILE=inductor; '' for none)
+#   (generate rows: the step captured eagerly and compiled before capture, GEN_COMPILE=inductor (generate's
+#   default on CUDA; BACKEND[:MODE], comma-separated); '' for eager capture only)
 #   trace: only a profiler trace of the generate decode step (evals/bench/trace_generate.py: kernel
 #   groups per step, eager vs compiled capture, batch 8 and 32) into $OUT/trace/.
 # Writes under $OUT (default ./gpu-out): run.log (everything, tables last), tests.log, gen/bench-*.{json,md},
@@ -50,7 +51,7 @@ timeout "${GEN_TIMEOUT:-215}" python3 -m moa_plan.evals.bench.cli bench --out "$
   --densities 0.5 --decode-lens 4096 --batches 1 --prefill-lens 4096 --no-flex --e2e '' --generate \
   --e2e-densities "${GEN_DENSITIES:-0.5,0.25}" --plan-kinds "${GEN_KINDS:-synthetic,searched}" \
   --gen-batches "${GEN_BATCHES:-8,32,48}" --gen-dense-batches "${GEN_DENSE_BATCHES:-32,8}" \
-  --gen-budget "${GEN_BUDGET:-165}" --gen-compile "${GEN_COMPILE-inductor}" --time-budget 200 --overwrite 2>&1 | grep -v "^decode/\|^prefill/" | tee -a "$LOG" || rc=1
+  --gen-new-tokens "${GEN_NEW:-64}" --gen-budget "${GEN_BUDGET:-165}" --gen-compile "${GEN_COMPILE-inductor}" --time-budget 200 --overwrite 2>&1 | grep -v "^decode/\|^prefill/" | tee -a "$LOG" || rc=1
 
 step "items 2 and 4: decode (batch 1 and 8, 4k/16k), prefill 16k, the bench's decoder at 50%/25%"
 timeout "${KERN_TIMEOUT:-150}" python3 -m moa_plan.evals.bench.cli bench --out "$OUT/kern" --shapes llama3-8b \

@@ -49,7 +49,7 @@ class BenchSettings:
     gen_batches: list[int] | tuple[int, ...] = (8, 32, 48)
     gen_dense_batches: list[int] | tuple[int, ...] = (32, 8)
     gen_budget: float = 200.0
-    gen_compile: list[str] | tuple[str, ...] = ()
+    gen_compile: list[str] | tuple[str, ...] = ("inductor",)
     sweep: bool = False
     time_budget: float = 420.0
     out: str = "evals/results"
@@ -145,10 +145,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--gen-compile",
         type=comma_list(_compile_backend, empty=True),
-        default=[],
+        default=["inductor"],
         metavar="BACKEND",
-        help="also MoA generate rows with the decode step compiled before capture (MOA_GRAPH_COMPILE: BACKEND[:MODE], "
-        "e.g. inductor; comma-separated for several)",
+        help="MoA generate rows with the decode step compiled before capture, beside the eagerly captured ones "
+        "(MOA_GRAPH_COMPILE: BACKEND[:MODE], comma-separated; default inductor, generate's own default on CUDA; '' for none)",
     )
     p.add_argument("--sweep", action="store_true", help="also time alternative kernel block sizes")
     p.add_argument(

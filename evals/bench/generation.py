@@ -5,10 +5,11 @@ model), a prompt of ``context`` tokens, greedy decoding. Rows:
 
 - dense: transformers' recommended fast path, ``cache_implementation="static"`` (transformers then
   compiles the decode step, mode "reduce-overhead": CUDA graphs) with SDPA;
-- moa graph: a plan applied (``apply_plan``), ``generate`` replays one captured decode step
-  (``runtime.graph_generate``);
-- moa graph compiled (``--gen-compile BACKEND``): the same, the step compiled before capture
-  (``MOA_GRAPH_COMPILE``: fuses the per-layer small operations);
+- moa graph eager capture: a plan applied (``apply_plan``), ``generate`` replays one captured
+  decode step (``runtime.graph_generate``) recorded from eager PyTorch (``MOA_GRAPH_COMPILE=none``);
+- moa graph compiled (``--gen-compile BACKEND[:MODE]``, several allowed): the same, the step compiled
+  before capture (``MOA_GRAPH_COMPILE``: fuses the per-layer small operations; 'inductor' is what
+  ``generate`` does by default on CUDA);
 - moa loop: the same plan through transformers' own loop (``MOA_GRAPH_DECODE=0``), for comparison.
 
 Each at a few batches, up to the largest that fits (an out-of-memory try is reported and the next
@@ -201,8 +202,9 @@ def suite(s: Any, copy_gbps: float, shape_name: str) -> dict[str, Any]:
                 continue
             plan = plan_of_kind(kind, shape, dens, ctx, s.sink)
             apply_plan(model, plan)
-            label = f"moa graph {plan_label(dens, kind)}"
-            got = _largest(lambda b: row(model, plan, label, b, ctx, new, copy_gbps), s.gen_batches)
+            label = f"moa graph eager capture {plan_label(dens, kind)}"
+            with env(COMPILE_ENV, "none"):
+                got = _largest(lambda b: row(model, plan, label, b, ctx, new, copy_gbps), s.gen_batches)
             for how in s.gen_compile:  # the same rows with the step compiled before capture
                 compiled = f"moa graph compiled ({how}) {plan_label(dens, kind)}"
                 with env(COMPILE_ENV, how):

@@ -117,6 +117,7 @@ def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) ->
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            disable_compile=True,  # a new prompt length per document: a compilation each would cost more than it saves
         )
     return tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)
 
