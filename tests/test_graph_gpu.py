@@ -2,7 +2,7 @@
 
 Run in a process without TRITON_INTERPRET (tools/gpu_speed.sh does). Tokens of the graph path are
 compared with transformers' own greedy loop over the same planned model in float32 (exact); in
-bf16 the first new token is compared exactly and the rest by agreement rate (near-ties may flip).
+bf16 each step's token is checked against float32 logits on the generated prefix (near-ties may flip).
 The fused merge is replayed many times in a graph: a race would move the error between replays.
 """
 
@@ -68,14 +68,40 @@ def test_graph_generate_equals_transformers_fp32(batch, prompt, new, monkeypatch
     assert torch.equal(again, want)
 
 
-def test_graph_generate_bf16_agrees(monkeypatch):
+def test_graph_generate_bf16_picks_near_argmax(monkeypatch):
+    """bf16, the eagerly captured step and the compiled one (generate's default): at the checked
+    steps each picked a token whose float32 logit, teacher-forced on the generated prefix, is within
+    bf16 noise of the best; a wrong step picks a token about 3 std below it. The eagerly captured
+    step runs transformers' own kernels, so it also matches transformers' bf16 loop on most tokens;
+    the compiled step fuses in other precisions and near-ties flip, so only the teacher-forced check
+    applies to it (its exactness is checked in float32 above, where generate compiles by default)."""
+    from moa_plan.runtime.graph_generate import COMPILE_ENV
+
     model = _model(torch.bfloat16, layers=4, hq=32, hkv=8, d=128)
     ids = torch.randint(1, 512, (4, 2000), device="cuda")
-    got, want = _both(model, ids, 48, monkeypatch)
-    assert got.shape == want.shape
-    assert torch.equal(got[:, :2001], want[:, :2001])
-    agree = (got[:, 2000:] == want[:, 2000:]).float().mean().item()
+    monkeypatch.setenv(COMPILE_ENV, "none")
+    eager, want = _both(model, ids, 48, monkeypatch)
+    assert torch.equal(eager[:, :2001], want[:, :2001])
+    agree = (eager[:, 2000:] == want[:, 2000:]).float().mean().item()
+    monkeypatch.delenv(COMPILE_ENV)
+    with torch.no_grad():
+        compiled = model.generate(ids, do_sample=False, max_new_tokens=48)
+    assert torch.equal(compiled[:, :2001], want[:, :2001])
+    ref = _model(torch.bfloat16, layers=4, hq=32, hkv=8, d=128).float()  # the same weights in float32
+    gaps = {}
+    for name, tokens in (("transformers", want), ("eager capture", eager), ("compiled", compiled)):
+        for j in (1, 2, 4, 8, 16, 32, 47):  # token 2000 + j came from the step over the first 2000 + j
+            with torch.no_grad():
+                logits = ref(tokens[:, : 2000 + j], use_cache=False).logits[:, -1].float()
+            gap = logits.max(-1).values - logits.gather(1, tokens[:, 2000 + j : 2001 + j])[:, 0]
+            gaps[name, j] = (gap / logits.std(-1)).tolist()
+    print("agreement with transformers' bf16 loop", agree, "gap / std by (path, step):", gaps)
     assert agree >= 0.8, agree
+    worst = {name: max(max(v) for (n, _), v in gaps.items() if n == name) for name, _ in gaps}
+    # transformers' own bf16 loop shows the noise level (worst 0.57 std on an H100); under 1 std (a
+    # wrong token is ~3 std below the best of 512 random logits) each path picks what bf16 allows
+    for name in ("eager capture", "compiled"):
+        assert worst[name] <= 1.0, (name, worst)
 
 
 def test_graph_generate_stops_at_end_of_sequence(monkeypatch):
