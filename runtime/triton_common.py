@@ -2,10 +2,13 @@
 vLLM's paged cache in ``triton_paged_kernel``): the online-softmax loop over a range of key blocks with
 the plan's span/sink mask, and the sink + window key ranges of one block of query rows.
 
-Where keys live is one tuple ``keys = (k_base, v_base, stride_kn, stride_vn, BT, stride_kp, stride_vp, PAGE)``:
-contiguous, key position j is row j of k_base/v_base (strides ``stride_kn``/``stride_vn``; the last four are
-unused); PAGED, it lives in page BT[j // PAGE] at row j % PAGE (``stride_kn``/``stride_vn`` are then the page
-strides, ``stride_kp``/``stride_vp`` the row strides).
+Where keys live is one tuple ``keys`` read by the ``LAYOUT`` it names (a compile-time constant):
+POINTERS (0), ``(k_base, v_base, stride_kn, stride_vn, BT, stride_kp, stride_vp, PAGE)``: key position j is
+row j of k_base/v_base (strides ``stride_kn``/``stride_vn``; the last four are unused); PAGED (1), the same
+tuple, key j lives in page BT[j // PAGE] at row j % PAGE (``stride_kn``/``stride_vn`` are then the page
+strides, ``stride_kp``/``stride_vp`` the row strides); DESCRIPTORS (2), ``(desc_k, desc_v, b, kvh)``: tensor
+descriptors of K and V [B, Hkv, Lk, D] with blocks [1, 1, BLOCK_N, D], loaded by the TMA unit on Hopper
+(fewer registers and address instructions than pointer loads; rows past Lk come back as zeros).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def block_range(
     BLOCK_N: tl.constexpr,
     MASK: tl.constexpr,
     IEEE: tl.constexpr,
-    PAGED: tl.constexpr,
+    LAYOUT: tl.constexpr,
 ):
     """Online-softmax update of state = (acc, m_i, l_i) with key blocks [lo_blk, hi_blk), for the query
     rows of view = (absolute row positions, span, sink, k_len): row i sees key j iff j <= i, j < k_len and
@@ -38,22 +41,26 @@ def block_range(
     """
     acc, m_i, l_i = state
     rows, span, sink, k_len = view
-    k_base, v_base, stride_kn, stride_vn, BT, stride_kp, stride_vp, PAGE = keys
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     for blk in range(lo_blk, hi_blk):
         cols = blk * BLOCK_N + offs_n
-        if PAGED:
-            page = tl.load(BT + cols // PAGE, mask=cols < k_len, other=0).to(tl.int64)
-            k_ptrs = k_base + page[None, :] * stride_kn + (cols % PAGE)[None, :] * stride_kp + offs_d[:, None]
-            v_ptrs = v_base + page[:, None] * stride_vn + (cols % PAGE)[:, None] * stride_vp + offs_d[None, :]
+        if LAYOUT == 2:
+            desc_k, desc_v, b, kvh = keys
+            kt = desc_k.load([b, kvh, blk * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM).T
         else:
-            k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-            v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-        if MASK:
-            kt = tl.load(k_ptrs, mask=cols[None, :] < k_len, other=0.0)
-        else:
-            kt = tl.load(k_ptrs)
+            k_base, v_base, stride_kn, stride_vn, BT, stride_kp, stride_vp, PAGE = keys
+            if LAYOUT == 1:
+                page = tl.load(BT + cols // PAGE, mask=cols < k_len, other=0).to(tl.int64)
+                k_ptrs = k_base + page[None, :] * stride_kn + (cols % PAGE)[None, :] * stride_kp + offs_d[:, None]
+                v_ptrs = v_base + page[:, None] * stride_vn + (cols % PAGE)[:, None] * stride_vp + offs_d[None, :]
+            else:
+                k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+                v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+            if MASK:
+                kt = tl.load(k_ptrs, mask=cols[None, :] < k_len, other=0.0)
+            else:
+                kt = tl.load(k_ptrs)
         if IEEE:
             qk = tl.dot(q, kt, input_precision="ieee")
         else:
@@ -73,7 +80,9 @@ def block_range(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASK:
+        if LAYOUT == 2:
+            vv = desc_v.load([b, kvh, blk * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif MASK:
             vv = tl.load(v_ptrs, mask=cols[:, None] < k_len, other=0.0)
         else:
             vv = tl.load(v_ptrs)
@@ -100,7 +109,7 @@ def plan_rows(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
-    PAGED: tl.constexpr,
+    LAYOUT: tl.constexpr,
 ):
     """Attention output [BLOCK_M, HEAD_DIM] (fp32) of the query block q at absolute positions ``rows``
     (i_lo, the first; i_hi, the last below k_len), reading only the key blocks inside sink + window;
@@ -116,8 +125,8 @@ def plan_rows(
     sb_end = tl.cdiv(sink_end, BLOCK_N)
     sb_full = tl.minimum(tl.minimum(sink, i_lo + 1), k_len) // BLOCK_N
     sb_full = tl.minimum(sb_full, sb_end)
-    state = block_range(state, q, keys, view, 0, sb_full, qk_scale, HEAD_DIM, BLOCK_N, False, IEEE, PAGED)
-    state = block_range(state, q, keys, view, sb_full, sb_end, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, PAGED)
+    state = block_range(state, q, keys, view, 0, sb_full, qk_scale, HEAD_DIM, BLOCK_N, False, IEEE, LAYOUT)
+    state = block_range(state, q, keys, view, sb_full, sb_end, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, LAYOUT)
 
     # Window part: keys [max(0, i_lo - span + 1), i_hi], after the sink blocks.
     win_lo = tl.maximum(i_lo - span + 1, 0)
@@ -129,9 +138,9 @@ def plan_rows(
     wf_lo = tl.minimum(tl.maximum(wf_lo, wb_lo), wb_hi)
     wf_hi = tl.minimum(i_lo + 1, k_len) // BLOCK_N
     wf_hi = tl.minimum(tl.maximum(wf_hi, wf_lo), wb_hi)
-    state = block_range(state, q, keys, view, wb_lo, wf_lo, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, PAGED)
-    state = block_range(state, q, keys, view, wf_lo, wf_hi, qk_scale, HEAD_DIM, BLOCK_N, False, IEEE, PAGED)
-    state = block_range(state, q, keys, view, wf_hi, wb_hi, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, PAGED)
+    state = block_range(state, q, keys, view, wb_lo, wf_lo, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, LAYOUT)
+    state = block_range(state, q, keys, view, wf_lo, wf_hi, qk_scale, HEAD_DIM, BLOCK_N, False, IEEE, LAYOUT)
+    state = block_range(state, q, keys, view, wf_hi, wb_hi, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, LAYOUT)
 
     acc, m_i, l_i = state
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -77,7 +77,8 @@ def prefill_attention(
     """softmax(q k^T * scale + plan mask) v, reading only key blocks inside sink + window.
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with Lq <= Lk; spans int [Hq] (the layer's spans at
-    N = Lk); returns [B, Hq, Lq, D] in q's dtype. `config` overrides the block sizes (tuning).
+    N = Lk); returns [B, Hq, Lq, D] in q's dtype. `config` overrides the block sizes (tuning) and
+    `TMA` (1: K and V through tensor descriptors on Hopper).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [B, H, L, D]")
@@ -108,10 +109,10 @@ def prefill_attention(
     if config:
         cfg.update(config)
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)
+    keys = _descriptors(k, v, cfg["BLOCK_N"]) if cfg.get("TMA") else None
     prefill_kernel[grid](
         q,
-        k,
-        v,
+        *(keys or (k, v)),
         out,
         spans,
         q.stride(0),
@@ -133,8 +134,23 @@ def prefill_attention(
         hq,
         hq // hkv,
         **_launch_options(cfg, d, q.dtype),
+        LAYOUT=2 if keys else 0,
     )
     return out
+
+
+def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """TMA descriptors of k and v [B, Hkv, Lk, D] in blocks [1, 1, block_n, D], or None where the
+    hardware cannot use them (before Hopper, or a base / stride not 16-byte aligned)."""
+    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None
+    for t in (k, v):
+        if t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, block_n, k.shape[-1]]
+    return TensorDescriptor.from_tensor(k, block), TensorDescriptor.from_tensor(v, block)
 
 
 def paged_attention(

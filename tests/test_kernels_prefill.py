@@ -38,6 +38,7 @@ def prefill_cases(draw):
         spans=spans,
         dtype=draw(st.sampled_from([torch.float16, torch.float32])),
         seed=draw(st.integers(0, 2**16)),
+        tma=draw(st.booleans()),  # K/V through tensor descriptors (the Hopper TMA path) or pointers
     )
 
 
@@ -53,7 +54,7 @@ def _inputs(c):
 @given(prefill_cases())
 def test_prefill_matches_reference(c):
     q, k, v, spans = _inputs(c)
-    got = triton_prefill.prefill_attention(q, k, v, spans, c["sink"])
+    got = triton_prefill.prefill_attention(q, k, v, spans, c["sink"], config={"TMA": int(c["tma"])})
     want = reference_attention(q, k, v, spans, c["sink"])
     assert got.shape == want.shape and got.dtype == q.dtype
     assert torch.isfinite(got).all()
@@ -94,8 +95,9 @@ def test_prefill_noncontiguous_inputs():
     k = torch.randn(2, 40, 2, 16, generator=g).transpose(1, 2)
     v = torch.randn(2, 40, 2, 16, generator=g).transpose(1, 2)
     spans = torch.tensor([1, 5, 40, 17], dtype=torch.int32)
-    got = triton_prefill.prefill_attention(q, k, v, spans, 3)
-    assert (got - reference_attention(q, k, v, spans, 3)).abs().max().item() <= 1e-5
+    for tma in (0, 1):
+        got = triton_prefill.prefill_attention(q, k, v, spans, 3, config={"TMA": tma})
+        assert (got - reference_attention(q, k, v, spans, 3)).abs().max().item() <= 1e-5
 
 
 def test_prefill_rejects_bad_shapes():
