@@ -46,7 +46,7 @@ def default_config(
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     if head_dim == 128 and tma:
         # 64 x 64 tiles, 4 warps, K/V through TMA descriptors: on an H200 sweep (tools/prefill_sweep.py,
-        # 12 launches x 5 plans at 16k and 64k) the fastest or within 3% of it in every case, 3-9%
+        # 12 launches x 5 plans at 16k and 64k) the fastest or within 3.2% of it in every case, 1-9%
         # faster than the 128 x 64 x 8-warp pointer launch it replaces. (TMA is used where it can be.)
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "TMA": 1}
     # 128-row query blocks once there are >= ~16 waves of them; below that, 64-row blocks halve
