@@ -4,13 +4,13 @@
 # cache + compile, floor arithmetic beside each) and the kernel/decoder rows (batch-1 decode one launch
 # vs SDPA's best backend, synthetic and searched-shaped plans at 50% / 25%, the bench's decoder).
 # Usage (repo root, on the GPU machine; carry .whl): tools/gpu_speed.sh [trace]
-#   (TESTS=0 skips the GPU tests, SWEEP=0 the batch-1 decode sweep)
+#   (TESTS=0 skips the GPU tests, SWEEP=0 the batch-1 decode sweep, PREFILL=0 the prefill launch sweep)
 #   (generate rows: the step captured eagerly and compiled before capture, GEN_COMPILE=inductor (generate's
 #   default on CUDA; BACKEND[:MODE], comma-separated); '' for eager capture only)
 #   trace: only a profiler trace of the generate decode step (evals/bench/trace_generate.py: kernel
 #   groups per step, eager vs compiled capture, batch 8 and 32) into $OUT/trace/.
 # Writes under $OUT (default ./gpu-out): run.log (everything, tables last), tests.log, gen/bench-*.{json,md},
-# kern/bench-*.{json,md}, summary.md. Every step has its own timeout; a failed step loses no other.
+# kern/bench-*.{json,md}, prefill.json, summary.md. Every step has its own timeout; a failed step loses no other.
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-$REPO/gpu-out}
@@ -64,6 +64,12 @@ if [ "${SWEEP:-1}" = 1 ]; then
   timeout "${SWEEP_TIMEOUT:-150}" python3 -m moa_plan.evals.bench.cli bench --out "$OUT/sweep" --shapes llama3-8b \
     --densities 0.5 --decode-lens 4096 --batches 1 --prefill-lens 4096 --no-flex --e2e '' --sweep \
     --time-budget "${SWEEP_BUDGET:-130}" --overwrite 2>&1 | grep -v "^sweep " | tee -a "$LOG" || rc=1
+fi
+
+if [ "${PREFILL:-1}" = 1 ]; then
+  step "item 3: prefill at 16k and 64k, the default launch and 128 x 64 x 8 warps, pointers and TMA, vs cuDNN"
+  timeout "${PREFILL_TIMEOUT:-150}" python3 "$REPO/tools/prefill_sweep.py" "$OUT/prefill.json" --quick 2>&1 \
+    | grep "^== \|rror" | tee -a "$LOG" || rc=1
 fi
 
 step summary
