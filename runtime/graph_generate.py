@@ -18,7 +18,8 @@ small per-layer operations (norms, rotary, residual adds, the activation) fuse i
 weight matmuls), or 'none'. Unset: 'inductor' when the step is captured on CUDA, as transformers
 compiles its own static-cache decode step; ``generate(..., disable_compile=True)`` (transformers'
 keyword) turns it off for one call. A compilation costs seconds per new batch / prompt length, so
-callers that change the prompt length on every call (the quality evaluations) turn it off.
+callers that change the prompt length on every call (the quality evaluations) turn it off, and
+unset, a model compiles at most ``DEFAULT_COMPILE_LIMIT`` shapes (later ones are captured eagerly).
 Measured by ``evals.bench.trace_generate`` and ``moa-plan bench --generate``.
 """
 
@@ -38,6 +39,7 @@ from moa_plan.runtime.static_step import StaticDecode
 ENV = "MOA_GRAPH_DECODE"
 COMPILE_ENV = "MOA_GRAPH_COMPILE"
 DEFAULT_COMPILE = "inductor"  # MOA_GRAPH_COMPILE unset, step captured on CUDA
+DEFAULT_COMPILE_LIMIT = 4  # decoders a model compiles by default; past it new shapes are captured eagerly
 CHECK_EVERY = 32  # replays between looks at "every row finished" (one host sync each)
 _KWARGS = {"input_ids", "inputs", "attention_mask", "max_new_tokens", "max_length", "min_new_tokens"}
 _KWARGS |= {"do_sample", "num_beams", "generation_config", "pad_token_id", "eos_token_id", "use_cache"}
@@ -265,18 +267,40 @@ def generate_greedy(
     n_max = prompt + max_new_tokens
     device = input_ids.device
     graph = device.type == "cuda"
+    shape = (batch, prompt, str(device), next(model.parameters()).dtype, tuple(eos_token_id))
     how = _step_compile(graph, compile)
-    key = (batch, prompt, str(device), next(model.parameters()).dtype, tuple(eos_token_id), how)
     held = getattr(model, "_moa_graph_decoder", None)
-    if held is None or held[0] != key or held[1].n_max < n_max:  # a longer bound serves shorter calls
+
+    def kept(how: tuple) -> bool:  # a longer bound serves shorter calls
+        return held is not None and held[0] == (*shape, how) and held[1].n_max >= n_max
+
+    if not kept(how) and how[0] and os.environ.get(COMPILE_ENV) is None and not _default_compile_left(model):
+        how = ("", None)
+    if not kept(how):
         release(model)
-        held = (key, GraphDecoder(model, batch, prompt, n_max, device, graph, eos_token_id, compile))
+        held = ((*shape, how), GraphDecoder(model, batch, prompt, n_max, device, graph, eos_token_id, bool(how[0])))
         model._moa_graph_decoder = held
     dec = held[1]
     with torch.no_grad():
         dec.prefill(input_ids, pad_token_id)
         cols = dec.decode(max_new_tokens, stop_early=bool(eos_token_id))
     return torch.cat([input_ids.to(torch.long), dec.tokens[:, :cols].clone()], dim=1)
+
+
+def _default_compile_left(model: Any) -> bool:
+    """Count a decoder compiled by default; False past DEFAULT_COMPILE_LIMIT (warned once). A caller
+    whose prompt length changes every call (a chat loop, an evaluation) would otherwise pay a
+    compilation per call; a server that sees a few shapes compiles each of them."""
+    spent = getattr(model, "_moa_default_compiles", 0)
+    model._moa_default_compiles = spent + 1
+    if spent == DEFAULT_COMPILE_LIMIT:
+        warnings.warn(
+            f"generate: {spent} decode steps compiled for new batch / prompt shapes; further shapes are "
+            f"captured without compiling (set {COMPILE_ENV}=inductor to compile every shape, or pass "
+            "disable_compile=True where the shape changes every call)",
+            stacklevel=3,
+        )
+    return spent < DEFAULT_COMPILE_LIMIT
 
 
 def release(model: Any) -> None:

@@ -376,3 +376,34 @@ def test_generate_greedy_returns_prompt_and_new_tokens(monkeypatch):
     ids = _ids(1, 4, seed=2)
     out = generate_greedy(model, ids, 1, [], 0)
     assert out.shape == (1, 5) and torch.equal(out[:, :4], ids)
+
+
+def test_default_compilation_stops_after_a_few_shapes_with_one_warning(monkeypatch):
+    """Unset, a model compiles its first DEFAULT_COMPILE_LIMIT decoder shapes and captures later
+    ones eagerly (a prompt length per call must not cost a compilation per call); a kept decoder
+    is reused whatever the count; MOA_GRAPH_COMPILE set compiles every shape."""
+    import warnings
+
+    from moa_plan.runtime import graph_generate as gg
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    monkeypatch.setenv(ENV, "1")
+    # the CPU steps eagerly by default; stand in the cheap 'eager' backend for the CUDA default
+    monkeypatch.setattr(gg, "_step_compile", lambda graph, allowed: ("eager", None) if allowed else ("", None))
+    model = _model(MIXED)
+    compiled = []
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for length in range(6, 6 + gg.DEFAULT_COMPILE_LIMIT + 2):
+            model.generate(_ids(1, length, seed=length), do_sample=False, max_new_tokens=2)
+            compiled.append(model._moa_graph_decoder[1].step_call is not gg._model_call)
+        model.generate(_ids(1, length, seed=length), do_sample=False, max_new_tokens=2)  # the kept one
+        assert model._moa_graph_decoder[1].step_call is gg._model_call
+    assert compiled == [True] * gg.DEFAULT_COMPILE_LIMIT + [False, False]
+    assert sum("captured without compiling" in str(w.message) for w in caught) == 1
+    monkeypatch.setenv(COMPILE_ENV, "eager")
+    with torch.no_grad():
+        model.generate(_ids(1, 30, seed=1), do_sample=False, max_new_tokens=2)
+    assert model._moa_graph_decoder[1].step_call is not gg._model_call
+    release(model)
+    torch._dynamo.reset()
