@@ -153,3 +153,19 @@ def test_gpu_llama_shape_8k(hq, hkv):
     got = decode_attention(q[:, :, -1], kc, vc, layout.offset, layout.cap, layout.n_sink, spans, sink, n)
     want = reference_attention(q[:, :, -1:], k, v, spans, sink)[:, :, 0]
     _check(got, want, dt, "decode 8k")
+
+
+@pytest.mark.parametrize("tma", [0, 1])
+def test_gpu_prefill_strided_inputs(tma):
+    """The transposed [B, L, H, D] views transformers passes, bf16, batch 2, GQA: pointer loads
+    read them in place; the TMA launch (the head_dim 128 default) copies K/V to [B, H, L, D] first."""
+    from moa_plan.runtime.triton_prefill import prefill_attention
+
+    b, n, hq, hkv, d, dev, dt, sink = 2, 1500, 8, 2, 128, "cuda", torch.bfloat16, 16
+    g = torch.Generator(device=dev).manual_seed(3)
+    q = torch.randn(b, n, hq, d, device=dev, dtype=dt, generator=g).transpose(1, 2)
+    k = torch.randn(b, n, hkv, d, device=dev, dtype=dt, generator=g).transpose(1, 2)
+    v = torch.randn(b, n, hkv, d, device=dev, dtype=dt, generator=g).transpose(1, 2)
+    spans = torch.tensor([1, 64, 200, n, 700, 65, 1499, 3], dtype=torch.int32, device=dev)
+    got = prefill_attention(q, k, v, spans, sink, config={"TMA": tma})
+    _check(got, reference_attention(q, k, v, spans, sink), dt, f"strided prefill, TMA {tma}")
