@@ -274,8 +274,10 @@ def generate_greedy(
     def kept(how: tuple) -> bool:  # a longer bound serves shorter calls
         return held is not None and held[0] == (*shape, how) and held[1].n_max >= n_max
 
-    if not kept(how) and how[0] and os.environ.get(COMPILE_ENV) is None and not _default_compile_left(model):
-        how = ("", None)
+    if not kept(how):
+        by_default = how[0] and os.environ.get(COMPILE_ENV) is None
+        if by_default and not _default_compile_left(model):
+            how = ("", None)  # past the limit: this shape is captured eagerly (or kept so already)
     if not kept(how):
         release(model)
         held = ((*shape, how), GraphDecoder(model, batch, prompt, n_max, device, graph, eos_token_id, bool(how[0])))
