@@ -1,4 +1,4 @@
-"""Per-head static KV cache of one layer (layout: .work/LAYOUT.md), and its PyTorch decode.
+"""Per-head static KV cache of one layer (its layout below), and its PyTorch decode.
 
 Every KV head k owns ``cap[k]`` slots of one flat [B, S, D] buffer: first ``n_sink[k]`` sink
 slots (position p in slot p), then a ring of ``cap[k] - n_sink[k]`` slots holding the most recent
@@ -117,7 +117,7 @@ def allocate(
 
 
 def _slot_of(offset: torch.Tensor, cap: torch.Tensor, n_sink: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Slot of position ``pos`` ([Hkv, T], long) for each KV head (LAYOUT.md's rule)."""
+    """Slot of position ``pos`` ([Hkv, T], long) for each KV head (the ring rule of this module's docstring)."""
     off, cp, ns = (t.to(torch.long).view(-1, 1) for t in (offset, cap, n_sink))
     ring = (cp - ns).clamp_min(1)
     return torch.where(pos < ns, off + pos, off + ns + torch.remainder(pos - ns, ring))

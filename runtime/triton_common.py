@@ -16,6 +16,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+POINTERS = tl.constexpr(0)
+PAGED = tl.constexpr(1)
+DESCRIPTORS = tl.constexpr(2)
+
 
 @triton.jit
 def block_range(
@@ -45,12 +49,12 @@ def block_range(
     offs_n = tl.arange(0, BLOCK_N)
     for blk in range(lo_blk, hi_blk):
         cols = blk * BLOCK_N + offs_n
-        if LAYOUT == 2:
+        if LAYOUT == DESCRIPTORS:
             desc_k, desc_v, b, kvh = keys
             kt = desc_k.load([b, kvh, blk * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM).T
         else:
             k_base, v_base, stride_kn, stride_vn, BT, stride_kp, stride_vp, PAGE = keys
-            if LAYOUT == 1:
+            if LAYOUT == PAGED:
                 page = tl.load(BT + cols // PAGE, mask=cols < k_len, other=0).to(tl.int64)
                 k_ptrs = k_base + page[None, :] * stride_kn + (cols % PAGE)[None, :] * stride_kp + offs_d[:, None]
                 v_ptrs = v_base + page[:, None] * stride_vn + (cols % PAGE)[:, None] * stride_vp + offs_d[None, :]
@@ -80,7 +84,7 @@ def block_range(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if LAYOUT == 2:
+        if LAYOUT == DESCRIPTORS:
             vv = desc_v.load([b, kvh, blk * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
         elif MASK:
             vv = tl.load(v_ptrs, mask=cols[:, None] < k_len, other=0.0)

@@ -1,6 +1,6 @@
 """Triton decode attention over MoA's flat, ragged, per-head static KV cache (flash-decoding).
 
-Cache layout (LAYOUT.md, written by `moa_plan.runtime.cache`): k_cache/v_cache [B, S, D]; KV head
+Cache layout (written by `moa_plan.runtime.cache`, described in its docstring): k_cache/v_cache [B, S, D]; KV head
 k owns slots [offset[k], offset[k] + cap[k]), the first n_sink[k] hold positions 0.., the rest
 are a ring of ring[k] = cap[k] - n_sink[k] slots where position p >= n_sink[k] lives in slot
 n_sink[k] + (p - n_sink[k]) % ring[k]. At total length n, query head h sees position p iff

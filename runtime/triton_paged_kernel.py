@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moa_plan.runtime.triton_common import plan_rows
+from moa_plan.runtime.triton_common import PAGED, plan_rows
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def paged_kernel(
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     keys = (k_base, v_base, stride_kb, stride_vb, bt, stride_kp, stride_vp, PAGE)
-    out = plan_rows(q, keys, rows, i_lo, i_hi, span, sink, k_len, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE, 1)
+    out = plan_rows(q, keys, rows, i_lo, i_hi, span, sink, k_len, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE, PAGED)
 
     o_ptrs = O + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)

@@ -18,6 +18,7 @@ import os
 import torch
 import triton
 
+from moa_plan.runtime.triton_common import DESCRIPTORS, POINTERS
 from moa_plan.runtime.triton_paged_kernel import paged_kernel
 from moa_plan.runtime.triton_prefill_kernel import prefill_kernel
 
@@ -138,7 +139,7 @@ def prefill_attention(
         hq,
         hq // hkv,
         **_launch_options(cfg, d, q.dtype),
-        LAYOUT=2 if keys else 0,
+        LAYOUT=DESCRIPTORS if keys else POINTERS,
     )
     return out
 

@@ -2,8 +2,8 @@
 
 One program handles one (query block, batch * query head); ``triton_common.plan_rows`` runs flash
 attention over the sink and window key blocks, masking only where some pair may be hidden, and is
-shared with the paged kernel (``triton_paged_kernel``). K and V come as pointers (LAYOUT 0) or as
-tensor descriptors (LAYOUT 2, TMA loads on Hopper; the strides arguments are then unused).
+shared with the paged kernel (``triton_paged_kernel``). K and V come as pointers (LAYOUT POINTERS) or as
+tensor descriptors (LAYOUT DESCRIPTORS, TMA loads on Hopper; the strides arguments are then unused).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moa_plan.runtime.triton_common import plan_rows
+from moa_plan.runtime.triton_common import DESCRIPTORS, plan_rows
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def prefill_kernel(
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
-    if LAYOUT == 2:
+    if LAYOUT == DESCRIPTORS:
         keys = (K, V, b32, kvh)
     else:
         k_base = K + b * stride_kb + kvh * stride_kh

@@ -1,6 +1,6 @@
 """Triton decode kernel (interpreter, CPU) over the per-head static cache against the dense reference.
 
-The cache is built with runtime/cache.py's write_kv from a random plan (LAYOUT.md); the reference
+The cache is built with runtime/cache.py's write_kv from a random plan (the layout in cache.py's docstring); the reference
 is reference_attention of the last query on the full K/V of length n. Error bound (stated,
 tested): max |out - ref| <= 1e-5 in fp32 and <= 2e-3 in fp16, inputs ~ N(0, 1).
 """
