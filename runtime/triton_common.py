@@ -35,7 +35,6 @@ def block_range(
     MASK: tl.constexpr,
     IEEE: tl.constexpr,
     LAYOUT: tl.constexpr,
-    WS: tl.constexpr = False,
 ):
     """Online-softmax update of state = (acc, m_i, l_i) with key blocks [lo_blk, hi_blk), for the query
     rows of view = (absolute row positions, span, sink, k_len): row i sees key j iff j <= i, j < k_len and
@@ -48,7 +47,7 @@ def block_range(
     rows, span, sink, k_len = view
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    for blk in tl.range(lo_blk, hi_blk, warp_specialize=WS):
+    for blk in range(lo_blk, hi_blk):
         cols = blk * BLOCK_N + offs_n
         if LAYOUT == DESCRIPTORS:
             desc_k, desc_v, b, kvh = keys
@@ -115,7 +114,6 @@ def plan_rows(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
     LAYOUT: tl.constexpr,
-    WS: tl.constexpr = False,
 ):
     """Attention output [BLOCK_M, HEAD_DIM] (fp32) of the query block q at absolute positions ``rows``
     (i_lo, the first; i_hi, the last below k_len), reading only the key blocks inside sink + window;
@@ -145,7 +143,7 @@ def plan_rows(
     wf_hi = tl.minimum(i_lo + 1, k_len) // BLOCK_N
     wf_hi = tl.minimum(tl.maximum(wf_hi, wf_lo), wb_hi)
     state = block_range(state, q, keys, view, wb_lo, wf_lo, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, LAYOUT)
-    state = block_range(state, q, keys, view, wf_lo, wf_hi, qk_scale, HEAD_DIM, BLOCK_N, False, IEEE, LAYOUT, WS)
+    state = block_range(state, q, keys, view, wf_lo, wf_hi, qk_scale, HEAD_DIM, BLOCK_N, False, IEEE, LAYOUT)
     state = block_range(state, q, keys, view, wf_hi, wb_hi, qk_scale, HEAD_DIM, BLOCK_N, True, IEEE, LAYOUT)
 
     acc, m_i, l_i = state

@@ -83,8 +83,7 @@ def prefill_attention(
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] with Lq <= Lk; spans int [Hq] (the layer's spans at
     N = Lk); returns [B, Hq, Lq, D] in q's dtype. `config` overrides the block sizes (tuning) and
-    `TMA` (1: K and V through tensor descriptors on Hopper) and `WS` (1, with TMA: the compiler's
-    automatic warp specialisation of the unmasked window loop; an experiment, off by default).
+    `TMA` (1: K and V through tensor descriptors on Hopper).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [B, H, L, D]")
@@ -141,7 +140,6 @@ def prefill_attention(
         hq // hkv,
         **_launch_options(cfg, d, q.dtype),
         LAYOUT=DESCRIPTORS if keys else POINTERS,
-        WS=bool(keys and cfg.get("WS")),
     )
     return out
 

@@ -44,7 +44,6 @@ def prefill_kernel(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
     LAYOUT: tl.constexpr,
-    WS: tl.constexpr = False,
 ):
     # Last query blocks first: their windows are never clipped at 0, so the longest programs start
     # first and the short ones fill the tail of the last wave.
@@ -72,9 +71,7 @@ def prefill_kernel(
         k_base = K + b * stride_kb + kvh * stride_kh
         v_base = V + b * stride_vb + kvh * stride_vh
         keys = (k_base, v_base, stride_kn, stride_vn, K, 0, 0, 1)  # contiguous: no block table
-    out = plan_rows(
-        q, keys, rows, i_lo, i_hi, span, sink, k_len, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE, LAYOUT, WS
-    )
+    out = plan_rows(q, keys, rows, i_lo, i_hi, span, sink, k_len, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, IEEE, LAYOUT)
 
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)
