@@ -28,14 +28,11 @@ import torch
 import triton
 
 from moa_plan.runtime.triton_decode_kernel import _decode_kernel, _reduce_kernel
+from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 
 _LOG2E = 1.4426950408889634
 MERGE_ENV = "MOA_DECODE_MERGE"  # 'kernel' (default: a second small launch merges split-K chunks) or 'fused'
 _counters: dict[str, torch.Tensor] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _max_cap(cap: torch.Tensor) -> int:
@@ -152,7 +149,7 @@ def decode_attention(
     offset, cap, n_sink, spans = (t.to(**i32).contiguous() for t in (offset, cap, n_sink, spans))
 
     if block_n is None:
-        block_n = 32 if _interpreting() else (64 if d <= 128 else 32)
+        block_n = 32 if interpreting() else (64 if d <= 128 else 32)
     if num_splits is None:
         splits, chunk = plan_splits(batch, hkv, bound, block_n, _sm_count(q.device))
     else:
@@ -170,8 +167,9 @@ def decode_attention(
     else:
         m_part = l_part = o_part = out
     warps = num_warps or 4
-    stages = 1 if _interpreting() else (num_stages or 3)
+    stages = 1 if interpreting() else (num_stages or 3)
     both = dict(GROUP_P=group_p, HEAD_DIM=d, N_PTR=n_ptr)  # the constexprs the two launches share
+    check_interpreter()
     _decode_kernel[(splits, batch * hkv)](
         q,
         k_cache,

@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 
 from moa_plan.runtime.triton_common import DESCRIPTORS, POINTERS
+from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 from moa_plan.runtime.triton_paged_kernel import paged_kernel
 from moa_plan.runtime.triton_prefill_kernel import prefill_kernel
 
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +35,7 @@ def default_config(
 ) -> dict[str, int]:
     """Block sizes and warps for Hopper (H100/H200); small blocks for short inputs and the CPU.
     ``tma``: the kernel can load K/V through descriptors (the contiguous one; not the paged one)."""
-    if _interpreting():
+    if interpreting():
         bm = max(16, min(64, triton.next_power_of_2(q_len)))
         return {"BLOCK_M": bm, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     big = head_dim * (4 if dtype == torch.float32 else 2)
@@ -113,6 +109,7 @@ def prefill_attention(
     cfg = dict(default_config(d, q.dtype, q_len, triton.cdiv(q_len, 128) * batch * hq, sms))
     if config:
         cfg.update(config)
+    check_interpreter()
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)
     keys = _descriptors(k, v, cfg["BLOCK_N"]) if cfg.get("TMA") else None
     prefill_kernel[grid](
@@ -191,6 +188,7 @@ def paged_attention(
     if config:
         cfg.update(config)
     spans = spans.to(device=query.device, dtype=torch.int32).contiguous()
+    check_interpreter()
     grid = (triton.cdiv(max_query_len, cfg["BLOCK_M"]), num_seqs * hq)
     paged_kernel[grid](
         query,
