@@ -1,10 +1,10 @@
 """Triton decode attention over MoA's flat, ragged, per-head static KV cache (flash-decoding).
 
-Cache layout (written by `moa_plan.runtime.cache`, described in its docstring): k_cache/v_cache [B, S, D]; KV head
-k owns slots [offset[k], offset[k] + cap[k]), the first n_sink[k] hold positions 0.., the rest
-are a ring of ring[k] = cap[k] - n_sink[k] slots where position p >= n_sink[k] lives in slot
-n_sink[k] + (p - n_sink[k]) % ring[k]. At total length n, query head h sees position p iff
-p < sink or (n - 1) - p < spans[h].
+Cache layout (written by `moa_plan.runtime.cache`, described in its docstring): k_cache/v_cache
+[B, S, D]; KV head k owns slots [offset[k], offset[k] + cap[k]), the first n_sink[k] hold
+positions 0.., the rest are a ring of ring[k] = cap[k] - n_sink[k] slots where position
+p >= n_sink[k] lives in slot n_sink[k] + (p - n_sink[k]) % ring[k]. At total length n, query
+head h sees position p iff p < sink or (n - 1) - p < spans[h].
 
 What is read: per KV head, the valid sink slots plus the ring slots that hold the positions in
 the largest window of its query heads, [max(n_sink, n - W), n). These form one "virtual" run of

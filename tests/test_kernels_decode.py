@@ -1,8 +1,8 @@
 """Triton decode kernel (interpreter, CPU) over the per-head static cache against the dense reference.
 
-The cache is built with runtime/cache.py's write_kv from a random plan (the layout in cache.py's docstring); the reference
-is reference_attention of the last query on the full K/V of length n. Error bound (stated,
-tested): max |out - ref| <= 1e-5 in fp32 and <= 2e-3 in fp16, inputs ~ N(0, 1).
+The cache is built with runtime/cache.py's write_kv from a random plan (the layout in cache.py's
+docstring); the reference is reference_attention of the last query on the full K/V of length n.
+Error bound (stated, tested): max |out - ref| <= 1e-5 in fp32 and <= 2e-3 in fp16, inputs ~ N(0, 1).
 """
 
 from __future__ import annotations
