@@ -1,6 +1,7 @@
 """The @triton.jit pieces shared by the two prefill kernels (contiguous K/V in ``triton_prefill_kernel``,
 vLLM's paged cache in ``triton_paged_kernel``): the online-softmax loop over a range of key blocks with
-the plan's span/sink mask, and the sink + window key ranges of one block of query rows.
+the plan's span/sink mask, and the sink + window key ranges of one block of query rows; the key-layout
+constants the decode kernel shares; ``sm_count`` for every launcher's grid.
 
 Where keys live is one tuple ``keys`` read by the ``LAYOUT`` it names (a compile-time constant):
 POINTERS (0), ``(k_base, v_base, stride_kn, stride_vn, BT, stride_kp, stride_vp, PAGE)``: key position j is
@@ -13,12 +14,16 @@ descriptors of K and V [B, Hkv, Lk, D] with blocks [1, 1, BLOCK_N, D], loaded by
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
 POINTERS = tl.constexpr(0)
 PAGED = tl.constexpr(1)
 DESCRIPTORS = tl.constexpr(2)
+GATHER = tl.constexpr(3)  # decode only: every key's slot computed on its own (ring arithmetic per token)
 
 
 @triton.jit
@@ -149,3 +154,16 @@ def plan_rows(
     acc, m_i, l_i = state
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     return acc / l_safe[:, None]
+
+
+def sm_count(device: torch.device, cpu: int) -> int:
+    """Streaming multiprocessors of a CUDA device (read once per device), or `cpu` for a CPU tensor (the
+    interpreter), where the launchers want a small or a Hopper-like grid."""
+    if device.type != "cuda":
+        return cpu
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -27,12 +27,16 @@ import os
 import torch
 import triton
 
+from moa_plan.runtime.triton_common import DESCRIPTORS, GATHER, POINTERS, sm_count
 from moa_plan.runtime.triton_decode_kernel import _decode_kernel, _reduce_kernel
 from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 
 _LOG2E = 1.4426950408889634
 MERGE_ENV = "MOA_DECODE_MERGE"  # 'kernel' (default: a second small launch merges split-K chunks) or 'fused'
 _counters: dict[str, torch.Tensor] = {}
+LOADS = {"gather": GATHER, "runs": POINTERS, "tma": DESCRIPTORS}
+DEFAULT_LOADS = "gather"
+DEFAULT_PDL = False
 
 
 def _max_cap(cap: torch.Tensor) -> int:
@@ -61,12 +65,6 @@ def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
         buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
         _counters[key] = buf
     return buf
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def plan_splits(batch: int, hkv: int, max_tokens: int, block_n: int, sms: int) -> tuple[int, int]:
@@ -108,13 +106,18 @@ def decode_attention(
     merge: str | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    loads: str | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """One decode step of every query head of one layer over the per-head cache: q [B, Hq, D] -> [B, Hq, D].
 
     `n` is the total length after this token's K/V was written (an int, or a 0-dim integer device
     tensor for CUDA graphs). `max_cap` (default: read once from `cap`) bounds the tokens per head
     when `n` is a tensor; `block_n` / `num_splits` / `num_warps` / `num_stages` override the tuning; `merge` ('fused' or 'kernel',
-    default ``merge_setting()``) how split-K chunks are merged.
+    default ``merge_setting()``) how split-K chunks are merged. `loads`: how K/V blocks are read, 'gather'
+    (each key's slot computed on its own), 'runs' (pointer loads over runs of consecutive slots) or
+    'tma' (the same runs as tensor-descriptor loads, Hopper and later); `pdl`: launch the merge with
+    programmatic dependent launch (Hopper and later), so its launch overlaps the decode grid.
     """
     if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -151,7 +154,7 @@ def decode_attention(
     if block_n is None:
         block_n = 32 if interpreting() else (64 if d <= 128 else 32)
     if num_splits is None:
-        splits, chunk = plan_splits(batch, hkv, bound, block_n, _sm_count(q.device))
+        splits, chunk = plan_splits(batch, hkv, bound, block_n, sm_count(q.device, cpu=4))
     else:
         blocks = max(1, triton.cdiv(bound, block_n))
         chunk = triton.cdiv(blocks, max(1, num_splits)) * block_n
@@ -166,14 +169,27 @@ def decode_attention(
         o_part = torch.empty((batch * hq * splits, d), device=q.device, dtype=torch.float32)
     else:
         m_part = l_part = o_part = out
+    loads = loads or DEFAULT_LOADS
+    if loads not in LOADS:
+        raise ValueError(f"loads must be one of {sorted(LOADS)}, got {loads!r}")
+    hopper = q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9
+    if loads == "tma" and not (hopper or interpreting()):
+        loads = "runs"
+    pdl = bool(DEFAULT_PDL if pdl is None else pdl) and hopper and splits > 1 and not fused
+    keys = (k_cache, v_cache)
+    if loads == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+        block = [1, block_n, d]
+        keys = (TensorDescriptor.from_tensor(k_cache, block), TensorDescriptor.from_tensor(v_cache, block))
     warps = num_warps or 4
     stages = 1 if interpreting() else (num_stages or 3)
     both = dict(GROUP_P=group_p, HEAD_DIM=d, N_PTR=n_ptr)  # the constexprs the two launches share
     check_interpreter()
     _decode_kernel[(splits, batch * hkv)](
         q,
-        k_cache,
-        v_cache,
+        *keys,
         offset,
         cap,
         n_sink,
@@ -203,6 +219,8 @@ def decode_attention(
         SPLIT=splits > 1,
         IEEE=q.dtype == torch.float32,
         FUSED=fused,
+        LAYOUT=LOADS[loads],
+        PDL=pdl,
         num_warps=warps,
         num_stages=stages,
     )
@@ -225,6 +243,8 @@ def decode_attention(
             group,
             **both,
             SPLITS_P=max(2, triton.next_power_of_2(splits)),
+            PDL=pdl,
             num_warps=4,
+            **({"launch_pdl": True} if pdl else {}),
         )
     return out

@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moa_plan.runtime.triton_common import DESCRIPTORS, GATHER
+
 
 @triton.jit
 def _total_length(n_arg, N_PTR: tl.constexpr):
@@ -40,6 +42,58 @@ def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P: tl.constexp
     m = tl.minimum(tl.maximum(n - p_lo, 0), ring)
     p_lo = n - m
     return base, ring, n_sink, ns_eff, p_lo, m
+
+
+@triton.jit
+def _softmax_step(state, q, kt, vv, valid, always, pos, span, n, sink, qk_scale, IEEE: tl.constexpr):
+    """Online-softmax update of state = (acc, m_i, l_i) with one block of keys kt [D, BLOCK_N] and values
+    vv [BLOCK_N, D] at positions pos: head g sees a valid key if `always` (a sink slot), pos < sink or
+    n - 1 - pos < span[g]. Hidden values are zeroed, so slots outside the run may hold anything."""
+    acc, m_i, l_i = state
+    if IEEE:
+        qk = tl.dot(q, kt, input_precision="ieee")
+    else:
+        qk = tl.dot(q, kt)
+    qk = qk * qk_scale
+    seen = valid[None, :] & (always[None, :] | (pos[None, :] < sink) | ((n - 1 - pos)[None, :] < span[:, None]))
+    qk = tl.where(seen, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vv = tl.where(valid[:, None], vv, 0.0)
+    if IEEE:
+        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _run(
+    state, q, keys, lo, hi, slot0, pos0, always_below, span, n, sink, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr,
+):  # fmt: skip
+    """Fold virtual tokens [lo, hi) into state; their slots (slot0, slot0 + 1, ...) and positions
+    (pos0, ...) are consecutive, so a block is one contiguous [BLOCK_N, D] tile of the cache (one TMA
+    load with DESCRIPTORS). Positions below always_below are sink slots, always seen."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for i0 in range(0, hi - lo, BLOCK_N):
+        valid = i0 + offs_n < hi - lo
+        pos = pos0 + i0 + offs_n
+        if LAYOUT == DESCRIPTORS:
+            desc_k, desc_v, b, _ = keys
+            kt = desc_k.load([b, slot0 + i0, 0]).reshape(BLOCK_N, HEAD_DIM).T
+            vv = desc_v.load([b, slot0 + i0, 0]).reshape(BLOCK_N, HEAD_DIM)
+        else:
+            k_base, v_base, stride_ks, stride_vs = keys
+            slot = slot0 + i0 + offs_n
+            kt = tl.load(k_base + slot[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
+            vv = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+        state = _softmax_step(state, q, kt, vv, valid, pos < always_below, pos, span, n, sink, qk_scale, IEEE)
+    return state
 
 
 @triton.jit(do_not_specialize=["n_arg", "chunk", "num_splits"])
@@ -78,7 +132,11 @@ def _decode_kernel(
     N_PTR: tl.constexpr,
     IEEE: tl.constexpr,
     FUSED: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # let the merge launch now: it waits (gdc_wait) for this grid's partials before reading them
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)  # 64-bit batch offsets (large batches of long caches)
@@ -97,43 +155,53 @@ def _decode_kernel(
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
         ring_safe = tl.maximum(ring, 1)
         r_lo = (p_lo - n_sink) % ring_safe
-        k_base = K + b * stride_kb
-        v_base = V + b * stride_vb
+        if LAYOUT != DESCRIPTORS:
+            k_base = K + b * stride_kb
+            v_base = V + b * stride_vb
 
         m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_P], tl.float32)
         acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
-        offs_n = tl.arange(0, BLOCK_N)
-        for t0 in range(c0, c1, BLOCK_N):
-            t = t0 + offs_n
-            valid = t < c1
-            in_sink = t < ns_eff
-            u = t - ns_eff
-            r = r_lo + u
-            r = tl.where(r >= ring_safe, r - ring_safe, r)
-            slot = base + tl.where(in_sink, t, n_sink + r)
-            pos = tl.where(in_sink, t, p_lo + u)
-            kt = tl.load(k_base + slot[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
-            if IEEE:
-                qk = tl.dot(q, kt, input_precision="ieee")
+        state = (acc, m_i, l_i)
+        if LAYOUT == GATHER:
+            offs_n = tl.arange(0, BLOCK_N)
+            for t0 in range(c0, c1, BLOCK_N):
+                t = t0 + offs_n
+                valid = t < c1
+                in_sink = t < ns_eff
+                u = t - ns_eff
+                r = r_lo + u
+                r = tl.where(r >= ring_safe, r - ring_safe, r)
+                slot = base + tl.where(in_sink, t, n_sink + r)
+                pos = tl.where(in_sink, t, p_lo + u)
+                kt = tl.load(k_base + slot[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
+                vv = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+                state = _softmax_step(state, q, kt, vv, valid, in_sink, pos, span, n, sink, qk_scale, IEEE)
+        else:
+            # The chunk's tokens in at most three runs of consecutive slots: sink slots, the ring from
+            # r_lo to its end, the ring from its start (after the wrap).
+            if LAYOUT == DESCRIPTORS:
+                keys = (K, V, b.to(tl.int32), 0)
             else:
-                qk = tl.dot(q, kt)
-            qk = qk * qk_scale
-            seen = valid[None, :] & (
-                in_sink[None, :] | (pos[None, :] < sink) | ((n - 1 - pos)[None, :] < span[:, None])
+                keys = (k_base, v_base, stride_ks, stride_vs)
+            first = ns_eff + ring - r_lo  # virtual index where the ring wraps
+            lo = c0
+            hi = tl.minimum(c1, ns_eff)
+            state = _run(
+                state, q, keys, lo, hi, base + lo, lo, ns_eff, span, n, sink, qk_scale, HEAD_DIM, BLOCK_N, IEEE, LAYOUT
             )
-            qk = tl.where(seen, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
-            m_i = m_new
+            lo = tl.maximum(c0, ns_eff)
+            hi = tl.minimum(c1, first)
+            state = _run(
+                state, q, keys, lo, hi, base + n_sink + r_lo + lo - ns_eff, p_lo + lo - ns_eff, 0,
+                span, n, sink, qk_scale, HEAD_DIM, BLOCK_N, IEEE, LAYOUT,
+            )  # fmt: skip
+            lo = tl.maximum(c0, first)
+            state = _run(
+                state, q, keys, lo, c1, base + n_sink + lo - first, p_lo + lo - ns_eff, 0,
+                span, n, sink, qk_scale, HEAD_DIM, BLOCK_N, IEEE, LAYOUT,
+            )  # fmt: skip
+        acc, m_i, l_i = state
 
         if not SPLIT:
             l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -190,6 +258,7 @@ def _reduce_kernel(
     HEAD_DIM: tl.constexpr,
     SPLITS_P: tl.constexpr,
     N_PTR: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
@@ -197,6 +266,8 @@ def _reduce_kernel(
     n = _total_length(n_arg, N_PTR)
     base, ring, n_sink, ns_eff, p_lo, m = _group_extent(SPANS, OFFSET, CAP, NSINK, h // GROUP, n, GROUP, GROUP_P)
     active = tl.cdiv(ns_eff + m, chunk)
+    if PDL:  # launched early (programmatic dependent launch): wait for the decode grid's partials
+        tl.extra.cuda.gdc_wait()
     s = tl.arange(0, SPLITS_P)
     smask = s < active
     row = pid * num_splits + s

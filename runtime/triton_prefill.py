@@ -11,23 +11,17 @@ pair may be hidden (the sink/window edges, the diagonal, the end of the keys) pa
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 
-from moa_plan.runtime.triton_common import DESCRIPTORS, POINTERS
+from moa_plan.runtime.triton_common import DESCRIPTORS, POINTERS, sm_count
 from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 from moa_plan.runtime.triton_paged_kernel import paged_kernel
 from moa_plan.runtime.triton_prefill_kernel import prefill_kernel
 
 _LOG2E = 1.4426950408889634
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def default_config(
@@ -105,7 +99,7 @@ def prefill_attention(
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     spans = spans.to(device=q.device, dtype=torch.int32).contiguous()
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 132
+    sms = sm_count(q.device, cpu=132)
     cfg = dict(default_config(d, q.dtype, q_len, triton.cdiv(q_len, 128) * batch * hq, sms))
     if config:
         cfg.update(config)

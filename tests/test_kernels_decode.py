@@ -7,6 +7,8 @@ Error bound (stated, tested): max |out - ref| <= 1e-5 in fp32 and <= 2e-3 in fp1
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from _triton_cpu import kernels
@@ -39,6 +41,7 @@ def decode_cases(draw):
         block_n=draw(st.sampled_from([None, 16])),
         n_tensor=draw(st.booleans()),
         merge=draw(st.sampled_from(["fused", "kernel"])),
+        loads=draw(st.sampled_from([None, "gather", "runs", "tma"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -76,8 +79,9 @@ def test_decode_matches_reference(c):
     spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32)
     n_arg = torch.tensor(n, dtype=torch.int32) if c["n_tensor"] else n
     got = _decode(
-        q, kc, vc, layout, spans, plan.sink, n_arg, num_splits=c["splits"], block_n=c["block_n"], merge=c["merge"]
-    )
+        q, kc, vc, layout, spans, plan.sink, n_arg, num_splits=c["splits"], block_n=c["block_n"], merge=c["merge"],
+        loads=c["loads"],
+    )  # fmt: skip
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
     assert got.shape == want.shape and got.dtype == q.dtype
     assert torch.isfinite(got).all(), "read a poisoned (NaN) slot or lost a row"
@@ -95,9 +99,11 @@ def test_decode_long_ring_wraps_with_many_splits():
     spans = torch.tensor(plan.spans(300)[0], dtype=torch.int32)
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
     for splits in (1, 5, 19):
-        for merge in ("fused", "kernel"):
-            got = _decode(q, kc, vc, layout, spans, plan.sink, 300, num_splits=splits, block_n=16, merge=merge)
-            assert (got - want).abs().max().item() <= 1e-5, (splits, merge)
+        for merge, loads in itertools.product(("fused", "kernel"), ("gather", "runs", "tma")):
+            got = _decode(
+                q, kc, vc, layout, spans, plan.sink, 300, num_splits=splits, block_n=16, merge=merge, loads=loads
+            )
+            assert (got - want).abs().max().item() <= 1e-5, (splits, merge, loads)
 
 
 def test_decode_fused_merge_leaves_counters_at_zero():

@@ -100,6 +100,8 @@ def decode_cases(draw):
         batch=draw(st.sampled_from([1, 3, 16])),
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         n_tensor=draw(st.booleans()),
+        loads=draw(st.sampled_from([None, "gather", "runs", "tma"])),  # the default, then each way of reading
+        pdl=draw(st.sampled_from([None, False, True])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -125,9 +127,11 @@ def test_gpu_decode_matches_reference(c):
         write_kv(kc, vc, layout, k[:, :, p : p + 1], v[:, :, p : p + 1], p)
     spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32, device=dev)
     n_arg = torch.tensor(n, dtype=torch.int32, device=dev) if c["n_tensor"] else n
-    got = decode_attention(q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, plan.sink, n_arg)
+    got = decode_attention(
+        q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, plan.sink, n_arg, loads=c["loads"], pdl=c["pdl"]
+    )
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
-    _check(got, want, dt, f"n={n} n_max={c['n_max']} batch={c['batch']}")
+    _check(got, want, dt, f"n={n} n_max={c['n_max']} batch={c['batch']} loads={c['loads']} pdl={c['pdl']}")
 
 
 @pytest.mark.parametrize("hq,hkv", [(32, 8), (32, 32)])

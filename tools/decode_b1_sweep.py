@@ -36,6 +36,21 @@ def copies(nbytes: int) -> int:
     return max(2, min(64, math.ceil(512e6 / max(1, nbytes))))
 
 
+def graph_output(fn) -> torch.Tensor:
+    """fn's output when captured in a CUDA graph and replayed (a copy)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return out.clone()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
@@ -43,6 +58,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a small grid (to re-time the default)")
     p.add_argument("--plans", default="synthetic,searched-shaped", help="bench plan kinds (evals.bench.cases)")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill tile sweep")
+    p.add_argument("--loads", default="gather,runs,tma", help="ways of reading K/V to time (decode_attention's loads)")
+    p.add_argument("--pdl", default="0,1", help="merge launched with programmatic dependent launch: 0, 1 or both")
     args = p.parse_args()
     sh = SHAPES["llama3-8b"]
     hq, hkv, d = sh["hq"], sh["hkv"], sh["d"]
@@ -58,10 +75,13 @@ def main() -> int:
     }
     print("launch floor us", res["launch_floor_us"], flush=True)
 
-    if args.quick:  # (splits, block_n, warps, stages)
-        grid = list(itertools.product([16, 64], [64], [4], [3]))
+    ways = list(itertools.product(args.loads.split(","), [bool(int(x)) for x in args.pdl.split(",")]))
+    if args.quick:  # (splits, block_n, warps, stages, loads, pdl)
+        grid = [g[:4] + w for g in itertools.product([16, 32], [64, 128], [4], [3, 4]) for w in ways]
     else:
-        grid = list(itertools.product([8, 16, 32, 64, 128], [32, 64, 128], [2, 4, 8], [2, 3, 4]))
+        grid = [
+            g + w for g in itertools.product([8, 16, 32, 64, 128], [32, 64, 128], [2, 4, 8], [2, 3, 4]) for w in ways
+        ]
     for n in [int(v) for v in args.lengths.split(",")]:
         # dense SDPA: q [1, Hq, 1, D] over K/V [1, Hkv, n, D], GQA
         kv_bytes = 2 * hkv * n * d * 2
@@ -116,11 +136,11 @@ def main() -> int:
                 "default": {"splits": s0, "chunk": c0},
                 "configs": [],
             }
-            for splits, bn, warps, stages in grid:
+            for splits, bn, warps, stages, loads, pdl in grid:
                 try:
                     fns = [
                         (
-                            lambda c=c, s=splits, b=bn, w=warps, st=stages: decode_attention(
+                            lambda c=c, s=splits, b=bn, w=warps, st=stages, ld=loads, pd=pdl: decode_attention(
                                 q,
                                 c[0],
                                 c[1],
@@ -134,6 +154,8 @@ def main() -> int:
                                 block_n=b,
                                 num_warps=w,
                                 num_stages=st,
+                                loads=ld,
+                                pdl=pd,
                             )
                         )  # fmt: skip
                         for c in caches
@@ -141,7 +163,8 @@ def main() -> int:
                     us = round(1e3 * graph_time(fns), 2)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this shape
                     us = f"n/a ({type(exc).__name__})"
-                case["configs"].append({"splits": splits, "block_n": bn, "warps": warps, "stages": stages, "us": us})
+                row = {"splits": splits, "block_n": bn, "warps": warps, "stages": stages, "loads": loads, "pdl": pdl}
+                case["configs"].append({**row, "us": us})
             default_us = round(
                 1e3
                 * graph_time(
@@ -157,13 +180,43 @@ def main() -> int:
             top = min(timed, key=lambda c: c["us"])
             # the best configuration must also be right: compare it with the reference
             kc, vc = caches[0]
-            out = decode_attention(
-                q, kc, vc, lay.offset, lay.cap, lay.n_sink, spans, SINK, n,
-                num_splits=top["splits"], block_n=top["block_n"], num_warps=top["warps"], num_stages=top["stages"],
+            out = graph_output(
+                lambda: decode_attention(
+                    q, kc, vc, lay.offset, lay.cap, lay.n_sink, spans, SINK, n,
+                    num_splits=top["splits"], block_n=top["block_n"], num_warps=top["warps"], num_stages=top["stages"],
+                    loads=top["loads"], pdl=top["pdl"],
+                )
             )  # fmt: skip
             err = round(float((out.float() - want).abs().max()), 5)
             case["best"] = {**top, "x_sdpa_best": round(best / top["us"], 3), "max_abs_diff_vs_default": err}
+            # every way of reading, replayed in a CUDA graph (where PDL takes effect), against the default
+            case["graph_max_abs_diff"] = {
+                f"{ld}/pdl{int(pd)}": round(
+                    float(
+                        (
+                            graph_output(
+                                lambda ld=ld, pd=pd: decode_attention(
+                                    q, kc, vc, lay.offset, lay.cap, lay.n_sink, spans, SINK, n, loads=ld, pdl=pd
+                                )
+                            ).float()
+                            - want
+                        )
+                        .abs()
+                        .max()
+                    ),
+                    5,
+                )
+                for ld, pd in ways
+            }
             case["default"]["x_sdpa_best"] = round(best / default_us, 3)
+            case["best_by_way"] = {
+                f"{ld}/pdl{int(pd)}": min(
+                    (c for c in timed if c["loads"] == ld and c["pdl"] == pd), key=lambda c: c["us"], default=None
+                )
+                for ld, pd in ways
+            }
+            for way, c in case["best_by_way"].items():
+                print(f"  {key} {way}: {c}", flush=True)
             res["cases"][key] = case
             print(
                 f"{key}: default {case['default']} | best {case['best']} | floor {case['bytes_floor_us']} us",
