@@ -33,6 +33,8 @@ from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 
 _LOG2E = 1.4426950408889634
 MERGE_ENV = "MOA_DECODE_MERGE"  # 'kernel' (default: a second small launch merges split-K chunks) or 'fused'
+LOADS_ENV = "MOA_DECODE_LOADS"  # how K/V blocks are read: 'gather', 'runs' or 'tma' (decode_attention's loads)
+PDL_ENV = "MOA_DECODE_PDL"  # '1': launch the merge with programmatic dependent launch (Hopper and later), '0': not
 _counters: dict[str, torch.Tensor] = {}
 LOADS = {"gather": GATHER, "runs": POINTERS, "tma": DESCRIPTORS}
 DEFAULT_LOADS = "gather"
@@ -48,12 +50,26 @@ def _max_cap(cap: torch.Tensor) -> int:
     return cached[1]
 
 
+def _setting(env: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(env, default).strip().lower() or default
+    if value not in allowed:
+        raise ValueError(f"{env}={value!r}: must be one of {', '.join(allowed)}")
+    return value
+
+
 def merge_setting() -> str:
     """'kernel' or 'fused' from MOA_DECODE_MERGE (default 'kernel': measured faster, see above)."""
-    value = os.environ.get(MERGE_ENV, "kernel").strip().lower() or "kernel"
-    if value not in ("fused", "kernel"):
-        raise ValueError(f"{MERGE_ENV}={value!r}: must be 'fused' or 'kernel'")
-    return value
+    return _setting(MERGE_ENV, "kernel", ("fused", "kernel"))
+
+
+def loads_setting() -> str:
+    """'gather', 'runs' or 'tma' from MOA_DECODE_LOADS (default DEFAULT_LOADS)."""
+    return _setting(LOADS_ENV, DEFAULT_LOADS, tuple(LOADS))
+
+
+def pdl_setting() -> bool:
+    """MOA_DECODE_PDL as a bool (default DEFAULT_PDL)."""
+    return _setting(PDL_ENV, str(int(DEFAULT_PDL)), ("0", "1")) == "1"
 
 
 def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
@@ -114,10 +130,11 @@ def decode_attention(
     `n` is the total length after this token's K/V was written (an int, or a 0-dim integer device
     tensor for CUDA graphs). `max_cap` (default: read once from `cap`) bounds the tokens per head
     when `n` is a tensor; `block_n` / `num_splits` / `num_warps` / `num_stages` override the tuning; `merge` ('fused' or 'kernel',
-    default ``merge_setting()``) how split-K chunks are merged. `loads`: how K/V blocks are read, 'gather'
+    default ``merge_setting()``) how split-K chunks are merged. `loads` (default ``loads_setting()``): how K/V blocks are read, 'gather'
     (each key's slot computed on its own), 'runs' (pointer loads over runs of consecutive slots) or
     'tma' (the same runs as tensor-descriptor loads, Hopper and later); `pdl`: launch the merge with
-    programmatic dependent launch (Hopper and later), so its launch overlaps the decode grid.
+    programmatic dependent launch (Hopper and later; default ``pdl_setting()``), so its launch overlaps
+    the decode grid.
     """
     if q.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -169,13 +186,13 @@ def decode_attention(
         o_part = torch.empty((batch * hq * splits, d), device=q.device, dtype=torch.float32)
     else:
         m_part = l_part = o_part = out
-    loads = loads or DEFAULT_LOADS
+    loads = loads or loads_setting()
     if loads not in LOADS:
         raise ValueError(f"loads must be one of {sorted(LOADS)}, got {loads!r}")
     hopper = q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9
     if loads == "tma" and not (hopper or interpreting()):
         loads = "runs"
-    pdl = bool(DEFAULT_PDL if pdl is None else pdl) and hopper and splits > 1 and not fused
+    pdl = bool(pdl_setting() if pdl is None else pdl) and hopper and splits > 1 and not fused
     keys = (k_cache, v_cache)
     if loads == "tma":
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -125,12 +125,23 @@ def test_decode_fused_merge_leaves_counters_at_zero():
     assert (first - want).abs().max().item() <= 1e-5
 
 
-def test_decode_merge_setting(monkeypatch):
+def test_decode_settings(monkeypatch):
+    """MOA_DECODE_MERGE / _LOADS / _PDL pick the defaults; a bad value names the variable."""
     monkeypatch.setenv(triton_decode.MERGE_ENV, "kernel")
     assert triton_decode.merge_setting() == "kernel"
     monkeypatch.setenv(triton_decode.MERGE_ENV, "bogus")
     with pytest.raises(ValueError):
         triton_decode.merge_setting()
+    monkeypatch.setenv(triton_decode.LOADS_ENV, "tma")
+    assert triton_decode.loads_setting() == "tma"
+    monkeypatch.setenv(triton_decode.LOADS_ENV, "pointer")
+    with pytest.raises(ValueError, match="MOA_DECODE_LOADS"):
+        triton_decode.loads_setting()
+    monkeypatch.setenv(triton_decode.PDL_ENV, "1")
+    assert triton_decode.pdl_setting() is True
+    monkeypatch.setenv(triton_decode.PDL_ENV, "yes")
+    with pytest.raises(ValueError, match="MOA_DECODE_PDL"):
+        triton_decode.pdl_setting()
 
 
 def test_decode_split_plan_fills_gpu():
