@@ -77,7 +77,7 @@ def main() -> int:
 
     ways = list(itertools.product(args.loads.split(","), [bool(int(x)) for x in args.pdl.split(",")]))
     if args.quick:  # (splits, block_n, warps, stages, loads, pdl)
-        grid = [g[:4] + w for g in itertools.product([16, 32], [64, 128], [4], [3, 4]) for w in ways]
+        grid = [g + w for g in itertools.product([16, 32], [64, 128], [4], [3]) for w in ways]
     else:
         grid = [
             g + w for g in itertools.product([8, 16, 32, 64, 128], [32, 64, 128], [2, 4, 8], [2, 3, 4]) for w in ways
