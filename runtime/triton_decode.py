@@ -16,7 +16,13 @@ kernel merges the chunks' partial softmax states when there is more than one chu
 (``MOA_DECODE_MERGE=fused``) the last chunk of each group to finish merges them in the same launch.
 Measured on an H200 (batch 1, 4k / 16k, 50%), the fused merge took 17-18 / 36 us against 11 / 20 us
 for the two launches (its atomics and the serial tail cost more than a launch inside a CUDA graph),
-so the two-launch merge stays the default. Kernels: ``triton_decode_kernel``.
+so the two-launch merge stays the default; on Hopper the merge is launched with programmatic
+dependent launch (it starts during the decode grid and waits on-device for the partials), 1.0-1.2 us
+less per step in every H100 case measured (``MOA_DECODE_PDL=0`` turns it off). K/V blocks are read
+with pointer loads whose slot is computed per key (default) or, ``MOA_DECODE_LOADS=tma``, as TMA
+tiles over the (at most three) runs of consecutive slots of a chunk: on an H100 its best launch was
+1.1-1.2 us slower at 4k and within 4% at 16k (faster on one plan, slower on another), so not the
+default. Kernels: ``triton_decode_kernel``.
 """
 
 from __future__ import annotations
@@ -27,18 +33,18 @@ import os
 import torch
 import triton
 
-from moa_plan.runtime.triton_common import DESCRIPTORS, GATHER, POINTERS, sm_count
+from moa_plan.runtime.triton_common import DESCRIPTORS, GATHER, sm_count
 from moa_plan.runtime.triton_decode_kernel import _decode_kernel, _reduce_kernel
 from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 
 _LOG2E = 1.4426950408889634
 MERGE_ENV = "MOA_DECODE_MERGE"  # 'kernel' (default: a second small launch merges split-K chunks) or 'fused'
-LOADS_ENV = "MOA_DECODE_LOADS"  # how K/V blocks are read: 'gather', 'runs' or 'tma' (decode_attention's loads)
+LOADS_ENV = "MOA_DECODE_LOADS"  # how K/V blocks are read: 'gather' or 'tma' (decode_attention's loads)
 PDL_ENV = "MOA_DECODE_PDL"  # '1': launch the merge with programmatic dependent launch (Hopper and later), '0': not
 _counters: dict[str, torch.Tensor] = {}
-LOADS = {"gather": GATHER, "runs": POINTERS, "tma": DESCRIPTORS}
+LOADS = {"gather": GATHER, "tma": DESCRIPTORS}
 DEFAULT_LOADS = "gather"
-DEFAULT_PDL = False
+DEFAULT_PDL = True
 
 
 def _max_cap(cap: torch.Tensor) -> int:
@@ -63,7 +69,7 @@ def merge_setting() -> str:
 
 
 def loads_setting() -> str:
-    """'gather', 'runs' or 'tma' from MOA_DECODE_LOADS (default DEFAULT_LOADS)."""
+    """'gather' or 'tma' from MOA_DECODE_LOADS (default DEFAULT_LOADS)."""
     return _setting(LOADS_ENV, DEFAULT_LOADS, tuple(LOADS))
 
 
@@ -90,14 +96,18 @@ def plan_splits(batch: int, hkv: int, max_tokens: int, block_n: int, sms: int) -
     ~2048 tokens even when the batch alone fills the GPU: KV groups of a heterogeneous plan read up
     to 3x different lengths, and shorter chunks even out the work per program. Chunks are >= 2
     blocks. Chosen from interleaved H100 timings of five policies (evals/results/perf-notes.md).
-    With only a handful of (row, KV head) pairs (batch-1 decode) one wave is faster than four:
-    fewer partial states to merge, and each program still streams >= 4 blocks (H100 sweep of
-    ``tools/decode_b1_sweep.py``: 4k 11.3 -> 10.2 us, 16k 21.9 -> 20.0 us).
+    With only a handful of (row, KV head) pairs (batch-1 decode) one or two waves are faster than
+    four: fewer partial states to merge, and each program still streams >= 384 tokens
+    (``tools/decode_b1_sweep.py`` on H100s: 4k 11.3 -> 10.2 us with one wave; 16k with chunks of
+    384-512 tokens, up to two waves, 21.8-28.7 -> 19.4-23.0 us against one wave of 768-1024).
     """
     blocks = max(1, triton.cdiv(max_tokens, block_n))
     rows = max(1, batch * hkv)
-    fill = triton.cdiv((1 if 8 * rows <= sms else 4) * sms, rows)
+    one_wave = 8 * rows <= sms
+    fill = triton.cdiv((1 if one_wave else 4) * sms, rows)
     balance = triton.cdiv(max_tokens, 2048)
+    if one_wave:  # up to two waves of chunks of >= 512 tokens (H100, 16k: 32 splits 22.2 us, 16 splits 28.7 us)
+        balance = min(2 * fill, triton.cdiv(max_tokens, 384))
     splits = max(1, min(max(fill, balance), triton.cdiv(blocks, 2), 128))
     chunk = triton.cdiv(blocks, splits) * block_n
     splits = triton.cdiv(max(1, max_tokens), chunk)
@@ -131,8 +141,8 @@ def decode_attention(
     tensor for CUDA graphs). `max_cap` (default: read once from `cap`) bounds the tokens per head
     when `n` is a tensor; `block_n` / `num_splits` / `num_warps` / `num_stages` override the tuning; `merge` ('fused' or 'kernel',
     default ``merge_setting()``) how split-K chunks are merged. `loads` (default ``loads_setting()``): how K/V blocks are read, 'gather'
-    (each key's slot computed on its own), 'runs' (pointer loads over runs of consecutive slots) or
-    'tma' (the same runs as tensor-descriptor loads, Hopper and later); `pdl`: launch the merge with
+    (pointer loads, each key's slot computed on its own) or 'tma' (tensor-descriptor loads of whole
+    tiles over the runs of consecutive slots, Hopper and later); `pdl`: launch the merge with
     programmatic dependent launch (Hopper and later; default ``pdl_setting()``), so its launch overlaps
     the decode grid.
     """
@@ -191,7 +201,7 @@ def decode_attention(
         raise ValueError(f"loads must be one of {sorted(LOADS)}, got {loads!r}")
     hopper = q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9
     if loads == "tma" and not (hopper or interpreting()):
-        loads = "runs"
+        loads = "gather"
     pdl = bool(pdl_setting() if pdl is None else pdl) and hopper and splits > 1 and not fused
     keys = (k_cache, v_cache)
     if loads == "tma":

@@ -7,6 +7,9 @@ merged either by ``_reduce_kernel`` (a second launch) or, with ``FUSED``, inside
 program bumps a per-(row, KV head) arrival counter after writing its partials, and the program that
 arrives last merges the group's chunks and resets the counter to 0 for the next launch (so CUDA graph
 replays need no memset). Counters are shared by launches on one stream, never by concurrent ones.
+With ``PDL`` the decode grid lets the merge launch at once and ``_reduce_kernel`` waits on-device
+(``gdc_wait``) before it reads the partials. ``LAYOUT``: GATHER (pointer loads, slot per key) or
+DESCRIPTORS (TMA tiles over runs of consecutive slots, ``_run``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moa_plan.runtime.triton_common import DESCRIPTORS, GATHER
+from moa_plan.runtime.triton_common import GATHER
 
 
 @triton.jit
@@ -73,25 +76,18 @@ def _softmax_step(state, q, kt, vv, valid, always, pos, span, n, sink, qk_scale,
 @triton.jit
 def _run(
     state, q, keys, lo, hi, slot0, pos0, always_below, span, n, sink, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Fold virtual tokens [lo, hi) into state; their slots (slot0, slot0 + 1, ...) and positions
-    (pos0, ...) are consecutive, so a block is one contiguous [BLOCK_N, D] tile of the cache (one TMA
-    load with DESCRIPTORS). Positions below always_below are sink slots, always seen."""
+    (pos0, ...) are consecutive, so a block is one contiguous [BLOCK_N, D] tile of the cache, one TMA
+    load per tensor. Positions below always_below are sink slots, always seen."""
+    desc_k, desc_v, b = keys
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for i0 in range(0, hi - lo, BLOCK_N):
         valid = i0 + offs_n < hi - lo
         pos = pos0 + i0 + offs_n
-        if LAYOUT == DESCRIPTORS:
-            desc_k, desc_v, b, _ = keys
-            kt = desc_k.load([b, slot0 + i0, 0]).reshape(BLOCK_N, HEAD_DIM).T
-            vv = desc_v.load([b, slot0 + i0, 0]).reshape(BLOCK_N, HEAD_DIM)
-        else:
-            k_base, v_base, stride_ks, stride_vs = keys
-            slot = slot0 + i0 + offs_n
-            kt = tl.load(k_base + slot[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
-            vv = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
+        kt = desc_k.load([b, slot0 + i0, 0]).reshape(BLOCK_N, HEAD_DIM).T
+        vv = desc_v.load([b, slot0 + i0, 0]).reshape(BLOCK_N, HEAD_DIM)
         state = _softmax_step(state, q, kt, vv, valid, pos < always_below, pos, span, n, sink, qk_scale, IEEE)
     return state
 
@@ -155,15 +151,14 @@ def _decode_kernel(
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
         ring_safe = tl.maximum(ring, 1)
         r_lo = (p_lo - n_sink) % ring_safe
-        if LAYOUT != DESCRIPTORS:
-            k_base = K + b * stride_kb
-            v_base = V + b * stride_vb
 
         m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_P], tl.float32)
         acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
         state = (acc, m_i, l_i)
         if LAYOUT == GATHER:
+            k_base = K + b * stride_kb
+            v_base = V + b * stride_vb
             offs_n = tl.arange(0, BLOCK_N)
             for t0 in range(c0, c1, BLOCK_N):
                 t = t0 + offs_n
@@ -178,28 +173,26 @@ def _decode_kernel(
                 vv = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
                 state = _softmax_step(state, q, kt, vv, valid, in_sink, pos, span, n, sink, qk_scale, IEEE)
         else:
-            # The chunk's tokens in at most three runs of consecutive slots: sink slots, the ring from
-            # r_lo to its end, the ring from its start (after the wrap).
-            if LAYOUT == DESCRIPTORS:
-                keys = (K, V, b.to(tl.int32), 0)
-            else:
-                keys = (k_base, v_base, stride_ks, stride_vs)
+            # TMA (DESCRIPTORS): the chunk's tokens in at most three runs of consecutive slots (sink
+            # slots, the ring from r_lo to its end, the ring from its start after the wrap), each read
+            # as whole [BLOCK_N, D] tiles.
+            keys = (K, V, b.to(tl.int32))
             first = ns_eff + ring - r_lo  # virtual index where the ring wraps
             lo = c0
             hi = tl.minimum(c1, ns_eff)
             state = _run(
-                state, q, keys, lo, hi, base + lo, lo, ns_eff, span, n, sink, qk_scale, HEAD_DIM, BLOCK_N, IEEE, LAYOUT
+                state, q, keys, lo, hi, base + lo, lo, ns_eff, span, n, sink, qk_scale, HEAD_DIM, BLOCK_N, IEEE
             )
             lo = tl.maximum(c0, ns_eff)
             hi = tl.minimum(c1, first)
             state = _run(
                 state, q, keys, lo, hi, base + n_sink + r_lo + lo - ns_eff, p_lo + lo - ns_eff, 0,
-                span, n, sink, qk_scale, HEAD_DIM, BLOCK_N, IEEE, LAYOUT,
+                span, n, sink, qk_scale, HEAD_DIM, BLOCK_N, IEEE,
             )  # fmt: skip
             lo = tl.maximum(c0, first)
             state = _run(
                 state, q, keys, lo, c1, base + n_sink + lo - first, p_lo + lo - ns_eff, 0,
-                span, n, sink, qk_scale, HEAD_DIM, BLOCK_N, IEEE, LAYOUT,
+                span, n, sink, qk_scale, HEAD_DIM, BLOCK_N, IEEE,
             )  # fmt: skip
         acc, m_i, l_i = state
 

@@ -41,7 +41,7 @@ def decode_cases(draw):
         block_n=draw(st.sampled_from([None, 16])),
         n_tensor=draw(st.booleans()),
         merge=draw(st.sampled_from(["fused", "kernel"])),
-        loads=draw(st.sampled_from([None, "gather", "runs", "tma"])),
+        loads=draw(st.sampled_from([None, "gather", "tma"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -99,7 +99,7 @@ def test_decode_long_ring_wraps_with_many_splits():
     spans = torch.tensor(plan.spans(300)[0], dtype=torch.int32)
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
     for splits in (1, 5, 19):
-        for merge, loads in itertools.product(("fused", "kernel"), ("gather", "runs", "tma")):
+        for merge, loads in itertools.product(("fused", "kernel"), ("gather", "tma")):
             got = _decode(
                 q, kc, vc, layout, spans, plan.sink, 300, num_splits=splits, block_n=16, merge=merge, loads=loads
             )

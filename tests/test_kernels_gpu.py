@@ -100,7 +100,7 @@ def decode_cases(draw):
         batch=draw(st.sampled_from([1, 3, 16])),
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         n_tensor=draw(st.booleans()),
-        loads=draw(st.sampled_from([None, "gather", "runs", "tma"])),  # the default, then each way of reading
+        loads=draw(st.sampled_from([None, "gather", "tma"])),  # the default, then each way of reading
         pdl=draw(st.sampled_from([None, False, True])),
         seed=draw(st.integers(0, 2**16)),
     )

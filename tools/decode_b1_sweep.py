@@ -58,7 +58,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a small grid (to re-time the default)")
     p.add_argument("--plans", default="synthetic,searched-shaped", help="bench plan kinds (evals.bench.cases)")
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill tile sweep")
-    p.add_argument("--loads", default="gather,runs,tma", help="ways of reading K/V to time (decode_attention's loads)")
+    p.add_argument("--loads", default="gather,tma", help="ways of reading K/V to time (decode_attention's loads)")
     p.add_argument("--pdl", default="0,1", help="merge launched with programmatic dependent launch: 0, 1 or both")
     args = p.parse_args()
     sh = SHAPES["llama3-8b"]
