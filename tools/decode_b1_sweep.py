@@ -1,15 +1,18 @@
-"""Batch-1 decode attention: sweep the decode kernel's launch shape (splits, block, warps, stages)
-against dense SDPA's backends, and measure the CUDA-graph launch floor (device tool, one call).
+"""Batch-1 decode attention: sweep the decode kernel's launch shape (splits, block, warps, stages),
+its way of reading K/V (per-key pointer gather or TMA tiles) and the merge's launch (plain or
+programmatic dependent launch) against dense SDPA's backends, and measure the CUDA-graph launch
+floor (device tool, one call).
 
 Issue 12 asks batch-1 decode at 4k and 16k for >= 1.8x the best dense SDPA backend at 50%
-density. The default policy gives 1.1-1.2x, and the step moves 10-40 MB, so the question is
-whether any launch shape of the current kernel gets there, or what floor (launches in a graph,
-bytes at copy bandwidth) stands in the way. One Llama-3-8B layer (32 q / 8 KV heads, d 128, bf16),
-caches rotated so L2 never holds them, every time a CUDA-graph replay (``graph_time``). On the
-way, item 3: the prefill kernel's block shapes at 16k against cuDNN (``prefill_sweep``).
+density. The step moves 10-40 MB, so the question is which launch gets closest, or what floor
+(launches in a graph, bytes at copy bandwidth) stands in the way. One Llama-3-8B layer (32 q / 8 KV
+heads, d 128, bf16), caches rotated so L2 never holds them, every time a CUDA-graph replay
+(``graph_time``); every way of reading is also replayed once in a graph and compared with the
+default's output. On the way, item 3: the prefill kernel's block shapes at 16k against cuDNN
+(``prefill_sweep``).
 
     python3 tools/decode_b1_sweep.py OUT_JSON [--lengths 4096,16384] [--plans synthetic,searched-shaped,grouped]
-        [--quick] [--no-prefill]
+        [--quick] [--no-prefill] [--loads gather,tma] [--pdl 0,1]
 """
 
 from __future__ import annotations
