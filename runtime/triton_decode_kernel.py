@@ -48,10 +48,13 @@ def _group_extent(SPANS, OFFSET, CAP, NSINK, kvh, n, GROUP, GROUP_P: tl.constexp
 
 
 @triton.jit
-def _softmax_step(state, q, kt, vv, valid, always, pos, span, n, sink, qk_scale, IEEE: tl.constexpr):
+def _softmax_step(
+    state, q, kt, vv, valid, always, pos, span, n, sink, qk_scale, IEEE: tl.constexpr, ZERO_HIDDEN: tl.constexpr
+):
     """Online-softmax update of state = (acc, m_i, l_i) with one block of keys kt [D, BLOCK_N] and values
     vv [BLOCK_N, D] at positions pos: head g sees a valid key if `always` (a sink slot), pos < sink or
-    n - 1 - pos < span[g]. Hidden values are zeroed, so slots outside the run may hold anything."""
+    n - 1 - pos < span[g]. ZERO_HIDDEN: values of invalid keys were loaded unmasked (whole TMA tiles)
+    and are zeroed here, so slots outside the run may hold anything (even NaN)."""
     acc, m_i, l_i = state
     if IEEE:
         qk = tl.dot(q, kt, input_precision="ieee")
@@ -65,7 +68,8 @@ def _softmax_step(state, q, kt, vv, valid, always, pos, span, n, sink, qk_scale,
     p = tl.math.exp2(qk - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    vv = tl.where(valid[:, None], vv, 0.0)
+    if ZERO_HIDDEN:
+        vv = tl.where(valid[:, None], vv, 0.0)
     if IEEE:
         acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision="ieee")
     else:
@@ -88,7 +92,7 @@ def _run(
         pos = pos0 + i0 + offs_n
         kt = desc_k.load([b, slot0 + i0, 0]).reshape(BLOCK_N, HEAD_DIM).T
         vv = desc_v.load([b, slot0 + i0, 0]).reshape(BLOCK_N, HEAD_DIM)
-        state = _softmax_step(state, q, kt, vv, valid, pos < always_below, pos, span, n, sink, qk_scale, IEEE)
+        state = _softmax_step(state, q, kt, vv, valid, pos < always_below, pos, span, n, sink, qk_scale, IEEE, True)
     return state
 
 
@@ -171,7 +175,7 @@ def _decode_kernel(
                 pos = tl.where(in_sink, t, p_lo + u)
                 kt = tl.load(k_base + slot[None, :] * stride_ks + offs_d[:, None], mask=valid[None, :], other=0.0)
                 vv = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=valid[:, None], other=0.0)
-                state = _softmax_step(state, q, kt, vv, valid, in_sink, pos, span, n, sink, qk_scale, IEEE)
+                state = _softmax_step(state, q, kt, vv, valid, in_sink, pos, span, n, sink, qk_scale, IEEE, False)
         else:
             # TMA (DESCRIPTORS): the chunk's tokens in at most three runs of consecutive slots (sink
             # slots, the ring from r_lo to its end, the ring from its start after the wrap), each read
