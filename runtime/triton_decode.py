@@ -200,14 +200,16 @@ def decode_attention(
     if loads not in LOADS:
         raise ValueError(f"loads must be one of {sorted(LOADS)}, got {loads!r}")
     hopper = q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9
-    if loads == "tma" and not (hopper or interpreting()):
-        loads = "gather"
+    aligned = k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0 and (d * q.element_size()) % 16 == 0
+    if loads == "tma" and not (
+        (hopper or interpreting()) and aligned and k_cache.is_contiguous() and v_cache.is_contiguous()
+    ):
+        loads = "gather"  # TMA needs Hopper and 16-byte aligned, contiguous caches
     pdl = bool(pdl_setting() if pdl is None else pdl) and hopper and splits > 1 and not fused
     keys = (k_cache, v_cache)
     if loads == "tma":
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
         block = [1, block_n, d]
         keys = (TensorDescriptor.from_tensor(k_cache, block), TensorDescriptor.from_tensor(v_cache, block))
     warps = num_warps or 4

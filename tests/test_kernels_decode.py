@@ -106,6 +106,24 @@ def test_decode_long_ring_wraps_with_many_splits():
             assert (got - want).abs().max().item() <= 1e-5, (splits, merge, loads)
 
 
+def test_decode_tma_on_a_misaligned_cache_falls_back():
+    """loads='tma' on caches whose base is not 16-byte aligned reads them with pointer loads instead."""
+    shape = ModelShape(num_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=2, layers=[Layer(heads=[Rule(alpha=9, beta=0)] * 4)])
+    c = dict(plan=plan, n_max=40, n=40, prompt=30, batch=1, dtype=torch.float32, seed=1)
+    q, k, v, kc, vc, layout = _filled_cache(c)
+    spans = torch.tensor(plan.spans(40)[0], dtype=torch.int32)
+    want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
+    shifted = []
+    for t in (kc, vc):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+        view = buf[1:].view(t.shape)  # 4 bytes past an aligned base
+        view.copy_(t)
+        shifted.append(view)
+    got = _decode(q, *shifted, layout, spans, plan.sink, 40, num_splits=3, block_n=16, loads="tma")
+    assert (got - want).abs().max().item() <= 1e-5
+
+
 def test_decode_fused_merge_leaves_counters_at_zero():
     """The fused merge's last program resets its arrival counter: repeated launches (CUDA graph
     replays) start from zero, and the result is the same every time."""
