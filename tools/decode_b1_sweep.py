@@ -28,7 +28,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moa_plan.evals.bench.cases import SHAPES, bench_plan, grouped_plan, searched_plan
-from moa_plan.evals.bench.timing import copy_bandwidth, graph_time
+from moa_plan.evals.bench.timing import capture, copy_bandwidth, graph_time
 from moa_plan.runtime.cache import LayerLayout, allocate
 from moa_plan.runtime.triton_decode import decode_attention, plan_splits
 
@@ -41,16 +41,7 @@ def copies(nbytes: int) -> int:
 
 def graph_output(fn) -> torch.Tensor:
     """fn's output when captured in a CUDA graph and replayed (a copy)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    g.replay()
-    torch.cuda.synchronize()
+    _, (out,) = capture([fn], 1)
     return out.clone()
 
 

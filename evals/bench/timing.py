@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def graph_time(fns: list, reps: int = 10, inner: int = 0) -> float:
-    """Median ms per call of the functions (rotated; L2 never holds them all), timed as CUDA-graph replays."""
+def capture(fns: list, inner: int):
+    """(graph, outputs): fns[0], fns[1], ... (inner calls, cycling) warmed up on a side stream, captured
+    in one CUDA graph and replayed once, so the outputs hold the replay's results."""
     import torch
 
-    inner = inner or len(fns)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -20,10 +20,18 @@ def graph_time(fns: list, reps: int = 10, inner: int = 0) -> float:
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for i in range(inner):
-            fns[i % len(fns)]()
+        outs = [fns[i % len(fns)]() for i in range(inner)]
     g.replay()
     torch.cuda.synchronize()
+    return g, outs
+
+
+def graph_time(fns: list, reps: int = 10, inner: int = 0) -> float:
+    """Median ms per call of the functions (rotated; L2 never holds them all), timed as CUDA-graph replays."""
+    import torch
+
+    inner = inner or len(fns)
+    g, _ = capture(fns, inner)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
