@@ -1,7 +1,8 @@
 """The @triton.jit pieces shared by the two prefill kernels (contiguous K/V in ``triton_prefill_kernel``,
 vLLM's paged cache in ``triton_paged_kernel``): the online-softmax loop over a range of key blocks with
 the plan's span/sink mask, and the sink + window key ranges of one block of query rows; the key-layout
-constants the decode kernel shares; ``sm_count`` for every launcher's grid.
+constants the decode kernel shares; the device facts the launchers ask (``sm_count``, ``hopper``) and
+TMA descriptors (``tma_descriptors``).
 
 Where keys live is one tuple ``keys`` read by the ``LAYOUT`` it names (a compile-time constant):
 POINTERS (0), ``(k_base, v_base, stride_kn, stride_vn, BT, stride_kp, stride_vp, PAGE)``: key position j is
@@ -161,9 +162,29 @@ def sm_count(device: torch.device, cpu: int) -> int:
     interpreter), where the launchers want a small or a Hopper-like grid."""
     if device.type != "cuda":
         return cpu
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_properties(_index(device)).multi_processor_count
+
+
+def hopper(device: torch.device) -> bool:
+    """A CUDA device of compute capability >= 9: TMA descriptors and programmatic dependent launch."""
+    return device.type == "cuda" and _cuda_properties(_index(device)).major >= 9
+
+
+def tma_descriptors(tensors: tuple[torch.Tensor, ...], block: list[int]) -> tuple | None:
+    """Host TMA descriptors of contiguous tensors, read in `block`s, or None where TMA cannot read them
+    (not contiguous, or a base or row not 16-byte aligned); the caller checks the device (``hopper``)."""
+    for t in tensors:
+        if not t.is_contiguous() or t.data_ptr() % 16 or (t.shape[-1] * t.element_size()) % 16:
+            return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor.from_tensor(t, block) for t in tensors)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)

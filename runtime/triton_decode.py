@@ -33,7 +33,7 @@ import os
 import torch
 import triton
 
-from moa_plan.runtime.triton_common import DESCRIPTORS, GATHER, sm_count
+from moa_plan.runtime.triton_common import DESCRIPTORS, GATHER, hopper, sm_count, tma_descriptors
 from moa_plan.runtime.triton_decode_kernel import _decode_kernel, _reduce_kernel
 from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 
@@ -42,7 +42,7 @@ MERGE_ENV = "MOA_DECODE_MERGE"  # 'kernel' (default: a second small launch merge
 LOADS_ENV = "MOA_DECODE_LOADS"  # how K/V blocks are read: 'gather' or 'tma' (decode_attention's loads)
 PDL_ENV = "MOA_DECODE_PDL"  # '1': launch the merge with programmatic dependent launch (Hopper and later), '0': not
 _counters: dict[str, torch.Tensor] = {}
-LOADS = {"gather": GATHER, "tma": DESCRIPTORS}
+LOADS = ("gather", "tma")
 DEFAULT_LOADS = "gather"
 DEFAULT_PDL = True
 
@@ -70,7 +70,7 @@ def merge_setting() -> str:
 
 def loads_setting() -> str:
     """'gather' or 'tma' from MOA_DECODE_LOADS (default DEFAULT_LOADS)."""
-    return _setting(LOADS_ENV, DEFAULT_LOADS, tuple(LOADS))
+    return _setting(LOADS_ENV, DEFAULT_LOADS, LOADS)
 
 
 def pdl_setting() -> bool:
@@ -106,7 +106,7 @@ def plan_splits(batch: int, hkv: int, max_tokens: int, block_n: int, sms: int) -
     one_wave = 8 * rows <= sms
     fill = triton.cdiv((1 if one_wave else 4) * sms, rows)
     balance = triton.cdiv(max_tokens, 2048)
-    if one_wave:  # up to two waves of chunks of >= 512 tokens (H100, 16k: 32 splits 22.2 us, 16 splits 28.7 us)
+    if one_wave:  # up to two waves of chunks of >= 384 tokens (H100, 16k: 32 splits 22.2 us, 16 splits 28.7 us)
         balance = min(2 * fill, triton.cdiv(max_tokens, 384))
     splits = max(1, min(max(fill, balance), triton.cdiv(blocks, 2), 128))
     chunk = triton.cdiv(blocks, splits) * block_n
@@ -199,26 +199,21 @@ def decode_attention(
     loads = loads or loads_setting()
     if loads not in LOADS:
         raise ValueError(f"loads must be one of {sorted(LOADS)}, got {loads!r}")
-    hopper = q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9
-    aligned = k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0 and (d * q.element_size()) % 16 == 0
-    if loads == "tma" and not (
-        (hopper or interpreting()) and aligned and k_cache.is_contiguous() and v_cache.is_contiguous()
-    ):
-        loads = "gather"  # TMA needs Hopper and 16-byte aligned, contiguous caches
-    pdl = bool(pdl_setting() if pdl is None else pdl) and hopper and splits > 1 and not fused
-    keys = (k_cache, v_cache)
-    if loads == "tma":
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        block = [1, block_n, d]
-        keys = (TensorDescriptor.from_tensor(k_cache, block), TensorDescriptor.from_tensor(v_cache, block))
+    on_hopper = q.is_cuda and not interpreting() and hopper(q.device)
+    pdl = bool(pdl_setting() if pdl is None else pdl) and on_hopper and splits > 1 and not fused
+    # TMA needs Hopper (or the interpreter) and contiguous, 16-byte aligned caches; else pointer loads
+    descs = (
+        tma_descriptors((k_cache, v_cache), [1, block_n, d])
+        if loads == "tma" and (on_hopper or interpreting())
+        else None
+    )
     warps = num_warps or 4
     stages = 1 if interpreting() else (num_stages or 3)
     both = dict(GROUP_P=group_p, HEAD_DIM=d, N_PTR=n_ptr)  # the constexprs the two launches share
     check_interpreter()
     _decode_kernel[(splits, batch * hkv)](
         q,
-        *keys,
+        *(descs or (k_cache, v_cache)),
         offset,
         cap,
         n_sink,
@@ -248,7 +243,7 @@ def decode_attention(
         SPLIT=splits > 1,
         IEEE=q.dtype == torch.float32,
         FUSED=fused,
-        LAYOUT=LOADS[loads],
+        LAYOUT=DESCRIPTORS if descs else GATHER,
         PDL=pdl,
         num_warps=warps,
         num_stages=stages,

@@ -16,7 +16,7 @@ import math
 import torch
 import triton
 
-from moa_plan.runtime.triton_common import DESCRIPTORS, POINTERS, sm_count
+from moa_plan.runtime.triton_common import DESCRIPTORS, POINTERS, hopper, sm_count, tma_descriptors
 from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 from moa_plan.runtime.triton_paged_kernel import paged_kernel
 from moa_plan.runtime.triton_prefill_kernel import prefill_kernel
@@ -141,15 +141,9 @@ def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
     transposed views transformers passes) are copied to [B, Hkv, Lk, D] first: the copy moves the
     K/V bytes once (about 1% of a 16k prefill) and keeps the descriptors on the layout the GPU
     tests check."""
-    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
+    if k.is_cuda and not hopper(k.device):
         return None
-    k, v = k.contiguous(), v.contiguous()
-    if k.data_ptr() % 16 or v.data_ptr() % 16 or (k.shape[-1] * k.element_size()) % 16:
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    block = [1, 1, block_n, k.shape[-1]]
-    return TensorDescriptor.from_tensor(k, block), TensorDescriptor.from_tensor(v, block)
+    return tma_descriptors((k.contiguous(), v.contiguous()), [1, 1, block_n, k.shape[-1]])
 
 
 def paged_attention(
