@@ -7,12 +7,15 @@ Three cases (layouts as ``reference_attention``; spans are the layer's spans at 
   ∪ new keys) BEFORE the chunk is written, because writing may evict keys early rows need.
 
 ``MOA_ATTENTION_BACKEND=torch|triton`` forces a backend (default: Triton on CUDA if importable).
+``MOA_PREFILL_KERNEL=cudnn`` runs fp16/bf16 prefill on CUDA through cuDNN's banded attention
+(``cudnn_band_prefill``; needs the ``cudnn`` extra) instead of the Triton kernel.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import math
 import os
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from moa_plan.runtime.cache import LayerLayout, _head_positions, gather_heads, torch_decode_attention
 
 BACKEND_ENV = "MOA_ATTENTION_BACKEND"
+PREFILL_KERNEL_ENV = "MOA_PREFILL_KERNEL"
 QUERY_BLOCK = 512  # rows per block of the PyTorch prefill path: bounds the mask to Hq*512*(sink+span+512)
 _kernels: dict[str, ModuleType | None] = {}
 
@@ -44,6 +48,23 @@ def backend_setting() -> str:
     if value not in ("auto", "torch", "triton"):
         raise ValueError(f"{BACKEND_ENV}={value!r}: must be 'torch', 'triton' or unset")
     return value
+
+
+def prefill_kernel_setting() -> str:
+    """'triton' (default) or 'cudnn' from MOA_PREFILL_KERNEL."""
+    value = os.environ.get(PREFILL_KERNEL_ENV, "triton").strip().lower() or "triton"
+    if value not in ("triton", "cudnn"):
+        raise ValueError(f"{PREFILL_KERNEL_ENV}={value!r}: must be 'triton' or 'cudnn'")
+    return value
+
+
+def _cudnn_band(q: torch.Tensor) -> ModuleType | None:
+    """cudnn_band_prefill when MOA_PREFILL_KERNEL=cudnn and q can go there (CUDA, fp16/bf16)."""
+    if prefill_kernel_setting() != "cudnn" or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if importlib.util.find_spec("cudnn") is None:
+        raise RuntimeError(f"{PREFILL_KERNEL_ENV}=cudnn needs the cudnn-frontend wheel: pip install 'moa-plan[cudnn]'")
+    return _kernel("cudnn_band_prefill")
 
 
 def _use_triton(name: str, device: torch.device) -> ModuleType | None:
@@ -257,6 +278,7 @@ def prefill_attention(
     """Plan attention of q [B,Hq,Lq,D] over all keys k/v [B,Hkv,Lk,D] (Lq <= Lk), spans at N = Lk."""
     module = _use_triton("triton_prefill", q.device)
     if module is not None:
+        module = _cudnn_band(q) or module
         return module.prefill_attention(q, k, v, spans, sink, scale)
     return torch_prefill_attention(q, k, v, spans, sink, scale)
 

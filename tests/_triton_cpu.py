@@ -33,6 +33,8 @@ _MODULES = (
     "triton_decode_kernel",
     "triton_prefill",
     "triton_decode",
+    "triton_sink_fold",
+    "cudnn_band_prefill",
 )
 
 
@@ -51,3 +53,9 @@ def kernels():
             mod = importlib.reload(sys.modules[name])
         mods[short] = mod
     return mods["triton_prefill"], mods["triton_decode"]
+
+
+def band_prefill():
+    """The cudnn_band_prefill module with its sink fold running in the interpreter."""
+    kernels()
+    return sys.modules["moa_plan.runtime.cudnn_band_prefill"]

@@ -1,6 +1,8 @@
 """Prefill attention (issue 12, item 3): K/V through TMA tensor descriptors against pointer loads,
 over a few tile shapes, at 16k and 64k, on the dense plan and the bench's 50% / 25% plans, against
-cuDNN SDPA (causal, GQA), the best dense backend on Hopper (device tool, one call).
+cuDNN SDPA (causal, GQA), the best dense backend on Hopper (device tool, one call). With the
+cudnn extra installed, also the cuDNN band path (``cudnn_band_prefill``: band calls over strided
+views on several streams + the Triton sink fold, whose time alone is reported too).
 
 Target: ours >= 0.9 x (1 / attention fraction) x cuDNN, i.e. within 10% of what the skipped key
 blocks allow. One Llama-3-8B layer (32 q / 8 KV heads, d 128, bf16), batch 1, medians of
@@ -25,6 +27,39 @@ from moa_plan.semantics import causal_pairs, visible_pairs
 
 SINK = 64
 TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)]
+
+
+try:
+    import cudnn  # noqa: F401 - the optional cudnn extra
+
+    from moa_plan.runtime import cudnn_band_prefill as band_module
+except ImportError:
+    band_module = None
+
+
+def cudnn_band(q, k, v, spans, want) -> dict:
+    """The cuDNN band path on one plan: its time, its error against the Triton default, its calls,
+    and the sink fold's own time (the fold re-run on the band path's output)."""
+    from moa_plan.runtime.triton_sink_fold import fold_sink
+
+    spans_l, n, group = [int(s) for s in spans.tolist()], k.shape[2], q.shape[1] // k.shape[1]
+    calls = band_module.band_calls(spans_l, SINK, n, group)
+    try:
+        out = band_module.prefill_attention(q, k, v, spans, SINK)
+        err = float((out.float() - want).abs().max())
+        ms = bench_time(lambda: band_module.prefill_attention(q, k, v, spans, SINK))
+    except Exception as exc:  # noqa: BLE001 - a graph cuDNN refuses
+        return {"kernel": "cudnn-band", "ms": f"n/a ({type(exc).__name__}: {str(exc)[:160]})"}
+    eff = torch.tensor(band_module.effective_spans(spans_l, SINK, n), dtype=torch.int32, device=q.device)
+    lse = torch.zeros(q.shape[0], q.shape[1], q.shape[2], device=q.device)
+    fold_ms = bench_time(lambda: fold_sink(q, k, v, out, lse, eff, SINK))
+    return {
+        "kernel": "cudnn-band",
+        "ms": round(ms, 4),
+        "max_abs_diff": err,
+        "calls": len(calls),
+        "fold_ms": round(fold_ms, 4),
+    }
 
 
 def main() -> int:
@@ -66,6 +101,10 @@ def main() -> int:
                     rows.append({**cfg, "ms": round(ms, 4), "x_cudnn": round(cudnn / ms, 3), "max_abs_diff": err})
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory, a descriptor refused
                     rows.append({**cfg, "ms": f"n/a ({type(exc).__name__}: {str(exc)[:120]})"})
+                print(f"n={n} {name} {rows[-1]}", flush=True)
+            band = cudnn_band(q, k, v, spans, want) if band_module else None
+            if band:
+                rows.append({**band, "x_cudnn": round(cudnn / band["ms"], 3)})
                 print(f"n={n} {name} {rows[-1]}", flush=True)
             timed = [r for r in rows if isinstance(r["ms"], float) and r["max_abs_diff"] <= 0.02]
             best = min(timed, key=lambda r: r["ms"]) if timed else None

@@ -1,0 +1,166 @@
+"""Fold the sink columns into a banded attention output (the second half of ``cudnn_band_prefill``).
+
+A MoA head sees key j from query position i iff j <= i and (j < sink or i - j < span). A banded
+attention (cuDNN's sliding window) computes the ``i - j < span`` part and returns, per row, the
+output o and the natural-log log-sum-exp of its scores. The sink keys it left out are
+j < min(sink, i - span + 1); this kernel scores them and merges the two softmax states in place:
+o <- (o e^lse + sum_j e^s_j v_j) / (e^lse + sum_j e^s_j). Rows that miss no sink key are not
+written. One program = one block of query rows of one (batch, query head); a block that misses
+no sink key returns at once, so the pass costs ~3 row reads/writes only where sinks are missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sink_fold_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    SPANS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    sink,
+    q_len,
+    k_len,
+    qk_scale,
+    HQ,
+    GROUP,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SINK_P: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = bh % HQ
+    kvh = h // GROUP
+    span = tl.load(SPANS + h)
+    off = k_len - q_len  # position of query row 0
+    last = tl.minimum((pid_m + 1) * BLOCK_M, q_len) - 1
+    if tl.minimum(sink, off + last - span + 1) > 0:  # the block's last row misses the most sink keys
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_j = tl.arange(0, SINK_P)
+        missing = tl.minimum(sink, off + offs_m - span + 1)  # sink keys j < missing are outside the band
+        rows = (offs_m < q_len) & (missing > 0)
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+            mask=rows[:, None],
+            other=0.0,
+        )
+        jmask = offs_j < sink
+        kk = tl.load(
+            K + b * stride_kb + kvh * stride_kh + offs_j[:, None] * stride_kn + offs_d[None, :],
+            mask=jmask[:, None],
+            other=0.0,
+        )
+        vv = tl.load(
+            V + b * stride_vb + kvh * stride_vh + offs_j[:, None] * stride_vn + offs_d[None, :],
+            mask=jmask[:, None],
+            other=0.0,
+        )
+        if IEEE:
+            s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kk))
+        s = s * qk_scale  # base-2 scores
+        s = tl.where(offs_j[None, :] < missing[:, None], s, float("-inf"))
+        lse = tl.load(LSE + bh * q_len + offs_m, mask=rows, other=0.0) * 1.4426950408889634  # to base 2
+        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        o = tl.load(o_ptrs, mask=rows[:, None], other=0.0).to(tl.float32)
+        m = tl.maximum(lse, tl.max(s, 1))
+        w = tl.math.exp2(lse - m)
+        p = tl.math.exp2(s - m[:, None])
+        l_tot = w + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p.to(vv.dtype), vv, o * w[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(vv.dtype), vv, o * w[:, None])
+        tl.store(o_ptrs, (acc / l_tot[:, None]).to(O.dtype.element_ty), mask=rows[:, None])
+
+
+def fold_sink(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    spans: torch.Tensor,
+    sink: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Merge the sink keys a band left out into ``out`` (in place) and return it.
+
+    q, out [B, Hq, Lq, D] (any strides, last axis contiguous); k, v [B, Hkv, Lk, D]; lse [B, Hq, Lq]
+    float32, contiguous: natural-log log-sum-exp of each row's band scores (scale included);
+    spans [Hq]: the band of head h is i - j < spans[h] (a span >= Lk means the band is the whole
+    causal row: nothing to fold). Query row r is at position Lk - Lq + r.
+    """
+    batch, hq, q_len, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    if out.shape != q.shape or lse.shape != (batch, hq, q_len) or not lse.is_contiguous():
+        raise ValueError(f"out must be {tuple(q.shape)} and lse a contiguous [{batch}, {hq}, {q_len}]")
+    if sink <= 0 or q_len == 0 or batch == 0:
+        return out
+    if any(t.stride(-1) != 1 for t in (q, k, v, out)):
+        raise ValueError("the last (head_dim) axis of q, k, v and out must be contiguous")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    spans = spans.to(device=q.device, dtype=torch.int32).contiguous()
+    block_m = 32 if interpreting() else 64
+    check_interpreter()
+    _sink_fold_kernel[(triton.cdiv(q_len, block_m), batch * hq)](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        spans,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        int(sink),
+        q_len,
+        k_len,
+        scale * _LOG2E,
+        hq,
+        hq // hkv,
+        HEAD_DIM=d,
+        BLOCK_M=block_m,
+        SINK_P=max(16, triton.next_power_of_2(int(sink))),
+        IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
+    return out
