@@ -22,6 +22,17 @@ from moa_plan.evals.bench.timing import (
 )
 
 
+def _cudnn_band_prefill():
+    """moa_plan.runtime.cudnn_band_prefill when the cudnn extra is installed, else None."""
+    try:
+        import cudnn  # noqa: F401
+
+        from moa_plan.runtime import cudnn_band_prefill
+    except ImportError:
+        return None
+    return cudnn_band_prefill
+
+
 class Kernels(Baselines):
     """The GPU measurements; ``s`` is the bench settings, ``over_budget`` says when to stop timing."""
 
@@ -355,6 +366,18 @@ class Kernels(Baselines):
             else:
                 entry["wrong"] = f"rel {rel:.3g} max {mx:.3g}"
             del out
+            band = _cudnn_band_prefill()
+            if band is not None and dens < 1.0:  # the opt-in cuDNN band path (MOA_PREFILL_KERNEL=cudnn)
+                bout = band.prefill_attention(q, k, v, spans, sink)
+                rel, mx = guard(bout, spans)
+                del bout
+                if rel <= REL_TOL and mx <= ABS_TOL:
+                    bms = round(bench_time(lambda: band.prefill_attention(q, k, v, spans, sink)), 4)
+                    entry["cudnn_band_ms"] = bms
+                    if sdpa_best:
+                        entry["cudnn_band_speedup_vs_sdpa_best"] = round(sdpa_best / bms, 3)
+                else:
+                    entry["cudnn_band_wrong"] = f"rel {rel:.3g} max {mx:.3g}"
             flex = self._flex_for(shape_name) if kind == "synthetic" else None
             if flex is not None and dens < 1.0 and not self.over_budget():
                 try:

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def _band_cell(e: dict) -> str:
+    """The cuDNN band path's cell of a prefill row (absent without the cudnn extra)."""
+    if "cudnn_band_ms" in e:
+        return f"{e['cudnn_band_ms']} ({e.get('cudnn_band_speedup_vs_sdpa_best', '-')})"
+    return e.get("cudnn_band_wrong", "-")
+
+
 def _moa_keys(cells: dict, case: str) -> list[str]:
     """The plan cells of one case, densest first."""
     from moa_plan.evals.bench.cases import label_density
@@ -64,8 +71,8 @@ def render_markdown(res: dict) -> str:
         lines += [
             "## Prefill attention, one layer, batch 1",
             "",
-            "| shape | N | SDPA flash causal ms (TFLOP/s) | SDPA best backend ms (TFLOP/s) | plan: density / attn frac | ours ms | ours TFLOP/s (visible) | % matmul | x SDPA flash | x SDPA best | Flex ms | x Flex |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| shape | N | SDPA flash causal ms (TFLOP/s) | SDPA best backend ms (TFLOP/s) | plan: density / attn frac | ours ms | ours TFLOP/s (visible) | % matmul | x SDPA flash | x SDPA best | Flex ms | x Flex | cuDNN band ms (x SDPA best) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in pre:
             _, shape, n = t.split("/")
@@ -80,7 +87,8 @@ def render_markdown(res: dict) -> str:
                     f"{e.get('ms', 'WRONG')} | {e.get('TFLOPs', '-')} | "
                     f"{(str(round(100 * e['matmul_frac'])) + '%') if 'matmul_frac' in e else '-'} | "
                     f"{e.get('speedup_vs_sdpa', '-')} | {e.get('speedup_vs_sdpa_best', '-')} | "
-                    f"{e.get('flex_ms', e.get('flex_wrong', '-'))} | {e.get('speedup_vs_flex', '-')} |"
+                    f"{e.get('flex_ms', e.get('flex_wrong', '-'))} | {e.get('speedup_vs_flex', '-')} | "
+                    f"{_band_cell(e)} |"
                 )
         lines.append("")
     from moa_plan.evals.bench.report_model import e2e_lines, generate_lines
