@@ -196,3 +196,20 @@ def test_forced_triton_without_kernels_is_a_clear_error(monkeypatch):
 def test_forced_torch_skips_kernels(monkeypatch):
     monkeypatch.setenv(attention.BACKEND_ENV, "torch")
     assert attention._use_triton("triton_prefill", torch.device("cuda")) is None
+
+
+def test_prefill_kernel_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "cutlass")
+    with pytest.raises(ValueError, match="MOA_PREFILL_KERNEL"):
+        attention.prefill_kernel_setting()
+
+
+def test_cudnn_prefill_kernel_leaves_cpu_and_fp32_inputs_where_they_were(monkeypatch):
+    monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "cudnn")
+    assert attention._cudnn_band(torch.randn(1, 1, 3, 8)) is None  # CPU: the PyTorch / Triton path
+    q = torch.randn(1, 2, 5, 8)
+    k = torch.randn(1, 1, 5, 8)
+    spans = torch.tensor([2, 5], dtype=torch.int32)
+    torch.testing.assert_close(
+        prefill_attention(q, k, k, spans, 1), reference_attention(q, k, k, spans, 1), atol=TOL, rtol=TOL
+    )
