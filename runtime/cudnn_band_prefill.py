@@ -25,6 +25,7 @@ import torch
 
 from moa_plan.runtime.triton_sink_fold import fold_sink
 
+MAX_GRAPHS = 1024  # built graphs kept (oldest dropped first): a model meets ~(layers x distinct spans) per length
 STREAMS = 4  # side streams the band calls are spread over (an H100 probe: 1.04-1.08x one all-heads call)
 
 
@@ -164,6 +165,8 @@ def _graph(q, k, v, out, window, scale, handle):
         g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         g.check_support()
         g.build_plans()
+        if len(_graphs) >= MAX_GRAPHS:
+            del _graphs[next(iter(_graphs))]
         _graphs[key] = (g, (*ts, o, stats))
         return _graphs[key]
 
