@@ -68,12 +68,12 @@ def _kernels_present() -> bool:
     )
 
 
-def _run_triton_script(device: str, dtype: str, tol: float, interpret: bool) -> None:
+def _run_triton_script(device: str, dtype: str, tol: float, interpret: bool, **extra_env: str) -> None:
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **extra_env)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
@@ -98,3 +98,11 @@ def test_triton_backend_through_the_model_interpreted():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_backend_through_the_model_bf16_gpu():
     _run_triton_script("cuda", "bfloat16", 2e-2, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudnn_band_prefill_through_the_model_bf16_gpu():
+    """MOA_PREFILL_KERNEL=cudnn: the prefills go through cuDNN's band calls + the sink fold."""
+    pytest.importorskip("cudnn", reason="the cudnn extra (nvidia-cudnn-frontend) is not installed")
+    _run_triton_script("cuda", "bfloat16", 2e-2, interpret=False, MOA_PREFILL_KERNEL="cudnn")
