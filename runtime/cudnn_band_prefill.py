@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -154,7 +155,7 @@ def _graph(q, k, v, out, window, scale, handle):
             v=ts[2],
             generate_stats=True,
             attn_scale=scale,
-            diagonal_alignment=cudnn.diagonal_alignment.BOTTOM_RIGHT,
+            diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
             diagonal_band_right_bound=0,
             **band,
         )
@@ -184,6 +185,31 @@ def cudnn_band(q, k, v, out, lse, window, scale) -> None:
     lse.copy_(stats.squeeze(-1))
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _unsupported(q, k, views, calls, scale) -> str | None:
+    """Why cuDNN cannot run these calls (None: their graphs are built and cached). The band is
+    anchored top-left, so the queries must be the whole sequence (no cached keys before them)."""
+    if q.shape[2] != k.shape[2]:
+        return "queries after cached keys (the band path takes whole prompts)"
+    if q.dtype not in (torch.float16, torch.bfloat16) or not q.is_cuda:
+        return f"{q.dtype} on {q.device} (cuDNN attention takes fp16/bf16 on CUDA)"
+    try:
+        handle = _handle(q.device)
+        for (qv, kv, vv, ov, _), c in zip(views, calls):
+            _graph(qv, kv, vv, ov, c.window, scale, handle)
+    except Exception as exc:  # noqa: BLE001 - cuDNN's own errors: a shape or layout it does not support
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None
+
+
 def _side_streams(device: torch.device) -> list:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _streams:
@@ -203,7 +229,9 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Plan attention of q [B, Hq, Lq, D] over k/v [B, Hkv, Lk, D] (Lq <= Lk, row r at position
     Lk - Lq + r), spans [Hq] at N = Lk: band calls (``band``, default cuDNN; ``torch_band`` on CPU)
-    then the sink fold. Returns [B, Hq, Lq, D] in the [B, Lq, Hq, D] memory transformers wants."""
+    then the sink fold. Returns [B, Hq, Lq, D] in the [B, Lq, Hq, D] memory transformers wants.
+    With cuDNN, every graph is built before anything runs; inputs cuDNN cannot take (queries after
+    cached keys, fp32, a shape it refuses) go whole to the Triton kernel, with one warning."""
     batch, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != d or hq % hkv or q_len > k_len:
@@ -218,24 +246,34 @@ def prefill_attention(
     spans_l = [int(s) for s in spans.tolist()]
     calls = band_calls(spans_l, sink, k_len, hq // hkv)
     lse = torch.empty(batch, hq, q_len, device=q.device, dtype=torch.float32)
-    run = band or cudnn_band
-    streams = _side_streams(q.device) if q.is_cuda and band is None and len(calls) > 1 else None
-    main = torch.cuda.current_stream(q.device) if streams else None
-    for s in streams or ():
-        s.wait_stream(main)
-    for n, c in enumerate(calls):
-        views = (
+    views = [
+        (
             _view(q, c.q0, c.q_step, c.n_q),
             k[:, c.kv0 : c.kv0 + c.n_kv],
             v[:, c.kv0 : c.kv0 + c.n_kv],
             _view(out, c.q0, c.q_step, c.n_q),
             _view(lse, c.q0, c.q_step, c.n_q),
         )
+        for c in calls
+    ]
+    if band is None:  # plan: build every graph first; what cuDNN cannot run goes to the Triton kernel whole
+        why = _unsupported(q, k, views, calls, scale)
+        if why:
+            from moa_plan.runtime.triton_prefill import prefill_attention as triton_prefill
+
+            _warn_once(f"cuDNN band prefill falls back to the Triton kernel: {why}")
+            return triton_prefill(q, k, v, spans, sink, scale)
+    run = band or cudnn_band
+    streams = _side_streams(q.device) if q.is_cuda and band is None and len(calls) > 1 else None
+    main = torch.cuda.current_stream(q.device) if streams else None
+    for s in streams or ():
+        s.wait_stream(main)
+    for n, (c, vw) in enumerate(zip(calls, views)):
         if streams:
             with torch.cuda.stream(streams[n % len(streams)]):
-                run(*views, c.window, scale)
+                run(*vw, c.window, scale)
         else:
-            run(*views, c.window, scale)
+            run(*vw, c.window, scale)
     for s in streams or ():
         main.wait_stream(s)
     eff = torch.tensor(effective_spans(spans_l, sink, k_len), dtype=torch.int32, device=q.device)
