@@ -28,7 +28,7 @@ def _cudnn_band_prefill():
         import cudnn  # noqa: F401
 
         from moa_plan.runtime import cudnn_band_prefill
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or no cuDNN library to load
         return None
     return cudnn_band_prefill
 
