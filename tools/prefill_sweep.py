@@ -125,6 +125,8 @@ def main() -> int:
                 "configs": rows,
                 "best": best,
             }
+            with open(args.out, "w") as f:  # after every case: a cut-off run keeps what it measured
+                json.dump(res, f, indent=1)
             if best:
                 print(f"== n={n} {name}: frac {frac:.3f}, target {target:.3f}x cuDNN, best {best}", flush=True)
     with open(args.out, "w") as f:
