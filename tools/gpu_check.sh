@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check + benchmark, one device call: bf16 kernel property tests, then `moa-plan bench`.
 # Usage (repo root, on the GPU machine): [TESTS=1] [TEST_TIMEOUT=150] tools/gpu_check.sh [bench args...]
-# Needs the wheels the image lacks (pydantic, pydantic_core, annotated_types, typing_inspection) in .whl/.
+# Needs the wheels the image lacks (pydantic, pydantic_core, annotated_types, typing_inspection) in .whl/;
+# with nvidia-cudnn-frontend 1.16 there too, the cuDNN band prefill tests run as well (else they skip).
 # Writes logs and results under $OUT (default ./gpu-out).
 set -o pipefail
 REPO=$(pwd)
