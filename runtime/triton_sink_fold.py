@@ -7,6 +7,8 @@ j < min(sink, i - span + 1); this kernel scores them and merges the two softmax 
 o <- (o e^lse + sum_j e^s_j v_j) / (e^lse + sum_j e^s_j). Rows that miss no sink key are not
 written. One program = one block of query rows of one (batch, query head); a block that misses
 no sink key returns at once, so the pass costs ~3 row reads/writes only where sinks are missing.
+Sink keys are read in blocks of at most 64 (an online-softmax loop), and never past the last row's
+missing ones, so a plan with a large sink neither overflows registers nor reads beyond the keys.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _sink_fold_kernel(
     GROUP,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    SINK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -61,10 +63,10 @@ def _sink_fold_kernel(
     span = tl.load(SPANS + h)
     off = k_len - q_len  # position of query row 0
     last = tl.minimum((pid_m + 1) * BLOCK_M, q_len) - 1
-    if tl.minimum(sink, off + last - span + 1) > 0:  # the block's last row misses the most sink keys
+    most = tl.minimum(sink, off + last - span + 1)  # the block's last row misses the most sink keys
+    if most > 0:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        offs_j = tl.arange(0, SINK_P)
         missing = tl.minimum(sink, off + offs_m - span + 1)  # sink keys j < missing are outside the band
         rows = (offs_m < q_len) & (missing > 0)
         q = tl.load(
@@ -72,35 +74,39 @@ def _sink_fold_kernel(
             mask=rows[:, None],
             other=0.0,
         )
-        jmask = offs_j < sink
-        kk = tl.load(
-            K + b * stride_kb + kvh * stride_kh + offs_j[:, None] * stride_kn + offs_d[None, :],
-            mask=jmask[:, None],
-            other=0.0,
-        )
-        vv = tl.load(
-            V + b * stride_vb + kvh * stride_vh + offs_j[:, None] * stride_vn + offs_d[None, :],
-            mask=jmask[:, None],
-            other=0.0,
-        )
-        if IEEE:
-            s = tl.dot(q, tl.trans(kk), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(kk))
-        s = s * qk_scale  # base-2 scores
-        s = tl.where(offs_j[None, :] < missing[:, None], s, float("-inf"))
-        lse = tl.load(LSE + bh * q_len + offs_m, mask=rows, other=0.0) * 1.4426950408889634  # to base 2
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-        o = tl.load(o_ptrs, mask=rows[:, None], other=0.0).to(tl.float32)
-        m = tl.maximum(lse, tl.max(s, 1))
-        w = tl.math.exp2(lse - m)
-        p = tl.math.exp2(s - m[:, None])
-        l_tot = w + tl.sum(p, 1)
-        if IEEE:
-            acc = tl.dot(p.to(vv.dtype), vv, o * w[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(vv.dtype), vv, o * w[:, None])
-        tl.store(o_ptrs, (acc / l_tot[:, None]).to(O.dtype.element_ty), mask=rows[:, None])
+        # the band's state: its max is taken as lse (base 2), so its weight starts at 1
+        m_i = tl.load(LSE + bh * q_len + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+        acc = tl.load(o_ptrs, mask=rows[:, None], other=0.0).to(tl.float32)
+        for j0 in range(0, most, BLOCK_J):  # sink keys in blocks: any sink size fits in registers
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            jmask = offs_j < most
+            kk = tl.load(
+                K + b * stride_kb + kvh * stride_kh + offs_j[:, None] * stride_kn + offs_d[None, :],
+                mask=jmask[:, None],
+                other=0.0,
+            )
+            vv = tl.load(
+                V + b * stride_vb + kvh * stride_vh + offs_j[:, None] * stride_vn + offs_d[None, :],
+                mask=jmask[:, None],
+                other=0.0,
+            )
+            if IEEE:
+                s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kk))
+            s = tl.where(offs_j[None, :] < missing[:, None], s * qk_scale, float("-inf"))  # base-2 scores
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None])
+            m_i = m_new
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=rows[:, None])
 
 
 def fold_sink(
@@ -159,7 +165,7 @@ def fold_sink(
         hq // hkv,
         HEAD_DIM=d,
         BLOCK_M=block_m,
-        SINK_P=max(16, triton.next_power_of_2(int(sink))),
+        BLOCK_J=min(64, max(16, triton.next_power_of_2(min(int(sink), k_len)))),
         IEEE=q.dtype == torch.float32,
         num_warps=4,
     )
