@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from moa_plan.runtime.triton_common import device_index
 from moa_plan.runtime.triton_sink_fold import fold_sink
 
 MAX_GRAPHS = 1024  # built graphs kept (oldest dropped first): a model meets ~(layers x distinct spans) per length
@@ -122,7 +123,7 @@ _streams: dict[int, list] = {}
 def _handle(device: torch.device):
     import cudnn
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     if index not in _handles:
         with torch.cuda.device(index):
             _handles[index] = cudnn.create_handle()
@@ -211,7 +212,7 @@ def _unsupported(q, k, views, calls, scale) -> str | None:
 
 
 def _side_streams(device: torch.device) -> list:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     if index not in _streams:
         _streams[index] = [torch.cuda.Stream(device=index) for _ in range(STREAMS)]
     return _streams[index]
@@ -276,7 +277,7 @@ def prefill_attention(
             run(*vw, c.window, scale)
     for s in streams or ():
         main.wait_stream(s)
-    eff = torch.tensor(effective_spans(spans_l, sink, k_len), dtype=torch.int32, device=q.device)
     if sink > 0 and any(c.window is not None for c in calls):
+        eff = torch.tensor(effective_spans(spans_l, sink, k_len), dtype=torch.int32, device=q.device)
         fold_sink(q, k, v, out, lse, eff, sink, scale)
     return out

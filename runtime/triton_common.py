@@ -1,7 +1,7 @@
 """The @triton.jit pieces shared by the two prefill kernels (contiguous K/V in ``triton_prefill_kernel``,
 vLLM's paged cache in ``triton_paged_kernel``): the online-softmax loop over a range of key blocks with
 the plan's span/sink mask, and the sink + window key ranges of one block of query rows; the key-layout
-constants the decode kernel shares; the device facts the launchers ask (``sm_count``, ``hopper``) and
+constants the decode kernel shares; the device facts the launchers ask (``sm_count``, ``hopper``, ``device_index``) and
 TMA descriptors (``tma_descriptors``).
 
 Where keys live is one tuple ``keys`` read by the ``LAYOUT`` it names (a compile-time constant):
@@ -162,12 +162,12 @@ def sm_count(device: torch.device, cpu: int) -> int:
     interpreter), where the launchers want a small or a Hopper-like grid."""
     if device.type != "cuda":
         return cpu
-    return _cuda_properties(_index(device)).multi_processor_count
+    return _cuda_properties(device_index(device)).multi_processor_count
 
 
 def hopper(device: torch.device) -> bool:
     """A CUDA device of compute capability >= 9: TMA descriptors and programmatic dependent launch."""
-    return device.type == "cuda" and _cuda_properties(_index(device)).major >= 9
+    return device.type == "cuda" and _cuda_properties(device_index(device)).major >= 9
 
 
 def tma_descriptors(tensors: tuple[torch.Tensor, ...], block: list[int]) -> tuple | None:
@@ -181,7 +181,8 @@ def tma_descriptors(tensors: tuple[torch.Tensor, ...], block: list[int]) -> tupl
     return tuple(TensorDescriptor.from_tensor(t, block) for t in tensors)
 
 
-def _index(device: torch.device) -> int:
+def device_index(device: torch.device) -> int:
+    """The CUDA device's index (the current device for a bare 'cuda')."""
     return device.index if device.index is not None else torch.cuda.current_device()
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moa_plan.evals.bench.cases import SHAPES, plan_of_kind
+from moa_plan.evals.bench.kernels import cudnn_band_module
 from moa_plan.evals.bench.timing import bench_time
 from moa_plan.runtime.triton_prefill import default_config, prefill_attention
 from moa_plan.semantics import causal_pairs, visible_pairs
@@ -30,12 +31,7 @@ SINK = 64
 TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)]
 
 
-try:
-    import cudnn  # noqa: F401 - the optional cudnn extra
-
-    from moa_plan.runtime import cudnn_band_prefill as band_module
-except ImportError:
-    band_module = None
+band_module = cudnn_band_module()  # None without the optional cudnn extra
 
 
 def cudnn_band(q, k, v, spans, want) -> dict:

@@ -22,7 +22,7 @@ from moa_plan.evals.bench.timing import (
 )
 
 
-def _cudnn_band_prefill():
+def cudnn_band_module():
     """moa_plan.runtime.cudnn_band_prefill when the cudnn extra is installed, else None."""
     try:
         import cudnn  # noqa: F401
@@ -366,7 +366,7 @@ class Kernels(Baselines):
             else:
                 entry["wrong"] = f"rel {rel:.3g} max {mx:.3g}"
             del out
-            band = _cudnn_band_prefill()
+            band = cudnn_band_module()
             if band is not None and dens < 1.0:  # the opt-in cuDNN band path (MOA_PREFILL_KERNEL=cudnn)
                 bout = band.prefill_attention(q, k, v, spans, sink)
                 rel, mx = guard(bout, spans)
