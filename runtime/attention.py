@@ -42,20 +42,22 @@ def _kernel(name: str) -> ModuleType | None:
     return _kernels[name]
 
 
+def _env_choice(env: str, allowed: tuple[str, ...]) -> str:
+    """The environment setting ``env`` (lower case; unset or empty: allowed[0]), checked."""
+    value = os.environ.get(env, allowed[0]).strip().lower() or allowed[0]
+    if value not in allowed:
+        raise ValueError(f"{env}={value!r}: must be one of {', '.join(allowed)} (unset: {allowed[0]})")
+    return value
+
+
 def backend_setting() -> str:
     """'auto', 'torch' or 'triton' from MOA_ATTENTION_BACKEND."""
-    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "torch", "triton"):
-        raise ValueError(f"{BACKEND_ENV}={value!r}: must be 'torch', 'triton' or unset")
-    return value
+    return _env_choice(BACKEND_ENV, ("auto", "torch", "triton"))
 
 
 def prefill_kernel_setting() -> str:
     """'triton' (default) or 'cudnn' from MOA_PREFILL_KERNEL."""
-    value = os.environ.get(PREFILL_KERNEL_ENV, "triton").strip().lower() or "triton"
-    if value not in ("triton", "cudnn"):
-        raise ValueError(f"{PREFILL_KERNEL_ENV}={value!r}: must be 'triton' or 'cudnn'")
-    return value
+    return _env_choice(PREFILL_KERNEL_ENV, ("triton", "cudnn"))
 
 
 def _cudnn_band(q: torch.Tensor) -> ModuleType | None:
