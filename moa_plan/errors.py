@@ -2,7 +2,8 @@
 
 ``Problems`` carries (location, message) pairs and the file they are in. ``PlanError`` is for
 plans and their pairing with a model; ``UsageError`` for every other bad input (data files,
-result files, model folders); ``OptionError`` for a bad command-line option (exit 2).
+result files, model folders), ``SettingError`` for a bad environment setting; ``OptionError`` for a
+bad command-line option (exit 2).
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class PlanError(Problems):
 
 class UsageError(Problems):
     """Bad input that is not a plan: a data or result file, a model folder, a setting."""
+
+
+class SettingError(UsageError, ValueError):
+    """A bad environment setting (location: ``VAR=value``); a ValueError too, as before it had a type."""
+
+    def __init__(self, env: str, value: str, message: str):
+        super().__init__([(f"{env}={value!r}", message)])
 
 
 class OptionError(UsageError):

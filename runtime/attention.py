@@ -18,13 +18,13 @@ import importlib
 import importlib.util
 import inspect
 import math
-import os
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from moa_plan.runtime.cache import LayerLayout, _head_positions, gather_heads, torch_decode_attention
+from moa_plan.settings import env_choice
 
 BACKEND_ENV = "MOA_ATTENTION_BACKEND"
 PREFILL_KERNEL_ENV = "MOA_PREFILL_KERNEL"
@@ -42,22 +42,14 @@ def _kernel(name: str) -> ModuleType | None:
     return _kernels[name]
 
 
-def _env_choice(env: str, allowed: tuple[str, ...]) -> str:
-    """The environment setting ``env`` (lower case; unset or empty: allowed[0]), checked."""
-    value = os.environ.get(env, allowed[0]).strip().lower() or allowed[0]
-    if value not in allowed:
-        raise ValueError(f"{env}={value!r}: must be one of {', '.join(allowed)} (unset: {allowed[0]})")
-    return value
-
-
 def backend_setting() -> str:
     """'auto', 'torch' or 'triton' from MOA_ATTENTION_BACKEND."""
-    return _env_choice(BACKEND_ENV, ("auto", "torch", "triton"))
+    return env_choice(BACKEND_ENV, ("auto", "torch", "triton"))
 
 
 def prefill_kernel_setting() -> str:
     """'triton' (default) or 'cudnn' from MOA_PREFILL_KERNEL."""
-    return _env_choice(PREFILL_KERNEL_ENV, ("triton", "cudnn"))
+    return env_choice(PREFILL_KERNEL_ENV, ("triton", "cudnn"))
 
 
 def _cudnn_band(q: torch.Tensor) -> ModuleType | None:

@@ -33,8 +33,10 @@ from typing import Any
 
 import torch
 
+from moa_plan.errors import SettingError
 from moa_plan.runtime.hf import CACHE_ARG, MoACache, plan_of
 from moa_plan.runtime.static_step import StaticDecode
+from moa_plan.settings import env_choice
 
 ENV = "MOA_GRAPH_DECODE"
 COMPILE_ENV = "MOA_GRAPH_COMPILE"
@@ -47,10 +49,7 @@ _KWARGS |= {"disable_compile"}
 
 
 def setting() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "0", "1"):
-        raise ValueError(f"{ENV}={value!r}: must be 'auto', '0' or '1'")
-    return value
+    return env_choice(ENV, ("auto", "0", "1"))
 
 
 def compile_setting(value: str | None = None) -> tuple[str, str | None]:
@@ -62,7 +61,7 @@ def compile_setting(value: str | None = None) -> tuple[str, str | None]:
         return "", None
     backend, sep, mode = text.partition(":")
     if sep and not (backend and mode):
-        raise ValueError(f"{COMPILE_ENV}={text!r}: must be BACKEND, BACKEND:MODE or none")
+        raise SettingError(COMPILE_ENV, text, "must be BACKEND, BACKEND:MODE or none")
     return backend, mode or None
 
 

@@ -28,7 +28,6 @@ default. Kernels: ``triton_decode_kernel``.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -36,6 +35,7 @@ import triton
 from moa_plan.runtime.triton_common import DESCRIPTORS, GATHER, hopper, sm_count, tma_descriptors
 from moa_plan.runtime.triton_decode_kernel import _decode_kernel, _reduce_kernel
 from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
+from moa_plan.settings import env_choice
 
 _LOG2E = 1.4426950408889634
 MERGE_ENV = "MOA_DECODE_MERGE"  # 'kernel' (default: a second small launch merges split-K chunks) or 'fused'
@@ -56,26 +56,19 @@ def _max_cap(cap: torch.Tensor) -> int:
     return cached[1]
 
 
-def _setting(env: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = os.environ.get(env, default).strip().lower() or default
-    if value not in allowed:
-        raise ValueError(f"{env}={value!r}: must be one of {', '.join(allowed)}")
-    return value
-
-
 def merge_setting() -> str:
     """'kernel' or 'fused' from MOA_DECODE_MERGE (default 'kernel': measured faster, see above)."""
-    return _setting(MERGE_ENV, "kernel", ("fused", "kernel"))
+    return env_choice(MERGE_ENV, ("fused", "kernel"), "kernel")
 
 
 def loads_setting() -> str:
     """'gather' or 'tma' from MOA_DECODE_LOADS (default DEFAULT_LOADS)."""
-    return _setting(LOADS_ENV, DEFAULT_LOADS, LOADS)
+    return env_choice(LOADS_ENV, LOADS, DEFAULT_LOADS)
 
 
 def pdl_setting() -> bool:
     """MOA_DECODE_PDL as a bool (default DEFAULT_PDL)."""
-    return _setting(PDL_ENV, str(int(DEFAULT_PDL)), ("0", "1")) == "1"
+    return env_choice(PDL_ENV, ("0", "1"), str(int(DEFAULT_PDL))) == "1"
 
 
 def arrival_counters(device: torch.device, size: int) -> torch.Tensor:

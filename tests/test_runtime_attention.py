@@ -213,3 +213,26 @@ def test_cudnn_prefill_kernel_leaves_cpu_and_fp32_inputs_where_they_were(monkeyp
     torch.testing.assert_close(
         prefill_attention(q, k, k, spans, 1), reference_attention(q, k, k, spans, 1), atol=TOL, rtol=TOL
     )
+
+
+def test_a_bad_setting_is_a_located_problem_the_cli_prints_as_one_line(monkeypatch, capsys):
+    from moa_plan import cli
+    from moa_plan.errors import Problems, SettingError
+
+    monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "cutlass")
+    with pytest.raises(SettingError) as info:
+        attention.prefill_kernel_setting()
+    assert isinstance(info.value, Problems) and isinstance(info.value, ValueError)
+    assert str(info.value) == "MOA_PREFILL_KERNEL='cutlass': must be one of triton, cudnn (unset: triton)"
+
+    def handler(args):
+        attention.prefill_kernel_setting()
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    args = parser.parse_args(["validate", "x.json"])
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    args.handler = handler
+    assert cli.main([]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moa-plan: MOA_PREFILL_KERNEL='cutlass': must be one of triton, cudnn (unset: triton)"]
