@@ -97,6 +97,74 @@ def _view(x: torch.Tensor, first: int, step: int, count: int) -> torch.Tensor:
     return x[:, first : first + (count - 1) * step + 1 : step]
 
 
+@dataclass(frozen=True)
+class Operand:
+    """Where one call's operand lies inside its whole tensor: element offset, shape, strides."""
+
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        return x.as_strided(self.shape, self.stride, x.storage_offset() + self.offset)
+
+
+def _operand(view: torch.Tensor, whole: torch.Tensor) -> Operand:
+    return Operand(view.storage_offset() - whole.storage_offset(), tuple(view.shape), tuple(view.stride()))
+
+
+@dataclass(frozen=True)
+class CallLayout:
+    """One band call's operands: Q, K, V and O as views of the whole tensors, and its statistics
+    as a packed [B, n_q, Lq] block of a scratch buffer (blocks in call order)."""
+
+    call: BandCall
+    q: Operand
+    k: Operand
+    v: Operand
+    out: Operand
+    stats: Operand
+
+
+def band_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, calls: list[BandCall]):
+    """Each call's operands as (offset, shape, strides) of q / k / v / out and of the statistics
+    scratch: the same for every input of these shapes and strides, so built once per plan."""
+    batch, q_len, layouts, done = q.shape[0], q.shape[2], [], 0
+    for c in calls:
+        stats = Operand(done * batch * q_len, (batch, c.n_q, q_len), (c.n_q * q_len, q_len, 1))
+        kv = slice(c.kv0, c.kv0 + c.n_kv)
+        layouts.append(
+            CallLayout(
+                c,
+                _operand(_view(q, c.q0, c.q_step, c.n_q), q),
+                _operand(k[:, kv], k),
+                _operand(v[:, kv], v),
+                _operand(_view(out, c.q0, c.q_step, c.n_q), out),
+                stats,
+            )
+        )
+        done += c.n_q
+    return layouts
+
+
+def call_positions(layouts: list[CallLayout], device) -> torch.Tensor:
+    """[Hq]: where each query head's statistics lie among the calls' blocks (heads in call order)."""
+    return torch.argsort(torch.tensor([h for lay in layouts for h in lay.call.heads()], device=device))
+
+
+def lse_in_head_order(scratch: torch.Tensor, layouts: list[CallLayout], positions: torch.Tensor) -> torch.Tensor:
+    """[B, Hq, Lq] log-sum-exp from the scratch's per-call blocks (``positions``: ``call_positions``)."""
+    if not layouts:
+        return scratch
+    batch, q_len = layouts[0].stats.shape[0], layouts[0].stats.shape[2]
+    hq = sum(lay.call.n_q for lay in layouts)
+    if batch == 1:  # the blocks are already one [1, Hq, Lq] tensor in call order
+        in_calls = scratch.view(1, hq, q_len)
+    else:
+        in_calls = torch.cat([lay.stats.of(scratch) for lay in layouts], dim=1)
+    return in_calls.index_select(1, positions)
+
+
 Band = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int | None, float], None]
 
 
@@ -116,6 +184,7 @@ def torch_band(q, k, v, out, lse, window, scale) -> None:
 
 _lock = threading.Lock()
 _graphs: dict[tuple, tuple] = {}
+_plans: dict[tuple, "_CudnnPlan"] = {}
 _handles: dict[int, object] = {}
 _streams: dict[int, list] = {}
 
@@ -130,15 +199,16 @@ def _handle(device: torch.device):
     return _handles[index]
 
 
-def _graph(q, k, v, out, window, scale, handle):
-    """A built cuDNN graph for these shapes / strides / window, cached for the process."""
+def _graph(lay: CallLayout, dtype: torch.dtype, window: int | None, scale: float, handle):
+    """A built cuDNN graph for one call's operand shapes / strides and window (cached for the
+    process) and the uids of its q, k, v, out and stats tensors."""
     import cudnn
 
-    key = tuple((tuple(t.shape), tuple(t.stride())) for t in (q, k, v, out)) + (window, scale, q.dtype, q.device)
+    key = (lay.q.shape, lay.q.stride, lay.k.shape, lay.k.stride, lay.v.stride, lay.out.stride, window, scale, dtype)
     with _lock:
         if key in _graphs:
             return _graphs[key]
-        dt = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[q.dtype]
+        dt = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
         g = cudnn.pygraph(
             io_data_type=dt,
             intermediate_data_type=cudnn.data_type.FLOAT,
@@ -146,7 +216,8 @@ def _graph(q, k, v, out, window, scale, handle):
             handle=handle,
         )
         ts = [
-            g.tensor(name=n, dim=list(t.shape), stride=list(t.stride()), data_type=dt) for n, t in zip("qkv", (q, k, v))
+            g.tensor(name=n, dim=list(op.shape), stride=list(op.stride), data_type=dt)
+            for n, op in zip("qkv", (lay.q, lay.k, lay.v))
         ]
         band = {} if window is None else {"diagonal_band_left_bound": int(window)}
         o, stats = g.sdpa(
@@ -160,8 +231,10 @@ def _graph(q, k, v, out, window, scale, handle):
             diagonal_band_right_bound=0,
             **band,
         )
-        o.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(dt)
-        stats.set_output(True).set_data_type(cudnn.data_type.FLOAT)
+        o.set_output(True).set_dim(list(lay.out.shape)).set_stride(list(lay.out.stride)).set_data_type(dt)
+        b, n_q, q_len = lay.stats.shape
+        stats.set_output(True).set_dim([b, n_q, q_len, 1]).set_stride([n_q * q_len, q_len, 1, 1])
+        stats.set_data_type(cudnn.data_type.FLOAT)
         g.validate()
         g.build_operation_graph()
         g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
@@ -169,21 +242,58 @@ def _graph(q, k, v, out, window, scale, handle):
         g.build_plans()
         if len(_graphs) >= MAX_GRAPHS:
             del _graphs[next(iter(_graphs))]
-        _graphs[key] = (g, (*ts, o, stats))
+        _graphs[key] = (g, tuple(t.get_uid() for t in (*ts, o, stats)), g.get_workspace_size())
         return _graphs[key]
 
 
-def cudnn_band(q, k, v, out, lse, window, scale) -> None:
-    """One band call through cuDNN on the current stream (see ``torch_band`` for the contract)."""
+@dataclass
+class _CudnnPlan:
+    """Everything one plan's prefill needs that does not depend on the data: the calls' layouts,
+    their built graphs, workspace per stream, where each head's statistics lie."""
+
+    layouts: list[CallLayout]
+    graphs: list[tuple]
+    workspace: int
+    positions: torch.Tensor
+
+
+def _cudnn_plan(q, k, v, out, spans: list[int], sink: int, scale: float) -> _CudnnPlan:
+    """Build (once per plan, shapes and strides) every graph the prefill runs; raises what cuDNN
+    raises for a shape it refuses."""
+    key = (tuple(spans), sink, scale, q.dtype, q.device) + tuple((tuple(t.shape), t.stride()) for t in (q, k, v, out))
+    plan = _plans.get(key)
+    if plan is None:
+        calls = band_calls(spans, sink, k.shape[2], q.shape[1] // k.shape[1])
+        layouts = band_layout(q, k, v, out, calls)
+        handle = _handle(q.device)
+        graphs = [_graph(lay, q.dtype, lay.call.window, scale, handle) for lay in layouts]
+        plan = _CudnnPlan(layouts, graphs, max([g[2] for g in graphs] + [1]), call_positions(layouts, q.device))
+        with _lock:
+            if len(_plans) >= MAX_GRAPHS:
+                del _plans[next(iter(_plans))]
+            _plans[key] = plan
+    return plan
+
+
+def _run_cudnn(plan: _CudnnPlan, q, k, v, out, scratch) -> None:
+    """Every band call of the plan, by raw pointers (no per-call tensors: at 16k the calls are
+    short and Python's per-call work would otherwise be what the GPU waits for), on the side
+    streams, each stream with its own slice of one workspace."""
     import cudnn
 
-    handle = _handle(q.device)
-    g, (qt, kt, vt, ot, st) = _graph(q, k, v, out, window, scale, handle)
-    stats = torch.empty((*lse.shape, 1), device=q.device, dtype=torch.float32)
-    ws = torch.empty(max(1, g.get_workspace_size()), device=q.device, dtype=torch.uint8)
-    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-    g.execute({qt: q, kt: k, vt: v, ot: out, st: stats}, ws, handle=handle)
-    lse.copy_(stats.squeeze(-1))
+    handle, streams = _handle(q.device), _side_streams(q.device)
+    ws = torch.empty(plan.workspace * len(streams), device=q.device, dtype=torch.uint8)
+    main = torch.cuda.current_stream(q.device)
+    for s in streams:
+        s.wait_stream(main)
+    bases = [(t.data_ptr(), t.element_size()) for t in (q, k, v, out, scratch)]
+    for n, (lay, (g, uids, _)) in enumerate(zip(plan.layouts, plan.graphs)):
+        cudnn.set_stream(handle=handle, stream=streams[n % len(streams)].cuda_stream)
+        ops = (lay.q, lay.k, lay.v, lay.out, lay.stats)
+        ptrs = {uid: base + op.offset * size for uid, op, (base, size) in zip(uids, ops, bases)}
+        g._execute(ptrs, ws.data_ptr() + (n % len(streams)) * plan.workspace, handle)
+    for s in streams:
+        main.wait_stream(s)
 
 
 _warned: set[str] = set()
@@ -195,19 +305,13 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _unsupported(q, k, views, calls, scale) -> str | None:
-    """Why cuDNN cannot run these calls (None: their graphs are built and cached). The band is
-    anchored top-left, so the queries must be the whole sequence (no cached keys before them)."""
+def _unsupported(q, k) -> str | None:
+    """Why cuDNN cannot take these inputs at all. The band is anchored top-left, so the queries
+    must be the whole sequence (no cached keys before them)."""
     if q.shape[2] != k.shape[2]:
         return "queries after cached keys (the band path takes whole prompts)"
     if q.dtype not in (torch.float16, torch.bfloat16) or not q.is_cuda:
         return f"{q.dtype} on {q.device} (cuDNN attention takes fp16/bf16 on CUDA)"
-    try:
-        handle = _handle(q.device)
-        for (qv, kv, vv, ov, _), c in zip(views, calls):
-            _graph(qv, kv, vv, ov, c.window, scale, handle)
-    except Exception as exc:  # noqa: BLE001 - cuDNN's own errors: a shape or layout it does not support
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return None
 
 
@@ -245,39 +349,27 @@ def prefill_attention(
     if q_len == 0 or batch == 0:
         return out
     spans_l = [int(s) for s in spans.tolist()]
-    calls = band_calls(spans_l, sink, k_len, hq // hkv)
-    lse = torch.empty(batch, hq, q_len, device=q.device, dtype=torch.float32)
-    views = [
-        (
-            _view(q, c.q0, c.q_step, c.n_q),
-            k[:, c.kv0 : c.kv0 + c.n_kv],
-            v[:, c.kv0 : c.kv0 + c.n_kv],
-            _view(out, c.q0, c.q_step, c.n_q),
-            _view(lse, c.q0, c.q_step, c.n_q),
-        )
-        for c in calls
-    ]
+    scratch = torch.empty(batch * hq * q_len, device=q.device, dtype=torch.float32)
     if band is None:  # plan: build every graph first; what cuDNN cannot run goes to the Triton kernel whole
-        why = _unsupported(q, k, views, calls, scale)
+        why = _unsupported(q, k)
+        try:
+            plan = None if why else _cudnn_plan(q, k, v, out, spans_l, sink, scale)
+        except Exception as exc:  # noqa: BLE001 - cuDNN's own errors: a shape or layout it does not support
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if why:
             from moa_plan.runtime.triton_prefill import prefill_attention as triton_prefill
 
             _warn_once(f"cuDNN band prefill falls back to the Triton kernel: {why}")
             return triton_prefill(q, k, v, spans, sink, scale)
-    run = band or cudnn_band
-    streams = _side_streams(q.device) if q.is_cuda and band is None and len(calls) > 1 else None
-    main = torch.cuda.current_stream(q.device) if streams else None
-    for s in streams or ():
-        s.wait_stream(main)
-    for n, (c, vw) in enumerate(zip(calls, views)):
-        if streams:
-            with torch.cuda.stream(streams[n % len(streams)]):
-                run(*vw, c.window, scale)
-        else:
-            run(*vw, c.window, scale)
-    for s in streams or ():
-        main.wait_stream(s)
-    if sink > 0 and any(c.window is not None for c in calls):
+        layouts, positions = plan.layouts, plan.positions
+        _run_cudnn(plan, q, k, v, out, scratch)
+    else:
+        layouts = band_layout(q, k, v, out, band_calls(spans_l, sink, k_len, hq // hkv))
+        positions = call_positions(layouts, q.device)
+        for lay in layouts:
+            views = (lay.q.of(q), lay.k.of(k), lay.v.of(v), lay.out.of(out), lay.stats.of(scratch))
+            band(*views, lay.call.window, scale)
+    if sink > 0 and any(lay.call.window is not None for lay in layouts):
         eff = torch.tensor(effective_spans(spans_l, sink, k_len), dtype=torch.int32, device=q.device)
-        fold_sink(q, k, v, out, lse, eff, sink, scale)
+        fold_sink(q, k, v, out, lse_in_head_order(scratch, layouts, positions), eff, sink, scale)
     return out

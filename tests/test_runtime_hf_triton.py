@@ -88,6 +88,10 @@ def _run_triton_script(device: str, dtype: str, tol: float, interpret: bool, **e
 
 
 @pytest.mark.skipif(not _kernels_present(), reason="Triton kernel modules not present")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="interpreter tests run where there is no GPU (as tests/_triton_cpu.py); here the compiled kernels are tested",
+)
 def test_triton_backend_through_the_model_interpreted():
     """TRITON_INTERPRET=1: generate (Triton prefill + decode kernels, fp32) and a chunked prefill match
     the reference attention run call by call over a dense DynamicCache, at every step."""

@@ -61,7 +61,30 @@ def cudnn_band(q, k, v, spans, want) -> dict:
         "calls": len(calls),
         "first_call_s": round(first_s, 3),
         "fold_ms": round(fold_ms, 4),
+        **where_time_goes(lambda: band_module.prefill_attention(q, k, v, spans, SINK)),
     }
+
+
+def where_time_goes(fn, reps: int = 10) -> dict:
+    """Host time per call (Python and launches, no synchronisation: if it nears the call's GPU time,
+    the GPU waits for the host) and the profiler's GPU kernel time per call, by kernel."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host_ms = (time.perf_counter() - t0) / reps * 1e3
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            kernels[e.key[:90]] = round(t / reps / 1e3, 4)
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:6])
+    return {"host_ms": round(host_ms, 4), "gpu_kernel_ms_sum": round(sum(kernels.values()), 4), "top_kernels_ms": top}
 
 
 def main() -> int:
