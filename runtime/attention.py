@@ -267,12 +267,21 @@ def band_block(span: int, sink: int, k_len: int) -> int:
 
 
 def prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: torch.Tensor, sink: int, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spans: torch.Tensor,
+    sink: int,
+    scale: float | None = None,
+    host_spans: list[int] | None = None,
 ) -> torch.Tensor:
-    """Plan attention of q [B,Hq,Lq,D] over all keys k/v [B,Hkv,Lk,D] (Lq <= Lk), spans at N = Lk."""
+    """Plan attention of q [B,Hq,Lq,D] over all keys k/v [B,Hkv,Lk,D] (Lq <= Lk), spans at N = Lk
+    (``host_spans``: the same as a list, which spares the cuDNN band path a wait for the GPU)."""
     module = _use_triton("triton_prefill", q.device)
     if module is not None:
-        module = _cudnn_band(q) or module
+        band = _cudnn_band(q)
+        if band is not None:
+            return band.prefill_attention(q, k, v, spans, sink, scale, host_spans=host_spans)
         return module.prefill_attention(q, k, v, spans, sink, scale)
     return torch_prefill_attention(q, k, v, spans, sink, scale)
 

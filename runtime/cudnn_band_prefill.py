@@ -253,8 +253,27 @@ class _CudnnPlan:
 
     layouts: list[CallLayout]
     graphs: list[tuple]
+    streams: list[int]  # the side stream of each call
     workspace: int
     positions: torch.Tensor
+    fold_spans: torch.Tensor | None  # int32 [Hq] for the sink fold (None: no head misses a sink)
+
+
+def band_cost(c: BandCall, k_len: int) -> int:
+    """The (query, key) pairs a call computes: its heads x its band's pairs."""
+    w = k_len if c.window is None else min(c.window, k_len)
+    return c.n_q * (w * (w + 1) // 2 + (k_len - w) * w)
+
+
+def assign_streams(calls: list[BandCall], k_len: int, n_streams: int) -> list[int]:
+    """Each call's stream, in order, onto the least loaded one so far (with the calls longest
+    first, the classic longest-processing-time rule): round-robin can put two long calls on one
+    stream and leave the others idle at the end."""
+    load, where = [0] * n_streams, []
+    for c in calls:
+        where.append(min(range(n_streams), key=load.__getitem__))
+        load[where[-1]] += band_cost(c, k_len)
+    return where
 
 
 def _cudnn_plan(q, k, v, out, spans: list[int], sink: int, scale: float) -> _CudnnPlan:
@@ -267,7 +286,18 @@ def _cudnn_plan(q, k, v, out, spans: list[int], sink: int, scale: float) -> _Cud
         layouts = band_layout(q, k, v, out, calls)
         handle = _handle(q.device)
         graphs = [_graph(lay, q.dtype, lay.call.window, scale, handle) for lay in layouts]
-        plan = _CudnnPlan(layouts, graphs, max([g[2] for g in graphs] + [1]), call_positions(layouts, q.device))
+        order = sorted(range(len(calls)), key=lambda i: -band_cost(calls[i], k.shape[2]))
+        layouts, graphs = [layouts[i] for i in order], [graphs[i] for i in order]  # long calls start first
+        fold = sink > 0 and any(c.window is not None for c in calls)
+        eff = effective_spans(spans, sink, k.shape[2])
+        plan = _CudnnPlan(
+            layouts,
+            graphs,
+            assign_streams([lay.call for lay in layouts], k.shape[2], STREAMS),
+            max([g[2] for g in graphs] + [1]),
+            call_positions(layouts, q.device),
+            torch.tensor(eff, dtype=torch.int32, device=q.device) if fold else None,
+        )
         with _lock:
             if len(_plans) >= MAX_GRAPHS:
                 del _plans[next(iter(_plans))]
@@ -287,11 +317,11 @@ def _run_cudnn(plan: _CudnnPlan, q, k, v, out, scratch) -> None:
     for s in streams:
         s.wait_stream(main)
     bases = [(t.data_ptr(), t.element_size()) for t in (q, k, v, out, scratch)]
-    for n, (lay, (g, uids, _)) in enumerate(zip(plan.layouts, plan.graphs)):
-        cudnn.set_stream(handle=handle, stream=streams[n % len(streams)].cuda_stream)
+    for lay, (g, uids, _), n in zip(plan.layouts, plan.graphs, plan.streams):
+        cudnn.set_stream(handle=handle, stream=streams[n].cuda_stream)
         ops = (lay.q, lay.k, lay.v, lay.out, lay.stats)
         ptrs = {uid: base + op.offset * size for uid, op, (base, size) in zip(uids, ops, bases)}
-        g._execute(ptrs, ws.data_ptr() + (n % len(streams)) * plan.workspace, handle)
+        g._execute(ptrs, ws.data_ptr() + n * plan.workspace, handle)
     for s in streams:
         main.wait_stream(s)
 
@@ -331,12 +361,15 @@ def prefill_attention(
     scale: float | None = None,
     *,
     band: Band | None = None,
+    host_spans: list[int] | None = None,
 ) -> torch.Tensor:
     """Plan attention of q [B, Hq, Lq, D] over k/v [B, Hkv, Lk, D] (Lq <= Lk, row r at position
     Lk - Lq + r), spans [Hq] at N = Lk: band calls (``band``, default cuDNN; ``torch_band`` on CPU)
     then the sink fold. Returns [B, Hq, Lq, D] in the [B, Lq, Hq, D] memory transformers wants.
     With cuDNN, every graph is built before anything runs; inputs cuDNN cannot take (queries after
-    cached keys, fp32, a shape it refuses) go whole to the Triton kernel, with one warning."""
+    cached keys, fp32, a shape it refuses) go whole to the Triton kernel, with one warning.
+    ``host_spans``: the same spans as a list, if the caller has them (reading a device tensor's
+    values waits for the GPU to drain, and the calls are then issued to an idle GPU)."""
     batch, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != d or hq % hkv or q_len > k_len:
@@ -348,7 +381,7 @@ def prefill_attention(
     out = q.new_empty(batch, q_len, hq, d).transpose(1, 2)
     if q_len == 0 or batch == 0:
         return out
-    spans_l = [int(s) for s in spans.tolist()]
+    spans_l = [int(s) for s in (spans.tolist() if host_spans is None else host_spans)]
     scratch = torch.empty(batch * hq * q_len, device=q.device, dtype=torch.float32)
     if band is None:  # plan: build every graph first; what cuDNN cannot run goes to the Triton kernel whole
         why = _unsupported(q, k)
@@ -361,14 +394,17 @@ def prefill_attention(
 
             _warn_once(f"cuDNN band prefill falls back to the Triton kernel: {why}")
             return triton_prefill(q, k, v, spans, sink, scale)
-        layouts, positions = plan.layouts, plan.positions
         _run_cudnn(plan, q, k, v, out, scratch)
-    else:
-        layouts = band_layout(q, k, v, out, band_calls(spans_l, sink, k_len, hq // hkv))
-        positions = call_positions(layouts, q.device)
-        for lay in layouts:
-            views = (lay.q.of(q), lay.k.of(k), lay.v.of(v), lay.out.of(out), lay.stats.of(scratch))
-            band(*views, lay.call.window, scale)
+        if plan.fold_spans is not None:
+            fold_sink(
+                q, k, v, out, lse_in_head_order(scratch, plan.layouts, plan.positions), plan.fold_spans, sink, scale
+            )
+        return out
+    layouts = band_layout(q, k, v, out, band_calls(spans_l, sink, k_len, hq // hkv))
+    positions = call_positions(layouts, q.device)
+    for lay in layouts:
+        views = (lay.q.of(q), lay.k.of(k), lay.v.of(v), lay.out.of(out), lay.stats.of(scratch))
+        band(*views, lay.call.window, scale)
     if sink > 0 and any(lay.call.window is not None for lay in layouts):
         eff = torch.tensor(effective_spans(spans_l, sink, k_len), dtype=torch.int32, device=q.device)
         fold_sink(q, k, v, out, lse_in_head_order(scratch, layouts, positions), eff, sink, scale)

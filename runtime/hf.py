@@ -60,7 +60,7 @@ class PlanState:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.sink = plan.sink
-        self._spans: dict[tuple[int, str], torch.Tensor] = {}
+        self._spans: dict[tuple[int, str], torch.Tensor | list[list[int]]] = {}
 
     def spans(self, layer: int, n: int, device: torch.device) -> torch.Tensor:
         """int32 [Hq]: the layer's spans at total length n (``Plan.spans``), on ``device``."""
@@ -72,6 +72,16 @@ class PlanState:
             table = torch.tensor(self.plan.spans(int(n)), dtype=torch.int32, device=device)
             self._spans[key] = table
         return table[layer]
+
+    def host_spans(self, layer: int, n: int) -> list[int]:
+        """The same spans as a Python list (kept for the last lengths met)."""
+        key = (int(n), "host")
+        table = self._spans.get(key)
+        if table is None:
+            if len(self._spans) >= 8:
+                self._spans.pop(next(iter(self._spans)))
+            table = self._spans[key] = self.plan.spans(int(n))
+        return list(table[layer])
 
 
 # ---- the static cache ----------------------------------------------------------------------
@@ -245,7 +255,8 @@ def moa_attention_forward(
         ).unsqueeze(2)
     elif step is None or step.past == 0:  # every key is in hand: N = k_len
         spans = state.spans(layer, key.shape[2], query.device)
-        out = prefill_attention(query, key, value, spans, state.sink, scaling)
+        host = state.host_spans(layer, key.shape[2])
+        out = prefill_attention(query, key, value, spans, state.sink, scaling, host_spans=host)
     else:
         n = step.past + q_len
         spans = state.spans(layer, n, query.device)

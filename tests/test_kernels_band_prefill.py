@@ -99,3 +99,15 @@ def test_sink_fold_leaves_rows_that_miss_no_sink_key_untouched():
     assert torch.equal(out[:, 0], torch.full_like(out[:, 0], 7.0))
     assert torch.equal(out[:, 1, :10], torch.full_like(out[:, 1, :10], 7.0))
     assert not torch.equal(out[:, 1, 10:], torch.full_like(out[:, 1, 10:], 7.0))
+
+
+def test_streams_take_the_longest_calls_first_each_onto_the_least_loaded():
+    n = 1000
+    calls = [bp.BandCall(None, 0, 1, 4, 0, 1), bp.BandCall(None, 4, 1, 4, 1, 1)]  # two long whole-row calls
+    calls += [bp.BandCall(10, 8 + h, 1, 1, 2, 1) for h in range(6)]  # six short bands
+    calls.sort(key=lambda c: -bp.band_cost(c, n))
+    where = bp.assign_streams(calls, n, 4)
+    assert where[0] != where[1]  # round-robin order would have done this too; the rest must not pile up
+    loads = [sum(bp.band_cost(c, n) for c, w in zip(calls, where) if w == s) for s in range(4)]
+    assert max(loads) == bp.band_cost(calls[0], n)  # the short calls fill the two idle streams
+    assert bp.band_cost(bp.BandCall(3, 0, 1, 2, 0, 1), 5) == 2 * (1 + 2 + 3 + 3 + 3)

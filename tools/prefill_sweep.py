@@ -44,11 +44,11 @@ def cudnn_band(q, k, v, spans, want) -> dict:
     try:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = band_module.prefill_attention(q, k, v, spans, SINK)  # builds this plan's cuDNN graphs
+        out = band_module.prefill_attention(q, k, v, spans, SINK, host_spans=spans_l)  # builds this plan's cuDNN graphs
         torch.cuda.synchronize()
         first_s = time.perf_counter() - t0
         err = float((out.float() - want).abs().max())
-        ms = bench_time(lambda: band_module.prefill_attention(q, k, v, spans, SINK))
+        ms = bench_time(lambda: band_module.prefill_attention(q, k, v, spans, SINK, host_spans=spans_l))
     except Exception as exc:  # noqa: BLE001 - a graph cuDNN refuses
         return {"kernel": "cudnn-band", "ms": f"n/a ({type(exc).__name__}: {str(exc)[:160]})"}
     eff = torch.tensor(band_module.effective_spans(spans_l, SINK, n), dtype=torch.int32, device=q.device)
@@ -61,7 +61,7 @@ def cudnn_band(q, k, v, spans, want) -> dict:
         "calls": len(calls),
         "first_call_s": round(first_s, 3),
         "fold_ms": round(fold_ms, 4),
-        **where_time_goes(lambda: band_module.prefill_attention(q, k, v, spans, SINK)),
+        **where_time_goes(lambda: band_module.prefill_attention(q, k, v, spans, SINK, host_spans=spans_l)),
     }
 
 
