@@ -368,11 +368,11 @@ class Kernels(Baselines):
             del out
             band = cudnn_band_module()
             if band is not None and dens < 1.0:  # the opt-in cuDNN band path (MOA_PREFILL_KERNEL=cudnn)
-                bout = band.prefill_attention(q, k, v, spans, sink)
+                bout = band.prefill_attention(q, k, v, spans, sink, host_spans=spans_l)
                 rel, mx = guard(bout, spans)
                 del bout
                 if rel <= REL_TOL and mx <= ABS_TOL:
-                    bms = round(bench_time(lambda: band.prefill_attention(q, k, v, spans, sink)), 4)
+                    bms = round(bench_time(lambda: band.prefill_attention(q, k, v, spans, sink, host_spans=spans_l)), 4)
                     entry["cudnn_band_ms"] = bms
                     if sdpa_best:
                         entry["cudnn_band_speedup_vs_sdpa_best"] = round(sdpa_best / bms, 3)
