@@ -147,9 +147,13 @@ def band_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
     return layouts
 
 
+def _by_block(layouts: list[CallLayout]) -> list[CallLayout]:
+    return sorted(layouts, key=lambda lay: lay.stats.offset)  # the scratch's order, whatever the launch order
+
+
 def call_positions(layouts: list[CallLayout], device) -> torch.Tensor:
-    """[Hq]: where each query head's statistics lie among the calls' blocks (heads in call order)."""
-    return torch.argsort(torch.tensor([h for lay in layouts for h in lay.call.heads()], device=device))
+    """[Hq]: where each query head's statistics lie among the scratch's blocks (in block order)."""
+    return torch.argsort(torch.tensor([h for lay in _by_block(layouts) for h in lay.call.heads()], device=device))
 
 
 def lse_in_head_order(scratch: torch.Tensor, layouts: list[CallLayout], positions: torch.Tensor) -> torch.Tensor:
@@ -158,11 +162,11 @@ def lse_in_head_order(scratch: torch.Tensor, layouts: list[CallLayout], position
         return scratch
     batch, q_len = layouts[0].stats.shape[0], layouts[0].stats.shape[2]
     hq = sum(lay.call.n_q for lay in layouts)
-    if batch == 1:  # the blocks are already one [1, Hq, Lq] tensor in call order
-        in_calls = scratch.view(1, hq, q_len)
+    if batch == 1:  # the blocks are already one [1, Hq, Lq] tensor in block order
+        in_blocks = scratch.view(1, hq, q_len)
     else:
-        in_calls = torch.cat([lay.stats.of(scratch) for lay in layouts], dim=1)
-    return in_calls.index_select(1, positions)
+        in_blocks = torch.cat([lay.stats.of(scratch) for lay in _by_block(layouts)], dim=1)
+    return in_blocks.index_select(1, positions)
 
 
 Band = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int | None, float], None]
@@ -184,7 +188,7 @@ def torch_band(q, k, v, out, lse, window, scale) -> None:
 
 _lock = threading.Lock()
 _graphs: dict[tuple, tuple] = {}
-_plans: dict[tuple, "_CudnnPlan"] = {}
+_plans: dict[tuple, "BandPlan"] = {}
 _handles: dict[int, object] = {}
 _streams: dict[int, list] = {}
 
@@ -246,19 +250,6 @@ def _graph(lay: CallLayout, dtype: torch.dtype, window: int | None, scale: float
         return _graphs[key]
 
 
-@dataclass
-class _CudnnPlan:
-    """Everything one plan's prefill needs that does not depend on the data: the calls' layouts,
-    their built graphs, workspace per stream, where each head's statistics lie."""
-
-    layouts: list[CallLayout]
-    graphs: list[tuple]
-    streams: list[int]  # the side stream of each call
-    workspace: int
-    positions: torch.Tensor
-    fold_spans: torch.Tensor | None  # int32 [Hq] for the sink fold (None: no head misses a sink)
-
-
 def band_cost(c: BandCall, k_len: int) -> int:
     """The (query, key) pairs a call computes: its heads x its band's pairs."""
     w = k_len if c.window is None else min(c.window, k_len)
@@ -276,28 +267,43 @@ def assign_streams(calls: list[BandCall], k_len: int, n_streams: int) -> list[in
     return where
 
 
-def _cudnn_plan(q, k, v, out, spans: list[int], sink: int, scale: float) -> _CudnnPlan:
-    """Build (once per plan, shapes and strides) every graph the prefill runs; raises what cuDNN
-    raises for a shape it refuses."""
-    key = (tuple(spans), sink, scale, q.dtype, q.device) + tuple((tuple(t.shape), t.stride()) for t in (q, k, v, out))
+@dataclass
+class BandPlan:
+    """Everything one plan's prefill needs that does not depend on the data: the calls' layouts in
+    launch order (longest first) and their streams, where each head's statistics lie, the sink
+    fold's spans (None: no head misses a sink) and, for cuDNN, the built graphs and the workspace
+    one stream needs."""
+
+    layouts: list[CallLayout]
+    streams: list[int]
+    positions: torch.Tensor
+    fold_spans: torch.Tensor | None
+    graphs: list[tuple] | None = None
+    workspace: int = 1
+
+
+def plan_bands(q, k, v, out, spans: list[int], sink: int, scale: float, cudnn_graphs: bool) -> BandPlan:
+    """Lay out (once per plan, shapes and strides; kept for the process) every call the prefill
+    runs, and with ``cudnn_graphs`` build their graphs; raises what cuDNN raises for a shape it
+    refuses."""
+    key = (tuple(spans), sink, scale, q.dtype, q.device, cudnn_graphs)
+    key += tuple((tuple(t.shape), t.stride()) for t in (q, k, v, out))
     plan = _plans.get(key)
     if plan is None:
-        calls = band_calls(spans, sink, k.shape[2], q.shape[1] // k.shape[1])
-        layouts = band_layout(q, k, v, out, calls)
-        handle = _handle(q.device)
-        graphs = [_graph(lay, q.dtype, lay.call.window, scale, handle) for lay in layouts]
-        order = sorted(range(len(calls)), key=lambda i: -band_cost(calls[i], k.shape[2]))
-        layouts, graphs = [layouts[i] for i in order], [graphs[i] for i in order]  # long calls start first
+        k_len = k.shape[2]
+        calls = band_calls(spans, sink, k_len, q.shape[1] // k.shape[1])
+        layouts = sorted(band_layout(q, k, v, out, calls), key=lambda lay: -band_cost(lay.call, k_len))
         fold = sink > 0 and any(c.window is not None for c in calls)
-        eff = effective_spans(spans, sink, k.shape[2])
-        plan = _CudnnPlan(
+        plan = BandPlan(
             layouts,
-            graphs,
-            assign_streams([lay.call for lay in layouts], k.shape[2], STREAMS),
-            max([g[2] for g in graphs] + [1]),
+            assign_streams([lay.call for lay in layouts], k_len, STREAMS),
             call_positions(layouts, q.device),
-            torch.tensor(eff, dtype=torch.int32, device=q.device) if fold else None,
+            torch.tensor(effective_spans(spans, sink, k_len), dtype=torch.int32, device=q.device) if fold else None,
         )
+        if cudnn_graphs:
+            handle = _handle(q.device)
+            plan.graphs = [_graph(lay, q.dtype, lay.call.window, scale, handle) for lay in layouts]
+            plan.workspace = max([g[2] for g in plan.graphs] + [1])
         with _lock:
             if len(_plans) >= MAX_GRAPHS:
                 del _plans[next(iter(_plans))]
@@ -305,7 +311,7 @@ def _cudnn_plan(q, k, v, out, spans: list[int], sink: int, scale: float) -> _Cud
     return plan
 
 
-def _run_cudnn(plan: _CudnnPlan, q, k, v, out, scratch) -> None:
+def _run_cudnn(plan: BandPlan, q, k, v, out, scratch) -> None:
     """Every band call of the plan, by raw pointers (no per-call tensors: at 16k the calls are
     short and Python's per-call work would otherwise be what the GPU waits for), on the side
     streams, each stream with its own slice of one workspace."""
@@ -383,29 +389,21 @@ def prefill_attention(
         return out
     spans_l = [int(s) for s in (spans.tolist() if host_spans is None else host_spans)]
     scratch = torch.empty(batch * hq * q_len, device=q.device, dtype=torch.float32)
-    if band is None:  # plan: build every graph first; what cuDNN cannot run goes to the Triton kernel whole
-        why = _unsupported(q, k)
-        try:
-            plan = None if why else _cudnn_plan(q, k, v, out, spans_l, sink, scale)
-        except Exception as exc:  # noqa: BLE001 - cuDNN's own errors: a shape or layout it does not support
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        if why:
-            from moa_plan.runtime.triton_prefill import prefill_attention as triton_prefill
+    why = _unsupported(q, k) if band is None else None
+    try:
+        plan = None if why else plan_bands(q, k, v, out, spans_l, sink, scale, cudnn_graphs=band is None)
+    except Exception as exc:  # noqa: BLE001 - cuDNN's own errors: a shape or layout it does not support
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    if why:  # every graph is built before anything runs: what cuDNN cannot run goes to Triton whole
+        from moa_plan.runtime.triton_prefill import prefill_attention as triton_prefill
 
-            _warn_once(f"cuDNN band prefill falls back to the Triton kernel: {why}")
-            return triton_prefill(q, k, v, spans, sink, scale)
+        _warn_once(f"cuDNN band prefill falls back to the Triton kernel: {why}")
+        return triton_prefill(q, k, v, spans, sink, scale)
+    if band is None:
         _run_cudnn(plan, q, k, v, out, scratch)
-        if plan.fold_spans is not None:
-            fold_sink(
-                q, k, v, out, lse_in_head_order(scratch, plan.layouts, plan.positions), plan.fold_spans, sink, scale
-            )
-        return out
-    layouts = band_layout(q, k, v, out, band_calls(spans_l, sink, k_len, hq // hkv))
-    positions = call_positions(layouts, q.device)
-    for lay in layouts:
-        views = (lay.q.of(q), lay.k.of(k), lay.v.of(v), lay.out.of(out), lay.stats.of(scratch))
-        band(*views, lay.call.window, scale)
-    if sink > 0 and any(lay.call.window is not None for lay in layouts):
-        eff = torch.tensor(effective_spans(spans_l, sink, k_len), dtype=torch.int32, device=q.device)
-        fold_sink(q, k, v, out, lse_in_head_order(scratch, layouts, positions), eff, sink, scale)
+    else:
+        for lay in plan.layouts:
+            band(lay.q.of(q), lay.k.of(k), lay.v.of(v), lay.out.of(out), lay.stats.of(scratch), lay.call.window, scale)
+    if plan.fold_spans is not None:
+        fold_sink(q, k, v, out, lse_in_head_order(scratch, plan.layouts, plan.positions), plan.fold_spans, sink, scale)
     return out

@@ -8,6 +8,7 @@ rounded to fp16 once before the fold and once after), inputs ~ N(0, 1).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from _triton_cpu import band_prefill
 from hypothesis import given, settings
@@ -111,3 +112,19 @@ def test_streams_take_the_longest_calls_first_each_onto_the_least_loaded():
     loads = [sum(bp.band_cost(c, n) for c, w in zip(calls, where) if w == s) for s in range(4)]
     assert max(loads) == bp.band_cost(calls[0], n)  # the short calls fill the two idle streams
     assert bp.band_cost(bp.BandCall(3, 0, 1, 2, 0, 1), 5) == 2 * (1 + 2 + 3 + 3 + 3)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_statistics_come_back_in_head_order_whatever_the_launch_order(batch):
+    """The cuDNN path launches long calls first; the scratch's blocks keep the layout's order."""
+    hq, hkv, n = 8, 2, 5
+    q, k = torch.randn(batch, hq, n, 4), torch.randn(batch, hkv, n, 4)
+    out = q.new_empty(batch, n, hq, 4).transpose(1, 2)
+    calls = bp.band_calls([1, 3, 1, 5, 3, 3, 1, 2], 0, n, hq // hkv)
+    layouts = bp.band_layout(q, k, k, out, calls)
+    scratch = torch.empty(batch * hq * n)
+    for lay in layouts:  # every head's block filled with its own head index
+        lay.stats.of(scratch).copy_(torch.tensor(lay.call.heads(), dtype=torch.float32).view(1, -1, 1))
+    for order in (layouts, layouts[::-1], sorted(layouts, key=lambda lay: -lay.call.n_q)):
+        lse = bp.lse_in_head_order(scratch, order, bp.call_positions(order, "cpu"))
+        assert torch.equal(lse, torch.arange(hq, dtype=torch.float32).view(1, -1, 1).expand(batch, hq, n))
