@@ -9,7 +9,8 @@ their KV heads), spread over a few CUDA streams, and one Triton pass (``triton_s
 in the sink columns each band left out, from the log-sum-exp cuDNN returns.
 
 Cost: cuDNN builds a graph per (shapes, strides, window) the first time it meets one (tens of ms
-each), kept for the process: worth it for long prompts of recurring lengths (benchmarks, batch
+each, kept for the process; measured on an H100: 0.1-0.2 s for a layer of 12 calls, 1-2.6 s for
+one whose 32 heads all differ): worth it for long prompts of recurring lengths (benchmarks, batch
 jobs), not for a server that meets a new prompt length per request. Hence opt-in:
 ``MOA_PREFILL_KERNEL=cudnn`` (``moa_plan.runtime.attention``); Triton stays the default.
 """
