@@ -381,8 +381,9 @@ def prefill_attention(
     hkv, k_len = k.shape[1], k.shape[2]
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != d or hq % hkv or q_len > k_len:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
-    if spans.shape != (hq,):
-        raise ValueError(f"spans must have shape ({hq},), got {tuple(spans.shape)}")
+    if spans.shape != (hq,) or (host_spans is not None and len(host_spans) != hq):
+        got = tuple(spans.shape) if spans.shape != (hq,) else f"{len(host_spans)} host spans"
+        raise ValueError(f"spans must have shape ({hq},), got {got}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = q.new_empty(batch, q_len, hq, d).transpose(1, 2)

@@ -128,3 +128,13 @@ def test_statistics_come_back_in_head_order_whatever_the_launch_order(batch):
     for order in (layouts, layouts[::-1], sorted(layouts, key=lambda lay: -lay.call.n_q)):
         lse = bp.lse_in_head_order(scratch, order, bp.call_positions(order, "cpu"))
         assert torch.equal(lse, torch.arange(hq, dtype=torch.float32).view(1, -1, 1).expand(batch, hq, n))
+
+
+def test_host_spans_must_match_the_heads():
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    spans = torch.full((4,), 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="3 host spans"):
+        bp.prefill_attention(q, k, k, spans, 0, band=bp.torch_band, host_spans=[8, 8, 8])
+    got = bp.prefill_attention(q, k, k, spans, 2, band=bp.torch_band, host_spans=[8, 3, 5, 8])
+    want = reference_attention(q, k, k, torch.tensor([8, 3, 5, 8], dtype=torch.int32), 2)
+    assert (got - want).abs().max() <= TOL[torch.float32]  # the host spans are the ones used
