@@ -204,11 +204,12 @@ def _handle(device: torch.device):
     return _handles[index]
 
 
-def _graph(lay: CallLayout, dtype: torch.dtype, window: int | None, scale: float, handle):
+def _graph(lay: CallLayout, dtype: torch.dtype, scale: float, handle):
     """A built cuDNN graph for one call's operand shapes / strides and window (cached for the
     process) and the uids of its q, k, v, out and stats tensors."""
     import cudnn
 
+    window = lay.call.window
     key = (lay.q.shape, lay.q.stride, lay.k.shape, lay.k.stride, lay.v.stride, lay.out.stride, window, scale, dtype)
     with _lock:
         if key in _graphs:
@@ -303,7 +304,7 @@ def plan_bands(q, k, v, out, spans: list[int], sink: int, scale: float, cudnn_gr
         )
         if cudnn_graphs:
             handle = _handle(q.device)
-            plan.graphs = [_graph(lay, q.dtype, lay.call.window, scale, handle) for lay in layouts]
+            plan.graphs = [_graph(lay, q.dtype, scale, handle) for lay in layouts]
             plan.workspace = max([g[2] for g in plan.graphs] + [1])
         with _lock:
             if len(_plans) >= MAX_GRAPHS:
@@ -390,7 +391,6 @@ def prefill_attention(
     if q_len == 0 or batch == 0:
         return out
     spans_l = [int(s) for s in (spans.tolist() if host_spans is None else host_spans)]
-    scratch = torch.empty(batch * hq * q_len, device=q.device, dtype=torch.float32)
     why = _unsupported(q, k) if band is None else None
     try:
         plan = None if why else plan_bands(q, k, v, out, spans_l, sink, scale, cudnn_graphs=band is None)
@@ -401,6 +401,7 @@ def prefill_attention(
 
         _warn_once(f"cuDNN band prefill falls back to the Triton kernel: {why}")
         return triton_prefill(q, k, v, spans, sink, scale)
+    scratch = torch.empty(batch * hq * q_len, device=q.device, dtype=torch.float32)
     if band is None:
         _run_cudnn(plan, q, k, v, out, scratch)
     else:

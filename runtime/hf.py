@@ -62,26 +62,26 @@ class PlanState:
         self.sink = plan.sink
         self._spans: dict[tuple[int, str], torch.Tensor | list[list[int]]] = {}
 
+    def _table(self, n: int, device: torch.device | None) -> torch.Tensor | list[list[int]]:
+        """Every layer's spans at total length n: ``Plan.spans`` (device None), or that table as an
+        int32 tensor on ``device``; the last few (length, place) pairs met are kept."""
+        key = (int(n), "host" if device is None else str(device))
+        table = self._spans.get(key)
+        if table is None:
+            if len(self._spans) >= 8:
+                self._spans.pop(next(iter(self._spans)))
+            host = self.plan.spans(int(n)) if device is None else self._table(n, None)
+            table = host if device is None else torch.tensor(host, dtype=torch.int32, device=device)
+            self._spans[key] = table
+        return table
+
     def spans(self, layer: int, n: int, device: torch.device) -> torch.Tensor:
         """int32 [Hq]: the layer's spans at total length n (``Plan.spans``), on ``device``."""
-        key = (int(n), str(device))
-        table = self._spans.get(key)
-        if table is None:
-            if len(self._spans) >= 8:
-                self._spans.pop(next(iter(self._spans)))
-            table = torch.tensor(self.plan.spans(int(n)), dtype=torch.int32, device=device)
-            self._spans[key] = table
-        return table[layer]
+        return self._table(n, device)[layer]
 
     def host_spans(self, layer: int, n: int) -> list[int]:
-        """The same spans as a Python list (kept for the last lengths met)."""
-        key = (int(n), "host")
-        table = self._spans.get(key)
-        if table is None:
-            if len(self._spans) >= 8:
-                self._spans.pop(next(iter(self._spans)))
-            table = self._spans[key] = self.plan.spans(int(n))
-        return list(table[layer])
+        """The same spans as a Python list."""
+        return list(self._table(n, None)[layer])
 
 
 # ---- the static cache ----------------------------------------------------------------------
