@@ -181,6 +181,12 @@ def tma_descriptors(tensors: tuple[torch.Tensor, ...], block: list[int]) -> tupl
     return tuple(TensorDescriptor.from_tensor(t, block) for t in tensors)
 
 
+def head_strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The batch, head and row strides of each [B, H, L, D] tensor in turn: the argument list the
+    contiguous-K/V kernels take (the last axis is contiguous)."""
+    return tuple(s for t in tensors for s in t.stride()[:3])
+
+
 def device_index(device: torch.device) -> int:
     """The CUDA device's index (the current device for a bare 'cuda')."""
     return device.index if device.index is not None else torch.cuda.current_device()

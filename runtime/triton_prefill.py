@@ -16,7 +16,7 @@ import math
 import torch
 import triton
 
-from moa_plan.runtime.triton_common import DESCRIPTORS, POINTERS, hopper, sm_count, tma_descriptors
+from moa_plan.runtime.triton_common import DESCRIPTORS, POINTERS, head_strides, hopper, sm_count, tma_descriptors
 from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 from moa_plan.runtime.triton_paged_kernel import paged_kernel
 from moa_plan.runtime.triton_prefill_kernel import prefill_kernel
@@ -111,18 +111,7 @@ def prefill_attention(
         *(keys or (k, v)),
         out,
         spans,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
+        *head_strides(q, k, v, out),
         int(sink),
         q_len,
         k_len,

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moa_plan.runtime.triton_common import head_strides
 from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 
 _LOG2E = 1.4426950408889634
@@ -145,18 +146,7 @@ def fold_sink(
         out,
         lse,
         spans,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
+        *head_strides(q, k, v, out),
         int(sink),
         q_len,
         k_len,
