@@ -2,8 +2,8 @@
 
 ``Problems`` carries (location, message) pairs and the file they are in. ``PlanError`` is for
 plans and their pairing with a model; ``UsageError`` for every other bad input (data files,
-result files, model folders), ``SettingError`` for a bad environment setting; ``OptionError`` for a
-bad command-line option (exit 2).
+result files, model folders), ``SettingError`` for a bad environment setting (``SettingUnavailable``
+for one this installation cannot honour); ``OptionError`` for a bad command-line option (exit 2).
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class SettingError(UsageError, ValueError):
 
     def __init__(self, env: str, value: str, message: str):
         super().__init__([(f"{env}={value!r}", message)])
+
+
+class SettingUnavailable(SettingError, RuntimeError):
+    """A valid setting this installation cannot honour (its kernels or extra are missing); a
+    RuntimeError too, as before it had a type."""
 
 
 class OptionError(UsageError):

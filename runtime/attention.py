@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from moa_plan.errors import SettingUnavailable
 from moa_plan.runtime.cache import LayerLayout, _head_positions, gather_heads, torch_decode_attention
 from moa_plan.settings import env_choice
 
@@ -57,7 +58,9 @@ def _cudnn_band(q: torch.Tensor) -> ModuleType | None:
     if prefill_kernel_setting() != "cudnn" or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return None
     if importlib.util.find_spec("cudnn") is None:
-        raise RuntimeError(f"{PREFILL_KERNEL_ENV}=cudnn needs the cudnn-frontend wheel: pip install 'moa-plan[cudnn]'")
+        raise SettingUnavailable(
+            PREFILL_KERNEL_ENV, "cudnn", "needs the cudnn-frontend wheel: pip install 'moa-plan[cudnn]'"
+        )
     return _kernel("cudnn_band_prefill")
 
 
@@ -69,7 +72,7 @@ def _use_triton(name: str, device: torch.device) -> ModuleType | None:
     module = _kernel(name)
     if setting == "triton":
         if module is None:
-            raise RuntimeError(f"{BACKEND_ENV}=triton but moa_plan.runtime.{name} (or triton) cannot be imported")
+            raise SettingUnavailable(BACKEND_ENV, "triton", f"moa_plan.runtime.{name} (or triton) cannot be imported")
         return module
     return module if device.type == "cuda" else None
 

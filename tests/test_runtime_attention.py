@@ -236,3 +236,29 @@ def test_a_bad_setting_is_a_located_problem_the_cli_prints_as_one_line(monkeypat
     assert cli.main([]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["moa-plan: MOA_PREFILL_KERNEL='cutlass': must be one of triton, cudnn (unset: triton)"]
+
+
+def test_cudnn_prefill_kernel_without_its_extra_is_one_located_line(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from moa_plan import cli
+
+    monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "cudnn")
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: None)
+    cuda_q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # only what the choice looks at
+    with pytest.raises(RuntimeError, match="moa-plan\\[cudnn\\]"):
+        attention._cudnn_band(cuda_q)
+
+    def handler(args):
+        attention._cudnn_band(cuda_q)
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    args = parser.parse_args(["validate", "x.json"])
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    args.handler = handler
+    assert cli.main([]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "moa-plan: MOA_PREFILL_KERNEL='cudnn': needs the cudnn-frontend wheel: pip install 'moa-plan[cudnn]'"
+    ]
