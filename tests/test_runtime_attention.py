@@ -215,8 +215,20 @@ def test_cudnn_prefill_kernel_leaves_cpu_and_fp32_inputs_where_they_were(monkeyp
     )
 
 
-def test_a_bad_setting_is_a_located_problem_the_cli_prints_as_one_line(monkeypatch, capsys):
+def _cli_stderr(monkeypatch, capsys, fn) -> tuple[int, list[str]]:
+    """(exit code, stderr lines) of a moa-plan command whose work is ``fn()``."""
     from moa_plan import cli
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    args = parser.parse_args(["validate", "x.json"])
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    args.handler = lambda _: fn()
+    code = cli.main([])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_bad_setting_is_a_located_problem_the_cli_prints_as_one_line(monkeypatch, capsys):
     from moa_plan.errors import Problems, SettingError
 
     monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "cutlass")
@@ -224,41 +236,21 @@ def test_a_bad_setting_is_a_located_problem_the_cli_prints_as_one_line(monkeypat
         attention.prefill_kernel_setting()
     assert isinstance(info.value, Problems) and isinstance(info.value, ValueError)
     assert str(info.value) == "MOA_PREFILL_KERNEL='cutlass': must be one of triton, cudnn (unset: triton)"
-
-    def handler(args):
-        attention.prefill_kernel_setting()
-
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    args = parser.parse_args(["validate", "x.json"])
-    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
-    args.handler = handler
-    assert cli.main([]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["moa-plan: MOA_PREFILL_KERNEL='cutlass': must be one of triton, cudnn (unset: triton)"]
+    assert _cli_stderr(monkeypatch, capsys, attention.prefill_kernel_setting) == (
+        1,
+        ["moa-plan: MOA_PREFILL_KERNEL='cutlass': must be one of triton, cudnn (unset: triton)"],
+    )
 
 
 def test_cudnn_prefill_kernel_without_its_extra_is_one_located_line(monkeypatch, capsys):
     from types import SimpleNamespace
-
-    from moa_plan import cli
 
     monkeypatch.setenv(attention.PREFILL_KERNEL_ENV, "cudnn")
     monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: None)
     cuda_q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # only what the choice looks at
     with pytest.raises(RuntimeError, match="moa-plan\\[cudnn\\]"):
         attention._cudnn_band(cuda_q)
-
-    def handler(args):
-        attention._cudnn_band(cuda_q)
-
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    args = parser.parse_args(["validate", "x.json"])
-    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
-    args.handler = handler
-    assert cli.main([]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        "moa-plan: MOA_PREFILL_KERNEL='cudnn': needs the cudnn-frontend wheel: pip install 'moa-plan[cudnn]'"
-    ]
+    assert _cli_stderr(monkeypatch, capsys, lambda: attention._cudnn_band(cuda_q)) == (
+        1,
+        ["moa-plan: MOA_PREFILL_KERNEL='cudnn': needs the cudnn-frontend wheel: pip install 'moa-plan[cudnn]'"],
+    )
