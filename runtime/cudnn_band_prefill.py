@@ -191,7 +191,7 @@ _lock = threading.Lock()
 _graphs: dict[tuple, tuple] = {}
 _plans: dict[tuple, "BandPlan"] = {}
 _handles: dict[int, object] = {}
-_streams: dict[int, list] = {}
+_streams: dict[tuple, list] = {}
 
 
 def _handle(device: torch.device):
@@ -288,7 +288,7 @@ def plan_bands(q, k, v, out, spans: list[int], sink: int, scale: float, cudnn_gr
     """Lay out (once per plan, shapes and strides; kept for the process) every call the prefill
     runs, and with ``cudnn_graphs`` build their graphs; raises what cuDNN raises for a shape it
     refuses."""
-    key = (tuple(spans), sink, scale, q.dtype, q.device, cudnn_graphs)
+    key = (tuple(spans), sink, scale, q.dtype, q.device, cudnn_graphs, STREAMS)
     key += tuple((tuple(t.shape), t.stride()) for t in (q, k, v, out))
     plan = _plans.get(key)
     if plan is None:
@@ -354,10 +354,10 @@ def _unsupported(q, k) -> str | None:
 
 
 def _side_streams(device: torch.device) -> list:
-    index = device_index(device)
-    if index not in _streams:
-        _streams[index] = [torch.cuda.Stream(device=index) for _ in range(STREAMS)]
-    return _streams[index]
+    key = (device_index(device), STREAMS)
+    if key not in _streams:
+        _streams[key] = [torch.cuda.Stream(device=key[0]) for _ in range(STREAMS)]
+    return _streams[key]
 
 
 def prefill_attention(

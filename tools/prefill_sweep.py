@@ -34,11 +34,13 @@ TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (
 band_module = cudnn_band_module()  # None without the optional cudnn extra
 
 
-def cudnn_band(q, k, v, spans, want) -> dict:
-    """The cuDNN band path on one plan: its time, its error against the Triton default, its calls,
-    and the sink fold's own time (the fold re-run on the band path's output)."""
+def cudnn_band(q, k, v, spans, want, streams: int) -> dict:
+    """The cuDNN band path on one plan with its calls spread over ``streams`` CUDA streams: its
+    time, its error against the Triton default, its calls, and the sink fold's own time (the fold
+    re-run on the band path's output)."""
     from moa_plan.runtime.triton_sink_fold import fold_sink
 
+    band_module.STREAMS = streams
     spans_l, n, group = [int(s) for s in spans.tolist()], k.shape[2], q.shape[1] // k.shape[1]
     calls = band_module.band_calls(spans_l, SINK, n, group)
     try:
@@ -56,6 +58,7 @@ def cudnn_band(q, k, v, spans, want) -> dict:
     fold_ms = bench_time(lambda: fold_sink(q, k, v, out, lse, eff, SINK))
     return {
         "kernel": "cudnn-band",
+        "streams": streams,
         "ms": round(ms, 4),
         "max_abs_diff": err,
         "calls": len(calls),
@@ -95,6 +98,7 @@ def main() -> int:
         "--quick", action="store_true", help="only the default tile and 128 x 64 x 8 warps, pointers and TMA"
     )
     p.add_argument("--default-only", action="store_true", help="only the default launch (and the cuDNN band path)")
+    p.add_argument("--streams", default="4", help="stream counts to time the cuDNN band path with (first: the default)")
     args = p.parse_args()
     sh = SHAPES["llama3-8b"]
     hq, hkv, d = sh["hq"], sh["hkv"], sh["d"]
@@ -131,10 +135,14 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory, a descriptor refused
                     rows.append({**cfg, "ms": f"n/a ({type(exc).__name__}: {str(exc)[:120]})"})
                 print(f"n={n} {name} {rows[-1]}", flush=True)
-            band = cudnn_band(q, k, v, spans, want) if band_module else None
-            if band:
-                rows.append({**band, "x_cudnn": round(cudnn / band["ms"], 3)})
+            for n_streams in [int(x) for x in args.streams.split(",")] if band_module else []:
+                band = cudnn_band(q, k, v, spans, want, n_streams)
+                rows.append(
+                    {**band, "x_cudnn": round(cudnn / band["ms"], 3) if isinstance(band["ms"], float) else None}
+                )
                 print(f"n={n} {name} {rows[-1]}", flush=True)
+            if band_module:
+                band_module.STREAMS = int(args.streams.split(",")[0])
             timed = [r for r in rows if isinstance(r["ms"], float) and r["max_abs_diff"] <= 0.02]
             best = min(timed, key=lambda r: r["ms"]) if timed else None
             res["cases"][f"{n}/{name}"] = {
