@@ -5,7 +5,9 @@ attention (cuDNN's sliding window) computes the ``i - j < span`` part and return
 output o and the natural-log log-sum-exp of its scores. The sink keys it left out are
 j < min(sink, i - span + 1); this kernel scores them and merges the two softmax states in place:
 o <- (o e^lse + sum_j e^s_j v_j) / (e^lse + sum_j e^s_j). Rows that miss no sink key are not
-written. One program = one block of query rows of one (batch, query head); a block that misses
+written. A pass may fold only some heads, reading their statistics where the band calls left them
+(``rows``): the band path folds each stream's heads on that stream right after its calls, so the
+fold's memory traffic overlaps the other streams' compute. One program = one block of query rows of one (batch, query head); a block that misses
 no sink key returns at once, so the pass costs ~3 row reads/writes only where sinks are missing.
 Sink keys are read in blocks of at most 64 (an online-softmax loop), and never past the last row's
 missing ones, so a plan with a large sink neither overflows registers nor reads beyond the keys.
@@ -32,7 +34,9 @@ def _sink_fold_kernel(
     V,
     O,
     LSE,
+    ROWS,
     SPANS,
+    n_rows,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -49,7 +53,6 @@ def _sink_fold_kernel(
     q_len,
     k_len,
     qk_scale,
-    HQ,
     GROUP,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -57,9 +60,10 @@ def _sink_fold_kernel(
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // HQ).to(tl.int64)
-    h = bh % HQ
+    b = (tl.program_id(1) // n_rows).to(tl.int64)
+    row = tl.program_id(1) % n_rows
+    h = tl.load(ROWS + row * 3).to(tl.int32)  # (query head, its statistics' offset, their batch stride)
+    lse_at = LSE + tl.load(ROWS + row * 3 + 1) + b * tl.load(ROWS + row * 3 + 2)
     kvh = h // GROUP
     span = tl.load(SPANS + h)
     off = k_len - q_len  # position of query row 0
@@ -77,7 +81,7 @@ def _sink_fold_kernel(
         )
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
         # the band's state: its max is taken as lse (base 2), so its weight starts at 1
-        m_i = tl.load(LSE + bh * q_len + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+        m_i = tl.load(lse_at + offs_m, mask=rows, other=0.0) * 1.4426950408889634
         l_i = tl.full([BLOCK_M], 1.0, tl.float32)
         acc = tl.load(o_ptrs, mask=rows[:, None], other=0.0).to(tl.float32)
         for j0 in range(0, most, BLOCK_J):  # sink keys in blocks: any sink size fits in registers
@@ -110,6 +114,13 @@ def _sink_fold_kernel(
         tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=rows[:, None])
 
 
+def head_rows(hq: int, q_len: int, device) -> torch.Tensor:
+    """The ``rows`` table of every head of a contiguous [B, Hq, Lq] statistics tensor (built on
+    the device: a table copied from the host would wait for the GPU)."""
+    h = torch.arange(hq, device=device, dtype=torch.int64)
+    return torch.stack([h, h * q_len, torch.full_like(h, hq * q_len)], 1)
+
+
 def fold_sink(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,19 +130,29 @@ def fold_sink(
     spans: torch.Tensor,
     sink: int,
     scale: float | None = None,
+    *,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge the sink keys a band left out into ``out`` (in place) and return it.
 
-    q, out [B, Hq, Lq, D] (any strides, last axis contiguous); k, v [B, Hkv, Lk, D]; lse [B, Hq, Lq]
-    float32, contiguous: natural-log log-sum-exp of each row's band scores (scale included);
+    q, out [B, Hq, Lq, D] (any strides, last axis contiguous); k, v [B, Hkv, Lk, D]; lse float32:
+    natural-log log-sum-exp of each row's band scores (scale included), a contiguous [B, Hq, Lq]
+    or, with ``rows``, any flat buffer; rows int64 [n, 3]: the heads to fold, each as (query head,
+    element offset of its batch-0 row-0 statistic in lse, the batch stride of its statistics);
     spans [Hq]: the band of head h is i - j < spans[h] (a span >= Lk means the band is the whole
     causal row: nothing to fold). Query row r is at position Lk - Lq + r.
     """
     batch, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
-    if out.shape != q.shape or lse.shape != (batch, hq, q_len) or not lse.is_contiguous():
-        raise ValueError(f"out must be {tuple(q.shape)} and lse a contiguous [{batch}, {hq}, {q_len}]")
-    if sink <= 0 or q_len == 0 or batch == 0:
+    if out.shape != q.shape:
+        raise ValueError(f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
+    if rows is None:
+        if lse.shape != (batch, hq, q_len) or not lse.is_contiguous():
+            raise ValueError(f"lse must be a contiguous [{batch}, {hq}, {q_len}] without rows")
+        rows = head_rows(hq, q_len, q.device)
+    elif rows.dim() != 2 or rows.shape[1] != 3 or rows.dtype != torch.int64 or lse.dtype != torch.float32:
+        raise ValueError("rows must be an int64 [n, 3] table and lse float32")
+    if sink <= 0 or q_len == 0 or batch == 0 or rows.shape[0] == 0:
         return out
     if any(t.stride(-1) != 1 for t in (q, k, v, out)):
         raise ValueError("the last (head_dim) axis of q, k, v and out must be contiguous")
@@ -139,19 +160,20 @@ def fold_sink(
     spans = spans.to(device=q.device, dtype=torch.int32).contiguous()
     block_m = 32 if interpreting() else 64
     check_interpreter()
-    _sink_fold_kernel[(triton.cdiv(q_len, block_m), batch * hq)](
+    _sink_fold_kernel[(triton.cdiv(q_len, block_m), batch * rows.shape[0])](
         q,
         k,
         v,
         out,
         lse,
+        rows.contiguous(),
         spans,
+        rows.shape[0],
         *head_strides(q, k, v, out),
         int(sink),
         q_len,
         k_len,
         scale * _LOG2E,
-        hq,
         hq // hkv,
         HEAD_DIM=d,
         BLOCK_M=block_m,
