@@ -5,10 +5,11 @@ FlashAttention-3-class kernel against a FlashAttention-2-class one), and it runs
 ``i - W < j <= i`` natively, skipping the key blocks outside it. A MoA head's mask is such a band
 (W = its span) plus the sink columns j < sink. So the heads are grouped by span, each group runs as
 band calls over zero-copy strided views (``band_calls``: Q and O of some query heads, K and V of
-their KV heads), spread over a few CUDA streams, and a Triton pass (``triton_sink_fold``) merges
-in the sink columns each band left out, from the log-sum-exp cuDNN returns: on each stream, after
-a share of its calls, over their heads, so that this memory-bound pass overlaps the other streams'
-compute-bound band calls instead of running alone after them.
+their KV heads), spread over a few CUDA streams, and one Triton pass (``triton_sink_fold``) merges
+in the sink columns each band left out, from the log-sum-exp cuDNN returns, read where each call
+left it. (Folding each stream's heads on that stream, to overlap the other streams' calls, was
+measured on an H100 and dropped: the band calls fill the SMs, so the fold's CTAs gain little, and
+each extra Triton launch costs ~0.1 ms of host time, which at 16k the GPU then waits for.)
 
 Cost: cuDNN builds a graph per (shapes, strides, window) the first time it meets one (tens of ms
 each, kept for the process; measured on an H100: 0.1-0.2 s for a layer of 12 calls, 1-2.6 s for
@@ -32,7 +33,6 @@ from moa_plan.runtime.triton_sink_fold import fold_sink
 
 MAX_GRAPHS = 1024  # built graphs kept (oldest dropped first): a model meets ~(layers x distinct spans) per length
 STREAMS = 4  # side streams the band calls are spread over (an H100 probe: 1.04-1.08x one all-heads call)
-FOLDS = 2  # sink-fold launches per stream, each after a share of its calls (0: one fold after all streams)
 
 
 @dataclass(frozen=True)
@@ -163,19 +163,6 @@ def fold_rows(layouts: list[CallLayout], q_len: int, device) -> torch.Tensor | N
     return torch.tensor(rows, dtype=torch.int64, device=device) if rows else None
 
 
-def fold_points(streams: list[int], folds: int) -> list[bool]:
-    """Per call (launch order): whether its stream folds after it. Each stream's calls are cut
-    into ``folds`` runs of nearly equal count, folding after each run's last call; ``folds`` 0:
-    no call (one fold after every stream, on the main stream)."""
-    after = [False] * len(streams)
-    for s in set(streams):
-        mine = [i for i, n in enumerate(streams) if n == s]
-        cuts = min(folds, len(mine))
-        for c in range(1, cuts + 1):
-            after[mine[-(-c * len(mine) // cuts) - 1]] = True
-    return after
-
-
 Band = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int | None, float], None]
 
 
@@ -278,15 +265,12 @@ def assign_streams(calls: list[BandCall], k_len: int, n_streams: int) -> list[in
 @dataclass
 class BandPlan:
     """Everything one plan's prefill needs that does not depend on the data: the calls' layouts in
-    launch order (longest first) and their streams, the sink folds (per call, the ``rows`` its
-    stream folds after it; ``final_fold``: the rows folded after every stream, ``FOLDS`` 0), the
-    fold's spans (None: no head misses a sink) and, for cuDNN, the built graphs and the workspace
-    one stream needs."""
+    launch order (longest first) and their streams, the sink fold's ``rows`` and spans (None: no
+    head misses a sink) and, for cuDNN, the built graphs and the workspace one stream needs."""
 
     layouts: list[CallLayout]
     streams: list[int]
-    folds: list[torch.Tensor | None]
-    final_fold: torch.Tensor | None
+    fold_rows: torch.Tensor | None
     fold_spans: torch.Tensor | None
     graphs: list[tuple] | None = None
     workspace: int = 1
@@ -296,29 +280,18 @@ def plan_bands(q, k, v, out, spans: list[int], sink: int, scale: float, cudnn_gr
     """Lay out (once per plan, shapes and strides; kept for the process) every call the prefill
     runs, and with ``cudnn_graphs`` build their graphs; raises what cuDNN raises for a shape it
     refuses."""
-    key = (tuple(spans), sink, scale, q.dtype, q.device, cudnn_graphs, STREAMS, FOLDS)
+    key = (tuple(spans), sink, scale, q.dtype, q.device, cudnn_graphs, STREAMS)
     key += tuple((tuple(t.shape), t.stride()) for t in (q, k, v, out))
     plan = _plans.get(key)
     if plan is None:
         k_len, q_len = k.shape[2], q.shape[2]
         calls = band_calls(spans, sink, k_len, q.shape[1] // k.shape[1])
         layouts = sorted(band_layout(q, k, v, out, calls), key=lambda lay: -band_cost(lay.call, k_len))
-        streams = assign_streams([lay.call for lay in layouts], k_len, STREAMS)
         fold = sink > 0 and any(c.window is not None for c in calls)
-        folds, final_fold = [None] * len(layouts), None
-        if fold and FOLDS > 0:
-            run: dict[int, list[CallLayout]] = {}  # per stream, its calls since its last fold
-            for i, (lay, n, after) in enumerate(zip(layouts, streams, fold_points(streams, FOLDS))):
-                run.setdefault(n, []).append(lay)
-                if after:
-                    folds[i] = fold_rows(run.pop(n), q_len, q.device)
-        elif fold:
-            final_fold = fold_rows(layouts, q_len, q.device)
         plan = BandPlan(
             layouts,
-            streams,
-            folds,
-            final_fold,
+            assign_streams([lay.call for lay in layouts], k_len, STREAMS),
+            fold_rows(layouts, q_len, q.device) if fold else None,
             torch.tensor(effective_spans(spans, sink, k_len), dtype=torch.int32, device=q.device) if fold else None,
         )
         if cudnn_graphs:
@@ -332,10 +305,10 @@ def plan_bands(q, k, v, out, spans: list[int], sink: int, scale: float, cudnn_gr
     return plan
 
 
-def _run_cudnn(plan: BandPlan, q, k, v, out, scratch, sink: int, scale: float) -> None:
+def _run_cudnn(plan: BandPlan, q, k, v, out, scratch) -> None:
     """Every band call of the plan, by raw pointers (no per-call tensors: at 16k the calls are
     short and Python's per-call work would otherwise be what the GPU waits for), on the side
-    streams, each stream with its own slice of one workspace, and each stream's sink folds."""
+    streams, each stream with its own slice of one workspace."""
     import cudnn
 
     handle, streams = _handle(q.device), _side_streams(q.device)
@@ -344,14 +317,11 @@ def _run_cudnn(plan: BandPlan, q, k, v, out, scratch, sink: int, scale: float) -
     for s in streams:
         s.wait_stream(main)
     bases = [(t.data_ptr(), t.element_size()) for t in (q, k, v, out, scratch)]
-    for lay, (g, uids, _), n, rows in zip(plan.layouts, plan.graphs, plan.streams, plan.folds):
+    for lay, (g, uids, _), n in zip(plan.layouts, plan.graphs, plan.streams):
         cudnn.set_stream(handle=handle, stream=streams[n].cuda_stream)
         ops = (lay.q, lay.k, lay.v, lay.out, lay.stats)
         ptrs = {uid: base + op.offset * size for uid, op, (base, size) in zip(uids, ops, bases)}
         g._execute(ptrs, ws.data_ptr() + n * plan.workspace, handle)
-        if rows is not None:
-            with torch.cuda.stream(streams[n]):
-                fold_sink(q, k, v, out, scratch, plan.fold_spans, sink, scale, rows=rows)
     for s in streams:
         main.wait_stream(s)
 
@@ -425,12 +395,10 @@ def prefill_attention(
         return triton_prefill(q, k, v, spans, sink, scale)
     scratch = torch.empty(batch * hq * q_len, device=q.device, dtype=torch.float32)
     if band is None:
-        _run_cudnn(plan, q, k, v, out, scratch, sink, scale)
-    else:  # the same calls and folds in the same order, one after another
-        for lay, rows in zip(plan.layouts, plan.folds):
+        _run_cudnn(plan, q, k, v, out, scratch)
+    else:  # the same calls in the same order, one after another
+        for lay in plan.layouts:
             band(lay.q.of(q), lay.k.of(k), lay.v.of(v), lay.out.of(out), lay.stats.of(scratch), lay.call.window, scale)
-            if rows is not None:
-                fold_sink(q, k, v, out, scratch, plan.fold_spans, sink, scale, rows=rows)
-    if plan.final_fold is not None:
-        fold_sink(q, k, v, out, scratch, plan.fold_spans, sink, scale, rows=plan.final_fold)
+    if plan.fold_rows is not None:
+        fold_sink(q, k, v, out, scratch, plan.fold_spans, sink, scale, rows=plan.fold_rows)
     return out

@@ -5,9 +5,9 @@ attention (cuDNN's sliding window) computes the ``i - j < span`` part and return
 output o and the natural-log log-sum-exp of its scores. The sink keys it left out are
 j < min(sink, i - span + 1); this kernel scores them and merges the two softmax states in place:
 o <- (o e^lse + sum_j e^s_j v_j) / (e^lse + sum_j e^s_j). Rows that miss no sink key are not
-written. A pass may fold only some heads, reading their statistics where the band calls left them
-(``rows``): the band path folds each stream's heads on that stream right after its calls, so the
-fold's memory traffic overlaps the other streams' compute. One program = one block of query rows of one (batch, query head); a block that misses
+written. A pass may fold only some heads and read their statistics where the band calls left them
+(``rows``): the band path's calls write them in per-call blocks, and the fold reads those blocks
+in place instead of after a gather into head order. One program = one block of query rows of one (batch, query head); a block that misses
 no sink key returns at once, so the pass costs ~3 row reads/writes only where sinks are missing.
 Sink keys are read in blocks of at most 64 (an online-softmax loop), and never past the last row's
 missing ones, so a plan with a large sink neither overflows registers nor reads beyond the keys.

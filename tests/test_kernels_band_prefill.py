@@ -68,8 +68,6 @@ def prefill_cases(draw):
         dtype=draw(st.sampled_from([torch.float16, torch.float32])),
         seed=draw(st.integers(0, 2**16)),
         blhd=draw(st.booleans()),  # q/k/v as the transposed [B, L, H, D] views transformers passes
-        streams=draw(st.integers(1, 4)),  # the fold runs, per stream, follow the streams' calls
-        folds=draw(st.sampled_from([0, 1, 2, 99])),
     )
 
 
@@ -85,12 +83,7 @@ def test_band_prefill_with_sink_fold_matches_reference(c):
 
     q, k, v = make(c["hq"], c["q_len"]), make(c["hkv"], c["k_len"]), make(c["hkv"], c["k_len"])
     spans = torch.tensor(c["spans"], dtype=torch.int32)
-    saved = bp.STREAMS, bp.FOLDS
-    bp.STREAMS, bp.FOLDS = c["streams"], c["folds"]
-    try:
-        got = bp.prefill_attention(q, k, v, spans, c["sink"], band=bp.torch_band)
-    finally:
-        bp.STREAMS, bp.FOLDS = saved
+    got = bp.prefill_attention(q, k, v, spans, c["sink"], band=bp.torch_band)
     want = reference_attention(q, k, v, spans, c["sink"])
     assert got.shape == want.shape and got.dtype == q.dtype and torch.isfinite(got).all()
     err = (got.float() - want.float()).abs().max().item()
@@ -123,8 +116,8 @@ def test_streams_take_the_longest_calls_first_each_onto_the_least_loaded():
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fold_rows_point_at_each_heads_statistics_whatever_the_launch_order(batch):
-    """The cuDNN path launches long calls first and folds a stream's heads from the scratch blocks
-    their calls wrote (blocks in layout order, a call's heads in call order)."""
+    """The cuDNN path launches long calls first; the fold reads each head's statistics from the
+    scratch block its call wrote (blocks in layout order, a call's heads in call order)."""
     hq, hkv, n = 8, 2, 5
     q, k = torch.randn(batch, hq, n, 4), torch.randn(batch, hkv, n, 4)
     out = q.new_empty(batch, n, hq, 4).transpose(1, 2)
@@ -141,17 +134,6 @@ def test_fold_rows_point_at_each_heads_statistics_whatever_the_launch_order(batc
                 assert scratch[offset + b * batch_stride : offset + b * batch_stride + n].eq(h).all()
     whole = [lay for lay in bp.band_layout(q, k, k, out, bp.band_calls([n] * hq, 0, n, 4))]
     assert bp.fold_rows(whole, n, "cpu") is None  # whole causal rows: nothing to fold
-
-
-@pytest.mark.parametrize("folds", [0, 1, 2, 3, 10])
-def test_each_stream_folds_after_the_last_call_of_each_of_its_runs(folds):
-    streams = [0, 1, 2, 0, 0, 1, 0, 2, 0]
-    after = bp.fold_points(streams, folds)
-    for s in set(streams):
-        mine = [a for a, n in zip(after, streams) if n == s]
-        assert sum(mine) == min(folds, len(mine))
-        assert mine[-1] or folds == 0  # a stream's last call is always folded after
-    assert bp.fold_points([0, 0, 0, 0, 0, 0], 2) == [False, False, True, False, False, True]
 
 
 def test_host_spans_must_match_the_heads():

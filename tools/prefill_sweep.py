@@ -9,7 +9,7 @@ blocks allow. One Llama-3-8B layer (32 q / 8 KV heads, d 128, bf16), batch 1, me
 ``triton.testing.do_bench``; every configuration's output is checked against the default launch.
 
     python3 tools/prefill_sweep.py OUT_JSON [--lengths 16384,65536] [--quick | --default-only]
-        [--streams 4,8] [--folds 2,0]   # band path variants: streams x sink folds per stream
+        [--streams 4,8]   # the band path with each number of side streams
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (
 band_module = cudnn_band_module()  # None without the optional cudnn extra
 
 
-def cudnn_band(q, k, v, spans, want, streams: int, folds: int) -> dict:
-    """The cuDNN band path on one plan with its calls spread over ``streams`` CUDA streams, each
-    folding the sinks ``folds`` times (0: one fold after all): its time, its error against the
-    Triton default, its calls, and the sink fold's own time (all heads, alone, on its output)."""
-    from moa_plan.runtime.triton_sink_fold import fold_sink
+def cudnn_band(q, k, v, spans, want, streams: int) -> dict:
+    """The cuDNN band path on one plan with its calls spread over ``streams`` CUDA streams: its
+    time, its error against the Triton default, its calls, and the sink fold's own time (the fold
+    re-run on the band path's output)."""
+    from moa_plan.runtime.triton_sink_fold import fold_sink, head_rows
 
-    band_module.STREAMS, band_module.FOLDS = streams, folds
+    band_module.STREAMS = streams
     spans_l, n, group = [int(s) for s in spans.tolist()], k.shape[2], q.shape[1] // k.shape[1]
     calls = band_module.band_calls(spans_l, SINK, n, group)
     try:
@@ -56,11 +56,11 @@ def cudnn_band(q, k, v, spans, want, streams: int, folds: int) -> dict:
         return {"kernel": "cudnn-band", "ms": f"n/a ({type(exc).__name__}: {str(exc)[:160]})"}
     eff = torch.tensor(band_module.effective_spans(spans_l, SINK, n), dtype=torch.int32, device=q.device)
     lse = torch.zeros(q.shape[0], q.shape[1], q.shape[2], device=q.device)
-    fold_ms = bench_time(lambda: fold_sink(q, k, v, out, lse, eff, SINK))
+    rows = head_rows(q.shape[1], q.shape[2], q.device)  # built once, as the plan's are
+    fold_ms = bench_time(lambda: fold_sink(q, k, v, out, lse, eff, SINK, rows=rows))
     return {
         "kernel": "cudnn-band",
         "streams": streams,
-        "folds": folds,
         "ms": round(ms, 4),
         "max_abs_diff": err,
         "calls": len(calls),
@@ -101,9 +101,6 @@ def main() -> int:
     )
     p.add_argument("--default-only", action="store_true", help="only the default launch (and the cuDNN band path)")
     p.add_argument("--streams", default="4", help="stream counts to time the cuDNN band path with (first: the default)")
-    p.add_argument(
-        "--folds", default="2", help="sink folds per stream to time it with (first: the default; 0: one after all)"
-    )
     args = p.parse_args()
     sh = SHAPES["llama3-8b"]
     hq, hkv, d = sh["hq"], sh["hkv"], sh["d"]
@@ -140,19 +137,15 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory, a descriptor refused
                     rows.append({**cfg, "ms": f"n/a ({type(exc).__name__}: {str(exc)[:120]})"})
                 print(f"n={n} {name} {rows[-1]}", flush=True)
-            stream_counts, fold_counts = (
-                [int(x) for x in args.streams.split(",")],
-                [int(x) for x in args.folds.split(",")],
-            )
-            variants = [(s, f) for s in stream_counts for f in fold_counts]
-            for n_streams, n_folds in variants if band_module else []:
-                band = cudnn_band(q, k, v, spans, want, n_streams, n_folds)
+            stream_counts = [int(x) for x in args.streams.split(",")]
+            for n_streams in stream_counts if band_module else []:
+                band = cudnn_band(q, k, v, spans, want, n_streams)
                 rows.append(
                     {**band, "x_cudnn": round(cudnn / band["ms"], 3) if isinstance(band["ms"], float) else None}
                 )
                 print(f"n={n} {name} {rows[-1]}", flush=True)
             if band_module:
-                band_module.STREAMS, band_module.FOLDS = stream_counts[0], fold_counts[0]
+                band_module.STREAMS = stream_counts[0]
             timed = [r for r in rows if isinstance(r["ms"], float) and r["max_abs_diff"] <= 0.02]
             best = min(timed, key=lambda r: r["ms"]) if timed else None
             res["cases"][f"{n}/{name}"] = {
