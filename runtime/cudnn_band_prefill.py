@@ -9,7 +9,7 @@ their KV heads), spread over a few CUDA streams, and one Triton pass (``triton_s
 in the sink columns each band left out, from the log-sum-exp cuDNN returns, read where each call
 left it. (Folding each stream's heads on that stream, to overlap the other streams' calls, was
 measured on an H100 and dropped: the band calls fill the SMs, so the fold's CTAs gain little, and
-each extra Triton launch costs ~0.1 ms of host time, which at 16k the GPU then waits for.)
+each extra fold launch cost ~0.2 ms of host time, which at 16k the GPU then waits for.)
 
 Cost: cuDNN builds a graph per (shapes, strides, window) the first time it meets one (tens of ms
 each, kept for the process; measured on an H100: 0.1-0.2 s for a layer of 12 calls, 1-2.6 s for
