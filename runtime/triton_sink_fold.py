@@ -7,8 +7,9 @@ j < min(sink, i - span + 1); this kernel scores them and merges the two softmax 
 o <- (o e^lse + sum_j e^s_j v_j) / (e^lse + sum_j e^s_j). Rows that miss no sink key are not
 written. A pass may fold only some heads and read their statistics where the band calls left them
 (``rows``): the band path's calls write them in per-call blocks, and the fold reads those blocks
-in place instead of after a gather into head order. One program = one block of query rows of one (batch, query head); a block that misses
-no sink key returns at once, so the pass costs ~3 row reads/writes only where sinks are missing.
+in place instead of after a gather into head order. One program = one block of query rows of one
+(batch, listed head); a block that misses no sink key returns at once, so the pass costs ~3 row
+reads/writes only where sinks are missing.
 Sink keys are read in blocks of at most 64 (an online-softmax loop), and never past the last row's
 missing ones, so a plan with a large sink neither overflows registers nor reads beyond the keys.
 """

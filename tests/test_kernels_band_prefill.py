@@ -102,6 +102,23 @@ def test_sink_fold_leaves_rows_that_miss_no_sink_key_untouched():
     assert not torch.equal(out[:, 1, 10:], torch.full_like(out[:, 1, 10:], 7.0))
 
 
+def test_sink_fold_with_rows_folds_only_the_listed_heads_from_their_offsets():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 40, 16, generator=g)
+    k, v = torch.randn(2, 1, 40, 16, generator=g), torch.randn(2, 1, 40, 16, generator=g)
+    lse = torch.randn(2, 3, 40, generator=g)
+    spans = torch.tensor([10, 12, 8], dtype=torch.int32)  # every head misses sinks from row ~10
+    want = bp.fold_sink(q, k, v, torch.ones(2, 3, 40, 16), lse, spans, 4)  # all heads, head order
+    flat = torch.full((300,), float("nan"))  # head 2's statistics at 7 + b * 150, head 0's at 60 + b * 150
+    for h, at in ((2, 7), (0, 60)):
+        for b in range(2):
+            flat[at + b * 150 : at + b * 150 + 40] = lse[b, h]
+    rows = torch.tensor([[2, 7, 150], [0, 60, 150]])
+    got = bp.fold_sink(q, k, v, torch.ones(2, 3, 40, 16), flat, spans, 4, rows=rows)
+    assert torch.equal(got[:, 1], torch.ones(2, 40, 16))  # head 1 is not listed: untouched
+    assert torch.allclose(got[:, [0, 2]], want[:, [0, 2]], atol=1e-6)
+
+
 def test_streams_take_the_longest_calls_first_each_onto_the_least_loaded():
     n = 1000
     calls = [bp.BandCall(None, 0, 1, 4, 0, 1), bp.BandCall(None, 4, 1, 4, 1, 1)]  # two long whole-row calls
@@ -132,7 +149,7 @@ def test_fold_rows_point_at_each_heads_statistics_whatever_the_launch_order(batc
         for h, offset, batch_stride in rows:
             for b in range(batch):
                 assert scratch[offset + b * batch_stride : offset + b * batch_stride + n].eq(h).all()
-    whole = [lay for lay in bp.band_layout(q, k, k, out, bp.band_calls([n] * hq, 0, n, 4))]
+    whole = bp.band_layout(q, k, k, out, bp.band_calls([n] * hq, 0, n, 4))
     assert bp.fold_rows(whole, n, "cpu") is None  # whole causal rows: nothing to fold
 
 
