@@ -1,6 +1,6 @@
 """moa_plan.search: calibration data, attention-influence profiling and the plan optimiser.
 
-Pipeline (MOA.md steps 1-3), each step a file the next one reads:
+Pipeline (the MoA paper's three steps: profile, optimise, select), each step a file the next one reads:
 
 * ``calibration`` - long-range synthetic tasks / user text at token lengths, supervised by the
   dense model's own greedy answer (a run-layer JSON file with its settings; ``moa-plan calibrate``).

@@ -6,7 +6,7 @@ S_i = sum_n A_in G_in, a first-order expansion of the renormalised row gives
 
     influence_ij = A_ij * (S_i - G_ij) / (1 - A_ij)  = -dS_ij / (1 - A_ij),
 
-where dS_ij = A_ij (G_ij - S_i) is the softmax backward. This is MOA.md's formula negated, so
+where dS_ij = A_ij (G_ij - S_i) is the softmax backward. This is the MoA paper's formula negated, so
 larger = more important, as in the reference. Rows where 1 - A_ij < ``EPS_ONE`` use the
 denominator ``EPS_ONE`` (only reachable for an off-diagonal key holding nearly all of a row's
 mass; the diagonal entry d = 0 is never removed since every span is >= 1, so the reference's
