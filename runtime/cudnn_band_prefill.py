@@ -33,6 +33,7 @@ from moa_plan.runtime.triton_sink_fold import fold_sink
 
 MAX_GRAPHS = 1024  # built graphs kept (oldest dropped first): a model meets ~(layers x distinct spans) per length
 STREAMS = 4  # side streams the band calls are spread over (an H100 probe: 1.04-1.08x one all-heads call)
+DYNAMIC = False  # build graphs for dynamic shapes against one kernel cache per device (``_graph``)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ _graphs: dict[tuple, tuple] = {}
 _plans: dict[tuple, "BandPlan"] = {}
 _handles: dict[int, object] = {}
 _streams: dict[tuple, list] = {}
+_kernel_caches: dict[int, object] = {}
 
 
 def _handle(device: torch.device):
@@ -197,22 +199,38 @@ def _handle(device: torch.device):
     return _handles[index]
 
 
-def _graph(lay: CallLayout, dtype: torch.dtype, scale: float, handle):
+def _kernel_cache(device: torch.device):
+    """The device's cuDNN kernel cache: graphs built against it with dynamic shapes reuse the
+    kernels compiled for an earlier graph of the same structure (other lengths, other windows)."""
+    import cudnn
+
+    index = device_index(device)
+    with _lock:
+        if index not in _kernel_caches:
+            _kernel_caches[index] = cudnn.create_kernel_cache()
+        return _kernel_caches[index]
+
+
+def _graph(lay: CallLayout, dtype: torch.dtype, scale: float, handle, kernel_cache=None):
     """A built cuDNN graph for one call's operand shapes / strides and window (cached for the
-    process) and the uids of its q, k, v, out and stats tensors."""
+    process) and the uids of its q, k, v, out and stats tensors. With ``kernel_cache`` the graph is
+    built for dynamic shapes and takes its kernels from that cache when it has them."""
     import cudnn
 
     window = lay.call.window
     key = (lay.q.shape, lay.q.stride, lay.k.shape, lay.k.stride, lay.v.stride, lay.out.stride, window, scale, dtype)
+    key += (kernel_cache is not None,)
     with _lock:
         if key in _graphs:
             return _graphs[key]
         dt = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
+        dynamic = {} if kernel_cache is None else {"kernel_cache": kernel_cache}
         g = cudnn.pygraph(
             io_data_type=dt,
             intermediate_data_type=cudnn.data_type.FLOAT,
             compute_data_type=cudnn.data_type.FLOAT,
             handle=handle,
+            **dynamic,
         )
         ts = [
             g.tensor(name=n, dim=list(op.shape), stride=list(op.stride), data_type=dt)
@@ -280,7 +298,7 @@ def plan_bands(q, k, v, out, spans: list[int], sink: int, scale: float, cudnn_gr
     """Lay out (once per plan, shapes and strides; kept for the process) every call the prefill
     runs, and with ``cudnn_graphs`` build their graphs; raises what cuDNN raises for a shape it
     refuses."""
-    key = (tuple(spans), sink, scale, q.dtype, q.device, cudnn_graphs, STREAMS)
+    key = (tuple(spans), sink, scale, q.dtype, q.device, cudnn_graphs, STREAMS, DYNAMIC)
     key += tuple((tuple(t.shape), t.stride()) for t in (q, k, v, out))
     plan = _plans.get(key)
     if plan is None:
@@ -295,8 +313,8 @@ def plan_bands(q, k, v, out, spans: list[int], sink: int, scale: float, cudnn_gr
             torch.tensor(effective_spans(spans, sink, k_len), dtype=torch.int32, device=q.device) if fold else None,
         )
         if cudnn_graphs:
-            handle = _handle(q.device)
-            plan.graphs = [_graph(lay, q.dtype, scale, handle) for lay in layouts]
+            handle, cache = _handle(q.device), _kernel_cache(q.device) if DYNAMIC else None
+            plan.graphs = [_graph(lay, q.dtype, scale, handle, cache) for lay in layouts]
             plan.workspace = max([g[2] for g in plan.graphs] + [1])
         with _lock:
             if len(_plans) >= MAX_GRAPHS:

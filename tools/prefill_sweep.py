@@ -10,6 +10,7 @@ blocks allow. One Llama-3-8B layer (32 q / 8 KV heads, d 128, bf16), batch 1, me
 
     python3 tools/prefill_sweep.py OUT_JSON [--lengths 16384,65536] [--quick | --default-only]
         [--streams 4,8]   # the band path with each number of side streams
+        [--dynamic 0,1]   # ... with static-shape graphs (0) and dynamic-shape ones on a kernel cache (1)
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (
 band_module = cudnn_band_module()  # None without the optional cudnn extra
 
 
-def cudnn_band(q, k, v, spans, want, streams: int) -> dict:
-    """The cuDNN band path on one plan with its calls spread over ``streams`` CUDA streams: its
-    time, its error against the Triton default, its calls, and the sink fold's own time (the fold
-    re-run on the band path's output)."""
+def cudnn_band(q, k, v, spans, want, streams: int, dynamic: bool) -> dict:
+    """The cuDNN band path on one plan with its calls spread over ``streams`` CUDA streams (graphs
+    for dynamic shapes or not): its time, its error against the Triton default, its calls, and the
+    sink fold's own time (the fold re-run on the band path's output)."""
     from moa_plan.runtime.triton_sink_fold import fold_sink, head_rows
 
-    band_module.STREAMS = streams
+    band_module.STREAMS, band_module.DYNAMIC = streams, dynamic
     spans_l, n, group = [int(s) for s in spans.tolist()], k.shape[2], q.shape[1] // k.shape[1]
     calls = band_module.band_calls(spans_l, SINK, n, group)
     try:
@@ -61,6 +62,7 @@ def cudnn_band(q, k, v, spans, want, streams: int) -> dict:
     return {
         "kernel": "cudnn-band",
         "streams": streams,
+        "dynamic": dynamic,
         "ms": round(ms, 4),
         "max_abs_diff": err,
         "calls": len(calls),
@@ -101,11 +103,15 @@ def main() -> int:
     )
     p.add_argument("--default-only", action="store_true", help="only the default launch (and the cuDNN band path)")
     p.add_argument("--streams", default="4", help="stream counts to time the cuDNN band path with (first: the default)")
+    p.add_argument(
+        "--dynamic", default="", help="0,1: the band path's graphs static / dynamic (default: as the module)"
+    )
     args = p.parse_args()
     sh = SHAPES["llama3-8b"]
     hq, hkv, d = sh["hq"], sh["hkv"], sh["d"]
     dt, dev = torch.bfloat16, "cuda"
     res: dict = {"device": torch.cuda.get_device_name(0), "cases": {}}
+    dynamic_default = bool(band_module and band_module.DYNAMIC)
     plans = [("dense", 1.0, "synthetic"), ("synthetic 50%", 0.5, "synthetic"), ("searched 50%", 0.5, "searched")]
     plans += [("synthetic 25%", 0.25, "synthetic"), ("searched 25%", 0.25, "searched")]
     for n in [int(x) for x in args.lengths.split(",")]:
@@ -138,14 +144,15 @@ def main() -> int:
                     rows.append({**cfg, "ms": f"n/a ({type(exc).__name__}: {str(exc)[:120]})"})
                 print(f"n={n} {name} {rows[-1]}", flush=True)
             stream_counts = [int(x) for x in args.streams.split(",")]
-            for n_streams in stream_counts if band_module else []:
-                band = cudnn_band(q, k, v, spans, want, n_streams)
+            modes = [bool(int(x)) for x in args.dynamic.split(",")] if args.dynamic else [dynamic_default]
+            for dyn, n_streams in [(m, s) for m in modes for s in stream_counts] if band_module else []:
+                band = cudnn_band(q, k, v, spans, want, n_streams, dyn)
                 rows.append(
                     {**band, "x_cudnn": round(cudnn / band["ms"], 3) if isinstance(band["ms"], float) else None}
                 )
                 print(f"n={n} {name} {rows[-1]}", flush=True)
             if band_module:
-                band_module.STREAMS = stream_counts[0]
+                band_module.STREAMS, band_module.DYNAMIC = stream_counts[0], dynamic_default
             timed = [r for r in rows if isinstance(r["ms"], float) and r["max_abs_diff"] <= 0.02]
             best = min(timed, key=lambda r: r["ms"]) if timed else None
             res["cases"][f"{n}/{name}"] = {
