@@ -186,7 +186,7 @@ _graphs: dict[tuple, tuple] = {}
 _plans: dict[tuple, "BandPlan"] = {}
 _handles: dict[int, object] = {}
 _streams: dict[tuple, list] = {}
-_kernel_caches: dict[int, object] = {}
+_kernel_caches: dict[tuple, object] = {}
 
 
 def _handle(device: torch.device):
@@ -199,16 +199,26 @@ def _handle(device: torch.device):
     return _handles[index]
 
 
-def _kernel_cache(device: torch.device):
-    """The device's cuDNN kernel cache: graphs built against it with dynamic shapes reuse the
-    kernels compiled for an earlier graph of the same structure (other lengths, other windows)."""
+def _order(x: torch.Tensor) -> tuple[int, ...]:
+    """The axes of x from the largest stride to the smallest: its memory layout, whatever its length."""
+    return tuple(sorted(range(x.dim()), key=lambda i: -x.stride(i)))
+
+
+def _kernel_cache(device: torch.device, lay: CallLayout, layout: tuple):
+    """A cuDNN kernel cache for the graphs of one call class: graphs built against it with dynamic
+    shapes reuse the kernels compiled for an earlier graph of the class. A class fixes all but the
+    lengths and the window's width (dtype, scale, head counts and memory layout of the whole tensors, ``layout``; the
+    call's head counts, query head step and whether it is banded): one cache for every call, on
+    cuDNN 9.19 through cudnn-frontend 1.16, handed calls of other head counts kernels that read
+    out of bounds (an H100, ``tools/cudnn_build_probe.py``)."""
     import cudnn
 
-    index = device_index(device)
+    c = lay.call
+    key = (device_index(device), layout, c.n_q, c.n_kv, c.q_step, c.window is None)
     with _lock:
-        if index not in _kernel_caches:
-            _kernel_caches[index] = cudnn.create_kernel_cache()
-        return _kernel_caches[index]
+        if key not in _kernel_caches:
+            _kernel_caches[key] = cudnn.create_kernel_cache()
+        return _kernel_caches[key]
 
 
 def _graph(lay: CallLayout, dtype: torch.dtype, scale: float, handle, kernel_cache=None):
@@ -313,8 +323,12 @@ def plan_bands(q, k, v, out, spans: list[int], sink: int, scale: float, cudnn_gr
             torch.tensor(effective_spans(spans, sink, k_len), dtype=torch.int32, device=q.device) if fold else None,
         )
         if cudnn_graphs:
-            handle, cache = _handle(q.device), _kernel_cache(q.device) if DYNAMIC else None
-            plan.graphs = [_graph(lay, q.dtype, scale, handle, cache) for lay in layouts]
+            handle = _handle(q.device)
+            whole = (q.dtype, scale, q.shape[1], k.shape[1], q.shape[3], *(_order(t) for t in (q, k, v, out)))
+            plan.graphs = [
+                _graph(lay, q.dtype, scale, handle, _kernel_cache(q.device, lay, whole) if DYNAMIC else None)
+                for lay in layouts
+            ]
             plan.workspace = max([g[2] for g in plan.graphs] + [1])
         with _lock:
             if len(_plans) >= MAX_GRAPHS:
