@@ -133,6 +133,8 @@ def fold_sink(
     scale: float | None = None,
     *,
     rows: torch.Tensor | None = None,
+    block_m: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Merge the sink keys a band left out into ``out`` (in place) and return it.
 
@@ -141,7 +143,8 @@ def fold_sink(
     or, with ``rows``, any flat buffer; rows int64 [n, 3]: the heads to fold, each as (query head,
     element offset of its batch-0 row-0 statistic in lse, the batch stride of its statistics);
     spans [Hq]: the band of head h is i - j < spans[h] (a span >= Lk means the band is the whole
-    causal row: nothing to fold). Query row r is at position Lk - Lq + r.
+    causal row: nothing to fold). Query row r is at position Lk - Lq + r. ``block_m`` (query rows
+    per program, default 64) and ``num_warps`` override the launch (``tools/prefill_sweep.py``).
     """
     batch, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
@@ -159,7 +162,7 @@ def fold_sink(
         raise ValueError("the last (head_dim) axis of q, k, v and out must be contiguous")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     spans = spans.to(device=q.device, dtype=torch.int32).contiguous()
-    block_m = 32 if interpreting() else 64
+    block_m = block_m or (32 if interpreting() else 64)
     check_interpreter()
     _sink_fold_kernel[(triton.cdiv(q_len, block_m), batch * rows.shape[0])](
         q,
@@ -180,6 +183,6 @@ def fold_sink(
         BLOCK_M=block_m,
         BLOCK_J=min(64, max(16, triton.next_power_of_2(min(int(sink), k_len)))),
         IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return out

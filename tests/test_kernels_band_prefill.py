@@ -161,3 +161,16 @@ def test_host_spans_must_match_the_heads():
     got = bp.prefill_attention(q, k, k, spans, 2, band=bp.torch_band, host_spans=[8, 3, 5, 8])
     want = reference_attention(q, k, k, torch.tensor([8, 3, 5, 8], dtype=torch.int32), 2)
     assert (got - want).abs().max() <= TOL[torch.float32]  # the host spans are the ones used
+
+
+def test_fold_launch_shape_does_not_change_the_result():
+    """The sweep's other fold launches (rows per program, warps) fold the same rows the same way."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 70, 16, generator=g)
+    k, v = torch.randn(1, 1, 70, 16, generator=g), torch.randn(1, 1, 70, 16, generator=g)
+    lse = torch.randn(1, 2, 70, generator=g)
+    spans = torch.tensor([9, 30], dtype=torch.int32)
+    want = bp.fold_sink(q, k, v, torch.ones(1, 2, 70, 16), lse, spans, 5)
+    for block_m, warps in ((16, 4), (64, 8)):
+        got = bp.fold_sink(q, k, v, torch.ones(1, 2, 70, 16), lse, spans, 5, block_m=block_m, num_warps=warps)
+        assert torch.allclose(got, want, atol=1e-6), (block_m, warps)

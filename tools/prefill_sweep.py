@@ -30,6 +30,7 @@ from moa_plan.runtime.triton_prefill import default_config, prefill_attention
 from moa_plan.semantics import causal_pairs, visible_pairs
 
 SINK = 64
+FOLD_TILES = [(32, 4), (64, 8), (128, 4), (128, 8)]  # the sink fold's other launches (default 64 x 4)
 TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)]
 
 
@@ -59,6 +60,12 @@ def cudnn_band(q, k, v, spans, want, streams: int, dynamic: bool) -> dict:
     lse = torch.zeros(q.shape[0], q.shape[1], q.shape[2], device=q.device)
     rows = head_rows(q.shape[1], q.shape[2], q.device)  # built once, as the plan's are
     fold_ms = bench_time(lambda: fold_sink(q, k, v, out, lse, eff, SINK, rows=rows))
+    fold_tiles = {}  # the fold's launch alone: rows per program x warps
+    for bm, w in FOLD_TILES:
+        fold_tiles[f"{bm}x{w}"] = round(
+            bench_time(lambda bm=bm, w=w: fold_sink(q, k, v, out, lse, eff, SINK, rows=rows, block_m=bm, num_warps=w)),
+            4,
+        )
     return {
         "kernel": "cudnn-band",
         "streams": streams,
@@ -68,6 +75,7 @@ def cudnn_band(q, k, v, spans, want, streams: int, dynamic: bool) -> dict:
         "calls": len(calls),
         "first_call_s": round(first_s, 3),
         "fold_ms": round(fold_ms, 4),
+        "fold_ms_by_tile": fold_tiles,
         **where_time_goes(lambda: band_module.prefill_attention(q, k, v, spans, SINK, host_spans=spans_l)),
     }
 
