@@ -33,7 +33,11 @@ from moa_plan.runtime.triton_sink_fold import fold_sink
 
 MAX_GRAPHS = 1024  # built graphs kept (oldest dropped first): a model meets ~(layers x distinct spans) per length
 STREAMS = 4  # side streams the band calls are spread over (an H100 probe: 1.04-1.08x one all-heads call)
-DYNAMIC = False  # build graphs for dynamic shapes against one kernel cache per device (``_graph``)
+MIN_LEN = 16384  # shorter prompts go to the Triton kernel (H100: at 4k the band path was 1.1-7x slower, at 16k faster)
+# Graphs for dynamic shapes on kernel caches (``_kernel_cache``): off, because on cuDNN 9.19 (frontends 1.16
+# and 1.18, an H100) a graph built for a new length from a cached kernel ran the first length's problem
+# (wrong outputs, out-of-bounds accesses). Kept for ``tools/cudnn_build_probe.py`` to re-test newer cuDNNs.
+DYNAMIC = False
 
 
 @dataclass(frozen=True)
@@ -205,12 +209,14 @@ def _order(x: torch.Tensor) -> tuple[int, ...]:
 
 
 def _kernel_cache(device: torch.device, lay: CallLayout, layout: tuple):
-    """A cuDNN kernel cache for the graphs of one call class: graphs built against it with dynamic
-    shapes reuse the kernels compiled for an earlier graph of the class. A class fixes all but the
-    lengths and the window's width (dtype, scale, head counts and memory layout of the whole tensors, ``layout``; the
-    call's head counts, query head step and whether it is banded): one cache for every call, on
-    cuDNN 9.19 through cudnn-frontend 1.16, handed calls of other head counts kernels that read
-    out of bounds (an H100, ``tools/cudnn_build_probe.py``)."""
+    """A cuDNN kernel cache for the graphs of one call class (only with ``DYNAMIC``, which is off):
+    graphs built against it with dynamic shapes reuse the kernels compiled for an earlier graph of
+    the class. A class fixes all but the lengths and the window's width (dtype, scale, head counts
+    and memory layout of the whole tensors, ``layout``; the call's head counts, query head step and
+    whether it is banded): one cache for every call handed calls of other head counts kernels that
+    read out of bounds. Measured (``tools/cudnn_build_probe.py``, cuDNN 9.19, an H100): within a
+    class, other windows at the same length came out right and built 6-10x faster; other lengths
+    came out wrong."""
     import cudnn
 
     c = lay.call
@@ -398,8 +404,9 @@ def prefill_attention(
     """Plan attention of q [B, Hq, Lq, D] over k/v [B, Hkv, Lk, D] (Lq <= Lk, row r at position
     Lk - Lq + r), spans [Hq] at N = Lk: band calls (``band``, default cuDNN; ``torch_band`` on CPU)
     then the sink fold. Returns [B, Hq, Lq, D] in the [B, Lq, Hq, D] memory transformers wants.
-    With cuDNN, every graph is built before anything runs; inputs cuDNN cannot take (queries after
-    cached keys, fp32, a shape it refuses) go whole to the Triton kernel, with one warning.
+    With cuDNN, every graph is built before anything runs; prompts shorter than ``MIN_LEN`` go to the
+    Triton kernel, and so do inputs cuDNN cannot take (queries after cached keys, fp32, a shape it
+    refuses), with one warning.
     ``host_spans``: the same spans as a list, if the caller has them (reading a device tensor's
     values waits for the GPU to drain, and the calls are then issued to an idle GPU)."""
     batch, hq, q_len, d = q.shape
@@ -410,6 +417,10 @@ def prefill_attention(
         got = tuple(spans.shape) if spans.shape != (hq,) else f"{len(host_spans)} host spans"
         raise ValueError(f"spans must have shape ({hq},), got {got}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if band is None and k_len < MIN_LEN:  # short prompts: many short calls, the Triton kernel is faster
+        from moa_plan.runtime.triton_prefill import prefill_attention as triton_prefill
+
+        return triton_prefill(q, k, v, spans, sink, scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = q.new_empty(batch, q_len, hq, d).transpose(1, 2)
     if q_len == 0 or batch == 0:

@@ -174,3 +174,27 @@ def test_fold_launch_shape_does_not_change_the_result():
     for block_m, warps in ((16, 4), (64, 8)):
         got = bp.fold_sink(q, k, v, torch.ones(1, 2, 70, 16), lse, spans, 5, block_m=block_m, num_warps=warps)
         assert torch.allclose(got, want, atol=1e-6), (block_m, warps)
+
+
+def test_short_prompts_go_to_the_triton_kernel(monkeypatch):
+    """Below MIN_LEN keys the cuDNN path hands the whole prompt to the Triton kernel without a
+    warning (measured faster there); from MIN_LEN on it tries the band calls (on CPU it then falls
+    back, with its one warning)."""
+    import warnings
+
+    from moa_plan.runtime import triton_prefill
+
+    seen = []
+    monkeypatch.setattr(triton_prefill, "prefill_attention", lambda q, *rest: seen.append(q.shape[2]) or q)
+    monkeypatch.setattr(bp, "MIN_LEN", 16)
+    monkeypatch.setattr(bp, "_warned", set())
+    spans = torch.tensor([4, 20], dtype=torch.int32)
+    q, k = torch.randn(1, 2, 15, 8), torch.randn(1, 1, 15, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bp.prefill_attention(q, k, k, spans, 1)
+    assert seen == [15]
+    q, k = torch.randn(1, 2, 16, 8), torch.randn(1, 1, 16, 8)
+    with pytest.warns(UserWarning, match="falls back to the Triton kernel"):
+        bp.prefill_attention(q, k, k, spans, 1)
+    assert seen == [15, 16]

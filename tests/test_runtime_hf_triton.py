@@ -17,6 +17,9 @@ from moa_plan.plan import Rule
 from moa_plan.runtime import MoACache, attention
 from moa_plan.runtime.hf import CACHE_ARG
 from transformers import DynamicCache
+if os.environ.get(attention.PREFILL_KERNEL_ENV) == "cudnn":  # these prompts are short: lift the length rule
+    from moa_plan.runtime import cudnn_band_prefill
+    cudnn_band_prefill.MIN_LEN = 0
 device, dtype, tol = sys.argv[2], getattr(torch, sys.argv[3]), float(sys.argv[4])
 plan = t._plan([[Rule(alpha=a, beta=b) for a, b in ((1.0, 0.0), (5.0, 0.1), (0.0, 1.0), (-2.0, 0.3))],
                 [Rule(alpha=a, beta=b) for a, b in ((3.0, 0.2), (9.0, 0.0), (2.0, 0.05), (0.0, 0.5))]], sink=2)

@@ -44,6 +44,7 @@ def cudnn_band(q, k, v, spans, want, streams: int, dynamic: bool) -> dict:
     from moa_plan.runtime.triton_sink_fold import fold_sink, head_rows
 
     band_module.STREAMS, band_module.DYNAMIC = streams, dynamic
+    band_module.MIN_LEN = 0  # the band calls themselves, at every length
     spans_l, n, group = [int(s) for s in spans.tolist()], k.shape[2], q.shape[1] // k.shape[1]
     calls = band_module.band_calls(spans_l, SINK, n, group)
     try:

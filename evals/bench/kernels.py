@@ -367,7 +367,7 @@ class Kernels(Baselines):
                 entry["wrong"] = f"rel {rel:.3g} max {mx:.3g}"
             del out
             band = cudnn_band_module()
-            if band is not None and dens < 1.0:  # the opt-in cuDNN band path (MOA_PREFILL_KERNEL=cudnn)
+            if band is not None and dens < 1.0 and n >= band.MIN_LEN:  # the opt-in cuDNN band path, where it runs
                 bout = band.prefill_attention(q, k, v, spans, sink, host_spans=spans_l)
                 rel, mx = guard(bout, spans)
                 del bout
