@@ -33,7 +33,7 @@ from moa_plan.runtime.triton_sink_fold import fold_sink
 
 MAX_GRAPHS = 1024  # built graphs kept (oldest dropped first): a model meets ~(layers x distinct spans) per length
 STREAMS = 4  # side streams the band calls are spread over (an H100 probe: 1.04-1.08x one all-heads call)
-MIN_LEN = 16384  # shorter prompts go to the Triton kernel (H100: at 4k the band path was 1.1-7x slower, at 16k faster)
+MIN_LEN = 16384  # shorter prompts go to the Triton kernel (H100, sparse plans: 2.4-6.7x slower at 4k, faster at 16k)
 # Graphs for dynamic shapes on kernel caches (``_kernel_cache``): off, because on cuDNN 9.19 (frontends 1.16
 # and 1.18, an H100) a graph built for a new length from a cached kernel ran the first length's problem
 # (wrong outputs, out-of-bounds accesses). Kept for ``tools/cudnn_build_probe.py`` to re-test newer cuDNNs.
