@@ -6,7 +6,9 @@ window grows with the length (span = alpha + beta N), so a server meeting a new 
 builds a new graph for most calls of every layer (measured before: 0.05 s a graph, 0.1-2.6 s a
 layer). That is why the band path is opt-in. A kernel cache lets a graph built for dynamic shapes
 take the kernels compiled for an earlier one; if the window is a runtime value of those kernels
-too, a new length costs only the graphs' plan set-up.
+too, a new length costs only the graphs' plan set-up. (Measured on cuDNN 9.19, frontends 1.16 and
+1.18, H100s: builds 5-10x cheaper, outputs wrong at most lengths but the first; see
+evals/results/prefill-cudnn-band/README.md, stop 35. Hence ``DYNAMIC`` is off.)
 
 For each mode, in its own process (so neither inherits the other's caches): a warm-up prefill
 (library load), then the first ``--layers`` layers of a 32-layer Llama-3-8B-shaped plan (fitted at
