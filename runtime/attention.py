@@ -7,8 +7,8 @@ Three cases (layouts as ``reference_attention``; spans are the layer's spans at 
   ∪ new keys) BEFORE the chunk is written, because writing may evict keys early rows need.
 
 ``MOA_ATTENTION_BACKEND=torch|triton`` forces a backend (default: Triton on CUDA if importable).
-``MOA_PREFILL_KERNEL=cudnn`` runs fp16/bf16 prefill on CUDA through cuDNN's banded attention
-(``cudnn_band_prefill``; needs the ``cudnn`` extra) instead of the Triton kernel.
+``MOA_PREFILL_KERNEL=cudnn`` runs fp16/bf16 whole-prompt prefill of >= 16k keys on CUDA through
+cuDNN's banded attention (``cudnn_band_prefill``; needs the ``cudnn`` extra) instead of the Triton kernel.
 """
 
 from __future__ import annotations

@@ -215,7 +215,7 @@ def _kernel_cache(device: torch.device, lay: CallLayout, layout: tuple):
     and memory layout of the whole tensors, ``layout``; the call's head counts, query head step and
     whether it is banded): one cache for every call handed calls of other head counts kernels that
     read out of bounds. Measured (``tools/cudnn_build_probe.py``, cuDNN 9.19, an H100): within a
-    class, other windows at the same length came out right and built 6-10x faster; other lengths
+    class, other windows at the same length came out right and built 5-10x faster; other lengths
     came out wrong."""
     import cudnn
 
@@ -404,9 +404,9 @@ def prefill_attention(
     """Plan attention of q [B, Hq, Lq, D] over k/v [B, Hkv, Lk, D] (Lq <= Lk, row r at position
     Lk - Lq + r), spans [Hq] at N = Lk: band calls (``band``, default cuDNN; ``torch_band`` on CPU)
     then the sink fold. Returns [B, Hq, Lq, D] in the [B, Lq, Hq, D] memory transformers wants.
-    With cuDNN, every graph is built before anything runs; prompts shorter than ``MIN_LEN`` go to the
-    Triton kernel, and so do inputs cuDNN cannot take (queries after cached keys, fp32, a shape it
-    refuses), with one warning.
+    With cuDNN, every graph is built before anything runs. Prompts of fewer than ``MIN_LEN`` keys go
+    to the Triton kernel (faster there); inputs cuDNN cannot take (queries after cached keys, fp32,
+    a shape it refuses) go whole to it too, with one warning.
     ``host_spans``: the same spans as a list, if the caller has them (reading a device tensor's
     values waits for the GPU to drain, and the calls are then issued to an idle GPU)."""
     batch, hq, q_len, d = q.shape
