@@ -321,13 +321,11 @@ def plan_bands(q, k, v, out, spans: list[int], sink: int, scale: float, cudnn_gr
         k_len, q_len = k.shape[2], q.shape[2]
         calls = band_calls(spans, sink, k_len, q.shape[1] // k.shape[1])
         layouts = sorted(band_layout(q, k, v, out, calls), key=lambda lay: -band_cost(lay.call, k_len))
-        fold = sink > 0 and any(c.window is not None for c in calls)
-        plan = BandPlan(
-            layouts,
-            assign_streams([lay.call for lay in layouts], k_len, STREAMS),
-            fold_rows(layouts, q_len, q.device) if fold else None,
-            torch.tensor(effective_spans(spans, sink, k_len), dtype=torch.int32, device=q.device) if fold else None,
-        )
+        rows = fold_rows(layouts, q_len, q.device) if sink > 0 else None  # None: no banded head misses a sink
+        fold_spans = None
+        if rows is not None:
+            fold_spans = torch.tensor(effective_spans(spans, sink, k_len), dtype=torch.int32, device=q.device)
+        plan = BandPlan(layouts, assign_streams([lay.call for lay in layouts], k_len, STREAMS), rows, fold_spans)
         if cudnn_graphs:
             handle = _handle(q.device)
             whole = (q.dtype, scale, q.shape[1], k.shape[1], q.shape[3], *(_order(t) for t in (q, k, v, out)))
@@ -383,6 +381,13 @@ def _unsupported(q, k) -> str | None:
     return None
 
 
+def _triton_prefill(q, k, v, spans, sink, scale) -> torch.Tensor:
+    """The whole prefill through the Triton kernel (imported here: it is the fallback, not a dependency)."""
+    from moa_plan.runtime.triton_prefill import prefill_attention
+
+    return prefill_attention(q, k, v, spans, sink, scale)
+
+
 def _side_streams(device: torch.device) -> list:
     key = (device_index(device), STREAMS)
     if key not in _streams:
@@ -418,9 +423,7 @@ def prefill_attention(
         raise ValueError(f"spans must have shape ({hq},), got {got}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if band is None and k_len < MIN_LEN:  # short prompts: many short calls, the Triton kernel is faster
-        from moa_plan.runtime.triton_prefill import prefill_attention as triton_prefill
-
-        return triton_prefill(q, k, v, spans, sink, scale)
+        return _triton_prefill(q, k, v, spans, sink, scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = q.new_empty(batch, q_len, hq, d).transpose(1, 2)
     if q_len == 0 or batch == 0:
@@ -432,10 +435,8 @@ def prefill_attention(
     except Exception as exc:  # noqa: BLE001 - cuDNN's own errors: a shape or layout it does not support
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     if why:  # every graph is built before anything runs: what cuDNN cannot run goes to Triton whole
-        from moa_plan.runtime.triton_prefill import prefill_attention as triton_prefill
-
         _warn_once(f"cuDNN band prefill falls back to the Triton kernel: {why}")
-        return triton_prefill(q, k, v, spans, sink, scale)
+        return _triton_prefill(q, k, v, spans, sink, scale)
     scratch = torch.empty(batch * hq * q_len, device=q.device, dtype=torch.float32)
     if band is None:
         _run_cudnn(plan, q, k, v, out, scratch)

@@ -100,7 +100,12 @@ def main() -> int:
     p.add_argument("--child", choices=["static", "dynamic"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    lengths = [int(x) for x in args.lengths.split(",")]
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        p.error(f"--lengths {args.lengths!r}: comma-separated integers expected")
+    if args.layers < 1 or min(lengths) < 1:
+        p.error("--layers and every length must be >= 1")
     if args.child:
         res = child(args.child, lengths, args.layers)
         with open(args.child_out, "w") as f:
