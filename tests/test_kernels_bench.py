@@ -211,3 +211,23 @@ def test_new_rows_render():
     assert "moa0.5-searched" in md and "0.800, 8.0 |" in md
     assert "0.008 (0.01)" in md and "x floor" in md and "**2.0**" in md and "out of memory" in md
     assert "| searched 0.500 |" in md and "| 12.00 |" in md  # moa: 30 ms / ((4 + 6) GB / 4000 GB/s = 2.5 ms)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 20), st.sampled_from("abc")), min_size=1, max_size=12))
+def test_kernel_trace_summary_is_the_union_of_intervals(records):
+    """The trace summary's busy time is the union of the kernels' intervals (overlaps on other streams
+    counted once, gaps not at all), its span first start to last end, and each name's time the sum."""
+    from moa_plan.evals.bench.timing import summarise_kernels
+
+    span, busy, by_name = summarise_kernels([(float(t), float(d), n) for t, d, n in records])
+    t0 = min(t for t, _, _ in records)
+    covered = {u for t, d, _ in records for u in range(t, t + d)}  # unit cells [u, u + 1)
+    assert busy == len(covered)
+    assert span == max(t + d for t, d, _ in records) - t0
+    for name in {n for _, _, n in records}:
+        mine = [(t, d) for t, d, n in records if n == name]
+        assert by_name[name]["us"] == sum(d for _, d in mine)
+        assert by_name[name]["count"] == len(mine)
+        assert by_name[name]["first_start_us"] == min(t for t, _ in mine) - t0
+        assert by_name[name]["last_end_us"] == max(t + d for t, d in mine) - t0

@@ -12,7 +12,11 @@ default's output. On the way, item 3: the prefill kernel's block shapes at 16k a
 (``prefill_sweep``).
 
     python3 tools/decode_b1_sweep.py OUT_JSON [--lengths 4096,16384] [--plans synthetic,searched-shaped,grouped]
-        [--quick] [--no-prefill] [--loads gather,tma] [--pdl 0,1]
+        [--quick] [--no-prefill] [--loads gather,tma] [--pdl 0,1] [--trace]
+
+``--trace``: where the default's and the best SDPA backend's time goes, from the profiler's kernel
+records of their graph replays (``kernel_trace``): each kernel's time per call, the GPU's idle time
+inside a call, and the decode kernel's own rate against copy bandwidth.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moa_plan.evals.bench.cases import SHAPES, bench_plan, grouped_plan, searched_plan
-from moa_plan.evals.bench.timing import capture, copy_bandwidth, graph_time
+from moa_plan.evals.bench.timing import capture, copy_bandwidth, graph_time, kernel_trace
 from moa_plan.runtime.cache import LayerLayout, allocate
 from moa_plan.runtime.triton_decode import decode_attention, plan_splits
 
@@ -54,6 +58,7 @@ def main() -> int:
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill tile sweep")
     p.add_argument("--loads", default="gather,tma", help="ways of reading K/V to time (decode_attention's loads)")
     p.add_argument("--pdl", default="0,1", help="merge launched with programmatic dependent launch: 0, 1 or both")
+    p.add_argument("--trace", action="store_true", help="profile the default and the best SDPA backend's replays")
     args = p.parse_args()
     sh = SHAPES["llama3-8b"]
     hq, hkv, d = sh["hq"], sh["hkv"], sh["d"]
@@ -99,6 +104,13 @@ def main() -> int:
                 sdpa[name] = f"n/a ({type(exc).__name__})"
         best = min(v for v in sdpa.values() if isinstance(v, float))
         dense_floor = 1e6 * kv_bytes / bw
+        dense_trace = None
+        if args.trace:
+            best_be = min((k for k, v in sdpa.items() if isinstance(v, float)), key=sdpa.get)
+            g, _ = capture([lambda c=c: run(*c, be=getattr(SDPBackend, best_be)) for c in dense], len(dense))
+            dense_trace = {"backend": best_be, **kernel_trace(g.replay, calls=len(dense))}
+            del g
+            print(f"n={n} {best_be} trace {dense_trace}", flush=True)
         del dense
         torch.cuda.empty_cache()
         print(f"n={n} sdpa us {sdpa} best {best} (bytes floor {dense_floor:.1f})", flush=True)
@@ -159,17 +171,23 @@ def main() -> int:
                     us = f"n/a ({type(exc).__name__}: {exc})"[:200]
                 row = {"splits": splits, "block_n": bn, "warps": warps, "stages": stages, "loads": loads, "pdl": pdl}
                 case["configs"].append({**row, "us": us})
-            default_us = round(
-                1e3
-                * graph_time(
-                    [
-                        (lambda c=c: decode_attention(q, c[0], c[1], lay.offset, lay.cap, lay.n_sink, spans, SINK, n))
-                        for c in caches
-                    ]
-                ),
-                2,
-            )
+            default_fns = [
+                (lambda c=c: decode_attention(q, c[0], c[1], lay.offset, lay.cap, lay.n_sink, spans, SINK, n))
+                for c in caches
+            ]
+            default_us = round(1e3 * graph_time(default_fns), 2)
             case["default"]["us"] = default_us
+            if args.trace:
+                g, _ = capture(default_fns, len(default_fns))
+                trace = kernel_trace(g.replay, calls=len(default_fns))
+                del g
+                dec = trace.get("kernels", {}).get("_decode_kernel")
+                if dec and dec["us"] > 0:  # the decode kernel's own rate: bytes it reads / its time
+                    trace["decode_kernel_GBps"] = round(read / dec["us"] / 1e3, 1)
+                    trace["decode_kernel_of_copy"] = round(read / dec["us"] / 1e3 / (bw / 1e9), 3)
+                case["default"]["trace"] = trace
+                case["sdpa_best_trace"] = dense_trace
+                print(f"  {key} default trace {trace}", flush=True)
             timed = [c for c in case["configs"] if isinstance(c["us"], float)]
             top = min(timed, key=lambda c: c["us"])
             # the best configuration must also be right: compare it with the reference

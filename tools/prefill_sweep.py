@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moa_plan.evals.bench.cases import SHAPES, plan_of_kind
 from moa_plan.evals.bench.kernels import cudnn_band_module
-from moa_plan.evals.bench.timing import bench_time
+from moa_plan.evals.bench.timing import bench_time, kernel_trace
 from moa_plan.runtime.triton_prefill import default_config, prefill_attention
 from moa_plan.semantics import causal_pairs, visible_pairs
 
@@ -83,24 +83,30 @@ def cudnn_band(q, k, v, spans, want, streams: int, dynamic: bool) -> dict:
 
 def where_time_goes(fn, reps: int = 10) -> dict:
     """Host time per call (Python and launches, no synchronisation: if it nears the call's GPU time,
-    the GPU waits for the host) and the profiler's GPU kernel time per call, by kernel."""
+    the GPU waits for the host) and, from the profiler's kernel records of one call (the median of 5,
+    ``kernel_trace``), its GPU time by kernel, its span and the GPU's idle time inside it, and when the
+    last band kernel ends (the fold runs after that, alone)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
     host_ms = (time.perf_counter() - t0) / reps * 1e3
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    kernels = {}
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-        if t > 0:
-            kernels[e.key[:90]] = round(t / reps / 1e3, 4)
-    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:6])
-    return {"host_ms": round(host_ms, 4), "gpu_kernel_ms_sum": round(sum(kernels.values()), 4), "top_kernels_ms": top}
+    tr = kernel_trace(fn, reps=5)
+    if "kernels" not in tr:
+        return {"host_ms": round(host_ms, 4), "trace": tr}
+    ks = tr["kernels"]
+    band = [k["last_end_us"] for name, k in ks.items() if "sink_fold" not in name and "Memset" not in name]
+    fold = [k["us"] for name, k in ks.items() if "sink_fold" in name]
+    return {
+        "host_ms": round(host_ms, 4),
+        "gpu_kernel_ms_sum": round(sum(k["us"] for k in ks.values()) / 1e3, 4),
+        "top_kernels_ms": {name: round(k["us"] / 1e3, 4) for name, k in list(ks.items())[:6]},
+        "trace_span_ms": round(tr["span_us"] / 1e3, 4),
+        "trace_idle_ms": round(tr["idle_us"] / 1e3, 4),
+        "trace_band_end_ms": round(max(band, default=0.0) / 1e3, 4),
+        "trace_fold_ms": round(sum(fold) / 1e3, 4),
+    }
 
 
 def main() -> int:

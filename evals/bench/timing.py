@@ -45,6 +45,93 @@ def graph_time(fns: list, reps: int = 10, inner: int = 0) -> float:
     return times[len(times) // 2]
 
 
+def summarise_kernels(ks: list[tuple[float, float, str]]) -> tuple[float, float, dict]:
+    """(span, busy, by name) of kernel records (start, duration, name), in the records' unit: span =
+    first start to last end, busy = the union of the intervals, by name = time, launches, first start
+    and last end (from the first start) of each kernel name."""
+    ks = sorted(ks)
+    t0 = ks[0][0]
+    busy, lo, hi = 0.0, t0, t0
+    by_name: dict[str, dict[str, float]] = {}
+    for ts, dur, name in ks:
+        if ts > hi:
+            busy += hi - lo
+            lo = ts
+        hi = max(hi, ts + dur)
+        k = by_name.setdefault(name, {"us": 0.0, "count": 0, "first_start_us": ts - t0, "last_end_us": 0.0})
+        k["us"] += dur
+        k["count"] += 1
+        k["last_end_us"] = max(k["last_end_us"], ts + dur - t0)
+    busy += hi - lo
+    return max(ts + dur for ts, dur, _ in ks) - t0, busy, by_name
+
+
+def _exported_kernels(prof) -> list[tuple[float, float, str]]:
+    """(start us, duration us, name) of the GPU records in a profiler's exported Chrome trace."""
+    import json
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    gpu = ("kernel", "gpu_memset", "gpu_memcpy")
+    return [
+        (float(e["ts"]), float(e.get("dur", 0.0)), str(e.get("name", "?"))[:90])
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in gpu
+    ]
+
+
+def kernel_trace(fn, reps: int = 5, calls: int = 1) -> dict[str, Any]:
+    """Where a call's GPU time goes, from the profiler's kernel records (each rep profiled on its own,
+    the median rep kept): span_us = first kernel start to last kernel end, busy_us = the union of the
+    kernel intervals (span - busy = the GPU idle inside the call: launch gaps, waits on the host), and
+    per kernel name its time and launches. fn may run `calls` calls back to back (a CUDA-graph replay
+    of several): those figures are per call. A kernel's first start and last end (from fn's first
+    kernel) are of the whole fn, to see its phases (e.g. a fold after every stream's calls)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    summaries = []
+    for _ in range(reps):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        ks = [
+            (float(e.time_range.start), float(e.time_range.elapsed_us()), e.name[:90])
+            for e in prof.events()
+            if e.device_type == cuda
+        ]
+        if not ks:  # device events not listed on their own by this torch: read the exported trace
+            ks = _exported_kernels(prof)
+        if ks:
+            summaries.append(summarise_kernels(ks))
+    if not summaries:
+        return {"error": "the profiler recorded no kernels"}
+    summaries.sort(key=lambda s: s[0])
+    span, busy, by_name = summaries[len(summaries) // 2]
+    kernels = {
+        name: {
+            "us": round(k["us"] / calls, 3),
+            "count": k["count"] // calls,
+            "first_start_us": round(k["first_start_us"], 3),
+            "last_end_us": round(k["last_end_us"], 3),
+        }
+        for name, k in sorted(by_name.items(), key=lambda kv: -kv[1]["us"])
+    }
+    return {
+        "span_us": round(span / calls, 3),
+        "busy_us": round(busy / calls, 3),
+        "idle_us": round((span - busy) / calls, 3),
+        "kernels": kernels,
+    }
+
+
 def bench_time(fn, rep_ms: int = 200) -> float:
     import triton
 
