@@ -82,6 +82,14 @@ def arrival_counters(device: torch.device, size: int) -> torch.Tensor:
     return buf
 
 
+def fused_merge_block(group: int, splits: int) -> dict[str, int]:
+    """The fused merge's tile: the group's heads (GROUP_M, a power of 2) x SPLITS_B chunks per step,
+    at most 128 (head, chunk) rows of fp32 partials in flight, so that a batch-1 merge of up to 32
+    chunks is one step and larger ones a few."""
+    group_m = triton.next_power_of_2(max(1, group))
+    return {"GROUP_M": group_m, "SPLITS_B": max(1, min(triton.next_power_of_2(splits), 128 // group_m))}
+
+
 def plan_splits(batch: int, hkv: int, max_tokens: int, block_n: int, sms: int) -> tuple[int, int]:
     """(number of splits, chunk tokens) along the cache.
 
@@ -238,6 +246,7 @@ def decode_attention(
         FUSED=fused,
         LAYOUT=DESCRIPTORS if descs else GATHER,
         PDL=pdl,
+        **(fused_merge_block(group, splits) if fused else {}),
         num_warps=warps,
         num_stages=stages,
     )

@@ -134,6 +134,8 @@ def _decode_kernel(
     FUSED: tl.constexpr,
     LAYOUT: tl.constexpr,
     PDL: tl.constexpr,
+    GROUP_M: tl.constexpr = 1,
+    SPLITS_B: tl.constexpr = 1,
 ):
     if PDL:  # let the merge launch now: it waits (gdc_wait) for this grid's partials before reading them
         tl.extra.cuda.gdc_launch_dependents()
@@ -218,18 +220,20 @@ def _decode_kernel(
                 arrived = tl.atomic_add(COUNTER + pid, 1, sem="acq_rel", scope="gpu")
                 active = tl.cdiv(total, chunk)
                 if arrived == active - 1:  # the last chunk of this (row, KV head) to finish merges them all
-                    first = (b * HKV * GROUP + heads) * num_splits
+                    gm = tl.arange(0, GROUP_M)  # the group's heads only (GROUP_P pads them to 16 for tl.dot)
+                    mheads = kvh * GROUP + gm
                     _merge_chunks(
                         M_PART,
                         L_PART,
                         O_PART,
                         O,
-                        first,
+                        (b * HKV * GROUP + mheads) * num_splits,
                         active,
-                        gmask,
-                        O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                        gm < GROUP,
+                        O + b * stride_ob + mheads[:, None] * stride_oh + offs_d[None, :],
                         HEAD_DIM,
-                        GROUP_P,
+                        GROUP_M,
+                        SPLITS_B,
                     )
                     tl.store(COUNTER + pid, 0)
 
@@ -284,26 +288,35 @@ def _reduce_kernel(
 
 @triton.jit
 def _merge_chunks(
-    M_PART, L_PART, O_PART, O, first, active, gmask, out_ptrs, HEAD_DIM: tl.constexpr, GROUP_P: tl.constexpr
-):
-    """Merge the partial states of chunks 0..active-1 (rows first + s) of GROUP_P heads into out_ptrs.
-    Loads bypass L1 (.cg): the partials were written by other programs."""
-    m_max = tl.full([GROUP_P], float("-inf"), tl.float32)
-    for s in range(0, active):
-        m_max = tl.maximum(m_max, tl.load(M_PART + first + s, mask=gmask, other=float("-inf"), cache_modifier=".cg"))
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    M_PART, L_PART, O_PART, O, first, active, gmask, out_ptrs,
+    HEAD_DIM: tl.constexpr, GROUP_M: tl.constexpr, SPLITS_B: tl.constexpr,
+):  # fmt: skip
+    """Merge the partial states of chunks 0..active-1 (rows first + s) of GROUP_M heads into out_ptrs,
+    SPLITS_B chunks of every head per step, all their loads issued at once (a loop over chunks one by
+    one waited on memory once per chunk: the fused merge measured 6-7 us slower than the second
+    launch on an H200). Loads bypass L1 (.cg): the partials were written by other programs."""
     offs_d = tl.arange(0, HEAD_DIM)
-    l_tot = tl.zeros([GROUP_P], tl.float32)
-    acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
-    for s in range(0, active):
-        w = tl.math.exp2(tl.load(M_PART + first + s, mask=gmask, other=float("-inf"), cache_modifier=".cg") - m_max)
-        l_tot += w * tl.load(L_PART + first + s, mask=gmask, other=0.0, cache_modifier=".cg")
-        part = tl.load(
-            O_PART + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=gmask[:, None],
+    s = tl.arange(0, SPLITS_B)
+    m_run = tl.full([GROUP_M], float("-inf"), tl.float32)
+    l_run = tl.zeros([GROUP_M], tl.float32)
+    acc = tl.zeros([GROUP_M, HEAD_DIM], tl.float32)
+    for s0 in range(0, active, SPLITS_B):
+        live = gmask[:, None] & (s0 + s[None, :] < active)
+        rows = first[:, None] + s0 + s[None, :]
+        mp = tl.load(M_PART + rows, mask=live, other=float("-inf"), cache_modifier=".cg")
+        lp = tl.load(L_PART + rows, mask=live, other=0.0, cache_modifier=".cg")
+        op = tl.load(
+            O_PART + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+            mask=live[:, :, None],
             other=0.0,
             cache_modifier=".cg",
         )
-        acc += part * w[:, None]
-    l_tot = tl.where(l_tot == 0.0, 1.0, l_tot)
-    tl.store(out_ptrs, (acc / l_tot[:, None]).to(O.dtype.element_ty), mask=gmask[:, None])
+        m_new = tl.maximum(m_run, tl.max(mp, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.where(live, tl.math.exp2(mp - m_use[:, None]), 0.0)
+        alpha = tl.math.exp2(m_run - m_use)
+        l_run = l_run * alpha + tl.sum(w * lp, 1)
+        acc = acc * alpha[:, None] + tl.sum(op * w[:, :, None], 1)
+        m_run = m_new
+    l_run = tl.where(l_run == 0.0, 1.0, l_run)
+    tl.store(out_ptrs, (acc / l_run[:, None]).to(O.dtype.element_ty), mask=gmask[:, None])

@@ -106,6 +106,22 @@ def test_decode_long_ring_wraps_with_many_splits():
             assert (got - want).abs().max().item() <= 1e-5, (splits, merge, loads)
 
 
+def test_decode_fused_merge_in_several_steps():
+    """A wide GQA group (32 query heads on one KV head) leaves the fused merge room for only 4 chunks
+    per step (``fused_merge_block``), so 5 and 19 chunks are merged in 2 and 5 online steps."""
+    shape = ModelShape(num_layers=1, num_attention_heads=32, num_key_value_heads=1, head_dim=16)
+    rules = [Rule(alpha=1 + 9 * (h % 4), beta=0.1 * (h % 3)) for h in range(31)] + [Rule(alpha=0, beta=1)]
+    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=4, layers=[Layer(heads=rules)])
+    c = dict(plan=plan, n_max=260, n=260, prompt=200, batch=1, dtype=torch.float32, seed=2)
+    q, k, v, kc, vc, layout = _filled_cache(c)
+    spans = torch.tensor(plan.spans(260)[0], dtype=torch.int32)
+    want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
+    assert triton_decode.fused_merge_block(32, 19) == {"GROUP_M": 32, "SPLITS_B": 4}
+    for splits in (5, 19):
+        got = _decode(q, kc, vc, layout, spans, plan.sink, 260, num_splits=splits, block_n=16, merge="fused")
+        assert (got - want).abs().max().item() <= 1e-5, splits
+
+
 def test_decode_tma_on_a_misaligned_cache_falls_back():
     """loads='tma' on caches whose base is not 16-byte aligned reads them with pointer loads instead."""
     shape = ModelShape(num_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)

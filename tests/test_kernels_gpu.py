@@ -134,6 +134,7 @@ def decode_cases(draw):
         n_tensor=draw(st.booleans()),
         loads=draw(st.sampled_from([None, "gather", "tma"])),  # the default, then each way of reading
         pdl=draw(st.sampled_from([None, False, True])),
+        merge=draw(st.sampled_from([None, "kernel", "fused"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -160,10 +161,12 @@ def test_gpu_decode_matches_reference(c):
     spans = torch.tensor(plan.spans(n)[0], dtype=torch.int32, device=dev)
     n_arg = torch.tensor(n, dtype=torch.int32, device=dev) if c["n_tensor"] else n
     got = decode_attention(
-        q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, plan.sink, n_arg, loads=c["loads"], pdl=c["pdl"]
-    )
+        q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, plan.sink, n_arg,
+        loads=c["loads"], pdl=c["pdl"], merge=c["merge"],
+    )  # fmt: skip
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
-    _check(got, want, dt, f"n={n} n_max={c['n_max']} batch={c['batch']} loads={c['loads']} pdl={c['pdl']}")
+    where = f"n={n} n_max={c['n_max']} batch={c['batch']} loads={c['loads']} pdl={c['pdl']} merge={c['merge']}"
+    _check(got, want, dt, where)
 
 
 @pytest.mark.parametrize("hq,hkv", [(32, 8), (32, 32)])

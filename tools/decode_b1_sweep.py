@@ -12,7 +12,7 @@ default's output. On the way, item 3: the prefill kernel's block shapes at 16k a
 (``prefill_sweep``).
 
     python3 tools/decode_b1_sweep.py OUT_JSON [--lengths 4096,16384] [--plans synthetic,searched-shaped,grouped]
-        [--quick] [--no-prefill] [--loads gather,tma] [--pdl 0,1] [--trace]
+        [--quick] [--no-prefill] [--loads gather,tma] [--pdl 0,1] [--merge kernel,fused] [--trace]
 
 ``--trace``: where the default's and the best SDPA backend's time goes, from the profiler's kernel
 records of their graph replays (``kernel_trace``): each kernel's time per call, the GPU's idle time
@@ -58,8 +58,11 @@ def main() -> int:
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill tile sweep")
     p.add_argument("--loads", default="gather,tma", help="ways of reading K/V to time (decode_attention's loads)")
     p.add_argument("--pdl", default="0,1", help="merge launched with programmatic dependent launch: 0, 1 or both")
+    p.add_argument("--merge", default="kernel", help="split-K merge: kernel (a second launch), fused (the last chunk)")
     p.add_argument("--trace", action="store_true", help="profile the default and the best SDPA backend's replays")
     args = p.parse_args()
+    if not set(args.merge.split(",")) <= {"kernel", "fused"}:
+        p.error(f"--merge: kernel and/or fused, got {args.merge!r}")
     sh = SHAPES["llama3-8b"]
     hq, hkv, d = sh["hq"], sh["hkv"], sh["d"]
     dt, dev = torch.bfloat16, "cuda"
@@ -74,8 +77,11 @@ def main() -> int:
     }
     print("launch floor us", res["launch_floor_us"], flush=True)
 
-    ways = list(itertools.product(args.loads.split(","), [bool(int(x)) for x in args.pdl.split(",")]))
-    if args.quick:  # (splits, block_n, warps, stages, loads, pdl)
+    # ways of running the step: (loads, pdl, merge); PDL launches the second kernel, which a fused merge has not
+    loads_l, merges = args.loads.split(","), args.merge.split(",")
+    ways = [(ld, bool(int(x)), "kernel") for ld in loads_l for x in args.pdl.split(",") if "kernel" in merges]
+    ways += [(ld, False, "fused") for ld in loads_l if "fused" in merges]
+    if args.quick:  # (splits, block_n, warps, stages, loads, pdl, merge)
         grid = [g + w for g in itertools.product([16, 32], [64, 128], [4], [3]) for w in ways]
     else:
         grid = [
@@ -142,26 +148,29 @@ def main() -> int:
                 "default": {"splits": s0, "chunk": c0},
                 "configs": [],
             }
-            for splits, bn, warps, stages, loads, pdl in grid:
+            for splits, bn, warps, stages, loads, pdl, merge in grid:
                 try:
                     fns = [
                         (
-                            lambda c=c, s=splits, b=bn, w=warps, st=stages, ld=loads, pd=pdl: decode_attention(
-                                q,
-                                c[0],
-                                c[1],
-                                lay.offset,
-                                lay.cap,
-                                lay.n_sink,
-                                spans,
-                                SINK,
-                                n,
-                                num_splits=s,
-                                block_n=b,
-                                num_warps=w,
-                                num_stages=st,
-                                loads=ld,
-                                pdl=pd,
+                            lambda c=c, s=splits, b=bn, w=warps, st=stages, ld=loads, pd=pdl, mg=merge: (
+                                decode_attention(
+                                    q,
+                                    c[0],
+                                    c[1],
+                                    lay.offset,
+                                    lay.cap,
+                                    lay.n_sink,
+                                    spans,
+                                    SINK,
+                                    n,
+                                    num_splits=s,
+                                    block_n=b,
+                                    num_warps=w,
+                                    num_stages=st,
+                                    loads=ld,
+                                    pdl=pd,
+                                    merge=mg,
+                                )
                             )
                         )  # fmt: skip
                         for c in caches
@@ -169,7 +178,8 @@ def main() -> int:
                     us = round(1e3 * graph_time(fns), 2)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this shape
                     us = f"n/a ({type(exc).__name__}: {exc})"[:200]
-                row = {"splits": splits, "block_n": bn, "warps": warps, "stages": stages, "loads": loads, "pdl": pdl}
+                row = {"splits": splits, "block_n": bn, "warps": warps, "stages": stages}
+                row |= {"loads": loads, "pdl": pdl, "merge": merge}
                 case["configs"].append({**row, "us": us})
             default_fns = [
                 (lambda c=c: decode_attention(q, c[0], c[1], lay.offset, lay.cap, lay.n_sink, spans, SINK, n))
@@ -196,30 +206,32 @@ def main() -> int:
                 lambda: decode_attention(
                     q, kc, vc, lay.offset, lay.cap, lay.n_sink, spans, SINK, n,
                     num_splits=top["splits"], block_n=top["block_n"], num_warps=top["warps"], num_stages=top["stages"],
-                    loads=top["loads"], pdl=top["pdl"],
+                    loads=top["loads"], pdl=top["pdl"], merge=top["merge"],
                 )
             )  # fmt: skip
             err = round(float((out.float() - want).abs().max()), 5)
             case["best"] = {**top, "x_sdpa_best": round(best / top["us"], 3), "max_abs_diff_vs_default": err}
             # every way of reading, replayed in a CUDA graph (where PDL takes effect), against the default
             case["graph_max_abs_diff"] = {}
-            for ld, pd in ways:
+            for ld, pd, mg in ways:
                 try:
                     got = graph_output(
-                        lambda ld=ld, pd=pd: decode_attention(
-                            q, kc, vc, lay.offset, lay.cap, lay.n_sink, spans, SINK, n, loads=ld, pdl=pd
+                        lambda ld=ld, pd=pd, mg=mg: decode_attention(
+                            q, kc, vc, lay.offset, lay.cap, lay.n_sink, spans, SINK, n, loads=ld, pdl=pd, merge=mg
                         )
                     )
                     diff = round(float((got.float() - want).abs().max()), 5)
                 except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
                     diff = f"n/a ({type(exc).__name__}: {exc})"[:200]
-                case["graph_max_abs_diff"][f"{ld}/pdl{int(pd)}"] = diff
+                case["graph_max_abs_diff"][f"{ld}/pdl{int(pd)}/{mg}"] = diff
             case["default"]["x_sdpa_best"] = round(best / default_us, 3)
             case["best_by_way"] = {
-                f"{ld}/pdl{int(pd)}": min(
-                    (c for c in timed if c["loads"] == ld and c["pdl"] == pd), key=lambda c: c["us"], default=None
+                f"{ld}/pdl{int(pd)}/{mg}": min(
+                    (c for c in timed if (c["loads"], c["pdl"], c["merge"]) == (ld, pd, mg)),
+                    key=lambda c: c["us"],
+                    default=None,
                 )
-                for ld, pd in ways
+                for ld, pd, mg in ways
             }
             for way, c in case["best_by_way"].items():
                 print(f"  {key} {way}: {c}", flush=True)

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Issue 12, items 2 and 3: where the missed targets' time goes, from profiler kernel records, in one
 # device call. Batch-1 decode at 4k / 16k (the default launch and the best SDPA backend, graph
-# replays) and the 16k prefill through the cuDNN band path (band phase, sink fold, idle time).
+# replays; the split-K merge as a second launch and fused into the decode kernel, each traced as the
+# default) and the 16k prefill through the cuDNN band path (band phase, sink fold, idle time).
 # Usage (repo root, on the GPU machine; carry .whl): tools/issue12_traces.sh
-# Writes under $OUT (default ./gpu-out): decode-b1-trace.{json,log}, prefill-16k-trace.{json,log},
-# device.txt, commit.txt (when git is there).
+#   TESTS=1 first runs the decode kernels' GPU tests (bf16 property test, fused merge under graph replay,
+#   graph-replayed generate against transformers), with TESTS_MERGE (default kernel) as the default merge;
+#   PREFILL=0 skips the prefill.
+# Writes under $OUT (default ./gpu-out): decode-b1-{kernel,fused}.{json,log}, prefill-16k-trace.{json,log},
+# gpu-tests.log, device.txt. (The copy on the GPU machine has no usable git: write commit.txt by hand.)
 set -o pipefail
 REPO=$(pwd)
 OUT=${OUT:-$REPO/gpu-out}
@@ -17,15 +21,26 @@ rm -rf /tmp/moa && mkdir -p /tmp/moa/moa_plan
 for f in "$REPO"/moa_plan/*; do ln -s "$f" /tmp/moa/moa_plan/; done
 for d in runtime search evals; do ln -s "$REPO/$d" "/tmp/moa/moa_plan/$d"; done
 export PYTHONPATH=/tmp/moa:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-git -C "$REPO" rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/device.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" >> "$OUT/device.txt" 2>&1
 cd /tmp || exit 1
-echo "=== decode b1 ($(date +%T))"
-timeout "${DECODE_TIMEOUT:-240}" python3 "$REPO/tools/decode_b1_sweep.py" "$OUT/decode-b1-trace.json" --quick --no-prefill \
-  --plans synthetic,searched-shaped,grouped --loads gather --pdl 1 --trace 2>&1 | tee "$OUT/decode-b1-trace.log"
-echo "exit $? ($(date +%T))"
-echo "=== prefill 16k ($(date +%T))"
-timeout "${PREFILL_TIMEOUT:-240}" python3 "$REPO/tools/prefill_sweep.py" "$OUT/prefill-16k-trace.json" --default-only \
-  --lengths "${PREFILL_LENGTHS:-16384}" --streams 4 2>&1 | tee "$OUT/prefill-16k-trace.log"
-echo "exit $? ($(date +%T))"
+if [ "${TESTS:-0}" = 1 ]; then
+  echo "=== GPU tests ($(date +%T))"
+  MOA_DECODE_MERGE=${TESTS_MERGE:-kernel} timeout "${TESTS_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider \
+    --rootdir "$REPO" "$REPO/tests/test_kernels_gpu.py" "$REPO/tests/test_graph_gpu.py" \
+    -k "decode or fused or graph_generate" 2>&1 | tail -15 | tee "$OUT/gpu-tests.log"
+fi
+for merge in kernel fused; do
+  echo "=== decode b1, merge $merge as the default ($(date +%T))"
+  pdl=1; [ "$merge" = fused ] && pdl=0
+  MOA_DECODE_MERGE=$merge timeout "${DECODE_TIMEOUT:-200}" python3 "$REPO/tools/decode_b1_sweep.py" "$OUT/decode-b1-$merge.json" \
+    --quick --no-prefill --plans synthetic,searched-shaped,grouped --loads gather --pdl $pdl --merge $merge --trace \
+    2>&1 | grep -v "UserWarning\|scaled_dot_product" | tee "$OUT/decode-b1-$merge.log"
+  echo "exit $? ($(date +%T))"
+done
+if [ "${PREFILL:-1}" = 1 ]; then
+  echo "=== prefill 16k ($(date +%T))"
+  timeout "${PREFILL_TIMEOUT:-240}" python3 "$REPO/tools/prefill_sweep.py" "$OUT/prefill-16k-trace.json" --default-only \
+    --lengths "${PREFILL_LENGTHS:-16384}" --streams 4 2>&1 | tee "$OUT/prefill-16k-trace.log"
+  echo "exit $? ($(date +%T))"
+fi
