@@ -164,7 +164,8 @@ def test_new_rows_render():
                 "read_fraction": 0.8,
                 "bytes_read": 8e6,
                 "ms": 0.008,
-                "ms_one_launch": 0.01,
+                "merge": "fused",
+                "ms_kernel_merge": 0.01,
                 "GBps": 1000,
                 "copy_frac": 0.25,
                 "speedup_vs_sdpa": 2.5,
@@ -209,7 +210,7 @@ def test_new_rows_render():
     }
     md = render_markdown(res)
     assert "moa0.5-searched" in md and "0.800, 8.0 |" in md
-    assert "0.008 (0.01)" in md and "x floor" in md and "**2.0**" in md and "out of memory" in md
+    assert "0.008 (fused; kernel 0.01)" in md and "x floor" in md and "**2.0**" in md and "out of memory" in md
     assert "| searched 0.500 |" in md and "| 12.00 |" in md  # moa: 30 ms / ((4 + 6) GB / 4000 GB/s = 2.5 ms)
 
 

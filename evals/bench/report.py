@@ -40,7 +40,7 @@ def render_markdown(res: dict) -> str:
         lines += [
             "## Decode attention, one layer, per step",
             "",
-            "| shape | cache n | batch | SDPA dense ms (default / best backend) | plan | density / attn frac | KV read (frac, MB) | ours ms (fused merge) | ours GB/s | % copy BW | x SDPA | x SDPA best | Flex ms | x Flex |",
+            "| shape | cache n | batch | SDPA dense ms (default / best backend) | plan | density / attn frac | KV read (frac, MB) | ours ms (merge; the other merge) | ours GB/s | % copy BW | x SDPA | x SDPA best | Flex ms | x Flex |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in dec:
@@ -50,7 +50,8 @@ def render_markdown(res: dict) -> str:
             for key in _moa_keys(k, t):
                 e = k[key]
                 plan = key.rsplit("/", 1)[1]
-                two = f" ({e['ms_one_launch']})" if "ms_one_launch" in e else ""
+                other = next((m for m in ("kernel", "fused") if f"ms_{m}_merge" in e), None)
+                two = f" ({e.get('merge')}; {other} {e[f'ms_{other}_merge']})" if other else ""
                 lines.append(
                     f"| {shape} | {n[1:]} | {b[1:]} | {sd_txt} | {plan} | {e.get('density', 0):.3f} / "
                     f"{e.get('attention_fraction', 0):.3f} | {e.get('read_fraction', 0):.3f}, "
