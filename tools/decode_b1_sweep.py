@@ -12,7 +12,7 @@ default's output. On the way, item 3: the prefill kernel's block shapes at 16k a
 (``prefill_sweep``).
 
     python3 tools/decode_b1_sweep.py OUT_JSON [--lengths 4096,16384] [--plans synthetic,searched-shaped,grouped]
-        [--quick] [--no-prefill] [--loads gather,tma] [--pdl 0,1] [--merge kernel,fused] [--trace]
+        [--quick] [--no-prefill] [--loads gather,tma] [--pdl 0,1] [--merge kernel,fused] [--rounds R] [--trace]
 
 ``--trace``: where the default's and the best SDPA backend's time goes, from the profiler's kernel
 records of their graph replays (``kernel_trace``): each kernel's time per call, the GPU's idle time
@@ -59,10 +59,13 @@ def main() -> int:
     p.add_argument("--loads", default="gather,tma", help="ways of reading K/V to time (decode_attention's loads)")
     p.add_argument("--pdl", default="0,1", help="merge launched with programmatic dependent launch: 0, 1 or both")
     p.add_argument("--merge", default="kernel", help="split-K merge: kernel (a second launch), fused (the last chunk)")
+    p.add_argument("--rounds", type=int, default=1, help="time every configuration this many times, interleaved")
     p.add_argument("--trace", action="store_true", help="profile the default and the best SDPA backend's replays")
     args = p.parse_args()
     if not set(args.merge.split(",")) <= {"kernel", "fused"}:
         p.error(f"--merge: kernel and/or fused, got {args.merge!r}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     sh = SHAPES["llama3-8b"]
     hq, hkv, d = sh["hq"], sh["hkv"], sh["d"]
     dt, dev = torch.bfloat16, "cuda"
@@ -148,39 +151,48 @@ def main() -> int:
                 "default": {"splits": s0, "chunk": c0},
                 "configs": [],
             }
+            timed_runs: list[tuple[dict, list, list]] = []  # (row, fns, times)
             for splits, bn, warps, stages, loads, pdl, merge in grid:
-                try:
-                    fns = [
-                        (
-                            lambda c=c, s=splits, b=bn, w=warps, st=stages, ld=loads, pd=pdl, mg=merge: (
-                                decode_attention(
-                                    q,
-                                    c[0],
-                                    c[1],
-                                    lay.offset,
-                                    lay.cap,
-                                    lay.n_sink,
-                                    spans,
-                                    SINK,
-                                    n,
-                                    num_splits=s,
-                                    block_n=b,
-                                    num_warps=w,
-                                    num_stages=st,
-                                    loads=ld,
-                                    pdl=pd,
-                                    merge=mg,
-                                )
-                            )
-                        )  # fmt: skip
-                        for c in caches
-                    ]
-                    us = round(1e3 * graph_time(fns), 2)
-                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this shape
-                    us = f"n/a ({type(exc).__name__}: {exc})"[:200]
+                fns = [
+                    (
+                        lambda c=c, s=splits, b=bn, w=warps, st=stages, ld=loads, pd=pdl, mg=merge: decode_attention(
+                            q,
+                            c[0],
+                            c[1],
+                            lay.offset,
+                            lay.cap,
+                            lay.n_sink,
+                            spans,
+                            SINK,
+                            n,
+                            num_splits=s,
+                            block_n=b,
+                            num_warps=w,
+                            num_stages=st,
+                            loads=ld,
+                            pdl=pd,
+                            merge=mg,
+                        )
+                    )
+                    for c in caches
+                ]
                 row = {"splits": splits, "block_n": bn, "warps": warps, "stages": stages}
-                row |= {"loads": loads, "pdl": pdl, "merge": merge}
-                case["configs"].append({**row, "us": us})
+                timed_runs.append((row | {"loads": loads, "pdl": pdl, "merge": merge}, fns, []))
+            # rounds over every configuration, alternately forwards and backwards, so that a drift of the
+            # machine (clocks, heat) during the sweep does not favour whichever is timed later
+            for r in range(args.rounds):
+                for row, fns, times in timed_runs if r % 2 == 0 else timed_runs[::-1]:
+                    if times and isinstance(times[-1], str):
+                        continue
+                    try:
+                        times.append(1e3 * graph_time(fns))
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this shape
+                        times.append(f"n/a ({type(exc).__name__}: {exc})"[:200])
+            for row, _, times in timed_runs:
+                us = times[-1] if isinstance(times[-1], str) else round(sorted(times)[len(times) // 2], 2)
+                case["configs"].append(
+                    {**row, "us": us, **({"us_rounds": [round(t, 2) for t in times]} if args.rounds > 1 else {})}
+                )
             default_fns = [
                 (lambda c=c: decode_attention(q, c[0], c[1], lay.offset, lay.cap, lay.n_sink, spans, SINK, n))
                 for c in caches

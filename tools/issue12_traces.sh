@@ -6,6 +6,7 @@
 # Usage (repo root, on the GPU machine; carry .whl): tools/issue12_traces.sh
 #   TESTS=1 first runs the decode kernels' GPU tests (bf16 property test, fused merge under graph replay,
 #   graph-replayed generate against transformers), with TESTS_MERGE (default auto) as the merge setting;
+#   ROUNDS=R times every decode launch R times, interleaved (medians); TRACE= (empty) skips the decode traces;
 #   PREFILL=0 skips the prefill; BENCH=1 adds `moa-plan bench` decode rows (batch 1 and 8, 4k / 16k).
 # Writes under $OUT (default ./gpu-out): decode-b1-trace.{json,log}, prefill-16k-trace.{json,log}, bench/,
 # gpu-tests.log, device.txt. (The copy on the GPU machine has no usable git: write commit.txt by hand.)
@@ -32,7 +33,8 @@ if [ "${TESTS:-0}" = 1 ]; then
 fi
 echo "=== decode b1 ($(date +%T))"
 timeout "${DECODE_TIMEOUT:-200}" python3 "$REPO/tools/decode_b1_sweep.py" "$OUT/decode-b1-trace.json" \
-  --quick --no-prefill --plans synthetic,searched-shaped,grouped --loads gather --pdl 1 --merge kernel,fused --trace \
+  --quick --no-prefill --plans synthetic,searched-shaped,grouped --loads gather --pdl 1 --merge kernel,fused \
+  --rounds "${ROUNDS:-1}" ${TRACE---trace} \
   2>&1 | grep -v "UserWarning\|scaled_dot_product" | tee "$OUT/decode-b1-trace.log"
 echo "exit $? ($(date +%T))"
 if [ "${BENCH:-0}" = 1 ]; then
