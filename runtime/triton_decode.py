@@ -13,14 +13,14 @@ the run is split into equal chunks (split-K) so that batch x KV heads x chunks f
 One program reads one chunk of one (batch, KV head) once for all G query heads of the group
 (a [G, D] x [D, BLOCK_N] product), so every KV byte is read once per group. With more than one
 chunk their partial softmax states are merged either by a second small kernel or, fused, by the
-last chunk of each group to finish, in the same launch. ``MOA_DECODE_MERGE``: 'auto' (default) fuses
-for batch-1-sized grids (batch x KV heads <= SMs / 8) and launches the merge kernel otherwise;
-'fused' / 'kernel' force one. On an H100 at batch 1 (4k / 16k, 50%) the fused merge, its partials
-loaded all at once, is 3-9% faster than the two launches (one graph node less; the second
-launch's tail after the decode grid is gone); larger batches keep the second launch, as measured
-for ``generate``. On Hopper the second launch uses programmatic dependent launch (it starts during
-the decode grid and waits on-device for the partials), 1.0-1.2 us less per step in every H100 case
-measured (``MOA_DECODE_PDL=0`` turns it off). K/V blocks are read
+last chunk of each group to finish, in the same launch (``MOA_DECODE_MERGE``: 'kernel', the
+default, or 'fused'). The fused merge loads every chunk's partials at once; loaded one chunk per
+step it had been 6-7 us slower on an H200. On an H100 at batch 1 (4k / 16k, 50% plans, launches
+timed in interleaved rounds) the best launch of each is now within 1.1% of the other's, so the
+second launch stays the default: it needs no arrival counters, which concurrent launches must not share. On Hopper the
+second launch uses programmatic dependent launch (it starts during the decode grid and waits
+on-device for the partials), 1.0-1.2 us less per step in every H100 case measured
+(``MOA_DECODE_PDL=0`` turns it off). K/V blocks are read
 with pointer loads whose slot is computed per key (default) or, ``MOA_DECODE_LOADS=tma``, as TMA
 tiles over the (at most three) runs of consecutive slots of a chunk: on an H100 its best launch was
 1.1-1.2 us slower at 4k and within 4% at 16k (faster on one plan, slower on another), so not the
@@ -40,12 +40,12 @@ from moa_plan.runtime.triton_interpreter import check_interpreter, interpreting
 from moa_plan.settings import env_choice
 
 _LOG2E = 1.4426950408889634
-MERGE_ENV = "MOA_DECODE_MERGE"  # 'auto' (default), 'fused' (the last chunk merges) or 'kernel' (a second launch)
+MERGE_ENV = "MOA_DECODE_MERGE"  # 'kernel' (default: a second launch merges) or 'fused' (the last chunk merges)
 LOADS_ENV = "MOA_DECODE_LOADS"  # how K/V blocks are read: 'gather' or 'tma' (decode_attention's loads)
 PDL_ENV = "MOA_DECODE_PDL"  # '1': launch the merge with programmatic dependent launch (Hopper and later), '0': not
 _counters: dict[str, torch.Tensor] = {}
 LOADS = ("gather", "tma")
-MERGES = ("auto", "fused", "kernel")
+MERGES = ("fused", "kernel")
 DEFAULT_LOADS = "gather"
 DEFAULT_PDL = True
 
@@ -60,14 +60,8 @@ def _max_cap(cap: torch.Tensor) -> int:
 
 
 def merge_setting() -> str:
-    """'auto', 'fused' or 'kernel' from MOA_DECODE_MERGE (default 'auto', see above)."""
-    return env_choice(MERGE_ENV, MERGES, "auto")
-
-
-def batch1_sized(batch: int, hkv: int, sms: int) -> bool:
-    """Whether batch x KV heads leaves most SMs free (<= SMs / 8): decode is then latency-bound,
-    the split count is chosen for one or two waves and the merge is fused."""
-    return 8 * max(1, batch * hkv) <= sms
+    """'kernel' or 'fused' from MOA_DECODE_MERGE (default 'kernel', see above)."""
+    return env_choice(MERGE_ENV, MERGES, "kernel")
 
 
 def loads_setting() -> str:
@@ -113,7 +107,7 @@ def plan_splits(batch: int, hkv: int, max_tokens: int, block_n: int, sms: int) -
     """
     blocks = max(1, triton.cdiv(max_tokens, block_n))
     rows = max(1, batch * hkv)
-    one_wave = batch1_sized(batch, hkv, sms)
+    one_wave = 8 * rows <= sms
     fill = triton.cdiv((1 if one_wave else 4) * sms, rows)
     balance = triton.cdiv(max_tokens, 2048)
     if one_wave:  # up to two waves of chunks of >= 384 tokens (H100, 16k: 32 splits 22.2 us, 16 splits 28.7 us)
@@ -149,7 +143,7 @@ def decode_attention(
 
     `n` is the total length after this token's K/V was written (an int, or a 0-dim integer device
     tensor for CUDA graphs). `max_cap` (default: read once from `cap`) bounds the tokens per head
-    when `n` is a tensor; `block_n` / `num_splits` / `num_warps` / `num_stages` override the tuning; `merge` ('auto', 'fused' or 'kernel',
+    when `n` is a tensor; `block_n` / `num_splits` / `num_warps` / `num_stages` override the tuning; `merge` ('fused' or 'kernel',
     default ``merge_setting()``) how split-K chunks are merged. `loads` (default ``loads_setting()``): how K/V blocks are read, 'gather'
     (pointer loads, each key's slot computed on its own) or 'tma' (tensor-descriptor loads of whole
     tiles over the runs of consecutive slots, Hopper and later); `pdl`: launch the merge with
@@ -190,9 +184,8 @@ def decode_attention(
 
     if block_n is None:
         block_n = 32 if interpreting() else (64 if d <= 128 else 32)
-    sms = sm_count(q.device, cpu=4)
     if num_splits is None:
-        splits, chunk = plan_splits(batch, hkv, bound, block_n, sms)
+        splits, chunk = plan_splits(batch, hkv, bound, block_n, sm_count(q.device, cpu=4))
     else:
         blocks = max(1, triton.cdiv(bound, block_n))
         chunk = triton.cdiv(blocks, max(1, num_splits)) * block_n
@@ -202,8 +195,6 @@ def decode_attention(
     merge = merge or merge_setting()
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {list(MERGES)}, got {merge!r}")
-    if merge == "auto":
-        merge = "fused" if batch1_sized(batch, hkv, sms) else "kernel"
     fused = splits > 1 and merge == "fused"
     counter = arrival_counters(q.device, batch * hkv) if fused else out
     if splits > 1:

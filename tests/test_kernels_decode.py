@@ -162,7 +162,7 @@ def test_decode_fused_merge_leaves_counters_at_zero():
 def test_decode_settings(monkeypatch):
     """MOA_DECODE_MERGE / _LOADS / _PDL pick the defaults; a bad value names the variable."""
     monkeypatch.delenv(triton_decode.MERGE_ENV, raising=False)
-    assert triton_decode.merge_setting() == "auto"
+    assert triton_decode.merge_setting() == "kernel"
     monkeypatch.setenv(triton_decode.MERGE_ENV, "kernel")
     assert triton_decode.merge_setting() == "kernel"
     monkeypatch.setenv(triton_decode.MERGE_ENV, "bogus")
@@ -180,12 +180,7 @@ def test_decode_settings(monkeypatch):
         triton_decode.pdl_setting()
 
 
-def test_decode_merge_auto_fuses_batch1_sized_grids():
-    """'auto' fuses the merge exactly where batch x KV heads <= SMs / 8 (on the interpreter: 4 SMs,
-    so never; the choice is checked on its rule) and a bad merge name is refused."""
-    assert triton_decode.batch1_sized(1, 8, 132) and triton_decode.batch1_sized(2, 8, 132)
-    assert not triton_decode.batch1_sized(3, 8, 132) and not triton_decode.batch1_sized(8, 8, 132)
-    assert not triton_decode.batch1_sized(1, 1, 4)
+def test_decode_bad_merge_is_refused():
     shape = ModelShape(num_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=2, layers=[Layer(heads=[Rule(alpha=9, beta=0)] * 4)])
     c = dict(plan=plan, n_max=40, n=40, prompt=40, batch=1, dtype=torch.float32, seed=1)

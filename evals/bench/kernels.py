@@ -82,8 +82,7 @@ class Kernels(Baselines):
 
         from moa_plan.runtime.cache import LayerLayout, allocate, write_kv
         from moa_plan.runtime.reference import reference_attention
-        from moa_plan.runtime.triton_common import sm_count
-        from moa_plan.runtime.triton_decode import batch1_sized, decode_attention, merge_setting
+        from moa_plan.runtime.triton_decode import decode_attention, merge_setting
 
         shape = SHAPES[shape_name]
         hq, hkv, d, sink = shape["hq"], shape["hkv"], shape["d"], self.s.sink
@@ -162,9 +161,7 @@ class Kernels(Baselines):
                 kc.normal_()
                 vc.normal_()
             q2 = q[:, :, 0]
-            merge = merge_setting()  # what the default launch does at this batch ('auto' resolved)
-            if merge == "auto":
-                merge = "fused" if batch1_sized(batch, hkv, sm_count(q2.device, cpu=4)) else "kernel"
+            merge = merge_setting()  # how the default launch merges split-K chunks
             ms = self._guarded(
                 key,
                 got,
