@@ -66,6 +66,15 @@ def _filled_cache(c):
     return q, k, v, kc, vc, layout
 
 
+def _small_case(prompt: int):
+    """(plan, filled cache as _filled_cache returns it, spans) of 4 heads on 2 KV heads, window 9,
+    2 sinks, 40 tokens in the cache, the first `prompt` of them written at once."""
+    shape = ModelShape(num_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=2, layers=[Layer(heads=[Rule(alpha=9, beta=0)] * 4)])
+    c = dict(plan=plan, n_max=40, n=40, prompt=prompt, batch=1, dtype=torch.float32, seed=1)
+    return plan, _filled_cache(c), torch.tensor(plan.spans(40)[0], dtype=torch.int32)
+
+
 def _decode(q, kc, vc, layout, spans, sink, n, **kw):
     """The Triton decode over a cache with ``layout`` (its per-KV-head offsets, caps and sinks)."""
     return triton_decode.decode_attention(q, kc, vc, layout.offset, layout.cap, layout.n_sink, spans, sink, n, **kw)
@@ -124,11 +133,7 @@ def test_decode_fused_merge_in_several_steps():
 
 def test_decode_tma_on_a_misaligned_cache_falls_back():
     """loads='tma' on caches whose base is not 16-byte aligned reads them with pointer loads instead."""
-    shape = ModelShape(num_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=2, layers=[Layer(heads=[Rule(alpha=9, beta=0)] * 4)])
-    c = dict(plan=plan, n_max=40, n=40, prompt=30, batch=1, dtype=torch.float32, seed=1)
-    q, k, v, kc, vc, layout = _filled_cache(c)
-    spans = torch.tensor(plan.spans(40)[0], dtype=torch.int32)
+    plan, (q, k, v, kc, vc, layout), spans = _small_case(prompt=30)
     want = reference_attention(q[:, :, None], k, v, spans, plan.sink)[:, :, 0]
     shifted = []
     for t in (kc, vc):
@@ -181,11 +186,7 @@ def test_decode_settings(monkeypatch):
 
 
 def test_decode_bad_merge_is_refused():
-    shape = ModelShape(num_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    plan = Plan(format_version=FORMAT_VERSION, model=shape, sink=2, layers=[Layer(heads=[Rule(alpha=9, beta=0)] * 4)])
-    c = dict(plan=plan, n_max=40, n=40, prompt=40, batch=1, dtype=torch.float32, seed=1)
-    q, k, v, kc, vc, layout = _filled_cache(c)
-    spans = torch.tensor(plan.spans(40)[0], dtype=torch.int32)
+    plan, (q, k, v, kc, vc, layout), spans = _small_case(prompt=40)
     with pytest.raises(ValueError, match="merge must be one of"):
         _decode(q, kc, vc, layout, spans, plan.sink, 40, merge="both")
 
