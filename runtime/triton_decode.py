@@ -17,14 +17,14 @@ last chunk of each group to finish, in the same launch (``MOA_DECODE_MERGE``: 'k
 default, or 'fused'). The fused merge loads every chunk's partials at once; loaded one chunk per
 step it had been 6-7 us slower on an H200. On an H100 at batch 1 (4k / 16k, 50% plans, launches
 timed in interleaved rounds) the best launch of each is now within 1.1% of the other's, so the
-second launch stays the default: it needs no arrival counters, which concurrent launches must not share. On Hopper the
-second launch uses programmatic dependent launch (it starts during the decode grid and waits
-on-device for the partials), 1.0-1.2 us less per step in every H100 case measured
-(``MOA_DECODE_PDL=0`` turns it off). K/V blocks are read
-with pointer loads whose slot is computed per key (default) or, ``MOA_DECODE_LOADS=tma``, as TMA
-tiles over the (at most three) runs of consecutive slots of a chunk: on an H100 its best launch was
-1.1-1.2 us slower at 4k and within 4% at 16k (faster on one plan, slower on another), so not the
-default. Kernels: ``triton_decode_kernel``.
+second launch stays the default: it needs no arrival counters, which concurrent launches must not
+share. On Hopper the second launch uses programmatic dependent launch (it starts during the decode
+grid and waits on-device for the partials), 1.0-1.2 us less per step in every H100 case measured
+(``MOA_DECODE_PDL=0`` turns it off). K/V blocks are read with pointer loads whose slot is
+computed per key (default) or, ``MOA_DECODE_LOADS=tma``, as TMA tiles over the (at most three) runs
+of consecutive slots of a chunk: on an H100 its best launch was 1.1-1.2 us slower at 4k and within
+4% at 16k (faster on one plan, slower on another), so not the default. Kernels:
+``triton_decode_kernel``.
 """
 
 from __future__ import annotations
