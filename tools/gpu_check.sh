@@ -12,11 +12,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-# moa_plan with its folder mapping (runtime/ -> moa_plan.runtime, ...) without building a wheel
-rm -rf /tmp/moa && mkdir -p /tmp/moa/moa_plan
-for f in "$REPO"/moa_plan/*; do ln -s "$f" /tmp/moa/moa_plan/; done
-for d in runtime search evals; do ln -s "$REPO/$d" "/tmp/moa/moa_plan/$d"; done
-export PYTHONPATH=/tmp/moa:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+. "$REPO/tools/moa_layout.sh" && moa_layout "$REPO"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 cd /tmp || exit 1

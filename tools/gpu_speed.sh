@@ -22,10 +22,7 @@ step setup
 if ls .whl/*.whl >/dev/null 2>&1; then
   timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -3 | tee -a "$LOG"
 fi
-rm -rf /tmp/moa && mkdir -p /tmp/moa/moa_plan
-for f in "$REPO"/moa_plan/*; do ln -s "$f" /tmp/moa/moa_plan/; done
-for d in runtime search evals; do ln -s "$REPO/$d" "/tmp/moa/moa_plan/$d"; done
-export PYTHONPATH=/tmp/moa:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+. "$REPO/tools/moa_layout.sh" && moa_layout "$REPO"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$LOG"
 timeout 60 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
 cd /tmp || exit 1

