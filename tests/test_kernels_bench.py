@@ -232,3 +232,24 @@ def test_kernel_trace_summary_is_the_union_of_intervals(records):
         assert by_name[name]["count"] == len(mine)
         assert by_name[name]["first_start_us"] == min(t for t, _ in mine) - t0
         assert by_name[name]["last_end_us"] == max(t + d for t, d in mine) - t0
+
+
+def test_kernel_records_fall_back_to_the_exported_trace():
+    """Where the profiler lists no device events of its own, the GPU records (kernels, memsets,
+    copies) come from its exported Chrome trace; host ops and metadata are not GPU records."""
+    from moa_plan.evals.bench.timing import kernel_records
+
+    class Profile:
+        def events(self):
+            return []
+
+        def export_chrome_trace(self, path):
+            events = [
+                {"ph": "X", "cat": "kernel", "name": "_decode_kernel", "ts": 10.5, "dur": 7.0},
+                {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 20.0, "dur": 0.5},
+                {"ph": "X", "cat": "cpu_op", "name": "aten::empty", "ts": 1.0, "dur": 2.0},
+                {"ph": "M", "cat": "kernel", "name": "process_name", "ts": 0.0},
+            ]
+            Path(path).write_text(json.dumps({"traceEvents": events}))
+
+    assert kernel_records(Profile()) == [(10.5, 7.0, "_decode_kernel"), (20.0, 0.5, "Memset (Device)")]

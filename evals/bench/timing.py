@@ -66,12 +66,23 @@ def summarise_kernels(ks: list[tuple[float, float, str]]) -> tuple[float, float,
     return max(ts + dur for ts, dur, _ in ks) - t0, busy, by_name
 
 
-def _exported_kernels(prof) -> list[tuple[float, float, str]]:
-    """(start us, duration us, name) of the GPU records in a profiler's exported Chrome trace."""
+def kernel_records(prof) -> list[tuple[float, float, str]]:
+    """(start us, duration us, name) of every GPU record of a finished torch.profiler run: its device
+    events, or where this torch does not list them on their own, its exported Chrome trace."""
     import json
     import os
     import tempfile
 
+    import torch
+
+    cuda = torch.autograd.DeviceType.CUDA
+    ks = [
+        (float(e.time_range.start), float(e.time_range.elapsed_us()), e.name)
+        for e in prof.events()
+        if e.device_type == cuda
+    ]
+    if ks:
+        return ks
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
@@ -79,7 +90,7 @@ def _exported_kernels(prof) -> list[tuple[float, float, str]]:
             events = json.load(f).get("traceEvents", [])
     gpu = ("kernel", "gpu_memset", "gpu_memcpy")
     return [
-        (float(e["ts"]), float(e.get("dur", 0.0)), str(e.get("name", "?"))[:90])
+        (float(e["ts"]), float(e.get("dur", 0.0)), str(e.get("name", "?")))
         for e in events
         if e.get("ph") == "X" and e.get("cat") in gpu
     ]
@@ -96,19 +107,12 @@ def kernel_trace(fn, reps: int = 5, calls: int = 1) -> dict[str, Any]:
 
     fn()
     torch.cuda.synchronize()
-    cuda = torch.autograd.DeviceType.CUDA
     summaries = []
     for _ in range(reps):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-        ks = [
-            (float(e.time_range.start), float(e.time_range.elapsed_us()), e.name[:90])
-            for e in prof.events()
-            if e.device_type == cuda
-        ]
-        if not ks:  # device events not listed on their own by this torch: read the exported trace
-            ks = _exported_kernels(prof)
+        ks = [(ts, dur, name[:90]) for ts, dur, name in kernel_records(prof)]
         if ks:
             summaries.append(summarise_kernels(ks))
     if not summaries:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_plan.args import comma_list, int_in
-from moa_plan.evals.bench.timing import copy_bandwidth
+from moa_plan.evals.bench.timing import copy_bandwidth, kernel_records
 from moa_plan.files import write_atomic
 
 CATEGORIES = (  # first match wins; patterns on the lower-cased kernel name
@@ -82,11 +82,7 @@ def trace(model: Any, plan: Any, batch: int, context: int, steps: int, copy_gbps
                 dec.graph.replay()
             torch.cuda.synchronize()
     kernels: dict[str, dict[str, float]] = {}
-    cuda = torch.autograd.DeviceType.CUDA
-    timed = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == cuda]
-    if not timed:  # kernels reported under the host events that launched them instead
-        timed = [(k.name, k.duration) for e in prof.events() for k in getattr(e, "kernels", [])]
-    for name, us in timed:
+    for _, us, name in kernel_records(prof):
         k = kernels.setdefault(name, {"calls": 0, "us": 0.0})
         k["calls"] += 1
         k["us"] += us
