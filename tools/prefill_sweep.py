@@ -127,6 +127,7 @@ def main() -> int:
     dt, dev = torch.bfloat16, "cuda"
     res: dict = {"device": torch.cuda.get_device_name(0), "cases": {}}
     dynamic_default = bool(band_module and band_module.DYNAMIC)
+    min_len_default = band_module.MIN_LEN if band_module else 0
     plans = [("dense", 1.0, "synthetic"), ("synthetic 50%", 0.5, "synthetic"), ("searched 50%", 0.5, "searched")]
     plans += [("synthetic 25%", 0.25, "synthetic"), ("searched 25%", 0.25, "searched")]
     for n in [int(x) for x in args.lengths.split(",")]:
@@ -168,6 +169,7 @@ def main() -> int:
                 print(f"n={n} {name} {rows[-1]}", flush=True)
             if band_module:
                 band_module.STREAMS, band_module.DYNAMIC = stream_counts[0], dynamic_default
+                band_module.MIN_LEN = min_len_default
             timed = [r for r in rows if isinstance(r["ms"], float) and r["max_abs_diff"] <= 0.02]
             best = min(timed, key=lambda r: r["ms"]) if timed else None
             res["cases"][f"{n}/{name}"] = {
